@@ -1,0 +1,229 @@
+//! The engine's whole boundary: every input it accepts, every action it asks
+//! for, and the records those carry. Kept in one file (as Proxmox's `$haenv`)
+//! so that a driver author reads exactly what must be implemented.
+
+use super::config::{DomainId, HostId};
+use super::time::{Duration, Instant};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Boot id of a host (changes on every reboot; its qemu processes die with it).
+pub type BootId = u64;
+
+/// Identifies one storage, hypervisor or fence request; results echo it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct OpId(pub u64);
+
+/// Who holds a lease: a host in one boot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Owner {
+    pub host: HostId,
+    pub boot: BootId,
+}
+
+/// Why a lease changed hands; stored with it so that every takeover can be
+/// audited against S3.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeaseReason {
+    /// Initial protect / acquire of a free lease.
+    Acquired,
+    /// S3(a): a fence agent or the operator confirmed the owner powered off,
+    /// or the owner's slot shows a newer boot.
+    FenceConfirmed,
+    /// S3(b): the owner's slot did not advance for host_dead_timeout.
+    HostDeadTimeout,
+    /// S3(c): the owner said it stopped the domain and released the lease.
+    Released,
+    /// The owner re-took its own lease for a local restart.
+    Renewed,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// `None`: free (never taken, or released by the master's bookkeeping).
+    pub owner: Option<Owner>,
+    /// Bumps on every change.
+    pub generation: u64,
+    pub reason: LeaseReason,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum LeaseKey {
+    Master,
+    Domain(DomainId),
+}
+
+/// What a host says about one domain in its slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DomainReport {
+    Starting,
+    Running,
+    /// Running and its readiness condition holds.
+    Ready,
+    /// S3(c) by storage: the host stopped the domain and gives up the lease
+    /// of this generation (start failure, isolation response, give-up).
+    Released { generation: u64, failed_start: bool },
+}
+
+/// A host's heartbeat slot (DESIGN.md §4), as the engine sees it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Slot {
+    pub host: HostId,
+    pub boot: BootId,
+    /// Changes every daemon start.
+    pub incarnation: u64,
+    /// Increments every write.
+    pub seq: u64,
+    pub isolated: bool,
+    /// The host destroyed every protected domain and released all leases of
+    /// this boot (S3(c) for all of them).
+    pub self_fenced: bool,
+    pub used_memory_mib: u64,
+    pub used_vcpus: u32,
+    pub domains: BTreeMap<DomainId, DomainReport>,
+}
+
+/// `fenced/<host>`: which boot of a host was confirmed off, so that any host
+/// can check S3(a) from storage alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FencedRecord {
+    pub host: HostId,
+    pub boot: BootId,
+    pub by: HostId,
+}
+
+/// The master's per-host assignment record: leases it moved to this host
+/// that the host should start.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignments {
+    pub seq: u64,
+    pub domains: BTreeMap<DomainId, u64>,
+}
+
+/// One read of everything a host polls every interval.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StorageSnapshot {
+    pub slots: BTreeMap<HostId, Slot>,
+    pub fenced: BTreeMap<HostId, FencedRecord>,
+    /// The reading host's own assignment record.
+    pub assignments: Assignments,
+    /// Records that failed their checksum or belong to another cluster.
+    pub rejected_records: u32,
+}
+
+/// Network heartbeat (authenticated by the `net` adapter).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub host: HostId,
+    pub boot: BootId,
+    pub incarnation: u64,
+    pub seq: u64,
+    /// The sender's own slot writes are failing (past storage_silent_after).
+    pub storage_lost: bool,
+    /// The sender is storage-lost but holds on to its domains because every
+    /// member lost storage (DESIGN.md §3); observers restart its S3(b) clock.
+    pub exempt: bool,
+    /// The sender destroyed all protected domains of this boot and released
+    /// their leases (S3(c) over the network).
+    pub self_fenced: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NetMessage {
+    Heartbeat(Heartbeat),
+    /// The master moved these leases (domain, generation) to the receiver;
+    /// a hint only: the receiver verifies the lease before starting.
+    Assign { from: HostId, domains: Vec<(DomainId, u64)> },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StorageError {
+    Io,
+    Timeout,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CasOutcome {
+    /// Written and verified by re-reading.
+    Done(Lease),
+    /// The lease was not at the expected generation; here is what it is.
+    Conflict(Lease),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DomainEvent {
+    Started,
+    Ready,
+    /// Stopped after a destroy or shutdown havirt asked for.
+    Stopped,
+    /// qemu died on its own.
+    Crashed,
+    /// The start failed; `disk_locked` means another qemu holds its disks.
+    StartFailed { disk_locked: bool },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FenceOutcome {
+    /// The agent saw the host powered off.
+    Confirmed,
+    Failed,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OperatorCommand {
+    /// The operator swears the host is powered off (stonith_admin --confirm).
+    FenceConfirm(HostId),
+}
+
+/// Everything that happens to a node, except the passing of time.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Input {
+    /// Protected domains the hypervisor runs at daemon start.
+    DomainsAtStart(Vec<DomainId>),
+    Net(NetMessage),
+    SlotWritten { op: OpId, result: Result<(), StorageError> },
+    StorageRead { op: OpId, result: Result<StorageSnapshot, StorageError> },
+    LeaseRead { op: OpId, key: LeaseKey, result: Result<Lease, StorageError> },
+    LeaseCas { op: OpId, key: LeaseKey, result: Result<CasOutcome, StorageError> },
+    RecordWritten { op: OpId, result: Result<(), StorageError> },
+    Domain { domain: DomainId, event: DomainEvent },
+    Fence { op: OpId, target: HostId, outcome: FenceOutcome },
+    /// Whether any isolation address answered.
+    IsolationProbe { reachable: bool },
+    Operator(OperatorCommand),
+}
+
+/// Everything a node asks of the world. Plain data: the driver executes it
+/// and reports back with the matching `Input`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Action {
+    /// To every peer when `to` is None.
+    Send { to: Option<HostId>, msg: NetMessage },
+    WriteSlot { op: OpId, slot: Slot },
+    ReadStorage { op: OpId },
+    ReadLease { op: OpId, key: LeaseKey },
+    /// Compare-and-swap under the file lock: write `new` only if the lease is
+    /// at `expect_generation`.
+    CasLease { op: OpId, key: LeaseKey, expect_generation: u64, new: Lease },
+    WriteFenced { op: OpId, record: FencedRecord },
+    WriteAssignments { op: OpId, host: HostId, assignments: Assignments },
+    StartDomain { domain: DomainId },
+    /// Hard stop; `kill` means libvirt did not answer: kill qemu directly.
+    DestroyDomain { domain: DomainId, kill: bool },
+    ShutdownDomain { domain: DomainId, timeout: Duration },
+    Fence { op: OpId, target: HostId, agent: String },
+    ProbeIsolation,
+    PetWatchdog,
+    Emit(Event),
+}
+
+/// Events for the log: what happened and why. Golden scenarios compare them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub at: Instant,
+    pub host: HostId,
+    pub role: String,
+    pub text: String,
+}

@@ -1,0 +1,8 @@
+//! Pure decision logic: inputs and a timestamp in, actions out. No I/O, no
+//! clock reads, no tokio, no libvirt, no unseeded randomness. The simulator
+//! and the daemon drive the same `Node`.
+
+pub mod config;
+pub mod io;
+pub mod planner;
+pub mod time;

@@ -1,0 +1,52 @@
+//! The faults and operator commands a simulation (random schedule or golden
+//! scenario) can apply. Every one is a fault the design claims to survive.
+
+use crate::engine::config::{DomainId, HostId};
+use serde::{Deserialize, Serialize};
+
+/// How a host's storage misbehaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StorageFault {
+    /// Every I/O fails at once with EIO.
+    Fail,
+    /// Every I/O blocks until the fault is cleared, then completes (NFS hard mount).
+    Hang,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Power the host off (all its qemu die, its daemon dies).
+    PowerOff(HostId),
+    /// Power the host on: it boots with a new boot id and starts its daemon.
+    PowerOn(HostId),
+    /// Two-way partition: hosts in different groups stop hearing each other.
+    /// Hosts not named keep their links to everybody.
+    Partition(Vec<Vec<HostId>>),
+    /// One-way loss: packets from `from` to `to` are dropped.
+    DropOneWay { from: HostId, to: HostId },
+    /// Remove every partition and one-way drop (not isolation).
+    HealNetwork,
+    /// Cut the host from every peer and from its isolation addresses.
+    Isolate(HostId),
+    Unisolate(HostId),
+    /// Random packet loss on every link, in percent.
+    NetLoss(u8),
+    StorageFault { host: HostId, fault: StorageFault },
+    StorageRestore(HostId),
+    /// All storage I/O of every host blocks for this many milliseconds.
+    StorageStall { millis: u64 },
+    /// Freeze the whole host (daemon, qemu and its watchdog), as a paused VM.
+    Pause(HostId),
+    Resume(HostId),
+    /// The havirt daemon dies; qemu keeps running; the watchdog keeps counting.
+    DaemonCrash(HostId),
+    DaemonStart(HostId),
+    /// The fence agent `agent` fails (or works again) against `target`.
+    FenceAgentFails { target: HostId, agent: String, fails: bool },
+    /// qemu of this domain dies wherever it runs.
+    DomainCrash(DomainId),
+    /// Every start of this domain fails (broken disk), or works again.
+    DomainBroken { domain: DomainId, broken: bool },
+    /// The operator confirms the host is powered off.
+    OperatorFenceConfirm(HostId),
+}
