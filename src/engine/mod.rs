@@ -4,5 +4,8 @@
 
 pub mod config;
 pub mod io;
+pub mod master;
+pub mod node;
+pub mod peers;
 pub mod planner;
 pub mod time;

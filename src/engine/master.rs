@@ -1,0 +1,734 @@
+//! The master's duties (DESIGN.md §5): hold `master.lease`, classify hosts,
+//! order fencing, and move the leases of dead hosts' domains to survivors
+//! chosen by the planner. Every move is a compare-and-swap whose reason is
+//! one of S3 (a), (b) or (c); the assignee verifies the lease before it starts.
+
+use super::config::{DomainId, HostId, Priority};
+use super::io::*;
+use super::node::{Node, OpKind, ReadPurpose, SelfFence};
+use super::peers::{Verdict, verdict_name};
+use super::planner::{self, HostRoom, PlanRequest};
+use super::time::{Duration, Instant};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Lease reads in flight while a new master loads the lease table.
+pub const MAX_LOAD_INFLIGHT: usize = 64;
+/// Rounds over a host's fence chain before waiting for S3(b) or the operator.
+pub const MAX_FENCE_ROUNDS: u32 = 10;
+/// A free master lease is taken by the lowest live host at once, by the
+/// others after this much more (in case the lowest cannot).
+pub const MASTER_TAKE_DELAY_PER_RANK: Duration = Duration::from_secs(2);
+
+#[derive(Clone, Debug)]
+struct Starting {
+    host: HostId,
+    since: Instant,
+    priority: Priority,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Retry {
+    attempts: u32,
+    not_before: Instant,
+    avoid: Vec<HostId>,
+    /// Lease generation whose failed start was already counted.
+    counted_generation: u64,
+}
+
+pub struct Master {
+    leases: BTreeMap<DomainId, Lease>,
+    load_queue: Vec<DomainId>,
+    loading: usize,
+    cas_inflight: BTreeMap<OpId, (DomainId, HostId)>,
+    starting: BTreeMap<DomainId, Starting>,
+    retries: BTreeMap<DomainId, Retry>,
+    given_up: BTreeSet<DomainId>,
+    written: BTreeMap<HostId, Assignments>,
+    waiting_logged: BTreeSet<DomainId>,
+}
+
+impl Master {
+    fn loaded(&self) -> bool {
+        self.load_queue.is_empty() && self.loading == 0
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct FenceJob {
+    boot: BootId,
+    agent: usize,
+    round: u32,
+    op: Option<OpId>,
+    next_try: Instant,
+}
+
+/// One domain that needs a new home this round.
+struct Orphan {
+    domain: DomainId,
+    lease: Lease,
+    reason: LeaseReason,
+}
+
+impl Node {
+    // ---- master lease -------------------------------------------------
+
+    pub(super) fn master_tick(&mut self, now: Instant) {
+        if self.master.is_some() && !self.storage_healthy(now) {
+            self.emit(now, "master", "stepping down: own storage heartbeat is failing".into());
+            self.master = None;
+        }
+        if self.master.is_none() && now >= self.next_master_check && self.storage_healthy(now) {
+            self.next_master_check = now + super::node::MASTER_CHECK_INTERVAL;
+            let op = self.new_op(now, OpKind::LeaseRead { purpose: ReadPurpose::Master });
+            self.actions.push_back(Action::ReadLease { op, key: LeaseKey::Master });
+        }
+        self.log_verdicts(now);
+        self.start_fence_jobs(now);
+        self.fence_tick(now);
+        self.master_load(now);
+    }
+
+    pub(super) fn release_master(&mut self, now: Instant) {
+        if self.master.take().is_some() {
+            self.emit(now, "master", "stepping down".into());
+        }
+    }
+
+    /// The master lease was read: reclaim it, or take it if it is free or its
+    /// owner is dead by S3, when we are the lowest live host.
+    pub(super) fn consider_master(&mut self, now: Instant) {
+        let Some(lease) = self.master_lease else { return };
+        if self.master.is_some() || !self.storage_healthy(now) || self.self_fence != SelfFence::Healthy {
+            return;
+        }
+        if lease.owner == Some(self.me()) {
+            self.become_master(now, "reclaimed");
+            return;
+        }
+        let reason = match lease.owner {
+            None => Some(LeaseReason::Acquired),
+            Some(o) => self.takeover_reason(now, o, LeaseKey::Master, lease.generation),
+        };
+        let Some(reason) = reason else { return };
+        let rank = self.live_rank(now);
+        let free_for = now.since(self.started);
+        if rank > 0 && free_for < MASTER_TAKE_DELAY_PER_RANK.saturating_mul(rank as u64 + 1) {
+            return;
+        }
+        if self.ops.values().any(|p| p.kind == OpKind::Cas && self.master.is_none()) {
+            return;
+        }
+        let op = self.new_op(now, OpKind::Cas);
+        let new = Lease { owner: Some(self.me()), generation: lease.generation + 1, reason };
+        self.actions.push_back(Action::CasLease { op, key: LeaseKey::Master, expect_generation: lease.generation, new });
+    }
+
+    /// How many live hosts have a lower id than us.
+    fn live_rank(&self, now: Instant) -> usize {
+        let me = self.cfg.host;
+        self.peers
+            .iter()
+            .filter(|(h, _)| **h < me)
+            .filter(|(_, p)| self.verdict_of(now, p) == Verdict::Alive)
+            .count()
+    }
+
+    fn become_master(&mut self, now: Instant, how: &str) {
+        self.emit(now, "master", format!("became master ({how})"));
+        let load_queue: Vec<DomainId> = self.cfg.spec.domains.keys().rev().copied().collect();
+        self.master = Some(Master {
+            leases: BTreeMap::new(),
+            load_queue,
+            loading: 0,
+            cas_inflight: BTreeMap::new(),
+            starting: BTreeMap::new(),
+            retries: BTreeMap::new(),
+            given_up: BTreeSet::new(),
+            written: BTreeMap::new(),
+            waiting_logged: BTreeSet::new(),
+        });
+        self.master_load(now);
+    }
+
+    /// A new master reads every domain lease once; after that its cache is
+    /// kept by its own CAS results (a conflict returns the current lease).
+    fn master_load(&mut self, now: Instant) {
+        let mut reads = Vec::new();
+        if let Some(m) = self.master.as_mut() {
+            while m.loading < MAX_LOAD_INFLIGHT {
+                let Some(d) = m.load_queue.pop() else { break };
+                m.loading += 1;
+                reads.push(d);
+            }
+        }
+        for d in reads {
+            let op = self.new_op(now, OpKind::LeaseRead { purpose: ReadPurpose::MasterLoad });
+            self.actions.push_back(Action::ReadLease { op, key: LeaseKey::Domain(d) });
+        }
+    }
+
+    pub(super) fn master_loaded(&mut self, now: Instant, d: DomainId, result: Result<Lease, StorageError>) {
+        let Some(m) = self.master.as_mut() else { return };
+        m.loading = m.loading.saturating_sub(1);
+        match result {
+            Ok(l) => {
+                m.leases.insert(d, l);
+            }
+            Err(_) => m.load_queue.push(d),
+        }
+        self.master_load(now);
+    }
+
+    pub(super) fn handle_cas(&mut self, now: Instant, op: OpId, key: LeaseKey, result: Result<CasOutcome, StorageError>) {
+        let pending = self.finish_op(op);
+        let inflight = self.master.as_mut().and_then(|m| m.cas_inflight.remove(&op));
+        let Some(_) = pending else {
+            // Timed out: the CAS may or may not have happened; re-read.
+            if let (LeaseKey::Domain(d), Some(m)) = (key, self.master.as_mut()) {
+                m.leases.remove(&d);
+                m.load_queue.push(d);
+            }
+            return;
+        };
+        match (key, result) {
+            (LeaseKey::Master, Ok(CasOutcome::Done(l))) => {
+                self.master_lease = Some(l);
+                let how = match l.reason {
+                    LeaseReason::FenceConfirmed => "old master fenced",
+                    LeaseReason::HostDeadTimeout => "old master dead by host_dead_timeout",
+                    LeaseReason::Released => "old master released it",
+                    _ => "lease was free",
+                };
+                self.become_master(now, how);
+            }
+            (LeaseKey::Master, Ok(CasOutcome::Conflict(l))) => self.master_lease = Some(l),
+            (LeaseKey::Master, Err(_)) => {}
+            (LeaseKey::Domain(d), result) => self.domain_cas_done(now, d, inflight.map(|x| x.1), result),
+        }
+    }
+
+    fn domain_cas_done(&mut self, now: Instant, d: DomainId, to: Option<HostId>, result: Result<CasOutcome, StorageError>) {
+        let Some(m) = self.master.as_mut() else { return };
+        match result {
+            Ok(CasOutcome::Done(l)) => {
+                m.leases.insert(d, l);
+                let Some(to) = to else { return };
+                let priority = self.cfg.spec.domains.get(&d).map_or(Priority::Medium, |s| s.policy.priority);
+                m.starting.insert(d, Starting { host: to, since: now, priority });
+                if to == self.cfg.host {
+                    self.handle_assignment(now, d, l.generation);
+                } else {
+                    let msg = NetMessage::Assign { from: self.cfg.host, domains: vec![(d, l.generation)] };
+                    self.actions.push_back(Action::Send { to: Some(to), msg });
+                }
+            }
+            Ok(CasOutcome::Conflict(l)) => {
+                m.leases.insert(d, l);
+            }
+            Err(_) => {
+                m.leases.remove(&d);
+                m.load_queue.push(d);
+            }
+        }
+    }
+
+    // ---- S3 -----------------------------------------------------------
+
+    pub(super) fn verdict_of(&self, now: Instant, p: &super::peers::Peer) -> Verdict {
+        p.verdict(now, self.last_read_issued(), self.reads_fresh(now), &self.t)
+    }
+
+    /// Why the lease held by `owner` may be taken now, if it may (S3).
+    pub(super) fn takeover_reason(&self, _now: Instant, owner: Owner, key: LeaseKey, generation: u64) -> Option<LeaseReason> {
+        if owner.host == self.cfg.host {
+            return None;
+        }
+        let Some(peer) = self.peers.get(&owner.host) else {
+            // Not a member any more: only the operator can say it is off.
+            return None;
+        };
+        if peer.fenced_boots.contains(&owner.boot) {
+            return Some(LeaseReason::FenceConfirmed);
+        }
+        if peer.current_boot().is_some_and(|b| b != owner.boot) {
+            // It rebooted since it took the lease: that boot's qemu is gone.
+            return Some(LeaseReason::FenceConfirmed);
+        }
+        if let (LeaseKey::Domain(d), Some(slot)) = (key, &peer.slot)
+            && slot.boot == owner.boot
+            && let Some(DomainReport::Released { generation: g, .. }) = slot.domains.get(&d)
+            && *g >= generation
+        {
+            return Some(LeaseReason::Released);
+        }
+        if peer.says_self_fenced(owner.boot) {
+            return Some(LeaseReason::Released);
+        }
+        let watchdog = self.cfg.spec.host(owner.host).is_some_and(|h| h.watchdog);
+        let issued = self.last_read_issued()?;
+        if watchdog && peer.dead_by_timeout(issued, &self.t) {
+            return Some(LeaseReason::HostDeadTimeout);
+        }
+        None
+    }
+
+    // ---- verdicts and fencing -------------------------------------------
+
+    fn log_verdicts(&mut self, now: Instant) {
+        if self.master.is_none() {
+            return;
+        }
+        let mut changes = Vec::new();
+        for (h, p) in &self.peers {
+            let v = self.verdict_of(now, p);
+            if self.verdicts.get(h) != Some(&v) {
+                changes.push((*h, v));
+            }
+        }
+        for (h, v) in changes {
+            let first = !self.verdicts.contains_key(&h);
+            self.verdicts.insert(h, v);
+            if !(first && v == Verdict::Alive) {
+                self.emit(now, "master", format!("{h} is {}", verdict_name(v)));
+            }
+        }
+    }
+
+    /// Suspect hosts that hold leases are fenced by the master; the master's
+    /// own host is fenced by the lowest live host, which then takes over.
+    fn start_fence_jobs(&mut self, now: Instant) {
+        if !self.storage_healthy(now) {
+            return;
+        }
+        let master_owner = self.master_lease.and_then(|l| l.owner);
+        let deputy = self.master.is_none() && self.live_rank(now) == 0;
+        let mut targets = Vec::new();
+        for (h, p) in &self.peers {
+            if self.verdict_of(now, p) != Verdict::Suspect || self.fence_jobs.contains_key(h) {
+                continue;
+            }
+            let Some(boot) = p.current_boot() else { continue };
+            if p.fenced_boots.contains(&boot) {
+                continue;
+            }
+            let holds = match &self.master {
+                Some(m) => m.leases.values().any(|l| l.owner.is_some_and(|o| o.host == *h && o.boot == boot)),
+                None => deputy && master_owner.is_some_and(|o| o.host == *h && o.boot == boot),
+            };
+            if holds {
+                targets.push((*h, boot));
+            }
+        }
+        for (h, boot) in targets {
+            let agents = self.cfg.spec.host(h).map(|s| s.fence_agents.len()).unwrap_or(0);
+            if agents == 0 {
+                if self.fence_jobs.insert(h, FenceJob { boot, agent: 0, round: 0, op: None, next_try: Instant(u64::MAX) }).is_none() {
+                    let how = if self.cfg.spec.host(h).is_some_and(|s| s.watchdog) {
+                        "waiting for host_dead_timeout"
+                    } else {
+                        "no watchdog either: waiting for the operator (havirt fence confirm)"
+                    };
+                    self.emit(now, "fence", format!("{h} has no fence agent; {how}"));
+                }
+                continue;
+            }
+            self.fence_jobs.insert(h, FenceJob { boot, agent: 0, round: 0, op: None, next_try: now });
+        }
+    }
+
+    fn fence_tick(&mut self, now: Instant) {
+        let hosts: Vec<HostId> = self.fence_jobs.keys().copied().collect();
+        for h in hosts {
+            let Some(p) = self.peers.get(&h) else { continue };
+            let v = self.verdict_of(now, p);
+            let boot_now = p.current_boot();
+            let job = self.fence_jobs[&h].clone();
+            if p.fenced_boots.contains(&job.boot) || boot_now != Some(job.boot) {
+                self.fence_jobs.remove(&h);
+                continue;
+            }
+            if matches!(v, Verdict::Alive | Verdict::Partitioned | Verdict::Isolated | Verdict::StorageLost) {
+                if job.op.is_none() {
+                    self.emit(now, "fence", format!("{h} is {} again; fencing cancelled", verdict_name(v)));
+                    self.fence_jobs.remove(&h);
+                }
+                continue;
+            }
+            if job.op.is_some() || now < job.next_try {
+                continue;
+            }
+            let Some(agent) = self.cfg.spec.host(h).and_then(|s| s.fence_agents.get(job.agent)).cloned() else {
+                continue;
+            };
+            self.emit(now, "fence", format!("fencing {h} with {agent} (round {})", job.round + 1));
+            let op = self.new_op(now, OpKind::Fence);
+            if let Some(j) = self.fence_jobs.get_mut(&h) {
+                j.op = Some(op);
+            }
+            self.actions.push_back(Action::Fence { op, target: h, agent });
+        }
+    }
+
+    pub(super) fn handle_fence_result(&mut self, now: Instant, op: OpId, target: HostId, outcome: FenceOutcome) {
+        if self.finish_op(op).is_none() {
+            return;
+        }
+        let Some(job) = self.fence_jobs.get(&target).cloned() else { return };
+        if job.op != Some(op) {
+            return;
+        }
+        match outcome {
+            FenceOutcome::Confirmed => self.fence_confirmed(now, target, job.boot, "fence agent"),
+            FenceOutcome::Failed => self.fence_attempt_failed(now, target, "failed"),
+        }
+    }
+
+    pub(super) fn fence_timed_out(&mut self, now: Instant, op: OpId) {
+        let target = self.fence_jobs.iter().find(|(_, j)| j.op == Some(op)).map(|(h, _)| *h);
+        if let Some(h) = target {
+            self.fence_attempt_failed(now, h, "timed out");
+        }
+    }
+
+    fn fence_attempt_failed(&mut self, now: Instant, target: HostId, how: &str) {
+        let agents = self.cfg.spec.host(target).map_or(0, |s| s.fence_agents.len());
+        let backoff = self.t.fence_retry_backoff;
+        let Some(job) = self.fence_jobs.get_mut(&target) else { return };
+        let agent = self.cfg.spec.host(target).and_then(|s| s.fence_agents.get(job.agent)).cloned().unwrap_or_default();
+        job.op = None;
+        job.agent += 1;
+        if job.agent >= agents {
+            job.agent = 0;
+            job.round += 1;
+            job.next_try = now + backoff;
+        }
+        let gave_up = job.round >= MAX_FENCE_ROUNDS;
+        if gave_up {
+            job.next_try = Instant(u64::MAX);
+        }
+        self.emit(now, "fence", format!("fencing {target} with {agent} {how}"));
+        if gave_up {
+            self.emit(now, "fence", format!("giving up fencing {target}; waiting for host_dead_timeout or the operator"));
+        }
+    }
+
+    fn fence_confirmed(&mut self, now: Instant, target: HostId, boot: BootId, by: &str) {
+        self.fence_jobs.remove(&target);
+        if let Some(p) = self.peers.get_mut(&target) {
+            p.fenced_boots.insert(boot);
+        }
+        self.emit(now, "fence", format!("{target} confirmed powered off ({by})"));
+        let op = self.new_op(now, OpKind::Record);
+        let record = FencedRecord { host: target, boot, by: self.cfg.host };
+        self.actions.push_back(Action::WriteFenced { op, record });
+        // A dead master's lease can go at once.
+        if self.master.is_none() {
+            self.next_master_check = now;
+        }
+    }
+
+    pub(super) fn handle_operator_confirm(&mut self, now: Instant, h: HostId) {
+        let Some(boot) = self.peers.get(&h).and_then(|p| p.current_boot()) else {
+            self.emit(now, "fence", format!("operator confirm for {h} ignored: host never seen"));
+            return;
+        };
+        self.fence_confirmed(now, h, boot, "operator");
+    }
+
+    // ---- placement ----------------------------------------------------
+
+    /// One planning round, after every storage read.
+    pub(super) fn master_round(&mut self, now: Instant) {
+        let ready = self.master.as_ref().is_some_and(|m| m.loaded());
+        if !ready || !self.storage_healthy(now) || !self.reads_fresh(now) {
+            return;
+        }
+        let reports = self.domain_reports();
+        self.track_starting(now, &reports);
+        let orphans = self.find_orphans(now, &reports);
+        self.place(now, orphans, &reports);
+        self.write_assignments(now, &reports);
+    }
+
+    /// Where each domain is reported to run, from every current slot and
+    /// our own local state.
+    fn domain_reports(&self) -> BTreeMap<DomainId, (HostId, DomainReport)> {
+        let mut out = BTreeMap::new();
+        for (h, p) in &self.peers {
+            let Some(slot) = &p.slot else { continue };
+            if p.current_boot() != Some(slot.boot) {
+                continue;
+            }
+            for (d, r) in &slot.domains {
+                if !matches!(r, DomainReport::Released { .. }) {
+                    out.insert(*d, (*h, *r));
+                }
+            }
+        }
+        for (d, l) in &self.local {
+            let r = match l.state {
+                super::node::LocalState::Ready => DomainReport::Ready,
+                super::node::LocalState::Running | super::node::LocalState::Adopting => DomainReport::Running,
+                _ => DomainReport::Starting,
+            };
+            out.insert(*d, (self.cfg.host, r));
+        }
+        out
+    }
+
+    fn track_starting(&mut self, now: Instant, reports: &BTreeMap<DomainId, (HostId, DomainReport)>) {
+        let spec = self.cfg.spec.clone();
+        let mut events = Vec::new();
+        let Some(m) = self.master.as_mut() else { return };
+        m.starting.retain(|d, s| {
+            let ready = reports.get(d).is_some_and(|(h, r)| *h == s.host && *r == DomainReport::Ready);
+            let timeout = spec.domains.get(d).map_or(Duration::ZERO, |x| x.policy.readiness_timeout);
+            if !ready && now.since(s.since) >= timeout {
+                events.push(format!("{} not ready after {}; no longer holding back lower priorities", spec.domain_name(*d), timeout));
+                return false;
+            }
+            if ready {
+                m.retries.remove(d);
+            }
+            !ready
+        });
+        for e in events {
+            self.emit(now, "master", e);
+        }
+    }
+
+    fn find_orphans(&mut self, now: Instant, reports: &BTreeMap<DomainId, (HostId, DomainReport)>) -> Vec<Orphan> {
+        let Some(m) = self.master.as_ref() else { return Vec::new() };
+        let busy: BTreeSet<DomainId> = m.cas_inflight.values().map(|(d, _)| *d).collect();
+        let mut out = Vec::new();
+        for (d, spec) in &self.cfg.spec.domains {
+            if spec.policy.priority == Priority::Disabled || m.given_up.contains(d) || busy.contains(d) {
+                continue;
+            }
+            let Some(lease) = m.leases.get(d).copied() else { continue };
+            if let Some((h, _)) = reports.get(d)
+                && lease.owner.is_some_and(|o| o.host == *h)
+            {
+                continue;
+            }
+            let reason = match lease.owner {
+                None => Some(LeaseReason::Acquired),
+                Some(o) => self.takeover_reason(now, o, LeaseKey::Domain(*d), lease.generation),
+            };
+            if let Some(reason) = reason {
+                out.push(Orphan { domain: *d, lease, reason });
+            }
+        }
+        self.count_failed_starts(now, &out);
+        out
+    }
+
+    /// A start that failed on its assignee counts toward max_restarts.
+    fn count_failed_starts(&mut self, now: Instant, orphans: &[Orphan]) {
+        let mut events = Vec::new();
+        for o in orphans {
+            let Some(owner) = o.lease.owner else { continue };
+            let failed = self.peers.get(&owner.host).and_then(|p| p.slot.as_ref()).is_some_and(|s| {
+                matches!(s.domains.get(&o.domain), Some(DomainReport::Released { failed_start: true, generation }) if *generation >= o.lease.generation)
+            });
+            let failed = failed || (owner.host == self.cfg.host && self.released.get(&o.domain).is_some_and(|r| r.1));
+            if !failed {
+                continue;
+            }
+            let max = self.cfg.spec.domains.get(&o.domain).map_or(0, |s| s.policy.max_restarts);
+            let backoff = self.backoff(0);
+            let Some(m) = self.master.as_mut() else { return };
+            let r = m.retries.entry(o.domain).or_default();
+            if r.counted_generation >= o.lease.generation {
+                continue;
+            }
+            r.counted_generation = o.lease.generation;
+            r.attempts += 1;
+            r.avoid.push(owner.host);
+            let delay = Duration(backoff.as_millis().saturating_mul(1 << r.attempts.min(10)));
+            r.not_before = now + delay.min(self.t.restart_backoff_max);
+            m.starting.remove(&o.domain);
+            if r.attempts > max {
+                m.given_up.insert(o.domain);
+                events.push(format!("giving up on {}: {} failed starts (max_restarts {max})", self.cfg.spec.domain_name(o.domain), r.attempts));
+            }
+        }
+        for e in events {
+            self.emit(now, "master", e);
+        }
+    }
+
+    fn place(&mut self, now: Instant, orphans: Vec<Orphan>, reports: &BTreeMap<DomainId, (HostId, DomainReport)>) {
+        let Some(m) = self.master.as_ref() else { return };
+        let spec = self.cfg.spec.clone();
+        // Readiness ordering: while a higher priority restart is not ready
+        // (and not timed out), lower priorities wait.
+        let blocking = m.starting.values().map(|s| s.priority).max();
+        let mut requests = Vec::new();
+        for o in &orphans {
+            if m.given_up.contains(&o.domain) {
+                continue;
+            }
+            let Some(ds) = spec.domains.get(&o.domain) else { continue };
+            if blocking.is_some_and(|b| ds.policy.priority < b) {
+                continue;
+            }
+            let retry = m.retries.get(&o.domain);
+            if retry.is_some_and(|r| now < r.not_before) {
+                continue;
+            }
+            let avoid = retry.map(|r| r.avoid.clone()).unwrap_or_default();
+            requests.push(PlanRequest { domain: ds, avoid });
+        }
+        if requests.is_empty() {
+            return;
+        }
+        let rooms = self.host_rooms(now, reports);
+        let plan = planner::plan(&rooms, &requests);
+        let by_domain: BTreeMap<DomainId, &Orphan> = orphans.iter().map(|o| (o.domain, o)).collect();
+        let mut casts = Vec::new();
+        for (d, h) in &plan.placements {
+            let Some(o) = by_domain.get(d) else { continue };
+            let boot = if *h == self.cfg.host { Some(self.cfg.boot) } else { self.peers.get(h).and_then(|p| p.current_boot()) };
+            let Some(boot) = boot else { continue };
+            casts.push((*d, *h, o.lease, o.reason, boot));
+        }
+        let mut waiting_events = Vec::new();
+        if let Some(m) = self.master.as_mut() {
+            for (d, why) in &plan.waiting {
+                if m.waiting_logged.insert(*d) {
+                    waiting_events.push(format!("{} waits: {:?}", spec.domain_name(*d), why));
+                }
+            }
+        }
+        for e in waiting_events {
+            self.emit(now, "master", e);
+        }
+        for (d, h, lease, reason, boot) in casts {
+            let why = match reason {
+                LeaseReason::FenceConfirmed => "fence confirmed",
+                LeaseReason::HostDeadTimeout => "host_dead_timeout",
+                LeaseReason::Released => "released",
+                _ => "free",
+            };
+            self.emit(now, "master", format!("restarting {} on {h} ({why})", spec.domain_name(d)));
+            let op = self.new_op(now, OpKind::Cas);
+            let new = Lease { owner: Some(Owner { host: h, boot }), generation: lease.generation + 1, reason };
+            if let Some(m) = self.master.as_mut() {
+                m.cas_inflight.insert(op, (d, h));
+                m.waiting_logged.remove(&d);
+            }
+            self.actions.push_back(Action::CasLease { op, key: LeaseKey::Domain(d), expect_generation: lease.generation, new });
+        }
+    }
+
+    /// Hosts that may receive restarts: alive on storage, not isolated, not
+    /// self-fenced (network silence alone does not matter: assignments travel
+    /// through storage).
+    fn host_rooms(&self, now: Instant, reports: &BTreeMap<DomainId, (HostId, DomainReport)>) -> Vec<HostRoom> {
+        let spec = &self.cfg.spec;
+        let mut rooms = Vec::new();
+        for hs in &spec.hosts {
+            let ok = if hs.id == self.cfg.host {
+                !self.isolated && self.self_fence == SelfFence::Healthy && self.storage_healthy(now)
+            } else {
+                self.peers.get(&hs.id).is_some_and(|p| {
+                    matches!(self.verdict_of(now, p), Verdict::Alive | Verdict::Partitioned)
+                        && p.slot.as_ref().is_some_and(|s| !s.isolated && !s.self_fenced)
+                })
+            };
+            if !ok {
+                continue;
+            }
+            let mem_cap = (hs.memory_mib as f64 * spec.memory_overcommit) as i64;
+            let cpu_cap = (hs.vcpus as f64 * spec.vcpu_overcommit) as i64;
+            let mut room = HostRoom {
+                id: hs.id,
+                fault_domain: hs.fault_domain.clone(),
+                memory_free_mib: mem_cap,
+                vcpus_free: cpu_cap,
+                starts_free: hs.max_concurrent_starts,
+                anti_groups: BTreeSet::new(),
+                domain_count: 0,
+            };
+            let m = self.master.as_ref();
+            for (d, (h, r)) in reports {
+                if *h != hs.id {
+                    continue;
+                }
+                let Some(ds) = spec.domains.get(d) else { continue };
+                room.memory_free_mib -= ds.memory_mib as i64;
+                room.vcpus_free -= ds.vcpus as i64;
+                room.domain_count += 1;
+                if let Some(g) = &ds.policy.anti_affinity {
+                    room.anti_groups.insert(g.clone());
+                }
+                if *r == DomainReport::Starting {
+                    room.starts_free = room.starts_free.saturating_sub(1);
+                }
+            }
+            // Assigned but not reported yet.
+            for (d, s) in m.map(|m| m.starting.iter()).into_iter().flatten() {
+                if s.host != hs.id || reports.get(d).is_some_and(|(h, _)| *h == hs.id) {
+                    continue;
+                }
+                let Some(ds) = spec.domains.get(d) else { continue };
+                room.memory_free_mib -= ds.memory_mib as i64;
+                room.vcpus_free -= ds.vcpus as i64;
+                room.domain_count += 1;
+                room.starts_free = room.starts_free.saturating_sub(1);
+                if let Some(g) = &ds.policy.anti_affinity {
+                    room.anti_groups.insert(g.clone());
+                }
+            }
+            rooms.push(room);
+        }
+        rooms
+    }
+
+    /// Per-host assignment records: every lease the host owns (per our
+    /// cache) that it does not report running. Travels through storage, so a
+    /// network partition cannot stop a restart.
+    fn write_assignments(&mut self, now: Instant, reports: &BTreeMap<DomainId, (HostId, DomainReport)>) {
+        let Some(m) = self.master.as_ref() else { return };
+        let mut want: BTreeMap<HostId, BTreeMap<DomainId, u64>> = BTreeMap::new();
+        for (d, l) in &m.leases {
+            let Some(o) = l.owner else { continue };
+            if reports.get(d).is_some_and(|(h, _)| *h == o.host) {
+                continue;
+            }
+            let current = if o.host == self.cfg.host {
+                o.boot == self.cfg.boot
+            } else {
+                self.peers.get(&o.host).and_then(|p| p.current_boot()) == Some(o.boot)
+            };
+            if current {
+                want.entry(o.host).or_default().insert(*d, l.generation);
+            }
+        }
+        let mine = want.remove(&self.cfg.host).unwrap_or_default();
+        let mut writes = Vec::new();
+        for hs in &self.cfg.spec.hosts {
+            if hs.id == self.cfg.host {
+                continue;
+            }
+            let domains = want.remove(&hs.id).unwrap_or_default();
+            let old = m.written.get(&hs.id);
+            if old.map(|a| &a.domains) == Some(&domains) || (old.is_none() && domains.is_empty()) {
+                continue;
+            }
+            let seq = old.map_or(1, |a| a.seq + 1);
+            writes.push((hs.id, Assignments { seq, domains }));
+        }
+        for (h, a) in writes {
+            if let Some(m) = self.master.as_mut() {
+                m.written.insert(h, a.clone());
+            }
+            let op = self.new_op(now, OpKind::Record);
+            self.actions.push_back(Action::WriteAssignments { op, host: h, assignments: a });
+        }
+        for (d, g) in mine {
+            self.handle_assignment(now, d, g);
+        }
+    }
+}

@@ -1,0 +1,865 @@
+//! The per-host state machine.
+//!
+//! Call order (as quinn-proto's `Connection`): feed `handle_input(now, ..)`
+//! for everything that happened and `handle_timeout(now)` when
+//! `poll_timeout()` is reached (an early call does nothing harmful), then
+//! drain `poll_action()` and execute every action. The driver decides nothing.
+//!
+//! The host's own duties live here: storage and network heartbeats, S4 self
+//! fencing, S5 zombie destruction, isolation, and running the domains whose
+//! leases it owns. The master's duties are in `master.rs`.
+
+use super::config::{ClusterSpec, DomainId, HostId, IsolationResponse, Readiness, Timings};
+use super::io::*;
+use super::master::{FenceJob, Master};
+use super::peers::Peer;
+use super::time::{Duration, Instant, Rng};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+/// Housekeeping period: timeouts are noticed within this.
+pub const TICK: Duration = Duration::from_millis(100);
+/// Slot writes (or reads) in flight at once, counting timed-out ones that
+/// never answered: a hung NFS must not pile up requests.
+pub const MAX_INFLIGHT_PER_KIND: usize = 2;
+/// How long a host keeps reporting a released lease in its slot.
+pub const RELEASE_REPORT: Duration = Duration::from_secs(300);
+/// Starts refused because another qemu holds the disks, before giving up.
+pub const MAX_DISK_LOCKED_RETRIES: u32 = 100;
+/// Period of the S5 lease audit (one running domain per period).
+pub const AUDIT_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a non-master reads the master lease.
+pub const MASTER_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub host: HostId,
+    pub boot: BootId,
+    /// New every daemon start (a random nonce in the daemon).
+    pub incarnation: u64,
+    pub spec: Arc<ClusterSpec>,
+    pub rng_seed: u64,
+}
+
+/// What a host is doing with one of its domains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LocalState {
+    /// Found running at daemon start; its lease is being read.
+    Adopting,
+    /// Lease being verified before a start.
+    Verifying,
+    Starting,
+    Running,
+    Ready,
+    /// Destroy or shutdown asked; `kill_at`: when to kill qemu directly.
+    Stopping { kill_at: Instant, then: AfterStop },
+    /// Crashed or refused; restart after this instant (lease still ours).
+    Backoff { until: Instant },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AfterStop {
+    /// Self-fence or zombie: nothing more.
+    Forget,
+    /// Give the lease up for the master to place elsewhere.
+    Release { failed_start: bool },
+}
+
+#[derive(Clone, Debug)]
+pub struct Local {
+    pub state: LocalState,
+    /// Generation of the lease we own (None while adopting).
+    pub generation: Option<u64>,
+    pub restarts: u32,
+    pub disk_locked_retries: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SelfFence {
+    Healthy,
+    /// S4 triggered: destroying everything; stop petting the watchdog at
+    /// `give_up_at` if qemu still runs.
+    Fencing { give_up_at: Instant },
+    /// Every protected domain confirmed gone and every lease released, since.
+    Fenced { since: Instant },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum OpKind {
+    SlotWrite,
+    StorageRead,
+    LeaseRead { purpose: ReadPurpose },
+    Cas,
+    Record,
+    Fence,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ReadPurpose {
+    Verify,
+    Audit,
+    Master,
+    MasterLoad,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub(super) struct PendingOp {
+    pub kind: OpKind,
+    pub issued: Instant,
+    /// Past io_timeout: treated as failed; a late answer is ignored.
+    pub expired: bool,
+}
+
+pub struct Node {
+    pub(super) cfg: NodeConfig,
+    pub(super) t: Timings,
+    pub(super) rng: Rng,
+    pub(super) actions: VecDeque<Action>,
+    next_op: u64,
+    pub(super) ops: BTreeMap<OpId, PendingOp>,
+    pub(super) started: Instant,
+    next_tick: Instant,
+    // Own heartbeats.
+    hb_seq: u64,
+    next_hb: Instant,
+    slot_seq: u64,
+    next_slot_write: Instant,
+    /// Start of the last slot write that completed: the S4 anchor.
+    pub(super) last_good_write: Option<Instant>,
+    next_read: Instant,
+    /// Issue and completion of our latest successful storage read.
+    pub(super) last_read: Option<(Instant, Instant)>,
+    pub(super) self_fence: SelfFence,
+    // Isolation.
+    last_probe_ok: Option<Instant>,
+    pub(super) isolated: bool,
+    // What we know of everybody else.
+    pub(super) peers: BTreeMap<HostId, Peer>,
+    pub(super) local: BTreeMap<DomainId, Local>,
+    /// Leases we gave up: generation, failed start, when.
+    pub(super) released: BTreeMap<DomainId, (u64, bool, Instant)>,
+    /// Assignments we saw, so each is verified once.
+    assignments_seen: BTreeMap<DomainId, u64>,
+    next_audit: Instant,
+    audit_cursor: Option<DomainId>,
+    pub(super) next_master_check: Instant,
+    pub(super) master_lease: Option<Lease>,
+    pub(super) master: Option<Master>,
+    pub(super) fence_jobs: BTreeMap<HostId, FenceJob>,
+    /// Verdicts last logged (by the master).
+    pub(super) verdicts: BTreeMap<HostId, super::peers::Verdict>,
+}
+
+impl Node {
+    pub fn new(cfg: NodeConfig, now: Instant) -> Node {
+        let t = cfg.spec.timings;
+        let mut rng = Rng::new(cfg.rng_seed);
+        // Spread the first heartbeats so hosts do not write in lockstep.
+        let jitter = Duration(rng.range(0, t.storage_write_interval.as_millis() / 2));
+        let peers = cfg
+            .spec
+            .hosts
+            .iter()
+            .filter(|h| h.id != cfg.host)
+            .map(|h| (h.id, Peer::default()))
+            .collect();
+        let mut node = Node {
+            t,
+            rng,
+            actions: VecDeque::new(),
+            next_op: 1,
+            ops: BTreeMap::new(),
+            started: now,
+            next_tick: now,
+            hb_seq: 0,
+            next_hb: now,
+            slot_seq: 0,
+            next_slot_write: now + jitter,
+            last_good_write: None,
+            next_read: now + jitter,
+            last_read: None,
+            self_fence: SelfFence::Healthy,
+            last_probe_ok: None,
+            isolated: false,
+            peers,
+            local: BTreeMap::new(),
+            released: BTreeMap::new(),
+            assignments_seen: BTreeMap::new(),
+            next_audit: now + AUDIT_INTERVAL,
+            audit_cursor: None,
+            next_master_check: now,
+            master_lease: None,
+            master: None,
+            fence_jobs: BTreeMap::new(),
+            verdicts: BTreeMap::new(),
+            cfg,
+        };
+        node.emit(now, "node", format!("daemon started (boot {:x}, incarnation {:x})", node.cfg.boot, node.cfg.incarnation));
+        node
+    }
+
+    pub fn host(&self) -> HostId {
+        self.cfg.host
+    }
+
+    pub fn is_master(&self) -> bool {
+        self.master.is_some()
+    }
+
+    pub fn local_domains(&self) -> &BTreeMap<DomainId, Local> {
+        &self.local
+    }
+
+    pub fn self_fence_state(&self) -> SelfFence {
+        self.self_fence
+    }
+
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// The next instant `handle_timeout` has work to do.
+    pub fn poll_timeout(&self) -> Instant {
+        self.next_tick.min(self.next_hb).min(self.next_slot_write).min(self.next_read)
+    }
+
+    pub(super) fn me(&self) -> Owner {
+        Owner { host: self.cfg.host, boot: self.cfg.boot }
+    }
+
+    pub(super) fn new_op(&mut self, now: Instant, kind: OpKind) -> OpId {
+        let op = OpId(self.next_op);
+        self.next_op += 1;
+        self.ops.insert(op, PendingOp { kind, issued: now, expired: false });
+        op
+    }
+
+    /// Take the pending op for a result; None for unknown or expired ops.
+    pub(super) fn finish_op(&mut self, op: OpId) -> Option<PendingOp> {
+        let p = self.ops.remove(&op)?;
+        if p.expired { None } else { Some(p) }
+    }
+
+    fn inflight(&self, kind: OpKind) -> usize {
+        self.ops.values().filter(|p| p.kind == kind).count()
+    }
+
+    fn live_inflight(&self, kind: OpKind) -> usize {
+        self.ops.values().filter(|p| p.kind == kind && !p.expired).count()
+    }
+
+    pub(super) fn emit(&mut self, now: Instant, role: &str, text: String) {
+        let ev = Event { at: now, host: self.cfg.host, role: role.to_string(), text };
+        self.actions.push_back(Action::Emit(ev));
+    }
+
+    pub(super) fn domain_name(&self, d: DomainId) -> String {
+        self.cfg.spec.domain_name(d)
+    }
+
+    /// S4 clock: a completed write started within renew_timeout.
+    pub(super) fn storage_healthy(&self, now: Instant) -> bool {
+        self.last_good_write.is_some_and(|l| now.since(l) < self.t.renew_timeout)
+    }
+
+    /// Our slot writes have been failing long enough to tell others.
+    fn storage_lost(&self, now: Instant) -> bool {
+        let anchor = self.last_good_write.unwrap_or(self.started);
+        now.since(anchor) >= self.t.storage_silent_after
+    }
+
+    /// Our own reads are recent enough to judge other slots.
+    pub(super) fn reads_fresh(&self, now: Instant) -> bool {
+        self.last_read.is_some_and(|(_, done)| now.since(done) < self.t.storage_silent_after)
+    }
+
+    pub(super) fn last_read_issued(&self) -> Option<Instant> {
+        self.last_read.map(|(issued, _)| issued)
+    }
+
+    /// DESIGN.md §3: every member lost storage but all still hear each other.
+    pub(super) fn exempt(&self, now: Instant) -> bool {
+        if !self.storage_lost(now) || self.peers.is_empty() {
+            return false;
+        }
+        self.peers.values().all(|p| {
+            p.net_fresh(now, &self.t) && p.heartbeat.as_ref().is_some_and(|h| h.storage_lost)
+        })
+    }
+
+    // ---- inputs ------------------------------------------------------
+
+    pub fn handle_input(&mut self, now: Instant, input: Input) {
+        match input {
+            Input::DomainsAtStart(list) => self.handle_domains_at_start(now, list),
+            Input::Net(NetMessage::Heartbeat(hb)) => self.handle_heartbeat(now, hb),
+            Input::Net(NetMessage::Assign { from, domains }) => {
+                let _ = from;
+                for (d, g) in domains {
+                    self.handle_assignment(now, d, g);
+                }
+            }
+            Input::SlotWritten { op, result } => self.handle_slot_written(now, op, result),
+            Input::StorageRead { op, result } => self.handle_storage_read(now, op, result),
+            Input::LeaseRead { op, key, result } => self.handle_lease_read(now, op, key, result),
+            Input::LeaseCas { op, key, result } => self.handle_cas(now, op, key, result),
+            Input::RecordWritten { op, result } => {
+                if self.finish_op(op).is_some() && result.is_err() {
+                    self.emit(now, "node", "storage record write failed".into());
+                }
+            }
+            Input::Domain { domain, event } => self.handle_domain_event(now, domain, event),
+            Input::Fence { op, target, outcome } => self.handle_fence_result(now, op, target, outcome),
+            Input::IsolationProbe { reachable } => {
+                if reachable {
+                    self.last_probe_ok = Some(now);
+                }
+            }
+            Input::Operator(OperatorCommand::FenceConfirm(h)) => self.handle_operator_confirm(now, h),
+        }
+    }
+
+    fn handle_domains_at_start(&mut self, now: Instant, list: Vec<DomainId>) {
+        for d in list {
+            if !self.cfg.spec.domains.contains_key(&d) {
+                continue;
+            }
+            self.local.insert(d, Local { state: LocalState::Adopting, generation: None, restarts: 0, disk_locked_retries: 0 });
+            let op = self.new_op(now, OpKind::LeaseRead { purpose: ReadPurpose::Verify });
+            self.actions.push_back(Action::ReadLease { op, key: LeaseKey::Domain(d) });
+        }
+    }
+
+    fn handle_heartbeat(&mut self, now: Instant, hb: Heartbeat) {
+        let Some(peer) = self.peers.get_mut(&hb.host) else { return };
+        peer.observe_heartbeat(now, hb);
+    }
+
+    fn handle_slot_written(&mut self, now: Instant, op: OpId, result: Result<(), StorageError>) {
+        let Some(p) = self.finish_op(op) else { return };
+        match result {
+            Ok(()) => {
+                let was_lost = !self.storage_healthy(now) && self.last_good_write.is_some();
+                if self.last_good_write.is_none_or(|l| l < p.issued) {
+                    self.last_good_write = Some(p.issued);
+                }
+                if was_lost {
+                    self.emit(now, "node", "storage heartbeat writes work again".into());
+                }
+                if let SelfFence::Fenced { since } = self.self_fence
+                    && p.issued >= since
+                {
+                    // A slot built after the fence, with its released leases,
+                    // is on storage: the host may take assignments again.
+                    self.self_fence = SelfFence::Healthy;
+                    self.emit(now, "node", "self-fence over: released leases published".into());
+                }
+            }
+            Err(_) => {}
+        }
+    }
+
+    fn handle_storage_read(&mut self, now: Instant, op: OpId, result: Result<StorageSnapshot, StorageError>) {
+        let Some(p) = self.finish_op(op) else { return };
+        let Ok(snap) = result else { return };
+        let prev_done = self.last_read.map(|(_, d)| d);
+        self.last_read = Some((p.issued, now));
+        for (h, peer) in self.peers.iter_mut() {
+            peer.observe_slot(now, prev_done, snap.slots.get(h));
+            if let Some(f) = snap.fenced.get(h) {
+                peer.fenced_boots.insert(f.boot);
+            }
+        }
+        for (d, g) in snap.assignments.domains.clone() {
+            self.handle_assignment(now, d, g);
+        }
+        // Forget released reports once a newer generation was assigned anywhere.
+        self.master_round(now);
+    }
+
+    /// The master moved a lease to us: verify it, then start.
+    pub(super) fn handle_assignment(&mut self, now: Instant, d: DomainId, generation: u64) {
+        if self.assignments_seen.get(&d).is_some_and(|g| *g >= generation) {
+            return;
+        }
+        if self.released.get(&d).is_some_and(|(g, _, _)| *g >= generation) {
+            return;
+        }
+        if !self.cfg.spec.domains.contains_key(&d) || self.local.contains_key(&d) {
+            return;
+        }
+        if !self.storage_healthy(now) || self.self_fence != SelfFence::Healthy {
+            return;
+        }
+        self.assignments_seen.insert(d, generation);
+        self.local.insert(
+            d,
+            Local { state: LocalState::Verifying, generation: Some(generation), restarts: 0, disk_locked_retries: 0 },
+        );
+        let op = self.new_op(now, OpKind::LeaseRead { purpose: ReadPurpose::Verify });
+        self.actions.push_back(Action::ReadLease { op, key: LeaseKey::Domain(d) });
+    }
+
+    fn handle_lease_read(&mut self, now: Instant, op: OpId, key: LeaseKey, result: Result<Lease, StorageError>) {
+        let Some(p) = self.finish_op(op) else {
+            // Expired verify: let a later assignment or retry try again.
+            if let LeaseKey::Domain(d) = key {
+                self.abandon_verify(d);
+            }
+            return;
+        };
+        let OpKind::LeaseRead { purpose } = p.kind else { return };
+        match (purpose, key) {
+            (ReadPurpose::Master, _) | (_, LeaseKey::Master) => {
+                if let Ok(l) = result {
+                    self.master_lease = Some(l);
+                    self.consider_master(now);
+                }
+            }
+            (ReadPurpose::MasterLoad, LeaseKey::Domain(d)) => self.master_loaded(now, d, result),
+            (ReadPurpose::Verify, LeaseKey::Domain(d)) => self.verified(now, d, result),
+            (ReadPurpose::Audit, LeaseKey::Domain(d)) => {
+                if let Ok(l) = result {
+                    self.audit(now, d, l);
+                }
+            }
+        }
+    }
+
+    fn abandon_verify(&mut self, d: DomainId) {
+        if self.local.get(&d).is_some_and(|l| l.state == LocalState::Verifying) {
+            self.local.remove(&d);
+            self.assignments_seen.remove(&d);
+        }
+    }
+
+    /// A lease read before a start (or at adoption) came back.
+    fn verified(&mut self, now: Instant, d: DomainId, result: Result<Lease, StorageError>) {
+        let Some(local) = self.local.get(&d).cloned() else { return };
+        let me = self.me();
+        let Ok(lease) = result else {
+            if local.state == LocalState::Verifying {
+                self.abandon_verify(d);
+            } else if local.state == LocalState::Adopting {
+                // Keep it running; the audit reads the lease again.
+                self.set_state(d, LocalState::Running);
+            }
+            return;
+        };
+        let ours = lease.owner == Some(me);
+        match local.state {
+            LocalState::Adopting if ours => {
+                self.emit(now, "node", format!("adopted running domain {}", self.domain_name(d)));
+                if let Some(l) = self.local.get_mut(&d) {
+                    l.state = LocalState::Running;
+                    l.generation = Some(lease.generation);
+                }
+            }
+            LocalState::Adopting => self.destroy_zombie(now, d, lease),
+            LocalState::Verifying if ours && Some(lease.generation) == local.generation => {
+                if !self.storage_healthy(now) || self.self_fence != SelfFence::Healthy {
+                    self.abandon_verify(d);
+                    return;
+                }
+                self.emit(now, "node", format!("starting {} (lease generation {})", self.domain_name(d), lease.generation));
+                self.set_state(d, LocalState::Starting);
+                self.actions.push_back(Action::StartDomain { domain: d });
+            }
+            LocalState::Verifying => {
+                self.emit(now, "node", format!("not starting {}: lease is not ours", self.domain_name(d)));
+                self.abandon_verify(d);
+            }
+            _ => {}
+        }
+    }
+
+    /// S5: a domain runs here but its lease names someone else.
+    fn destroy_zombie(&mut self, now: Instant, d: DomainId, lease: Lease) {
+        let owner = lease.owner.map(|o| o.host.to_string()).unwrap_or_else(|| "nobody".into());
+        self.emit(now, "node", format!("zombie {}: lease owned by {owner}; destroying", self.domain_name(d)));
+        self.stop_domain(now, d, false, AfterStop::Forget);
+    }
+
+    fn audit(&mut self, now: Instant, d: DomainId, lease: Lease) {
+        let Some(local) = self.local.get(&d) else { return };
+        if matches!(local.state, LocalState::Running | LocalState::Ready | LocalState::Starting)
+            && lease.owner != Some(self.me())
+        {
+            self.destroy_zombie(now, d, lease);
+        }
+    }
+
+    pub(super) fn set_state(&mut self, d: DomainId, s: LocalState) {
+        if let Some(l) = self.local.get_mut(&d) {
+            l.state = s;
+        }
+    }
+
+    /// Destroy (or gracefully shut down) a domain and remember what follows.
+    pub(super) fn stop_domain(&mut self, now: Instant, d: DomainId, graceful: bool, then: AfterStop) {
+        let wait = if graceful { self.t.shutdown_timeout } else { self.t.io_timeout };
+        if let Some(l) = self.local.get_mut(&d) {
+            if matches!(l.state, LocalState::Stopping { .. }) {
+                return;
+            }
+            l.state = LocalState::Stopping { kill_at: now + wait, then };
+        }
+        if graceful {
+            self.actions.push_back(Action::ShutdownDomain { domain: d, timeout: self.t.shutdown_timeout });
+        } else {
+            self.actions.push_back(Action::DestroyDomain { domain: d, kill: false });
+        }
+    }
+
+    fn handle_domain_event(&mut self, now: Instant, d: DomainId, event: DomainEvent) {
+        let Some(local) = self.local.get(&d).cloned() else { return };
+        let readiness = self.cfg.spec.domains.get(&d).map(|s| s.policy.readiness);
+        match event {
+            DomainEvent::Started => {
+                let s = if readiness == Some(Readiness::Started) { LocalState::Ready } else { LocalState::Running };
+                if local.state == LocalState::Starting {
+                    self.emit(now, "node", format!("{} running", self.domain_name(d)));
+                    self.set_state(d, s);
+                }
+            }
+            DomainEvent::Ready => {
+                if local.state == LocalState::Running {
+                    self.emit(now, "node", format!("{} ready", self.domain_name(d)));
+                    self.set_state(d, LocalState::Ready);
+                }
+            }
+            DomainEvent::Stopped => self.domain_gone(now, d, local, false),
+            DomainEvent::Crashed => self.domain_gone(now, d, local, true),
+            DomainEvent::StartFailed { disk_locked } => self.start_failed(now, d, local, disk_locked),
+        }
+    }
+
+    fn domain_gone(&mut self, now: Instant, d: DomainId, local: Local, crashed: bool) {
+        match local.state {
+            LocalState::Stopping { then, .. } => {
+                self.local.remove(&d);
+                if let (AfterStop::Release { failed_start }, Some(g)) = (then, local.generation) {
+                    self.released.insert(d, (g, failed_start, now));
+                    self.emit(now, "node", format!("{} stopped; lease released", self.domain_name(d)));
+                }
+                self.check_fence_done(now);
+            }
+            _ if self.self_fence != SelfFence::Healthy => {
+                self.local.remove(&d);
+                self.check_fence_done(now);
+            }
+            _ => {
+                let what = if crashed { "crashed" } else { "stopped on its own" };
+                let max = self.cfg.spec.domains.get(&d).map_or(0, |s| s.policy.max_restarts);
+                if local.restarts >= max {
+                    self.emit(now, "node", format!("{} {what}; local restarts exhausted, releasing", self.domain_name(d)));
+                    self.local.remove(&d);
+                    if let Some(g) = local.generation {
+                        self.released.insert(d, (g, true, now));
+                    }
+                    return;
+                }
+                let until = now + self.backoff(local.restarts);
+                self.emit(now, "node", format!("{} {what}; restarting here after {}", self.domain_name(d), until.since(now)));
+                if let Some(l) = self.local.get_mut(&d) {
+                    l.restarts += 1;
+                    l.state = LocalState::Backoff { until };
+                }
+            }
+        }
+    }
+
+    fn start_failed(&mut self, now: Instant, d: DomainId, local: Local, disk_locked: bool) {
+        if local.state != LocalState::Starting {
+            return;
+        }
+        if disk_locked && local.disk_locked_retries < MAX_DISK_LOCKED_RETRIES {
+            let until = now + self.backoff(local.disk_locked_retries.min(3));
+            if local.disk_locked_retries == 0 {
+                self.emit(now, "node", format!("{}: disks locked by another qemu; retrying", self.domain_name(d)));
+            }
+            if let Some(l) = self.local.get_mut(&d) {
+                l.disk_locked_retries += 1;
+                l.state = LocalState::Backoff { until };
+            }
+            return;
+        }
+        self.emit(now, "node", format!("start of {} failed; lease released", self.domain_name(d)));
+        self.local.remove(&d);
+        if let Some(g) = local.generation {
+            self.released.insert(d, (g, true, now));
+        }
+    }
+
+    pub(super) fn backoff(&self, attempt: u32) -> Duration {
+        let base = self.t.restart_backoff.as_millis();
+        let ms = base.saturating_mul(1u64 << attempt.min(16));
+        Duration(ms.min(self.t.restart_backoff_max.as_millis()))
+    }
+
+    // ---- time ---------------------------------------------------------
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.expire_ops(now);
+        if now >= self.next_hb {
+            self.next_hb = now + self.t.net_heartbeat_interval;
+            self.send_heartbeat(now);
+            if self.may_pet(now) {
+                self.actions.push_back(Action::PetWatchdog);
+            }
+        }
+        if now >= self.next_slot_write {
+            self.next_slot_write = now + self.t.storage_write_interval;
+            self.write_slot(now);
+        }
+        if now >= self.next_read {
+            self.next_read = now + self.t.storage_read_interval;
+            if self.inflight(OpKind::StorageRead) < MAX_INFLIGHT_PER_KIND {
+                let op = self.new_op(now, OpKind::StorageRead);
+                self.actions.push_back(Action::ReadStorage { op });
+            }
+        }
+        if now >= self.next_tick {
+            self.next_tick = now + TICK;
+            self.check_self_fence(now);
+            self.check_isolation(now);
+            self.local_timers(now);
+            self.prune_released(now);
+            self.maybe_audit(now);
+            self.master_tick(now);
+        }
+    }
+
+    fn expire_ops(&mut self, now: Instant) {
+        let io = self.t.io_timeout;
+        let fence = self.t.fence_timeout;
+        let mut expired = Vec::new();
+        for (op, p) in self.ops.iter_mut() {
+            let limit = if p.kind == OpKind::Fence { fence } else { io };
+            if !p.expired && now.since(p.issued) >= limit {
+                p.expired = true;
+                expired.push((*op, p.kind));
+            }
+        }
+        for (op, kind) in expired {
+            if kind == OpKind::Fence {
+                self.fence_timed_out(now, op);
+            }
+        }
+    }
+
+    fn send_heartbeat(&mut self, now: Instant) {
+        self.hb_seq += 1;
+        let hb = Heartbeat {
+            host: self.cfg.host,
+            boot: self.cfg.boot,
+            incarnation: self.cfg.incarnation,
+            seq: self.hb_seq,
+            storage_lost: self.storage_lost(now),
+            exempt: self.exempt(now),
+            self_fenced: matches!(self.self_fence, SelfFence::Fenced { .. }),
+        };
+        self.actions.push_back(Action::Send { to: None, msg: NetMessage::Heartbeat(hb) });
+    }
+
+    /// The watchdog is petted only while S4 holds (DESIGN.md §1).
+    fn may_pet(&self, now: Instant) -> bool {
+        let runs_domains = !self.local.is_empty();
+        match self.self_fence {
+            SelfFence::Fencing { give_up_at } => now < give_up_at,
+            SelfFence::Fenced { .. } => !runs_domains,
+            SelfFence::Healthy => !runs_domains || self.storage_healthy(now) || self.exempt(now),
+        }
+    }
+
+    fn write_slot(&mut self, now: Instant) {
+        if self.live_inflight(OpKind::SlotWrite) > 0 || self.inflight(OpKind::SlotWrite) >= MAX_INFLIGHT_PER_KIND {
+            return;
+        }
+        self.slot_seq += 1;
+        let slot = self.build_slot(now);
+        let op = self.new_op(now, OpKind::SlotWrite);
+        self.actions.push_back(Action::WriteSlot { op, slot });
+    }
+
+    fn build_slot(&self, _now: Instant) -> Slot {
+        let mut domains = BTreeMap::new();
+        let (mut mem, mut cpu) = (0u64, 0u32);
+        for (d, l) in &self.local {
+            let report = match l.state {
+                LocalState::Verifying | LocalState::Starting | LocalState::Backoff { .. } => DomainReport::Starting,
+                LocalState::Adopting | LocalState::Running => DomainReport::Running,
+                LocalState::Ready => DomainReport::Ready,
+                LocalState::Stopping { .. } => DomainReport::Running,
+            };
+            if let Some(s) = self.cfg.spec.domains.get(d) {
+                mem += s.memory_mib;
+                cpu += s.vcpus;
+            }
+            domains.insert(*d, report);
+        }
+        for (d, (g, failed_start, _)) in &self.released {
+            domains.entry(*d).or_insert(DomainReport::Released { generation: *g, failed_start: *failed_start });
+        }
+        Slot {
+            host: self.cfg.host,
+            boot: self.cfg.boot,
+            incarnation: self.cfg.incarnation,
+            seq: self.slot_seq,
+            isolated: self.isolated,
+            self_fenced: matches!(self.self_fence, SelfFence::Fenced { .. }),
+            used_memory_mib: mem,
+            used_vcpus: cpu,
+            domains,
+        }
+    }
+
+    /// S4: no completed slot write for renew_timeout (from the start of the
+    /// last good one): destroy every protected domain.
+    fn check_self_fence(&mut self, now: Instant) {
+        match self.self_fence {
+            SelfFence::Healthy => {
+                let anchor = self.last_good_write.unwrap_or(self.started);
+                if now.since(anchor) < self.t.renew_timeout || self.exempt(now) {
+                    return;
+                }
+                self.emit(now, "node", format!("self-fence: no storage heartbeat for {}; destroying all protected domains", now.since(anchor)));
+                let give_up_at = now + self.t.io_timeout + self.t.io_timeout;
+                self.self_fence = SelfFence::Fencing { give_up_at };
+                self.release_master(now);
+                let doms: Vec<DomainId> = self.local.keys().copied().collect();
+                for d in doms {
+                    let g = self.local.get(&d).and_then(|l| l.generation);
+                    if let Some(g) = g {
+                        self.released.insert(d, (g, false, now));
+                    }
+                    self.force_stop(now, d);
+                }
+                self.check_fence_done(now);
+            }
+            SelfFence::Fencing { give_up_at } => {
+                // may_pet() stops petting from give_up_at: the watchdog resets us.
+                if now >= give_up_at && now < give_up_at + TICK {
+                    self.emit(now, "node", "self-fence: domains still not gone; leaving it to the watchdog".into());
+                }
+            }
+            SelfFence::Fenced { .. } => {}
+        }
+    }
+
+    fn force_stop(&mut self, now: Instant, d: DomainId) {
+        match self.local.get(&d).map(|l| l.state) {
+            Some(LocalState::Stopping { .. }) => {}
+            Some(LocalState::Verifying) | Some(LocalState::Backoff { .. }) => {
+                self.local.remove(&d);
+            }
+            Some(_) => {
+                if let Some(l) = self.local.get_mut(&d) {
+                    l.state = LocalState::Stopping { kill_at: now + self.t.io_timeout, then: AfterStop::Forget };
+                }
+                self.actions.push_back(Action::DestroyDomain { domain: d, kill: false });
+            }
+            None => {}
+        }
+    }
+
+    fn check_fence_done(&mut self, now: Instant) {
+        if matches!(self.self_fence, SelfFence::Fencing { .. }) && self.local.is_empty() {
+            self.self_fence = SelfFence::Fenced { since: now };
+            self.assignments_seen.clear();
+            self.emit(now, "node", "self-fence done: no protected domain runs here".into());
+        }
+    }
+
+    fn check_isolation(&mut self, now: Instant) {
+        if self.peers.is_empty() {
+            return;
+        }
+        let last_peer = self.peers.values().filter_map(|p| p.heard_at).max().unwrap_or(self.started);
+        let silent = now.since(last_peer);
+        if silent >= self.t.suspect_after && now >= self.next_hb.max(now) {
+            // Probe while the silence lasts (cheap, once per tick is plenty
+            // for a ping, the driver rate-limits).
+            self.actions.push_back(Action::ProbeIsolation);
+        }
+        let probe_silent = now.since(self.last_probe_ok.unwrap_or(self.started));
+        let isolated = silent >= self.t.isolation_timeout && probe_silent >= self.t.isolation_timeout;
+        if isolated && !self.isolated {
+            self.isolated = true;
+            self.emit(now, "node", "isolated: no peer and no isolation address answers".into());
+            self.apply_isolation_response(now);
+        } else if !isolated && self.isolated {
+            self.isolated = false;
+            self.emit(now, "node", "isolation over".into());
+        }
+    }
+
+    fn apply_isolation_response(&mut self, now: Instant) {
+        let doms: Vec<(DomainId, IsolationResponse)> = self
+            .local
+            .keys()
+            .filter_map(|d| self.cfg.spec.domains.get(d).map(|s| (*d, s.policy.isolation_response)))
+            .collect();
+        for (d, resp) in doms {
+            let release = AfterStop::Release { failed_start: false };
+            match resp {
+                IsolationResponse::Keep => {}
+                IsolationResponse::Shutdown => {
+                    self.emit(now, "node", format!("isolation response: shutting down {}", self.domain_name(d)));
+                    self.stop_domain(now, d, true, release);
+                }
+                IsolationResponse::Poweroff => {
+                    self.emit(now, "node", format!("isolation response: powering off {}", self.domain_name(d)));
+                    self.stop_domain(now, d, false, release);
+                }
+            }
+        }
+    }
+
+    /// Kills after a stuck stop, and restarts after a backoff.
+    fn local_timers(&mut self, now: Instant) {
+        let doms: Vec<(DomainId, LocalState)> = self.local.iter().map(|(d, l)| (*d, l.state)).collect();
+        for (d, s) in doms {
+            match s {
+                LocalState::Stopping { kill_at, then } if now >= kill_at => {
+                    self.emit(now, "node", format!("{} did not stop in time; killing qemu", self.domain_name(d)));
+                    self.set_state(d, LocalState::Stopping { kill_at: Instant(u64::MAX), then });
+                    self.actions.push_back(Action::DestroyDomain { domain: d, kill: true });
+                }
+                LocalState::Backoff { until } if now >= until => {
+                    if !self.storage_healthy(now) || self.self_fence != SelfFence::Healthy {
+                        continue;
+                    }
+                    self.set_state(d, LocalState::Verifying);
+                    let op = self.new_op(now, OpKind::LeaseRead { purpose: ReadPurpose::Verify });
+                    self.actions.push_back(Action::ReadLease { op, key: LeaseKey::Domain(d) });
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn prune_released(&mut self, now: Instant) {
+        self.released.retain(|_, (_, _, at)| now.since(*at) < RELEASE_REPORT);
+    }
+
+    /// S5 audit: read the lease of one running domain per period.
+    fn maybe_audit(&mut self, now: Instant) {
+        if now < self.next_audit || !self.storage_healthy(now) {
+            return;
+        }
+        self.next_audit = now + AUDIT_INTERVAL;
+        let next = match self.audit_cursor {
+            Some(c) => self.local.range((std::ops::Bound::Excluded(c), std::ops::Bound::Unbounded)).next(),
+            None => None,
+        }
+        .or_else(|| self.local.iter().next())
+        .map(|(d, l)| (*d, l.state));
+        let Some((d, state)) = next else { return };
+        self.audit_cursor = Some(d);
+        if matches!(state, LocalState::Running | LocalState::Ready) {
+            let op = self.new_op(now, OpKind::LeaseRead { purpose: ReadPurpose::Audit });
+            self.actions.push_back(Action::ReadLease { op, key: LeaseKey::Domain(d) });
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! What one host knows about another, and the verdict it draws (DESIGN.md §3).
+//! Only the observer's own monotonic clock is used; the peer's clock never is.
+
+use super::config::{HostId, Timings};
+use super::io::{BootId, Heartbeat, Slot};
+use super::time::Instant;
+use std::collections::BTreeSet;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Heard on the network and its slot advances.
+    Alive,
+    /// Silent on the network, alive on storage: never fenced, leases stay valid.
+    Partitioned,
+    /// Partitioned and says (in its slot) that it is isolated.
+    Isolated,
+    /// Heard on the network but its slot stopped: it self-fences (S4).
+    StorageLost,
+    /// Silent everywhere: fence it.
+    Suspect,
+    /// Our own storage reads are stale: we cannot judge its storage.
+    Unknown,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Peer {
+    /// Latest authenticated heartbeat and when we received it.
+    pub heartbeat: Option<Heartbeat>,
+    pub heard_at: Option<Instant>,
+    /// When we last heard it claim the all-lost exemption (restarts S3(b)).
+    pub exempt_heard_at: Option<Instant>,
+    /// Latest slot read, with its (incarnation, seq) identity.
+    pub slot: Option<Slot>,
+    slot_key: Option<(BootId, u64, u64)>,
+    /// Completion of the first read that showed the current slot key: the
+    /// conservative start of silence, used for S3(b).
+    pub slot_seen_at: Option<Instant>,
+    /// Completion of the read before that one: the write happened after it.
+    /// Used only to notice silence quickly (fencing), never for takeover.
+    pub slot_changed_after: Option<Instant>,
+    /// Boots confirmed powered off (fence agent, operator, `fenced/` record).
+    pub fenced_boots: BTreeSet<BootId>,
+}
+
+impl Peer {
+    /// Record a heartbeat unless it is older than one we already have.
+    pub fn observe_heartbeat(&mut self, now: Instant, hb: Heartbeat) -> bool {
+        if let Some(old) = &self.heartbeat
+            && old.boot == hb.boot
+            && old.incarnation == hb.incarnation
+            && hb.seq <= old.seq
+        {
+            return false;
+        }
+        if hb.exempt {
+            self.exempt_heard_at = Some(now);
+        }
+        self.heartbeat = Some(hb);
+        self.heard_at = Some(now);
+        true
+    }
+
+    /// Record what one storage read showed. `prev_read_done` is when our
+    /// previous successful read completed.
+    pub fn observe_slot(&mut self, read_done: Instant, prev_read_done: Option<Instant>, slot: Option<&Slot>) {
+        let key = slot.map(|s| (s.boot, s.incarnation, s.seq));
+        if self.slot_seen_at.is_none() || key != self.slot_key {
+            self.slot_key = key;
+            self.slot_seen_at = Some(read_done);
+            self.slot_changed_after = Some(prev_read_done.unwrap_or(read_done));
+        }
+        self.slot = slot.cloned();
+    }
+
+    pub fn net_fresh(&self, now: Instant, t: &Timings) -> bool {
+        self.heard_at.is_some_and(|h| now.since(h) < t.suspect_after)
+    }
+
+    /// Slot advanced recently. `last_read_issued`: issue time of our latest
+    /// successful read (what it showed was true at or after that instant).
+    pub fn storage_fresh(&self, last_read_issued: Instant, t: &Timings) -> bool {
+        self.slot_changed_after
+            .is_some_and(|c| last_read_issued.since(c) < t.storage_silent_after)
+    }
+
+    /// S3(b): the slot has not advanced for host_dead_timeout, measured from
+    /// the first read that showed its current content to the issue of a later
+    /// read that still showed it, and no exemption was claimed since.
+    pub fn dead_by_timeout(&self, last_read_issued: Instant, t: &Timings) -> bool {
+        let Some(seen) = self.slot_seen_at else { return false };
+        let mut since = seen;
+        if let Some(e) = self.exempt_heard_at {
+            since = since.max(e);
+        }
+        last_read_issued > since && last_read_issued.since(since) >= t.host_dead_timeout
+    }
+
+    pub fn verdict(&self, now: Instant, last_read_issued: Option<Instant>, reads_fresh: bool, t: &Timings) -> Verdict {
+        let net = self.net_fresh(now, t);
+        let Some(issued) = last_read_issued.filter(|_| reads_fresh) else {
+            return if net { Verdict::Alive } else { Verdict::Unknown };
+        };
+        let storage = self.storage_fresh(issued, t);
+        match (net, storage) {
+            (true, true) => Verdict::Alive,
+            (false, true) if self.slot.as_ref().is_some_and(|s| s.isolated) => Verdict::Isolated,
+            (false, true) => Verdict::Partitioned,
+            (true, false) => Verdict::StorageLost,
+            (false, false) => Verdict::Suspect,
+        }
+    }
+
+    /// The boot this peer runs now, as far as we know.
+    pub fn current_boot(&self) -> Option<BootId> {
+        match (&self.slot, &self.heartbeat) {
+            (Some(s), _) => Some(s.boot),
+            (None, Some(h)) => Some(h.boot),
+            (None, None) => None,
+        }
+    }
+
+    /// It told us (slot or heartbeat, for this boot) that it self-fenced.
+    pub fn says_self_fenced(&self, boot: BootId) -> bool {
+        let by_net = self.heartbeat.as_ref().is_some_and(|h| h.boot == boot && h.self_fenced);
+        let by_slot = self.slot.as_ref().is_some_and(|s| s.boot == boot && s.self_fenced);
+        by_net || by_slot
+    }
+}
+
+/// Names for logs.
+pub fn verdict_name(v: Verdict) -> &'static str {
+    match v {
+        Verdict::Alive => "alive",
+        Verdict::Partitioned => "partitioned",
+        Verdict::Isolated => "isolated",
+        Verdict::StorageLost => "storage-lost",
+        Verdict::Suspect => "suspect",
+        Verdict::Unknown => "unknown",
+    }
+}
+
+pub fn all_hosts_except(hosts: &[HostId], me: HostId) -> impl Iterator<Item = HostId> + '_ {
+    hosts.iter().copied().filter(move |h| *h != me)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::config::Profile;
+    use crate::engine::time::Duration;
+
+    fn slot(seq: u64) -> Slot {
+        Slot {
+            host: HostId(2),
+            boot: 7,
+            incarnation: 1,
+            seq,
+            isolated: false,
+            self_fenced: false,
+            used_memory_mib: 0,
+            used_vcpus: 0,
+            domains: Default::default(),
+        }
+    }
+
+    #[test]
+    fn s3b_needs_a_full_host_dead_timeout_between_reads() {
+        let t = Profile::Default.timings();
+        let mut p = Peer::default();
+        p.observe_slot(Instant(1000), None, Some(&slot(1)));
+        // Same content read 21.9 s later: not yet dead.
+        assert!(!p.dead_by_timeout(Instant(1000) + Duration(21_999), &t));
+        assert!(p.dead_by_timeout(Instant(1000) + t.host_dead_timeout, &t));
+        // A change restarts the clock.
+        p.observe_slot(Instant(30_000), Some(Instant(29_750)), Some(&slot(2)));
+        assert!(!p.dead_by_timeout(Instant(40_000), &t));
+    }
+
+    #[test]
+    fn exemption_restarts_the_s3b_clock() {
+        let t = Profile::Default.timings();
+        let mut p = Peer::default();
+        p.observe_slot(Instant(0), None, Some(&slot(1)));
+        let hb = Heartbeat {
+            host: HostId(2),
+            boot: 7,
+            incarnation: 1,
+            seq: 1,
+            storage_lost: true,
+            exempt: true,
+            self_fenced: false,
+        };
+        assert!(p.observe_heartbeat(Instant(20_000), hb));
+        assert!(!p.dead_by_timeout(Instant(30_000), &t));
+        assert!(p.dead_by_timeout(Instant(42_000), &t));
+    }
+
+    #[test]
+    fn partitioned_host_alive_on_storage_is_never_suspect() {
+        let t = Profile::Default.timings();
+        let mut p = Peer::default();
+        p.observe_slot(Instant(9_900), Some(Instant(9_650)), Some(&slot(5)));
+        let v = p.verdict(Instant(10_000), Some(Instant(9_900)), true, &t);
+        assert_eq!(v, Verdict::Partitioned);
+        // Our own reads stale: no storage judgement at all.
+        let v = p.verdict(Instant(20_000), Some(Instant(9_900)), false, &t);
+        assert_eq!(v, Verdict::Unknown);
+    }
+
+    #[test]
+    fn replayed_heartbeat_is_ignored() {
+        let mut p = Peer::default();
+        let hb = Heartbeat {
+            host: HostId(2),
+            boot: 7,
+            incarnation: 1,
+            seq: 5,
+            storage_lost: false,
+            exempt: false,
+            self_fenced: false,
+        };
+        assert!(p.observe_heartbeat(Instant(1), hb.clone()));
+        assert!(!p.observe_heartbeat(Instant(2), hb));
+        assert_eq!(p.heard_at, Some(Instant(1)));
+    }
+}
