@@ -1,1 +1,181 @@
-fn main() {}
+//! The `havirt` command.
+
+use clap::{Parser, Subcommand};
+use havirt::engine::config::Profile;
+use havirt::sim::random::{RandomOptions, run_seed};
+use havirt::sim::report::run_seeds;
+use havirt::sim::{run_scenario, scenario};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "havirt", version, about = "High availability for KVM/libvirt hosts")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the deterministic cluster simulator.
+    Simulate(SimulateArgs),
+    /// Print performance figures.
+    Bench {
+        /// What to measure: planner
+        what: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct SimulateArgs {
+    /// A range of seeds, A..B (inclusive).
+    #[arg(long)]
+    seeds: Option<String>,
+    /// One seed, replayed exactly.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// A golden scenario directory: print its event log.
+    #[arg(long)]
+    scenario: Option<PathBuf>,
+    #[arg(long, default_value_t = 5)]
+    hosts: u16,
+    #[arg(long, default_value_t = 40)]
+    domains: u32,
+    /// Simulated time per run, e.g. 20m, 90s.
+    #[arg(long, default_value = "20m")]
+    duration: String,
+    #[arg(long, default_value = "default")]
+    profile: String,
+    /// Print one JSON summary.
+    #[arg(long)]
+    json: bool,
+    /// Print the whole timeline of a single seed.
+    #[arg(long)]
+    verbose: bool,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    jobs: Option<usize>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Simulate(a) => simulate(a),
+        Cmd::Bench { what } => bench(&what),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("havirt: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn parse_duration(s: &str) -> Result<u64, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("--duration {s:?}: expected a number and a unit, e.g. 20m or 90s"))?;
+    match unit {
+        "ms" => Ok(n),
+        "s" | "" => Ok(n * 1000),
+        "m" => Ok(n * 60_000),
+        "h" => Ok(n * 3_600_000),
+        _ => Err(format!("--duration {s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    }
+}
+
+fn parse_range(s: &str) -> Result<(u64, u64), String> {
+    let bad = || format!("--seeds {s:?}: expected A..B, e.g. 1..2000");
+    let (a, b) = s.split_once("..").ok_or_else(bad)?;
+    let a: u64 = a.parse().map_err(|_| bad())?;
+    let b: u64 = b.trim_start_matches('=').parse().map_err(|_| bad())?;
+    if b < a {
+        return Err(bad());
+    }
+    Ok((a, b))
+}
+
+fn simulate(a: SimulateArgs) -> Result<ExitCode, String> {
+    if let Some(dir) = &a.scenario {
+        let s = scenario::load(dir).map_err(|e| e.to_string())?;
+        let out = run_scenario(&s);
+        print!("{}", out.log);
+        for v in &out.violations {
+            println!("VIOLATION {v}");
+        }
+        return Ok(if out.violations.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) });
+    }
+    let profile = Profile::parse(&a.profile).ok_or_else(|| format!("--profile {:?}: use fast, default or conservative", a.profile))?;
+    profile.timings().validate().map_err(|e| e.to_string())?;
+    let o = RandomOptions { hosts: a.hosts.max(2), domains: a.domains, duration_ms: parse_duration(&a.duration)?, profile };
+    if let Some(seed) = a.seed {
+        let out = run_seed(seed, &o, None);
+        println!("SEED={seed}");
+        if a.verbose {
+            for l in &out.log {
+                println!("{l}");
+            }
+        }
+        for v in &out.violations {
+            println!("VIOLATION seed={seed} {} at {} ms: {}", v.invariant, v.at_ms, v.detail);
+        }
+        let s = havirt::sim::report::summarize(std::slice::from_ref(&out), 1.0);
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&s).map_err(|e| e.to_string())?);
+        }
+        return Ok(if out.violations.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) });
+    }
+    let (from, to) = parse_range(a.seeds.as_deref().unwrap_or("1..100"))?;
+    let workers = a.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let print_violation = |r: &havirt::sim::RunOutcome| {
+        eprintln!("SEED={} failed:", r.seed);
+        for v in &r.violations {
+            eprintln!("  {} at {} ms: {}", v.invariant, v.at_ms, v.detail);
+            for l in &v.timeline {
+                eprintln!("    {l}");
+            }
+        }
+        eprintln!("  replay: havirt simulate --seed {} --hosts {} --domains {} --duration {} --profile {} --verbose", r.seed, a.hosts, a.domains, a.duration, a.profile);
+    };
+    let (summary, _) = run_seeds(from, to, &o, workers, &print_violation);
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())?);
+    } else {
+        println!(
+            "{} runs, {} violations, {} false failovers; recovery p50 {:.2}s p99 {:.2}s max {:.2}s; {:.0} sim s per wall s",
+            summary.runs,
+            summary.violations.len(),
+            summary.false_failovers,
+            summary.recovery_seconds.p50,
+            summary.recovery_seconds.p99,
+            summary.recovery_seconds.max,
+            summary.sim_seconds_per_wall_second
+        );
+        for (class, p) in &summary.recovery_by_class {
+            println!("  {class:<22} n={:<5} p50 {:.2}s p99 {:.2}s max {:.2}s", p.samples, p.p50, p.p99, p.max);
+        }
+    }
+    Ok(if summary.violations.is_empty() && summary.false_failovers == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn bench(what: &str) -> Result<ExitCode, String> {
+    match what {
+        "planner" => {
+            use havirt::engine::planner::{PlanRequest, bench_case, plan};
+            let (hosts, domains) = bench_case(128, 10_000);
+            let requests: Vec<PlanRequest> = domains.iter().map(|d| PlanRequest { domain: d, avoid: Vec::new() }).collect();
+            let runs = 20;
+            let mut best = f64::MAX;
+            let mut placed = 0;
+            for _ in 0..runs {
+                let t = std::time::Instant::now();
+                let p = plan(&hosts, &requests);
+                best = best.min(t.elapsed().as_secs_f64() * 1000.0);
+                placed = p.placements.len();
+            }
+            println!("planner 128 hosts x 10000 domains: best of {runs} = {best:.2} ms ({placed} placed; target <= 50 ms)");
+            Ok(ExitCode::SUCCESS)
+        }
+        _ => Err(format!("bench {what:?}: unknown (try: planner)")),
+    }
+}

@@ -39,6 +39,10 @@ pub struct NodeConfig {
     pub incarnation: u64,
     pub spec: Arc<ClusterSpec>,
     pub rng_seed: u64,
+    /// Test-only defect: take leases without waiting for S3 (proves the
+    /// simulator's checker catches double starts).
+    #[cfg(test)]
+    pub broken_skip_s3: bool,
 }
 
 /// What a host is doing with one of its domains.

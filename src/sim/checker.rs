@@ -1,0 +1,248 @@
+//! The invariant checker. It judges from the simulator's ground truth (which
+//! host really runs which qemu, which host is really powered, paused or cut
+//! off, what storage really holds), never from what the engines believe. It
+//! runs alongside the cluster: on every start, lease change and fence, and
+//! every `CHECK_INTERVAL_MS`.
+
+use super::world::World;
+use crate::engine::config::{ClusterSpec, DomainId, HostId};
+use crate::engine::io::{Lease, LeaseKey, LeaseReason};
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// Log lines kept around a violation.
+pub const TIMELINE_LINES: usize = 40;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Violation {
+    pub invariant: &'static str,
+    pub at_ms: u64,
+    pub detail: String,
+    #[serde(skip)]
+    pub timeline: Vec<String>,
+}
+
+pub struct Checker {
+    pub violations: Vec<Violation>,
+    /// Domain lost to a fault: (fault time, fault class), until it runs again.
+    open: BTreeMap<DomainId, (u64, &'static str)>,
+    /// Recovery samples (ms) per fault class.
+    pub recoveries: BTreeMap<&'static str, Vec<u64>>,
+    pub false_failovers: u64,
+    /// Zombie first seen, and whether it was reported.
+    zombie_since: BTreeMap<(HostId, DomainId), (u64, bool)>,
+    last_exempt: u64,
+    /// Last instant each host had a fault that justifies a failover (L2).
+    last_fault: BTreeMap<HostId, u64>,
+    storage_fault_since: BTreeMap<HostId, u64>,
+    /// Last instant each domain had a fault of its own (crash, broken).
+    pub domain_fault: BTreeMap<DomainId, u64>,
+    pub fault_clear_at: BTreeMap<HostId, u64>,
+}
+
+impl Checker {
+    pub fn new(_spec: &ClusterSpec) -> Checker {
+        Checker {
+            violations: Vec::new(),
+            open: BTreeMap::new(),
+            recoveries: BTreeMap::new(),
+            false_failovers: 0,
+            zombie_since: BTreeMap::new(),
+            last_exempt: 0,
+            last_fault: BTreeMap::new(),
+            storage_fault_since: BTreeMap::new(),
+            domain_fault: BTreeMap::new(),
+            fault_clear_at: BTreeMap::new(),
+        }
+    }
+
+    pub fn domain_lost(&mut self, d: DomainId, at: u64, class: &'static str) {
+        self.open.entry(d).or_insert((at, class));
+    }
+
+    pub fn domain_running(&mut self, now: u64, d: DomainId) {
+        if let Some((at, class)) = self.open.remove(&d) {
+            self.recoveries.entry(class).or_default().push(now - at);
+        }
+    }
+
+    pub fn host_down(&mut self, h: HostId, now: u64) {
+        self.last_fault.insert(h, now);
+    }
+
+    pub fn unrecovered(&self) -> impl Iterator<Item = (&DomainId, &(u64, &'static str))> {
+        self.open.iter()
+    }
+}
+
+impl World {
+    fn violation(&mut self, invariant: &'static str, detail: String) {
+        let start = self.log.len().saturating_sub(TIMELINE_LINES);
+        let timeline = self.log[start..].to_vec();
+        self.log_at("ERROR", "checker", &format!("{invariant} violated: {detail}"));
+        self.checker.violations.push(Violation { invariant, at_ms: self.now, detail, timeline });
+    }
+
+    fn l2_window(&self) -> u64 {
+        self.spec.timings.host_dead_timeout.as_millis() + 60_000
+    }
+
+    fn justified(&self, h: HostId, d: Option<DomainId>) -> bool {
+        let window = self.l2_window();
+        let recent = |t: Option<&u64>| t.is_some_and(|t| self.now.saturating_sub(*t) <= window);
+        recent(self.checker.last_fault.get(&h)) || d.is_some_and(|d| recent(self.checker.domain_fault.get(&d)))
+    }
+
+    /// S1: at no instant do two hosts run the same protected domain.
+    pub fn check_s1(&mut self, d: DomainId) {
+        let holders: Vec<HostId> =
+            self.hosts.values().filter(|x| x.running() && x.qemu.contains_key(&d)).map(|x| x.id).collect();
+        if holders.len() > 1 {
+            let names: Vec<String> = holders.iter().map(|h| h.to_string()).collect();
+            let detail = format!("{} runs on {}", self.spec.domain_name(d), names.join(" and "));
+            self.violation("S1", detail);
+        }
+    }
+
+    /// S2: a host starts a protected domain only while it owns the lease.
+    pub fn checker_on_start(&mut self, h: HostId, d: DomainId) {
+        let boot = self.hosts[&h].boot;
+        let owner = self.storage.leases.get(&LeaseKey::Domain(d)).and_then(|l| l.owner);
+        if owner.is_none_or(|o| o.host != h || o.boot != boot) {
+            let detail = format!("{h} starts {} while the lease names {:?}", self.spec.domain_name(d), owner.map(|o| o.host));
+            self.violation("S2", detail);
+        }
+    }
+
+    /// L2: fencing a host that is alive on storage and healthy is false.
+    pub fn checker_on_fence(&mut self, from: HostId, target: HostId) {
+        let x = &self.hosts[&target];
+        let healthy = x.running() && x.node.is_some() && !x.isolated && x.storage_fault.is_none();
+        if healthy && !self.justified(target, None) {
+            self.checker.false_failovers += 1;
+            self.violation("L2", format!("{from} fences {target}, which is alive and healthy"));
+        }
+    }
+
+    /// S3 and L2 on every lease transfer.
+    pub fn lease_changed(&mut self, by: HostId, key: LeaseKey, old: Lease, new: Lease) {
+        let LeaseKey::Domain(d) = key else { return };
+        let Some(from) = old.owner else { return };
+        if new.owner.is_some_and(|o| o.host == from.host && o.boot == from.boot) {
+            return;
+        }
+        let x = &self.hosts[&from.host];
+        let same_boot_up = x.powered && x.boot == from.boot;
+        if same_boot_up && x.running() && x.qemu.contains_key(&d) {
+            let detail = format!(
+                "{by} moves the lease of {} from {} ({:?}) while it still runs there",
+                self.spec.domain_name(d),
+                from.host,
+                new.reason
+            );
+            self.violation("S3", detail);
+        }
+        if new.reason == LeaseReason::FenceConfirmed && same_boot_up {
+            let detail = format!("{by} claims {} was fenced, but that boot is powered", from.host);
+            self.violation("S3", detail);
+        }
+        if same_boot_up && !self.justified(from.host, Some(d)) {
+            self.checker.false_failovers += 1;
+            let detail = format!("{by} moves {} away from healthy {} ({:?})", self.spec.domain_name(d), from.host, new.reason);
+            self.violation("L2", detail);
+        }
+    }
+
+    /// Periodic checks: S4, S5, and fault bookkeeping for L2.
+    pub fn check_invariants(&mut self) {
+        self.track_faults();
+        let t = self.spec.timings;
+        let bound = (t.renew_timeout + t.io_timeout + t.io_timeout + t.watchdog_timeout).as_millis() + 1000;
+        let zombie_grace = (t.io_timeout + t.io_timeout).as_millis() + 2000;
+        let mut found = Vec::new();
+        for x in self.hosts.values() {
+            if !x.running() || x.qemu.is_empty() {
+                continue;
+            }
+            let has_watchdog = self.spec.host(x.id).is_some_and(|s| s.watchdog);
+            let anchor = x
+                .last_good_write_issue
+                .unwrap_or(0)
+                .max(self.checker.last_exempt)
+                .max(x.last_resume.map_or(0, |r| r.saturating_sub(t.renew_timeout.as_millis())));
+            if (has_watchdog || x.node.is_some()) && self.now.saturating_sub(anchor) > bound {
+                found.push(("S4", format!("{} still runs protected domains {} ms after its last good storage write", x.id, self.now - anchor)));
+            }
+            for d in x.qemu.keys() {
+                let owner = self.storage.leases.get(&LeaseKey::Domain(*d)).and_then(|l| l.owner);
+                let ours = owner.is_some_and(|o| o.host == x.id && o.boot == x.boot);
+                if ours {
+                    self.checker.zombie_since.remove(&(x.id, *d));
+                    continue;
+                }
+                let entry = self.checker.zombie_since.entry((x.id, *d)).or_insert((self.now, false));
+                if self.now - entry.0 > zombie_grace && !entry.1 {
+                    entry.1 = true;
+                    found.push(("S5", format!("zombie {} on {} for {} ms", self.spec.domain_name(*d), x.id, self.now - entry.0)));
+                }
+            }
+        }
+        self.checker.zombie_since.retain(|(h, d), _| self.hosts[h].running() && self.hosts[h].qemu.contains_key(d));
+        for (inv, detail) in found {
+            self.violation(inv, detail);
+        }
+    }
+
+    fn track_faults(&mut self) {
+        let t = self.spec.timings;
+        let storage_justifies = (t.renew_timeout.as_millis()).saturating_sub(t.io_timeout.as_millis() + t.storage_write_interval.as_millis());
+        let all_lost = self.partitions.is_empty()
+            && self.one_way.is_empty()
+            && self.hosts.values().all(|x| {
+                x.running()
+                    && x.node.is_some()
+                    && !x.isolated
+                    && (x.storage_fault.is_some() || self.storage.stall_until > self.now)
+            });
+        if all_lost {
+            self.checker.last_exempt = self.now;
+        }
+        let now = self.now;
+        for x in self.hosts.values_mut() {
+            let faulty = !x.powered || x.paused_since.is_some() || x.node.is_none() || x.isolated;
+            if x.storage_fault.is_some() {
+                let since = *self.checker.storage_fault_since.entry(x.id).or_insert(now);
+                if now - since >= storage_justifies {
+                    self.checker.last_fault.insert(x.id, now);
+                }
+            } else {
+                self.checker.storage_fault_since.remove(&x.id);
+            }
+            if faulty {
+                self.checker.last_fault.insert(x.id, now);
+            }
+            if self.checker.fault_clear_at.get(&x.id).is_some_and(|c| *c <= now) {
+                self.checker.fault_clear_at.remove(&x.id);
+                x.active_fault = None;
+            }
+        }
+    }
+
+    /// L1 after healing: every protected domain that is not broken runs on
+    /// exactly one host.
+    pub fn check_converged(&mut self) {
+        let mut found = Vec::new();
+        for (d, spec) in self.spec.domains.iter() {
+            if spec.policy.priority == crate::engine::config::Priority::Disabled || self.broken_domains.contains(d) {
+                continue;
+            }
+            let n = self.hosts.values().filter(|x| x.running() && x.qemu.contains_key(d)).count();
+            if n != 1 {
+                found.push(format!("{} runs on {n} hosts after healing", spec.name));
+            }
+        }
+        for detail in found {
+            self.violation("L1", detail);
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! Random runs: a cluster, its hardware timings and a fault schedule, all
+//! drawn from one seed (as TigerBeetle's VOPR). Only faults the design claims
+//! to survive are injected; the last minutes heal everything and the run must
+//! converge (L1) with S1-S5 and L2 holding throughout.
+
+use super::faults::{Command, StorageFault};
+use super::world::WorldParams;
+use super::{RunOutcome, SimSetup, run_commands};
+use crate::engine::config::*;
+use crate::engine::planner::{self, HostRoom, PlanRequest};
+use crate::engine::time::{Duration, Rng};
+use std::collections::{BTreeMap, BTreeSet};
+
+#[derive(Clone, Debug)]
+pub struct RandomOptions {
+    pub hosts: u16,
+    pub domains: u32,
+    pub duration_ms: u64,
+    pub profile: Profile,
+}
+
+/// The last part of every random run has no new fault: time to converge.
+pub const HEAL_MS: u64 = 180_000;
+/// Log lines kept per random run (the timeline printed with a violation).
+pub const RANDOM_LOG_CAP: usize = 400;
+
+pub fn random_setup(seed: u64, o: &RandomOptions) -> SimSetup {
+    let mut rng = Rng::new(seed ^ 0x5E7u64);
+    let hosts: Vec<HostSpec> = (1..=o.hosts)
+        .map(|i| {
+            let fence_agents = match rng.range(0, 9) {
+                0 => vec![],
+                1 | 2 => vec!["ipmi".to_string(), "pdu".to_string()],
+                _ => vec!["ipmi".to_string()],
+            };
+            HostSpec {
+                id: HostId(i),
+                name: format!("h{i}"),
+                fence_agents,
+                watchdog: true,
+                fault_domain: Some(format!("rack{}", i % 2)),
+                memory_mib: 64 * 1024,
+                vcpus: 32,
+                max_concurrent_starts: 8,
+            }
+        })
+        .collect();
+    let groups = ["db", "web", "dns", "cache"];
+    let mut domains = BTreeMap::new();
+    for i in 1..=o.domains {
+        let id = DomainId(u128::from(i));
+        let priority = [Priority::Lowest, Priority::Low, Priority::Medium, Priority::Medium, Priority::High, Priority::Highest]
+            [rng.range(0, 5) as usize];
+        let isolation_response = match rng.range(0, 5) {
+            0 => IsolationResponse::Shutdown,
+            1 => IsolationResponse::Poweroff,
+            _ => IsolationResponse::Keep,
+        };
+        let anti_affinity = if rng.chance(20) { Some(groups[rng.range(0, 3) as usize].to_string()) } else { None };
+        let readiness = if rng.chance(20) { Readiness::GuestAgent } else { Readiness::Started };
+        let policy = DomainPolicy {
+            priority,
+            isolation_response,
+            affinity: Vec::new(),
+            anti_affinity,
+            readiness,
+            readiness_timeout: Duration::from_secs(60),
+            max_restarts: 3,
+        };
+        let memory_mib = 1024 * rng.range(1, 4);
+        let vcpus = rng.range(1, 4) as u32;
+        domains.insert(id, DomainSpec { id, name: format!("vm{i:03}"), memory_mib, vcpus, policy });
+    }
+    let spec = ClusterSpec {
+        name: format!("seed{seed}"),
+        timings: o.profile.timings(),
+        hosts,
+        domains,
+        memory_overcommit: 1.0,
+        vcpu_overcommit: 4.0,
+    };
+    let initial = initial_placement(&spec);
+    SimSetup { spec, initial, seed }
+}
+
+/// Place every domain with the planner on empty hosts (no start cap).
+fn initial_placement(spec: &ClusterSpec) -> BTreeMap<DomainId, HostId> {
+    let rooms: Vec<HostRoom> = spec
+        .hosts
+        .iter()
+        .map(|h| HostRoom {
+            id: h.id,
+            fault_domain: h.fault_domain.clone(),
+            memory_free_mib: h.memory_mib as i64,
+            vcpus_free: h.vcpus as i64 * 4,
+            starts_free: u32::MAX,
+            anti_groups: BTreeSet::new(),
+            domain_count: 0,
+        })
+        .collect();
+    let requests: Vec<PlanRequest> = spec.domains.values().map(|d| PlanRequest { domain: d, avoid: Vec::new() }).collect();
+    planner::plan(&rooms, &requests).placements.into_iter().collect()
+}
+
+/// Hardware timings vary per seed, inside what the design assumes.
+pub fn random_params(seed: u64) -> WorldParams {
+    let mut rng = Rng::new(seed ^ 0xBA5Eu64);
+    let slow_storage = rng.range(1, 20);
+    WorldParams {
+        net_latency_ms: (1, rng.range(2, 10)),
+        storage_latency_ms: (1, slow_storage),
+        start_ms: (300, rng.range(400, 900)),
+        fence_ms: (200, rng.range(300, 900)),
+        repair_after_ms: Some((60_000, 150_000)),
+        ..WorldParams::default()
+    }
+}
+
+/// A fault schedule: episodes one after another, sometimes overlapping,
+/// never taking more than two hosts out at once, then healing.
+pub fn random_faults(seed: u64, o: &RandomOptions, setup: &SimSetup) -> Vec<(u64, Command)> {
+    let mut rng = Rng::new(seed ^ 0xFA17u64);
+    let mut out: Vec<(u64, Command)> = Vec::new();
+    let hosts: Vec<HostId> = setup.spec.hosts.iter().map(|h| h.id).collect();
+    let last_fault = o.duration_ms.saturating_sub(HEAL_MS);
+    let mut t = rng.range(20_000, 60_000);
+    while t < last_fault {
+        let h = hosts[rng.range(0, hosts.len() as u64 - 1) as usize];
+        let len = rng.range(5_000, 60_000).min(last_fault - t);
+        let end = t + len;
+        match rng.range(0, 13) {
+            0 | 1 => {
+                out.push((t, Command::PowerOff(h)));
+                out.push((t + rng.range(60_000, 150_000), Command::PowerOn(h)));
+            }
+            2 => {
+                let fault = if rng.chance(50) { StorageFault::Fail } else { StorageFault::Hang };
+                out.push((t, Command::StorageFault { host: h, fault }));
+                out.push((end, Command::StorageRestore(h)));
+            }
+            3 => {
+                let ms = rng.range(500, setup.spec.timings.renew_timeout.as_millis() * 3 / 4);
+                out.push((t, Command::StorageStall { millis: ms }));
+            }
+            4 => {
+                let cut = rng.range(1, hosts.len() as u64 - 1) as usize;
+                let (a, b) = hosts.split_at(cut);
+                out.push((t, Command::Partition(vec![a.to_vec(), b.to_vec()])));
+                out.push((end, Command::HealNetwork));
+            }
+            5 => {
+                let to = hosts[rng.range(0, hosts.len() as u64 - 1) as usize];
+                if to != h {
+                    out.push((t, Command::DropOneWay { from: h, to }));
+                    out.push((end, Command::HealNetwork));
+                }
+            }
+            6 => {
+                out.push((t, Command::Isolate(h)));
+                out.push((end, Command::Unisolate(h)));
+            }
+            7 => {
+                out.push((t, Command::NetLoss(rng.range(5, 30) as u8)));
+                out.push((end, Command::HealNetwork));
+            }
+            8 => {
+                out.push((t, Command::Pause(h)));
+                out.push((end, Command::Resume(h)));
+            }
+            9 => {
+                out.push((t, Command::DaemonCrash(h)));
+                if rng.chance(80) {
+                    out.push((t + rng.range(200, 1500), Command::DaemonStart(h)));
+                }
+            }
+            10 => {
+                for agent in setup.spec.host(h).map(|s| s.fence_agents.clone()).unwrap_or_default() {
+                    out.push((t, Command::FenceAgentFails { target: h, agent: agent.clone(), fails: true }));
+                    out.push((end, Command::FenceAgentFails { target: h, agent, fails: false }));
+                }
+                out.push((t + 1000, Command::PowerOff(h)));
+                out.push((t + rng.range(60_000, 150_000), Command::PowerOn(h)));
+            }
+            11 => {
+                let d = DomainId(u128::from(rng.range(1, setup.spec.domains.len() as u64)));
+                out.push((t, Command::DomainCrash(d)));
+            }
+            _ => {
+                for x in &hosts {
+                    out.push((t, Command::StorageFault { host: *x, fault: StorageFault::Hang }));
+                }
+                for x in &hosts {
+                    out.push((t + rng.range(5_000, 30_000), Command::StorageRestore(*x)));
+                }
+            }
+        }
+        // Mostly one episode at a time; sometimes the next starts early.
+        t = if rng.chance(25) { t + rng.range(2_000, 10_000) } else { end.max(t) + rng.range(20_000, 90_000) };
+    }
+    heal(&mut out, last_fault, &hosts, setup);
+    out.sort_by_key(|(at, _)| *at);
+    out
+}
+
+/// Clear every fault at `at`; powered-off hosts boot again.
+fn heal(out: &mut Vec<(u64, Command)>, at: u64, hosts: &[HostId], setup: &SimSetup) {
+    out.retain(|(t, _)| *t <= at);
+    out.push((at, Command::HealNetwork));
+    for h in hosts {
+        out.push((at, Command::Unisolate(*h)));
+        out.push((at, Command::StorageRestore(*h)));
+        out.push((at, Command::Resume(*h)));
+        out.push((at, Command::PowerOn(*h)));
+        out.push((at + 10_000, Command::DaemonStart(*h)));
+        for agent in setup.spec.host(*h).map(|s| s.fence_agents.clone()).unwrap_or_default() {
+            out.push((at, Command::FenceAgentFails { target: *h, agent, fails: false }));
+        }
+    }
+}
+
+pub fn run_seed(seed: u64, o: &RandomOptions, log_cap: Option<usize>) -> RunOutcome {
+    let setup = random_setup(seed, o);
+    let faults = random_faults(seed, o, &setup);
+    let mut params = random_params(seed);
+    params.boot_ms = 5000;
+    run_commands(&setup, params, &faults, o.duration_ms, log_cap)
+}

@@ -1,0 +1,117 @@
+//! Many seeds at once: run them on every core and sum up what the issue asks
+//! for (violations, recovery percentiles per fault class, false failovers).
+
+use super::RunOutcome;
+use super::random::{RANDOM_LOG_CAP, RandomOptions, run_seed};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Recovery classes always present in the summary, even when empty.
+pub const REQUIRED_CLASSES: [&str; 4] = ["fenced_power_loss", "watchdog_power_loss", "storage_loss", "isolation_response"];
+
+#[derive(Serialize, Clone, Copy, Default, Debug)]
+pub struct Percentiles {
+    pub samples: usize,
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Percentiles {
+    pub fn of(samples_ms: &[u64]) -> Percentiles {
+        if samples_ms.is_empty() {
+            return Percentiles::default();
+        }
+        let mut v = samples_ms.to_vec();
+        v.sort_unstable();
+        let at = |q: f64| {
+            let i = ((v.len() as f64 - 1.0) * q).round() as usize;
+            v[i.min(v.len() - 1)] as f64 / 1000.0
+        };
+        Percentiles { samples: v.len(), p50: at(0.5), p99: at(0.99), max: at(1.0) }
+    }
+}
+
+#[derive(Serialize, Debug)]
+pub struct SeedViolation {
+    pub seed: u64,
+    pub invariant: &'static str,
+    pub at_ms: u64,
+    pub detail: String,
+}
+
+#[derive(Serialize, Debug)]
+pub struct Summary {
+    pub runs: u64,
+    pub violations: Vec<SeedViolation>,
+    pub recovery_seconds: Percentiles,
+    pub recovery_by_class: BTreeMap<String, Percentiles>,
+    pub false_failovers: u64,
+    pub sim_seconds_per_wall_second: f64,
+    pub events: u64,
+}
+
+/// Run seeds `from..=to` on `workers` threads. `on_violation` sees each
+/// failing run (with its timeline) as soon as it ends.
+pub fn run_seeds(from: u64, to: u64, o: &RandomOptions, workers: usize, on_violation: &(dyn Fn(&RunOutcome) + Sync)) -> (Summary, Vec<RunOutcome>) {
+    let next = AtomicU64::new(from);
+    let results: Mutex<Vec<RunOutcome>> = Mutex::new(Vec::new());
+    let wall = std::time::Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..workers.max(1) {
+            s.spawn(|| {
+                loop {
+                    let seed = next.fetch_add(1, Ordering::Relaxed);
+                    if seed > to {
+                        break;
+                    }
+                    let mut out = run_seed(seed, o, Some(RANDOM_LOG_CAP));
+                    if !out.violations.is_empty() {
+                        on_violation(&out);
+                    }
+                    out.log.clear();
+                    if let Ok(mut r) = results.lock() {
+                        r.push(out);
+                    }
+                }
+            });
+        }
+    });
+    let wall_s = wall.elapsed().as_secs_f64().max(1e-9);
+    let mut runs = results.into_inner().unwrap_or_default();
+    runs.sort_by_key(|r| r.seed);
+    (summarize(&runs, wall_s), runs)
+}
+
+pub fn summarize(runs: &[RunOutcome], wall_s: f64) -> Summary {
+    let mut all = Vec::new();
+    let mut by_class: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for c in REQUIRED_CLASSES {
+        by_class.insert(c.to_string(), Vec::new());
+    }
+    let mut violations = Vec::new();
+    let (mut false_failovers, mut sim_ms, mut events) = (0, 0, 0);
+    for r in runs {
+        for (class, v) in &r.recoveries {
+            all.extend_from_slice(v);
+            by_class.entry(class.to_string()).or_default().extend_from_slice(v);
+        }
+        for v in &r.violations {
+            violations.push(SeedViolation { seed: r.seed, invariant: v.invariant, at_ms: v.at_ms, detail: v.detail.clone() });
+        }
+        false_failovers += r.false_failovers;
+        sim_ms += r.sim_ms;
+        events += r.events;
+    }
+    Summary {
+        runs: runs.len() as u64,
+        violations,
+        recovery_seconds: Percentiles::of(&all),
+        recovery_by_class: by_class.into_iter().map(|(k, v)| (k, Percentiles::of(&v))).collect(),
+        false_failovers,
+        sim_seconds_per_wall_second: (sim_ms as f64 / 1000.0) / wall_s,
+        events,
+    }
+}

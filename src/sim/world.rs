@@ -1,0 +1,862 @@
+//! The simulated world: virtual time, hosts (power, pause, daemon, qemu,
+//! watchdog), network, shared storage and fence agents. Each host runs the
+//! real engine. Everything random is drawn from one seed, so a seed replays
+//! the exact same run.
+
+use super::checker::Checker;
+use super::faults::{Command, StorageFault};
+use super::SimSetup;
+use crate::engine::config::{ClusterSpec, DomainId, HostId, Readiness};
+use crate::engine::io::*;
+use crate::engine::node::{Node, NodeConfig};
+use crate::engine::time::{Instant, Rng};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::sync::Arc;
+
+/// Knobs of the simulated hardware, drawn from the seed in random runs.
+#[derive(Clone, Debug)]
+pub struct WorldParams {
+    pub net_latency_ms: (u64, u64),
+    pub storage_latency_ms: (u64, u64),
+    pub start_ms: (u64, u64),
+    pub destroy_ms: (u64, u64),
+    pub guest_shutdown_ms: (u64, u64),
+    pub fence_ms: (u64, u64),
+    pub readiness_ms: (u64, u64),
+    /// Host boot until its daemon runs.
+    pub boot_ms: u64,
+    /// qemu image locks (as qemu's own locking or virtlockd) refuse a second
+    /// writer. On by default, as on a real host; off to test the engine alone.
+    pub disk_locks: bool,
+    /// Fenced hosts are powered on again after this long (random runs: the
+    /// operator repairs them); None leaves them off.
+    pub repair_after_ms: Option<(u64, u64)>,
+    /// Test-only engine defect used to prove that the checker bites.
+    #[cfg(test)]
+    pub broken_engine_skip_s3: bool,
+}
+
+impl Default for WorldParams {
+    fn default() -> Self {
+        WorldParams {
+            net_latency_ms: (1, 3),
+            storage_latency_ms: (1, 8),
+            start_ms: (350, 550),
+            destroy_ms: (100, 300),
+            guest_shutdown_ms: (2000, 8000),
+            fence_ms: (200, 800),
+            readiness_ms: (1000, 4000),
+            boot_ms: 5000,
+            disk_locks: true,
+            repair_after_ms: None,
+            #[cfg(test)]
+            broken_engine_skip_s3: false,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QemuState {
+    Starting,
+    Running,
+}
+
+#[derive(Clone, Debug)]
+pub struct Qemu {
+    pub state: QemuState,
+    /// Incremented per start, so stale completions are ignored.
+    pub serial: u64,
+}
+
+pub struct SimHost {
+    pub id: HostId,
+    pub powered: bool,
+    pub paused_since: Option<u64>,
+    pub boot: BootId,
+    /// Local monotonic clock = virtual time + offset (per boot).
+    pub clock_offset: u64,
+    pub node: Option<Node>,
+    /// Bumps whenever the daemon dies, so its late results are dropped.
+    pub daemon_epoch: u64,
+    pub wake_at: Option<u64>,
+    pub qemu: BTreeMap<DomainId, Qemu>,
+    /// Virtual time at which the watchdog resets the host, once armed.
+    pub watchdog_deadline: Option<u64>,
+    pub storage_fault: Option<StorageFault>,
+    /// Storage requests blocked by a hang or a stall.
+    pub held_ops: Vec<(u64, Action)>,
+    /// Events that reached the host while it was paused.
+    pub held_events: Vec<Ev>,
+    pub isolated: bool,
+    /// Issue time of the last slot write that succeeded (ground truth for S4).
+    pub last_good_write_issue: Option<u64>,
+    pub last_resume: Option<u64>,
+    pub daemon_started_at: u64,
+    /// The fault (time, class) that recoveries of this host's domains are measured from.
+    pub active_fault: Option<(u64, &'static str)>,
+}
+
+impl SimHost {
+    pub fn running(&self) -> bool {
+        self.powered && self.paused_since.is_none()
+    }
+}
+
+/// Shared storage: the ground truth of every record.
+#[derive(Default)]
+pub struct Storage {
+    pub slots: BTreeMap<HostId, Slot>,
+    pub fenced: BTreeMap<HostId, FencedRecord>,
+    pub assignments: BTreeMap<HostId, Assignments>,
+    pub leases: BTreeMap<LeaseKey, Lease>,
+    pub stall_until: u64,
+}
+
+#[derive(Clone, Debug)]
+pub enum Ev {
+    Wake { host: HostId },
+    Deliver { to: HostId, msg: NetMessage },
+    StorageDo { host: HostId, epoch: u64, issued: u64, action: Action },
+    /// A storage answer that needs no apply (EIO).
+    StorageResult { host: HostId, epoch: u64, input: Input },
+    QemuStarted { host: HostId, domain: DomainId, serial: u64 },
+    QemuReady { host: HostId, domain: DomainId, serial: u64 },
+    QemuStopped { host: HostId, domain: DomainId, serial: u64 },
+    StartRefused { host: HostId, epoch: u64, domain: DomainId, disk_locked: bool },
+    FenceDone { host: HostId, epoch: u64, op: OpId, target: HostId, outcome: FenceOutcome },
+    IsolationAnswer { host: HostId, epoch: u64, reachable: bool },
+    Watchdog { host: HostId },
+    DaemonStart { host: HostId },
+    PowerOn { host: HostId },
+    StallEnd,
+    Command(Command),
+    Check,
+}
+
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct Key(u64, u64);
+
+pub struct World {
+    pub now: u64,
+    pub spec: Arc<ClusterSpec>,
+    pub params: WorldParams,
+    pub rng: Rng,
+    seq: u64,
+    queue: BinaryHeap<Reverse<(Key, usize)>>,
+    slab: Vec<Option<Ev>>,
+    free: Vec<usize>,
+    pub hosts: BTreeMap<HostId, SimHost>,
+    pub storage: Storage,
+    pub partitions: Vec<Vec<HostId>>,
+    pub one_way: BTreeSet<(HostId, HostId)>,
+    pub loss_percent: u8,
+    pub fence_failing: BTreeSet<(HostId, String)>,
+    pub broken_domains: BTreeSet<DomainId>,
+    pub log: Vec<String>,
+    /// Keep only about this many log lines (random runs); None keeps all.
+    pub log_cap: Option<usize>,
+    pub checker: Checker,
+    pub events_processed: u64,
+}
+
+/// A host reset by its watchdog is back (booting) after this long.
+pub const WATCHDOG_REBOOT_MS: u64 = 30_000;
+/// Period of the ground-truth invariant checks.
+pub const CHECK_INTERVAL_MS: u64 = 100;
+
+impl World {
+    pub fn new(setup: &SimSetup, params: WorldParams) -> World {
+        let spec = Arc::new(setup.spec.clone());
+        let mut rng = Rng::new(setup.seed);
+        let mut hosts = BTreeMap::new();
+        for hs in &spec.hosts {
+            let boot = rng.next_u64() >> 16;
+            let clock_offset = rng.range(1_000_000, 1_000_000_000);
+            hosts.insert(
+                hs.id,
+                SimHost {
+                    id: hs.id,
+                    powered: true,
+                    paused_since: None,
+                    boot,
+                    clock_offset,
+                    node: None,
+                    daemon_epoch: 0,
+                    wake_at: None,
+                    qemu: BTreeMap::new(),
+                    watchdog_deadline: None,
+                    storage_fault: None,
+                    held_ops: Vec::new(),
+                    held_events: Vec::new(),
+                    isolated: false,
+                    last_good_write_issue: None,
+                    last_resume: None,
+                    daemon_started_at: 0,
+                    active_fault: None,
+                },
+            );
+        }
+        let checker = Checker::new(&spec);
+        let mut w = World {
+            now: 0,
+            spec,
+            params,
+            rng,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            slab: Vec::new(),
+            free: Vec::new(),
+            hosts,
+            storage: Storage::default(),
+            partitions: Vec::new(),
+            one_way: BTreeSet::new(),
+            loss_percent: 0,
+            fence_failing: BTreeSet::new(),
+            broken_domains: BTreeSet::new(),
+            log: Vec::new(),
+            log_cap: None,
+            checker,
+            events_processed: 0,
+        };
+        w.place_initial(setup);
+        let ids: Vec<HostId> = w.hosts.keys().copied().collect();
+        for h in ids {
+            w.start_daemon(h);
+        }
+        w.schedule(CHECK_INTERVAL_MS, Ev::Check);
+        w
+    }
+
+    /// Time zero: domains run where the setup says and hold their leases.
+    fn place_initial(&mut self, setup: &SimSetup) {
+        for (d, h) in &setup.initial {
+            let Some(host) = self.hosts.get_mut(h) else { continue };
+            host.qemu.insert(*d, Qemu { state: QemuState::Running, serial: 0 });
+            let owner = Owner { host: *h, boot: host.boot };
+            let lease = Lease { owner: Some(owner), generation: 1, reason: LeaseReason::Acquired };
+            self.storage.leases.insert(LeaseKey::Domain(*d), lease);
+        }
+        for d in self.spec.domains.keys() {
+            self.storage
+                .leases
+                .entry(LeaseKey::Domain(*d))
+                .or_insert(Lease { owner: None, generation: 0, reason: LeaseReason::Acquired });
+        }
+        self.storage
+            .leases
+            .insert(LeaseKey::Master, Lease { owner: None, generation: 0, reason: LeaseReason::Acquired });
+    }
+
+    // ---- event queue ---------------------------------------------------
+
+    pub fn schedule(&mut self, delay_ms: u64, ev: Ev) {
+        self.schedule_at(self.now + delay_ms, ev);
+    }
+
+    pub fn schedule_at(&mut self, at: u64, ev: Ev) {
+        self.seq += 1;
+        let idx = match self.free.pop() {
+            Some(i) => {
+                self.slab[i] = Some(ev);
+                i
+            }
+            None => {
+                self.slab.push(Some(ev));
+                self.slab.len() - 1
+            }
+        };
+        self.queue.push(Reverse((Key(at.max(self.now), self.seq), idx)));
+    }
+
+    /// Run every event up to and including `until` (virtual ms).
+    pub fn run_until(&mut self, until: u64) {
+        while let Some(Reverse((Key(at, _), idx))) = self.queue.peek().map(|r| Reverse((Key(r.0.0.0, r.0.0.1), r.0.1))) {
+            if at > until {
+                break;
+            }
+            self.queue.pop();
+            let Some(ev) = self.slab[idx].take() else { continue };
+            self.free.push(idx);
+            self.now = at;
+            self.events_processed += 1;
+            self.handle(ev);
+        }
+        self.now = until;
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        if let Some(h) = ev_host(&ev)
+            && self.hosts.get(&h).is_some_and(|x| x.powered && x.paused_since.is_some())
+        {
+            // A frozen host processes nothing; it catches up on resume.
+            if let Some(x) = self.hosts.get_mut(&h)
+                && !matches!(ev, Ev::Deliver { .. })
+            {
+                x.held_events.push(ev);
+            }
+            return;
+        }
+        match ev {
+            Ev::Wake { host } => self.wake(host),
+            Ev::Deliver { to, msg } => self.input(to, Input::Net(msg)),
+            Ev::StorageDo { host, epoch, issued, action } => self.storage_do(host, epoch, issued, action),
+            Ev::StorageResult { host, epoch, input } => {
+                if self.epoch(host) == Some(epoch) {
+                    self.input(host, input);
+                }
+            }
+            Ev::QemuStarted { host, domain, serial } => self.qemu_started(host, domain, serial),
+            Ev::QemuReady { host, domain, serial } => {
+                if self.qemu_serial(host, domain) == Some(serial) {
+                    self.input(host, Input::Domain { domain, event: DomainEvent::Ready });
+                }
+            }
+            Ev::QemuStopped { host, domain, serial } => {
+                if self.qemu_serial(host, domain) == Some(serial) {
+                    self.qemu_gone(host, domain);
+                    self.input(host, Input::Domain { domain, event: DomainEvent::Stopped });
+                }
+            }
+            Ev::StartRefused { host, epoch, domain, disk_locked } => {
+                if self.epoch(host) == Some(epoch) {
+                    self.input(host, Input::Domain { domain, event: DomainEvent::StartFailed { disk_locked } });
+                }
+            }
+            Ev::FenceDone { host, epoch, op, target, outcome } => {
+                if self.epoch(host) == Some(epoch) {
+                    self.input(host, Input::Fence { op, target, outcome });
+                }
+            }
+            Ev::IsolationAnswer { host, epoch, reachable } => {
+                if self.epoch(host) == Some(epoch) {
+                    self.input(host, Input::IsolationProbe { reachable });
+                }
+            }
+            Ev::Watchdog { host } => self.watchdog_check(host),
+            Ev::DaemonStart { host } => self.start_daemon(host),
+            Ev::PowerOn { host } => self.power_on(host),
+            Ev::StallEnd => self.stall_end(),
+            Ev::Command(c) => self.apply_command(c),
+            Ev::Check => {
+                self.check_invariants();
+                self.schedule(CHECK_INTERVAL_MS, Ev::Check);
+            }
+        }
+    }
+
+    fn epoch(&self, h: HostId) -> Option<u64> {
+        self.hosts.get(&h).filter(|x| x.node.is_some()).map(|x| x.daemon_epoch)
+    }
+
+    fn qemu_serial(&self, h: HostId, d: DomainId) -> Option<u64> {
+        self.hosts.get(&h).and_then(|x| x.qemu.get(&d)).map(|q| q.serial)
+    }
+
+    pub fn local_now(&self, h: HostId) -> Instant {
+        Instant(self.now + self.hosts[&h].clock_offset)
+    }
+
+    // ---- driving the engines ------------------------------------------
+
+    /// Hand an input to the host's daemon, if it runs.
+    pub fn deliver(&mut self, h: HostId, input: Input) {
+        self.input(h, input);
+    }
+
+    fn input(&mut self, h: HostId, input: Input) {
+        let now = self.local_now(h);
+        let Some(node) = self.hosts.get_mut(&h).and_then(|x| x.node.as_mut()) else { return };
+        node.handle_input(now, input);
+        self.drain(h);
+    }
+
+    fn wake(&mut self, h: HostId) {
+        let Some(host) = self.hosts.get_mut(&h) else { return };
+        if host.wake_at != Some(self.now) {
+            if host.wake_at.is_some_and(|w| w < self.now) {
+                host.wake_at = None;
+            } else {
+                return;
+            }
+        }
+        host.wake_at = None;
+        let now = self.local_now(h);
+        let Some(node) = self.hosts.get_mut(&h).and_then(|x| x.node.as_mut()) else { return };
+        node.handle_timeout(now);
+        self.drain(h);
+    }
+
+    /// Execute every action the node asks for, then re-arm its timer.
+    fn drain(&mut self, h: HostId) {
+        loop {
+            let action = {
+                let Some(node) = self.hosts.get_mut(&h).and_then(|x| x.node.as_mut()) else { return };
+                node.poll_action()
+            };
+            let Some(a) = action else { break };
+            self.execute(h, a);
+        }
+        let Some(host) = self.hosts.get_mut(&h) else { return };
+        let Some(node) = host.node.as_ref() else { return };
+        let at = node.poll_timeout().0.saturating_sub(host.clock_offset).max(self.now);
+        if host.wake_at.is_none_or(|w| at < w) {
+            host.wake_at = Some(at);
+            self.schedule_at(at, Ev::Wake { host: h });
+        }
+    }
+
+    fn execute(&mut self, h: HostId, a: Action) {
+        match a {
+            Action::Send { to, msg } => self.send(h, to, msg),
+            Action::WriteSlot { .. }
+            | Action::ReadStorage { .. }
+            | Action::ReadLease { .. }
+            | Action::CasLease { .. }
+            | Action::WriteFenced { .. }
+            | Action::WriteAssignments { .. } => self.storage_submit(h, a),
+            Action::StartDomain { domain } => self.qemu_start(h, domain),
+            Action::DestroyDomain { domain, kill } => {
+                let (lo, hi) = if kill { (5, 20) } else { self.params.destroy_ms };
+                let delay = self.rng.range(lo, hi);
+                if let Some(serial) = self.qemu_serial(h, domain) {
+                    self.schedule(delay, Ev::QemuStopped { host: h, domain, serial });
+                } else {
+                    // Already gone: libvirt answers "not running" at once.
+                    self.input(h, Input::Domain { domain, event: DomainEvent::Stopped });
+                }
+            }
+            Action::ShutdownDomain { domain, .. } => {
+                let (lo, hi) = self.params.guest_shutdown_ms;
+                let delay = self.rng.range(lo, hi);
+                if let Some(serial) = self.qemu_serial(h, domain) {
+                    self.schedule(delay, Ev::QemuStopped { host: h, domain, serial });
+                }
+            }
+            Action::Fence { op, target, agent } => self.fence(h, op, target, agent),
+            Action::ProbeIsolation => {
+                let reachable = !self.hosts[&h].isolated;
+                let epoch = self.hosts[&h].daemon_epoch;
+                let delay = if reachable { 2 } else { 1000 };
+                self.schedule(delay, Ev::IsolationAnswer { host: h, epoch, reachable });
+            }
+            Action::PetWatchdog => {
+                if self.spec.host(h).is_some_and(|s| s.watchdog) {
+                    let deadline = self.now + self.spec.timings.watchdog_timeout.as_millis();
+                    if let Some(host) = self.hosts.get_mut(&h) {
+                        host.watchdog_deadline = Some(deadline);
+                    }
+                    self.schedule_at(deadline, Ev::Watchdog { host: h });
+                }
+            }
+            Action::Emit(ev) => {
+                let who = format!("{}/{}", ev.host, ev.role);
+                self.log_at("info", &who, &ev.text);
+            }
+        }
+    }
+
+    /// One fixed-width log line: level, sim time, host/role, message. No
+    /// wall time and no hash order, so a seed's log is byte-for-byte stable.
+    pub fn log_at(&mut self, level: &str, who: &str, text: &str) {
+        let t = self.now;
+        self.log.push(format!("{level:<5} {:>5}.{:03} {who:<9} {text}", t / 1000, t % 1000));
+        if let Some(cap) = self.log_cap
+            && self.log.len() > cap * 2
+        {
+            self.log.drain(..self.log.len() - cap);
+        }
+    }
+
+    pub fn log_sim(&mut self, text: &str) {
+        self.log_at("fault", "sim", text);
+    }
+
+    // ---- network ------------------------------------------------------
+
+    fn link_up(&mut self, from: HostId, to: HostId) -> bool {
+        let (a, b) = (&self.hosts[&from], &self.hosts[&to]);
+        if a.isolated || b.isolated || self.one_way.contains(&(from, to)) {
+            return false;
+        }
+        let group = |h: HostId| self.partitions.iter().position(|g| g.contains(&h));
+        if let (Some(x), Some(y)) = (group(from), group(to))
+            && x != y
+        {
+            return false;
+        }
+        !(self.loss_percent > 0 && self.rng.chance(u64::from(self.loss_percent)))
+    }
+
+    fn send(&mut self, from: HostId, to: Option<HostId>, msg: NetMessage) {
+        let targets: Vec<HostId> = match to {
+            Some(t) => vec![t],
+            None => self.hosts.keys().copied().filter(|h| *h != from).collect(),
+        };
+        for t in targets {
+            if !self.link_up(from, t) {
+                continue;
+            }
+            let (lo, hi) = self.params.net_latency_ms;
+            let delay = self.rng.range(lo, hi);
+            self.schedule(delay, Ev::Deliver { to: t, msg: msg.clone() });
+        }
+    }
+
+    // ---- storage ------------------------------------------------------
+
+    fn storage_submit(&mut self, h: HostId, a: Action) {
+        let host = &self.hosts[&h];
+        let epoch = host.daemon_epoch;
+        let issued = self.now;
+        match host.storage_fault {
+            Some(StorageFault::Fail) => {
+                let delay = self.rng.range(1, 5);
+                if let Some(input) = failed_result(&a) {
+                    self.schedule(delay, Ev::StorageResult { host: h, epoch, input });
+                }
+            }
+            Some(StorageFault::Hang) => {
+                if let Some(x) = self.hosts.get_mut(&h) {
+                    x.held_ops.push((issued, a));
+                }
+            }
+            None if self.storage.stall_until > self.now => {
+                if let Some(x) = self.hosts.get_mut(&h) {
+                    x.held_ops.push((issued, a));
+                }
+            }
+            None => {
+                let (lo, hi) = self.params.storage_latency_ms;
+                let delay = self.rng.range(lo, hi);
+                self.schedule(delay, Ev::StorageDo { host: h, epoch, issued, action: a });
+            }
+        }
+    }
+
+    /// Release storage requests held by a hang or a stall, in issue order.
+    pub fn release_held(&mut self, h: HostId) {
+        let held = self.hosts.get_mut(&h).map(|x| std::mem::take(&mut x.held_ops)).unwrap_or_default();
+        let epoch = self.hosts[&h].daemon_epoch;
+        for (issued, a) in held {
+            let (lo, hi) = self.params.storage_latency_ms;
+            let delay = self.rng.range(lo, hi);
+            self.schedule(delay, Ev::StorageDo { host: h, epoch, issued, action: a });
+        }
+    }
+
+    fn stall_end(&mut self) {
+        if self.storage.stall_until > self.now {
+            return;
+        }
+        let ids: Vec<HostId> = self.hosts.keys().copied().collect();
+        for h in ids {
+            if self.hosts[&h].storage_fault.is_none() {
+                self.release_held(h);
+            }
+        }
+    }
+
+    /// Apply one storage request at this instant and answer the daemon.
+    fn storage_do(&mut self, h: HostId, epoch: u64, issued: u64, action: Action) {
+        if !self.hosts[&h].powered {
+            return;
+        }
+        let input = self.apply_storage(h, issued, action);
+        if let Some(input) = input
+            && self.epoch(h) == Some(epoch)
+        {
+            self.input(h, input);
+        }
+    }
+
+    fn apply_storage(&mut self, h: HostId, issued: u64, action: Action) -> Option<Input> {
+        match action {
+            Action::WriteSlot { op, slot } => {
+                self.storage.slots.insert(h, slot);
+                let host = self.hosts.get_mut(&h)?;
+                if host.last_good_write_issue.is_none_or(|l| l < issued) {
+                    host.last_good_write_issue = Some(issued);
+                }
+                Some(Input::SlotWritten { op, result: Ok(()) })
+            }
+            Action::ReadStorage { op } => {
+                let snap = StorageSnapshot {
+                    slots: self.storage.slots.iter().filter(|(k, _)| **k != h).map(|(k, v)| (*k, v.clone())).collect(),
+                    fenced: self.storage.fenced.clone(),
+                    assignments: self.storage.assignments.get(&h).cloned().unwrap_or_default(),
+                    rejected_records: 0,
+                };
+                Some(Input::StorageRead { op, result: Ok(snap) })
+            }
+            Action::ReadLease { op, key } => {
+                let l = self.storage.leases.get(&key).copied().unwrap_or(Lease { owner: None, generation: 0, reason: LeaseReason::Acquired });
+                Some(Input::LeaseRead { op, key, result: Ok(l) })
+            }
+            Action::CasLease { op, key, expect_generation, new } => {
+                let cur = self.storage.leases.get(&key).copied().unwrap_or(Lease { owner: None, generation: 0, reason: LeaseReason::Acquired });
+                if cur.generation != expect_generation {
+                    return Some(Input::LeaseCas { op, key, result: Ok(CasOutcome::Conflict(cur)) });
+                }
+                self.lease_changed(h, key, cur, new);
+                self.storage.leases.insert(key, new);
+                Some(Input::LeaseCas { op, key, result: Ok(CasOutcome::Done(new)) })
+            }
+            Action::WriteFenced { op, record } => {
+                self.storage.fenced.insert(record.host, record);
+                Some(Input::RecordWritten { op, result: Ok(()) })
+            }
+            Action::WriteAssignments { op, host, assignments } => {
+                self.storage.assignments.insert(host, assignments);
+                Some(Input::RecordWritten { op, result: Ok(()) })
+            }
+            _ => None,
+        }
+    }
+
+    // ---- hypervisor ---------------------------------------------------
+
+    fn qemu_start(&mut self, h: HostId, d: DomainId) {
+        self.checker_on_start(h, d);
+        let epoch = self.hosts[&h].daemon_epoch;
+        if self.hosts[&h].qemu.contains_key(&d) {
+            // Already running here: libvirt says so; treat as started.
+            let serial = self.hosts[&h].qemu[&d].serial;
+            self.schedule(1, Ev::QemuStarted { host: h, domain: d, serial });
+            return;
+        }
+        if self.broken_domains.contains(&d) {
+            self.schedule(200, Ev::StartRefused { host: h, epoch, domain: d, disk_locked: false });
+            return;
+        }
+        let locked = self.params.disk_locks
+            && self.hosts.values().any(|x| x.id != h && x.powered && x.qemu.contains_key(&d));
+        if locked {
+            self.schedule(50, Ev::StartRefused { host: h, epoch, domain: d, disk_locked: true });
+            return;
+        }
+        self.seq += 1;
+        let serial = self.seq;
+        if let Some(x) = self.hosts.get_mut(&h) {
+            x.qemu.insert(d, Qemu { state: QemuState::Starting, serial });
+        }
+        self.check_s1(d);
+        let (lo, hi) = self.params.start_ms;
+        let delay = self.rng.range(lo, hi);
+        self.schedule(delay, Ev::QemuStarted { host: h, domain: d, serial });
+    }
+
+    fn qemu_started(&mut self, h: HostId, d: DomainId, serial: u64) {
+        if self.qemu_serial(h, d) != Some(serial) {
+            return;
+        }
+        if let Some(q) = self.hosts.get_mut(&h).and_then(|x| x.qemu.get_mut(&d)) {
+            q.state = QemuState::Running;
+        }
+        self.checker.domain_running(self.now, d);
+        self.input(h, Input::Domain { domain: d, event: DomainEvent::Started });
+        let readiness = self.spec.domains.get(&d).map(|s| s.policy.readiness);
+        if matches!(readiness, Some(Readiness::GuestAgent) | Some(Readiness::TcpPort(_))) {
+            let (lo, hi) = self.params.readiness_ms;
+            let delay = self.rng.range(lo, hi);
+            self.schedule(delay, Ev::QemuReady { host: h, domain: d, serial });
+        }
+    }
+
+    /// qemu of `d` on `h` is gone (destroyed, crashed, or host power loss).
+    pub fn qemu_gone(&mut self, h: HostId, d: DomainId) {
+        let fault = self.hosts.get_mut(&h).and_then(|x| {
+            x.qemu.remove(&d)?;
+            Some(x.active_fault)
+        });
+        if let Some(Some((at, class))) = fault {
+            self.checker.domain_lost(d, at, class);
+        }
+    }
+
+    // ---- fencing, watchdog, power -------------------------------------
+
+    fn fence(&mut self, from: HostId, op: OpId, target: HostId, agent: String) {
+        let epoch = self.hosts[&from].daemon_epoch;
+        self.checker_on_fence(from, target);
+        if self.fence_failing.contains(&(target, agent.clone())) {
+            let delay = self.rng.range(500, 1500);
+            self.schedule(delay, Ev::FenceDone { host: from, epoch, op, target, outcome: FenceOutcome::Failed });
+            return;
+        }
+        let (lo, hi) = self.params.fence_ms;
+        let delay = self.rng.range(lo, hi);
+        // The BMC cuts power before the agent's status poll confirms it.
+        let cut = delay / 2;
+        self.schedule(cut, Ev::Command(Command::PowerOff(target)));
+        self.schedule(delay, Ev::FenceDone { host: from, epoch, op, target, outcome: FenceOutcome::Confirmed });
+        if let Some((lo, hi)) = self.params.repair_after_ms {
+            let back = self.rng.range(lo, hi);
+            self.schedule(back, Ev::PowerOn { host: target });
+        }
+    }
+
+    fn watchdog_check(&mut self, h: HostId) {
+        let Some(host) = self.hosts.get(&h) else { return };
+        if !host.running() || host.watchdog_deadline.is_none_or(|d| d > self.now) {
+            return;
+        }
+        self.log_sim(&format!("watchdog resets {h}"));
+        self.power_off(h, "watchdog");
+        self.schedule(WATCHDOG_REBOOT_MS, Ev::PowerOn { host: h });
+    }
+
+    pub fn power_off(&mut self, h: HostId, class_hint: &'static str) {
+        let Some(host) = self.hosts.get_mut(&h) else { return };
+        if !host.powered {
+            return;
+        }
+        if host.active_fault.is_none() {
+            host.active_fault = Some((self.now, class_hint));
+        }
+        host.powered = false;
+        host.paused_since = None;
+        host.node = None;
+        host.daemon_epoch += 1;
+        host.wake_at = None;
+        host.watchdog_deadline = None;
+        host.held_ops.clear();
+        host.held_events.clear();
+        let doms: Vec<DomainId> = host.qemu.keys().copied().collect();
+        for d in doms {
+            self.qemu_gone(h, d);
+        }
+        self.checker.host_down(h, self.now);
+    }
+
+    pub fn power_on(&mut self, h: HostId) {
+        let boot = self.rng.next_u64() >> 16;
+        let offset = self.rng.range(1_000_000, 1_000_000_000);
+        let Some(host) = self.hosts.get_mut(&h) else { return };
+        if host.powered {
+            return;
+        }
+        host.powered = true;
+        host.boot = boot;
+        host.clock_offset = offset;
+        host.active_fault = None;
+        host.last_good_write_issue = None;
+        self.log_sim(&format!("{h} boots"));
+        let delay = self.params.boot_ms;
+        self.schedule(delay, Ev::DaemonStart { host: h });
+    }
+
+    pub fn start_daemon(&mut self, h: HostId) {
+        let (boot, epoch, domains) = {
+            let Some(host) = self.hosts.get_mut(&h) else { return };
+            if !host.powered || host.node.is_some() {
+                return;
+            }
+            host.daemon_epoch += 1;
+            host.daemon_started_at = self.now;
+            (host.boot, host.daemon_epoch, host.qemu.keys().copied().collect::<Vec<_>>())
+        };
+        let incarnation = self.rng.next_u64();
+        let cfg = NodeConfig {
+            host: h,
+            boot,
+            incarnation,
+            spec: self.spec.clone(),
+            rng_seed: self.rng.next_u64(),
+            #[cfg(test)]
+            broken_skip_s3: self.params.broken_engine_skip_s3,
+        };
+        let now = self.local_now(h);
+        let node = Node::new(cfg, now);
+        let _ = epoch;
+        if let Some(host) = self.hosts.get_mut(&h) {
+            host.node = Some(node);
+            host.wake_at = None;
+        }
+        self.input(h, Input::DomainsAtStart(domains));
+    }
+
+    pub fn pause(&mut self, h: HostId) {
+        if let Some(x) = self.hosts.get_mut(&h)
+            && x.running()
+        {
+            x.paused_since = Some(self.now);
+            if x.active_fault.is_none() {
+                x.active_fault = Some((self.now, "pause"));
+            }
+        }
+    }
+
+    pub fn resume(&mut self, h: HostId) {
+        let Some(x) = self.hosts.get_mut(&h) else { return };
+        let Some(since) = x.paused_since.take() else { return };
+        // The (virtual) watchdog was frozen with the host.
+        if let Some(d) = x.watchdog_deadline.as_mut() {
+            *d += self.now - since;
+        }
+        x.last_resume = Some(self.now);
+        let held = std::mem::take(&mut x.held_events);
+        let deadline = x.watchdog_deadline;
+        for ev in held {
+            self.schedule(0, ev);
+        }
+        if let Some(d) = deadline {
+            self.schedule_at(d, Ev::Watchdog { host: h });
+        }
+        self.schedule(0, Ev::Wake { host: h });
+        if let Some(x) = self.hosts.get_mut(&h) {
+            x.wake_at = Some(self.now);
+        }
+        let doms: Vec<DomainId> = self.hosts[&h].qemu.keys().copied().collect();
+        for d in doms {
+            self.check_s1(d);
+        }
+    }
+
+    pub fn crash_daemon(&mut self, h: HostId) {
+        if let Some(x) = self.hosts.get_mut(&h)
+            && x.node.is_some()
+        {
+            x.node = None;
+            x.daemon_epoch += 1;
+            x.wake_at = None;
+            if x.active_fault.is_none() {
+                x.active_fault = Some((self.now, "daemon_crash"));
+            }
+        }
+    }
+}
+
+/// The host an event is about, if it should wait while that host is paused.
+fn ev_host(ev: &Ev) -> Option<HostId> {
+    match ev {
+        Ev::Wake { host }
+        | Ev::StorageDo { host, .. }
+        | Ev::StorageResult { host, .. }
+        | Ev::QemuStarted { host, .. }
+        | Ev::QemuReady { host, .. }
+        | Ev::QemuStopped { host, .. }
+        | Ev::StartRefused { host, .. }
+        | Ev::FenceDone { host, .. }
+        | Ev::IsolationAnswer { host, .. }
+        | Ev::Watchdog { host }
+        | Ev::DaemonStart { host } => Some(*host),
+        Ev::Deliver { to, .. } => Some(*to),
+        _ => None,
+    }
+}
+
+/// The answer to a storage request that failed with EIO.
+fn failed_result(a: &Action) -> Option<Input> {
+    let e = Err(StorageError::Io);
+    Some(match a {
+        Action::WriteSlot { op, .. } => Input::SlotWritten { op: *op, result: e },
+        Action::ReadStorage { op } => Input::StorageRead { op: *op, result: Err(StorageError::Io) },
+        Action::ReadLease { op, key } => Input::LeaseRead { op: *op, key: *key, result: Err(StorageError::Io) },
+        Action::CasLease { op, key, .. } => Input::LeaseCas { op: *op, key: *key, result: Err(StorageError::Io) },
+        Action::WriteFenced { op, .. } | Action::WriteAssignments { op, .. } => {
+            Input::RecordWritten { op: *op, result: Err(StorageError::Io) }
+        }
+        _ => return None,
+    })
+}
