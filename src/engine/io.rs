@@ -77,9 +77,10 @@ pub struct Slot {
     /// Increments every write.
     pub seq: u64,
     pub isolated: bool,
-    /// The host destroyed every protected domain and released all leases of
-    /// this boot (S3(c) for all of them).
+    /// The host self-fenced and takes no new assignments until this clears.
     pub self_fenced: bool,
+    /// S3(c) for the master lease: it gave up this generation.
+    pub released_master: Option<u64>,
     pub used_memory_mib: u64,
     pub used_vcpus: u32,
     pub domains: BTreeMap<DomainId, DomainReport>,
@@ -125,9 +126,13 @@ pub struct Heartbeat {
     /// The sender is storage-lost but holds on to its domains because every
     /// member lost storage (DESIGN.md §3); observers restart its S3(b) clock.
     pub exempt: bool,
-    /// The sender destroyed all protected domains of this boot and released
-    /// their leases (S3(c) over the network).
+    /// The sender self-fenced (informational; takes no assignments).
     pub self_fenced: bool,
+    /// S3(c) over the network: lease generations the sender stopped and gave
+    /// up (at most `MAX_RELEASED_PER_HEARTBEAT`). Each entry is a permanent
+    /// fact, so a stale heartbeat is still true; this is what lets a host
+    /// that lost its storage hand its domains over without host_dead_timeout.
+    pub released: Vec<(LeaseKey, u64)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

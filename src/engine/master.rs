@@ -5,7 +5,7 @@
 
 use super::config::{DomainId, HostId, Priority};
 use super::io::*;
-use super::node::{Node, OpKind, ReadPurpose, SelfFence};
+use super::node::{Node, OpKind, PendingOp, ReadPurpose, SelfFence};
 use super::peers::{Verdict, verdict_name};
 use super::planner::{self, HostRoom, PlanRequest};
 use super::time::{Duration, Instant};
@@ -181,6 +181,10 @@ impl Node {
 
     pub(super) fn handle_cas(&mut self, now: Instant, op: OpId, key: LeaseKey, result: Result<CasOutcome, StorageError>) {
         let pending = self.finish_op(op);
+        if let Some(PendingOp { kind: OpKind::Renew(d), .. }) = pending {
+            self.renewed(now, d, result);
+            return;
+        }
         let inflight = self.master.as_mut().and_then(|m| m.cas_inflight.remove(&op));
         let Some(_) = pending else {
             // Timed out: the CAS may or may not have happened; re-read.
@@ -258,14 +262,7 @@ impl Node {
             // It rebooted since it took the lease: that boot's qemu is gone.
             return Some(LeaseReason::FenceConfirmed);
         }
-        if let (LeaseKey::Domain(d), Some(slot)) = (key, &peer.slot)
-            && slot.boot == owner.boot
-            && let Some(DomainReport::Released { generation: g, .. }) = slot.domains.get(&d)
-            && *g >= generation
-        {
-            return Some(LeaseReason::Released);
-        }
-        if peer.says_self_fenced(owner.boot) {
+        if peer.released_generation(owner.boot, key).is_some_and(|g| g >= generation) {
             return Some(LeaseReason::Released);
         }
         let watchdog = self.cfg.spec.host(owner.host).is_some_and(|h| h.watchdog);
@@ -510,15 +507,14 @@ impl Node {
                 continue;
             }
             let Some(lease) = m.leases.get(d).copied() else { continue };
-            if let Some((h, _)) = reports.get(d)
-                && lease.owner.is_some_and(|o| o.host == *h)
-            {
-                continue;
-            }
+            // A dead owner's slot is stale: its reports do not count.
             let reason = match lease.owner {
                 None => Some(LeaseReason::Acquired),
                 Some(o) => self.takeover_reason(now, o, LeaseKey::Domain(*d), lease.generation),
             };
+            if reason.is_none() || reports.get(d).is_some_and(|(h, _)| lease.owner.is_some_and(|o| o.host == *h) && reason == Some(LeaseReason::Acquired)) {
+                continue;
+            }
             if let Some(reason) = reason {
                 out.push(Orphan { domain: *d, lease, reason });
             }

@@ -28,6 +28,8 @@ pub const RELEASE_REPORT: Duration = Duration::from_secs(300);
 pub const MAX_DISK_LOCKED_RETRIES: u32 = 100;
 /// Period of the S5 lease audit (one running domain per period).
 pub const AUDIT_INTERVAL: Duration = Duration::from_secs(1);
+/// Released leases listed in one network heartbeat (keeps it one packet).
+pub const MAX_RELEASED_PER_HEARTBEAT: usize = 64;
 /// How often a non-master reads the master lease.
 pub const MASTER_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -94,6 +96,8 @@ pub(super) enum OpKind {
     StorageRead,
     LeaseRead { purpose: ReadPurpose },
     Cas,
+    /// Our own CAS before starting this domain.
+    Renew(DomainId),
     Record,
     Fence,
 }
@@ -142,6 +146,8 @@ pub struct Node {
     pub(super) local: BTreeMap<DomainId, Local>,
     /// Leases we gave up: generation, failed start, when.
     pub(super) released: BTreeMap<DomainId, (u64, bool, Instant)>,
+    /// Master lease generation we gave up when we self-fenced.
+    released_master: Option<u64>,
     /// Assignments we saw, so each is verified once.
     assignments_seen: BTreeMap<DomainId, u64>,
     next_audit: Instant,
@@ -188,6 +194,7 @@ impl Node {
             peers,
             local: BTreeMap::new(),
             released: BTreeMap::new(),
+            released_master: None,
             assignments_seen: BTreeMap::new(),
             next_audit: now + AUDIT_INTERVAL,
             audit_cursor: None,
@@ -400,8 +407,47 @@ impl Node {
             d,
             Local { state: LocalState::Verifying, generation: Some(generation), restarts: 0, disk_locked_retries: 0 },
         );
-        let op = self.new_op(now, OpKind::LeaseRead { purpose: ReadPurpose::Verify });
-        self.actions.push_back(Action::ReadLease { op, key: LeaseKey::Domain(d) });
+        self.renew_before_start(now, d, generation);
+    }
+
+    /// Every start is preceded by our own compare-and-swap of the lease from
+    /// the generation we believe we own to the next one. A takeover racing
+    /// with us (S3 evidence that has become stale) then fails on the
+    /// generation, or makes our CAS fail: never both.
+    fn renew_before_start(&mut self, now: Instant, d: DomainId, generation: u64) {
+        let op = self.new_op(now, OpKind::Renew(d));
+        let new = Lease { owner: Some(self.me()), generation: generation + 1, reason: LeaseReason::Renewed };
+        self.actions.push_back(Action::CasLease { op, key: LeaseKey::Domain(d), expect_generation: generation, new });
+    }
+
+    /// Our renew CAS came back: start if the lease is ours now.
+    pub(super) fn renewed(&mut self, now: Instant, d: DomainId, result: Result<CasOutcome, StorageError>) {
+        let Some(local) = self.local.get(&d).cloned() else { return };
+        if local.state != LocalState::Verifying {
+            return;
+        }
+        match result {
+            Ok(CasOutcome::Done(l)) if l.owner == Some(self.me()) => {
+                if !self.storage_healthy(now) || self.self_fence != SelfFence::Healthy {
+                    // Ours but we may not start now: the assignment record
+                    // lists it again, with the new generation.
+                    self.local.remove(&d);
+                    return;
+                }
+                self.emit(now, "node", format!("starting {} (lease generation {})", self.domain_name(d), l.generation));
+                if let Some(x) = self.local.get_mut(&d) {
+                    x.generation = Some(l.generation);
+                    x.state = LocalState::Starting;
+                }
+                self.actions.push_back(Action::StartDomain { domain: d });
+            }
+            Ok(_) => {
+                self.emit(now, "node", format!("not starting {}: lease is not ours", self.domain_name(d)));
+                self.abandon_verify(d);
+            }
+            // Failed: perhaps applied; the master lists it again.
+            Err(_) => self.abandon_verify(d),
+        }
     }
 
     fn handle_lease_read(&mut self, now: Instant, op: OpId, key: LeaseKey, result: Result<Lease, StorageError>) {
@@ -460,19 +506,6 @@ impl Node {
                 }
             }
             LocalState::Adopting => self.destroy_zombie(now, d, lease),
-            LocalState::Verifying if ours && Some(lease.generation) == local.generation => {
-                if !self.storage_healthy(now) || self.self_fence != SelfFence::Healthy {
-                    self.abandon_verify(d);
-                    return;
-                }
-                self.emit(now, "node", format!("starting {} (lease generation {})", self.domain_name(d), lease.generation));
-                self.set_state(d, LocalState::Starting);
-                self.actions.push_back(Action::StartDomain { domain: d });
-            }
-            LocalState::Verifying => {
-                self.emit(now, "node", format!("not starting {}: lease is not ours", self.domain_name(d)));
-                self.abandon_verify(d);
-            }
             _ => {}
         }
     }
@@ -544,7 +577,9 @@ impl Node {
                 self.local.remove(&d);
                 if let (AfterStop::Release { failed_start }, Some(g)) = (then, local.generation) {
                     self.released.insert(d, (g, failed_start, now));
-                    self.emit(now, "node", format!("{} stopped; lease released", self.domain_name(d)));
+                    if self.self_fence == SelfFence::Healthy {
+                        self.emit(now, "node", format!("{} stopped; lease released", self.domain_name(d)));
+                    }
                 }
                 self.check_fence_done(now);
             }
@@ -646,8 +681,10 @@ impl Node {
             }
         }
         for (op, kind) in expired {
-            if kind == OpKind::Fence {
-                self.fence_timed_out(now, op);
+            match kind {
+                OpKind::Fence => self.fence_timed_out(now, op),
+                OpKind::Renew(d) => self.abandon_verify(d),
+                _ => {}
             }
         }
     }
@@ -662,8 +699,23 @@ impl Node {
             storage_lost: self.storage_lost(now),
             exempt: self.exempt(now),
             self_fenced: matches!(self.self_fence, SelfFence::Fenced { .. }),
+            released: self.released_for_heartbeat(),
         };
         self.actions.push_back(Action::Send { to: None, msg: NetMessage::Heartbeat(hb) });
+    }
+
+    /// Newest releases first, at most MAX_RELEASED_PER_HEARTBEAT.
+    fn released_for_heartbeat(&self) -> Vec<(LeaseKey, u64)> {
+        let mut v: Vec<(Instant, LeaseKey, u64)> =
+            self.released.iter().map(|(d, (g, _, at))| (*at, LeaseKey::Domain(*d), *g)).collect();
+        v.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        let mut out: Vec<(LeaseKey, u64)> = Vec::new();
+        if let Some(g) = self.released_master {
+            out.push((LeaseKey::Master, g));
+        }
+        out.extend(v.into_iter().map(|(_, k, g)| (k, g)));
+        out.truncate(MAX_RELEASED_PER_HEARTBEAT);
+        out
     }
 
     /// The watchdog is petted only while S4 holds (DESIGN.md §1).
@@ -712,6 +764,7 @@ impl Node {
             seq: self.slot_seq,
             isolated: self.isolated,
             self_fenced: matches!(self.self_fence, SelfFence::Fenced { .. }),
+            released_master: self.released_master,
             used_memory_mib: mem,
             used_vcpus: cpu,
             domains,
@@ -731,12 +784,14 @@ impl Node {
                 let give_up_at = now + self.t.io_timeout + self.t.io_timeout;
                 self.self_fence = SelfFence::Fencing { give_up_at };
                 self.release_master(now);
+                if let Some(l) = self.master_lease
+                    && l.owner == Some(self.me())
+                {
+                    // We stopped acting as master: that generation is given up.
+                    self.released_master = Some(l.generation);
+                }
                 let doms: Vec<DomainId> = self.local.keys().copied().collect();
                 for d in doms {
-                    let g = self.local.get(&d).and_then(|l| l.generation);
-                    if let Some(g) = g {
-                        self.released.insert(d, (g, false, now));
-                    }
                     self.force_stop(now, d);
                 }
                 self.check_fence_done(now);
@@ -751,15 +806,25 @@ impl Node {
         }
     }
 
+    /// Self-fence one domain. Its lease is published as released only once
+    /// qemu is confirmed gone.
     fn force_stop(&mut self, now: Instant, d: DomainId) {
-        match self.local.get(&d).map(|l| l.state) {
-            Some(LocalState::Stopping { .. }) => {}
-            Some(LocalState::Verifying) | Some(LocalState::Backoff { .. }) => {
+        let release = AfterStop::Release { failed_start: false };
+        match self.local.get(&d).map(|l| (l.state, l.generation)) {
+            Some((LocalState::Stopping { kill_at, .. }, _)) => {
+                self.set_state(d, LocalState::Stopping { kill_at, then: release });
+            }
+            Some((LocalState::Verifying | LocalState::Backoff { .. }, g)) => {
+                // Not running here (a renew in flight may still land: then
+                // the lease is ours at a newer generation and stays so).
                 self.local.remove(&d);
+                if let Some(g) = g {
+                    self.released.insert(d, (g, false, now));
+                }
             }
             Some(_) => {
                 if let Some(l) = self.local.get_mut(&d) {
-                    l.state = LocalState::Stopping { kill_at: now + self.t.io_timeout, then: AfterStop::Forget };
+                    l.state = LocalState::Stopping { kill_at: now + self.t.io_timeout, then: release };
                 }
                 self.actions.push_back(Action::DestroyDomain { domain: d, kill: false });
             }
@@ -834,9 +899,9 @@ impl Node {
                     if !self.storage_healthy(now) || self.self_fence != SelfFence::Healthy {
                         continue;
                     }
+                    let Some(g) = self.local.get(&d).and_then(|l| l.generation) else { continue };
                     self.set_state(d, LocalState::Verifying);
-                    let op = self.new_op(now, OpKind::LeaseRead { purpose: ReadPurpose::Verify });
-                    self.actions.push_back(Action::ReadLease { op, key: LeaseKey::Domain(d) });
+                    self.renew_before_start(now, d, g);
                 }
                 _ => {}
             }

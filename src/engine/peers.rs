@@ -2,7 +2,7 @@
 //! Only the observer's own monotonic clock is used; the peer's clock never is.
 
 use super::config::{HostId, Timings};
-use super::io::{BootId, Heartbeat, Slot};
+use super::io::{BootId, DomainReport, Heartbeat, LeaseKey, Slot};
 use super::time::Instant;
 use std::collections::BTreeSet;
 
@@ -119,11 +119,22 @@ impl Peer {
         }
     }
 
-    /// It told us (slot or heartbeat, for this boot) that it self-fenced.
-    pub fn says_self_fenced(&self, boot: BootId) -> bool {
-        let by_net = self.heartbeat.as_ref().is_some_and(|h| h.boot == boot && h.self_fenced);
-        let by_slot = self.slot.as_ref().is_some_and(|s| s.boot == boot && s.self_fenced);
-        by_net || by_slot
+    /// The newest generation of `key` this boot of the peer said it stopped
+    /// and released (slot or heartbeat): S3(c).
+    pub fn released_generation(&self, boot: BootId, key: LeaseKey) -> Option<u64> {
+        let by_net = self
+            .heartbeat
+            .as_ref()
+            .filter(|h| h.boot == boot)
+            .and_then(|h| h.released.iter().filter(|(k, _)| *k == key).map(|(_, g)| *g).max());
+        let by_slot = self.slot.as_ref().filter(|s| s.boot == boot).and_then(|s| match key {
+            LeaseKey::Master => s.released_master,
+            LeaseKey::Domain(d) => match s.domains.get(&d) {
+                Some(DomainReport::Released { generation, .. }) => Some(*generation),
+                _ => None,
+            },
+        });
+        by_net.max(by_slot)
     }
 }
 
@@ -157,6 +168,7 @@ mod tests {
             seq,
             isolated: false,
             self_fenced: false,
+            released_master: None,
             used_memory_mib: 0,
             used_vcpus: 0,
             domains: Default::default(),
@@ -189,6 +201,7 @@ mod tests {
             storage_lost: true,
             exempt: true,
             self_fenced: false,
+            released: Vec::new(),
         };
         assert!(p.observe_heartbeat(Instant(20_000), hb));
         assert!(!p.dead_by_timeout(Instant(30_000), &t));
@@ -218,6 +231,7 @@ mod tests {
             storage_lost: false,
             exempt: false,
             self_fenced: false,
+            released: Vec::new(),
         };
         assert!(p.observe_heartbeat(Instant(1), hb.clone()));
         assert!(!p.observe_heartbeat(Instant(2), hb));
