@@ -110,6 +110,10 @@ impl Node {
             Some(o) => self.takeover_reason(now, o, LeaseKey::Master, lease.generation),
         };
         let Some(reason) = reason else { return };
+        if now.since(self.observing_since) < self.t.suspect_after.max(self.t.storage_silent_after) {
+            // Know who is alive first, so that the lowest live host takes it.
+            return;
+        }
         let rank = self.live_rank(now);
         let free_for = now.since(self.started);
         if rank > 0 && free_for < MASTER_TAKE_DELAY_PER_RANK.saturating_mul(rank as u64 + 1) {
@@ -180,7 +184,7 @@ impl Node {
     }
 
     pub(super) fn handle_cas(&mut self, now: Instant, op: OpId, key: LeaseKey, result: Result<CasOutcome, StorageError>) {
-        let pending = self.finish_op(op);
+        let pending = self.finish_op(now, op);
         if let Some(PendingOp { kind: OpKind::Renew(d), .. }) = pending {
             self.renewed(now, d, result);
             return;
@@ -239,6 +243,9 @@ impl Node {
     // ---- S3 -----------------------------------------------------------
 
     pub(super) fn verdict_of(&self, now: Instant, p: &super::peers::Peer) -> Verdict {
+        if now.since(self.observing_since) < self.t.suspect_after.max(self.t.storage_silent_after) {
+            return Verdict::Unknown;
+        }
         p.verdict(now, self.last_read_issued(), self.reads_fresh(now), &self.t)
     }
 
@@ -298,7 +305,7 @@ impl Node {
     /// Suspect hosts that hold leases are fenced by the master; the master's
     /// own host is fenced by the lowest live host, which then takes over.
     fn start_fence_jobs(&mut self, now: Instant) {
-        if !self.storage_healthy(now) {
+        if !self.storage_healthy(now) || !self.network_ok(now) {
             return;
         }
         let master_owner = self.master_lease.and_then(|l| l.owner);
@@ -355,7 +362,7 @@ impl Node {
                 }
                 continue;
             }
-            if job.op.is_some() || now < job.next_try {
+            if v != Verdict::Suspect || job.op.is_some() || now < job.next_try || !self.network_ok(now) {
                 continue;
             }
             let Some(agent) = self.cfg.spec.host(h).and_then(|s| s.fence_agents.get(job.agent)).cloned() else {
@@ -371,7 +378,7 @@ impl Node {
     }
 
     pub(super) fn handle_fence_result(&mut self, now: Instant, op: OpId, target: HostId, outcome: FenceOutcome) {
-        if self.finish_op(op).is_none() {
+        if self.finish_op(now, op).is_none() {
             return;
         }
         let Some(job) = self.fence_jobs.get(&target).cloned() else { return };

@@ -28,6 +28,9 @@ pub const RELEASE_REPORT: Duration = Duration::from_secs(300);
 pub const MAX_DISK_LOCKED_RETRIES: u32 = 100;
 /// Period of the S5 lease audit (one running domain per period).
 pub const AUDIT_INTERVAL: Duration = Duration::from_secs(1);
+/// A gap this long between two `handle_timeout` calls means the host or
+/// the daemon was frozen: what it heard before is stale.
+pub const FROZEN_GAP: Duration = Duration::from_secs(1);
 /// Released leases listed in one network heartbeat (keeps it one packet).
 pub const MAX_RELEASED_PER_HEARTBEAT: usize = 64;
 /// How often a non-master reads the master lease.
@@ -127,6 +130,12 @@ pub struct Node {
     pub(super) ops: BTreeMap<OpId, PendingOp>,
     pub(super) started: Instant,
     next_tick: Instant,
+    last_timeout_call: Instant,
+    /// Last time one of our storage requests was slow or failed.
+    storage_trouble_at: Option<Instant>,
+    /// Since when we have been listening without a gap (start or resume):
+    /// no peer is judged on silence we could not have heard.
+    pub(super) observing_since: Instant,
     // Own heartbeats.
     hb_seq: u64,
     next_hb: Instant,
@@ -140,6 +149,7 @@ pub struct Node {
     pub(super) self_fence: SelfFence,
     // Isolation.
     last_probe_ok: Option<Instant>,
+    next_probe: Instant,
     pub(super) isolated: bool,
     // What we know of everybody else.
     pub(super) peers: BTreeMap<HostId, Peer>,
@@ -181,6 +191,9 @@ impl Node {
             ops: BTreeMap::new(),
             started: now,
             next_tick: now,
+            last_timeout_call: now,
+            storage_trouble_at: None,
+            observing_since: now,
             hb_seq: 0,
             next_hb: now,
             slot_seq: 0,
@@ -190,6 +203,7 @@ impl Node {
             last_read: None,
             self_fence: SelfFence::Healthy,
             last_probe_ok: None,
+            next_probe: now,
             isolated: false,
             peers,
             local: BTreeMap::new(),
@@ -246,8 +260,11 @@ impl Node {
     }
 
     /// Take the pending op for a result; None for unknown or expired ops.
-    pub(super) fn finish_op(&mut self, op: OpId) -> Option<PendingOp> {
+    pub(super) fn finish_op(&mut self, now: Instant, op: OpId) -> Option<PendingOp> {
         let p = self.ops.remove(&op)?;
+        if p.kind != OpKind::Fence && (p.expired || now.since(p.issued) > self.t.storage_write_interval) {
+            self.storage_trouble_at = Some(now);
+        }
         if p.expired { None } else { Some(p) }
     }
 
@@ -280,8 +297,12 @@ impl Node {
     }
 
     /// Our own reads are recent enough to judge other slots.
+    /// Our own reads are recent, and our own storage has answered promptly
+    /// for a whole silence window: only then is another slot's silence its
+    /// own (a stall that hits everybody must not look like deaths).
     pub(super) fn reads_fresh(&self, now: Instant) -> bool {
-        self.last_read.is_some_and(|(_, done)| now.since(done) < self.t.storage_silent_after)
+        let smooth = self.storage_trouble_at.is_none_or(|t| now.since(t) >= self.t.storage_silent_after);
+        smooth && self.last_read.is_some_and(|(_, done)| now.since(done) < self.t.storage_silent_after)
     }
 
     pub(super) fn last_read_issued(&self) -> Option<Instant> {
@@ -315,7 +336,7 @@ impl Node {
             Input::LeaseRead { op, key, result } => self.handle_lease_read(now, op, key, result),
             Input::LeaseCas { op, key, result } => self.handle_cas(now, op, key, result),
             Input::RecordWritten { op, result } => {
-                if self.finish_op(op).is_some() && result.is_err() {
+                if self.finish_op(now, op).is_some() && result.is_err() {
                     self.emit(now, "node", "storage record write failed".into());
                 }
             }
@@ -347,7 +368,7 @@ impl Node {
     }
 
     fn handle_slot_written(&mut self, now: Instant, op: OpId, result: Result<(), StorageError>) {
-        let Some(p) = self.finish_op(op) else { return };
+        let Some(p) = self.finish_op(now, op) else { return };
         match result {
             Ok(()) => {
                 let was_lost = !self.storage_healthy(now) && self.last_good_write.is_some();
@@ -371,7 +392,7 @@ impl Node {
     }
 
     fn handle_storage_read(&mut self, now: Instant, op: OpId, result: Result<StorageSnapshot, StorageError>) {
-        let Some(p) = self.finish_op(op) else { return };
+        let Some(p) = self.finish_op(now, op) else { return };
         let Ok(snap) = result else { return };
         let prev_done = self.last_read.map(|(_, d)| d);
         self.last_read = Some((p.issued, now));
@@ -451,7 +472,7 @@ impl Node {
     }
 
     fn handle_lease_read(&mut self, now: Instant, op: OpId, key: LeaseKey, result: Result<Lease, StorageError>) {
-        let Some(p) = self.finish_op(op) else {
+        let Some(p) = self.finish_op(now, op) else {
             // Expired verify: let a later assignment or retry try again.
             if let LeaseKey::Domain(d) = key {
                 self.abandon_verify(d);
@@ -639,6 +660,11 @@ impl Node {
     // ---- time ---------------------------------------------------------
 
     pub fn handle_timeout(&mut self, now: Instant) {
+        if now.since(self.last_timeout_call) >= FROZEN_GAP {
+            self.emit(now, "node", format!("resumed after a {} freeze; judging peers afresh", now.since(self.last_timeout_call)));
+            self.observing_since = now;
+        }
+        self.last_timeout_call = now;
         self.expire_ops(now);
         if now >= self.next_hb {
             self.next_hb = now + self.t.net_heartbeat_interval;
@@ -677,6 +703,9 @@ impl Node {
             let limit = if p.kind == OpKind::Fence { fence } else { io };
             if !p.expired && now.since(p.issued) >= limit {
                 p.expired = true;
+                if p.kind != OpKind::Fence {
+                    self.storage_trouble_at = Some(now);
+                }
                 expired.push((*op, p.kind));
             }
         }
@@ -840,18 +869,25 @@ impl Node {
         }
     }
 
+    /// We hear a peer or an isolation address: our own network works, so a
+    /// silent peer is its problem, not ours. Nobody is fenced otherwise.
+    pub(super) fn network_ok(&self, now: Instant) -> bool {
+        let recent = |t: Option<Instant>| t.is_some_and(|t| now.since(t) < self.t.suspect_after);
+        !self.isolated && (self.peers.values().any(|p| recent(p.heard_at)) || recent(self.last_probe_ok))
+    }
+
     fn check_isolation(&mut self, now: Instant) {
         if self.peers.is_empty() {
             return;
         }
-        let last_peer = self.peers.values().filter_map(|p| p.heard_at).max().unwrap_or(self.started);
+        let last_peer = self.peers.values().filter_map(|p| p.heard_at).max().unwrap_or(self.started).max(self.observing_since);
         let silent = now.since(last_peer);
-        if silent >= self.t.suspect_after && now >= self.next_hb.max(now) {
-            // Probe while the silence lasts (cheap, once per tick is plenty
-            // for a ping, the driver rate-limits).
+        if silent >= self.t.suspect_after && now >= self.next_probe {
+            // Probe the isolation addresses while the silence lasts.
+            self.next_probe = now + self.t.net_heartbeat_interval;
             self.actions.push_back(Action::ProbeIsolation);
         }
-        let probe_silent = now.since(self.last_probe_ok.unwrap_or(self.started));
+        let probe_silent = now.since(self.last_probe_ok.unwrap_or(self.started).max(self.observing_since));
         let isolated = silent >= self.t.isolation_timeout && probe_silent >= self.t.isolation_timeout;
         if isolated && !self.isolated {
             self.isolated = true;

@@ -208,11 +208,17 @@ impl World {
             self.checker.last_exempt = self.now;
         }
         let now = self.now;
+        // A storage fault together with any network fault makes a host look
+        // dead from outside: fencing it is the right answer, not a false one.
+        let net_disturbed = !self.partitions.is_empty()
+            || !self.one_way.is_empty()
+            || self.loss_percent > 0
+            || self.hosts.values().any(|x| x.isolated);
         for x in self.hosts.values_mut() {
             let faulty = !x.powered || x.paused_since.is_some() || x.node.is_none() || x.isolated;
             if x.storage_fault.is_some() {
                 let since = *self.checker.storage_fault_since.entry(x.id).or_insert(now);
-                if now - since >= storage_justifies {
+                if now - since >= storage_justifies || net_disturbed {
                     self.checker.last_fault.insert(x.id, now);
                 }
             } else {
