@@ -570,14 +570,25 @@ impl Node {
         let spec = self.cfg.spec.clone();
         // Readiness ordering: while a higher priority restart is not ready
         // (and not timed out), lower priorities wait.
-        let blocking = m.starting.values().map(|s| s.priority).max();
         let mut requests = Vec::new();
+        let mut held_back = Vec::new();
+        if let Some(m) = self.master.as_mut() {
+            // An orphan again: its start failed or its host died.
+            for o in &orphans {
+                m.starting.remove(&o.domain);
+            }
+        }
+        let Some(m) = self.master.as_ref() else { return };
+        let blocking = m.starting.values().map(|s| s.priority).max();
         for o in &orphans {
             if m.given_up.contains(&o.domain) {
                 continue;
             }
             let Some(ds) = spec.domains.get(&o.domain) else { continue };
             if blocking.is_some_and(|b| ds.policy.priority < b) {
+                if !m.waiting_logged.contains(&o.domain) {
+                    held_back.push(o.domain);
+                }
                 continue;
             }
             let retry = m.retries.get(&o.domain);
@@ -586,6 +597,12 @@ impl Node {
             }
             let avoid = retry.map(|r| r.avoid.clone()).unwrap_or_default();
             requests.push(PlanRequest { domain: ds, avoid });
+        }
+        for d in held_back {
+            if let Some(m) = self.master.as_mut() {
+                m.waiting_logged.insert(d);
+            }
+            self.emit(now, "master", format!("{} waits: higher priorities not ready yet", spec.domain_name(d)));
         }
         if requests.is_empty() {
             return;
@@ -641,7 +658,9 @@ impl Node {
             } else {
                 self.peers.get(&hs.id).is_some_and(|p| {
                     matches!(self.verdict_of(now, p), Verdict::Alive | Verdict::Partitioned)
-                        && p.slot.as_ref().is_some_and(|s| !s.isolated && !s.self_fenced)
+                        && p.slot.as_ref().is_some_and(|s| {
+                            !s.isolated && !s.self_fenced && Some(s.boot) == p.current_boot()
+                        })
                 })
             };
             if !ok {

@@ -111,8 +111,10 @@ impl Peer {
     }
 
     /// The boot this peer runs now, as far as we know.
+    /// The newer of what its slot and its heartbeats say.
     pub fn current_boot(&self) -> Option<BootId> {
         match (&self.slot, &self.heartbeat) {
+            (Some(s), Some(h)) if s.boot != h.boot && self.heard_at > self.slot_seen_at => Some(h.boot),
             (Some(s), _) => Some(s.boot),
             (None, Some(h)) => Some(h.boot),
             (None, None) => None,

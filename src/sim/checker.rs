@@ -114,6 +114,15 @@ impl World {
         }
     }
 
+    /// L2: havirt stops a running protected domain only on a host with a
+    /// fault (self-fence, isolation response, zombie after a freeze).
+    pub fn checker_on_stop(&mut self, h: HostId, d: DomainId) {
+        if self.hosts[&h].qemu.contains_key(&d) && !self.justified(h, Some(d)) {
+            self.checker.false_failovers += 1;
+            self.violation("L2", format!("{h} stops {} without any fault", self.spec.domain_name(d)));
+        }
+    }
+
     /// L2: fencing a host that is alive on storage and healthy is false.
     pub fn checker_on_fence(&mut self, from: HostId, target: HostId) {
         let x = &self.hosts[&target];
@@ -146,7 +155,8 @@ impl World {
             let detail = format!("{by} claims {} was fenced, but that boot is powered", from.host);
             self.violation("S3", detail);
         }
-        if same_boot_up && !self.justified(from.host, Some(d)) {
+        // A release is judged when the domain is stopped (checker_on_stop).
+        if same_boot_up && new.reason != LeaseReason::Released && !self.justified(from.host, Some(d)) {
             self.checker.false_failovers += 1;
             let detail = format!("{by} moves {} away from healthy {} ({:?})", self.spec.domain_name(d), from.host, new.reason);
             self.violation("L2", detail);
@@ -195,7 +205,11 @@ impl World {
 
     fn track_faults(&mut self) {
         let t = self.spec.timings;
-        let storage_justifies = (t.renew_timeout.as_millis()).saturating_sub(t.io_timeout.as_millis() + t.storage_write_interval.as_millis());
+        // A self-fence comes at the earliest renew_timeout after the start of
+        // the last good write, which is at most one interval (plus latency)
+        // before storage went away.
+        let storage_justifies = t.renew_timeout.as_millis().saturating_sub(t.storage_write_interval.as_millis() + 200);
+        let stalled = self.storage.stall_until > self.now;
         let all_lost = self.partitions.is_empty()
             && self.one_way.is_empty()
             && self.hosts.values().all(|x| {
@@ -216,7 +230,7 @@ impl World {
             || self.hosts.values().any(|x| x.isolated);
         for x in self.hosts.values_mut() {
             let faulty = !x.powered || x.paused_since.is_some() || x.node.is_none() || x.isolated;
-            if x.storage_fault.is_some() {
+            if x.storage_fault.is_some() || (stalled && x.powered) {
                 let since = *self.checker.storage_fault_since.entry(x.id).or_insert(now);
                 if now - since >= storage_justifies || net_disturbed {
                     self.checker.last_fault.insert(x.id, now);

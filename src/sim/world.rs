@@ -417,6 +417,7 @@ impl World {
             | Action::WriteAssignments { .. } => self.storage_submit(h, a),
             Action::StartDomain { domain } => self.qemu_start(h, domain),
             Action::DestroyDomain { domain, kill } => {
+                self.checker_on_stop(h, domain);
                 let (lo, hi) = if kill { (5, 20) } else { self.params.destroy_ms };
                 let delay = self.rng.range(lo, hi);
                 if let Some(serial) = self.qemu_serial(h, domain) {
@@ -427,6 +428,7 @@ impl World {
                 }
             }
             Action::ShutdownDomain { domain, .. } => {
+                self.checker_on_stop(h, domain);
                 let (lo, hi) = self.params.guest_shutdown_ms;
                 let delay = self.rng.range(lo, hi);
                 if let Some(serial) = self.qemu_serial(h, domain) {
