@@ -48,6 +48,13 @@ pub struct Master {
 }
 
 impl Master {
+    /// A lease value seen on storage by any of our own requests.
+    pub(super) fn note_lease(&mut self, d: DomainId, l: Lease) {
+        if self.leases.get(&d).is_none_or(|c| c.generation <= l.generation) {
+            self.leases.insert(d, l);
+        }
+    }
+
     fn loaded(&self) -> bool {
         self.load_queue.is_empty() && self.loading == 0
     }
@@ -77,7 +84,9 @@ impl Node {
             self.emit(now, "master", "stepping down: own storage heartbeat is failing".into());
             self.master = None;
         }
-        if self.master.is_none() && now >= self.next_master_check && self.storage_healthy(now) {
+        // The master re-reads its lease too: if someone took it (S3), it
+        // stops acting at once, so at most one master acts on its cache.
+        if now >= self.next_master_check && self.storage_healthy(now) {
             self.next_master_check = now + super::node::MASTER_CHECK_INTERVAL;
             let op = self.new_op(now, OpKind::LeaseRead { purpose: ReadPurpose::Master });
             self.actions.push_back(Action::ReadLease { op, key: LeaseKey::Master });
@@ -98,18 +107,38 @@ impl Node {
     /// owner is dead by S3, when we are the lowest live host.
     pub(super) fn consider_master(&mut self, now: Instant) {
         let Some(lease) = self.master_lease else { return };
-        if self.master.is_some() || !self.storage_healthy(now) || self.self_fence != SelfFence::Healthy {
+        if self.master.is_some() {
+            if lease.owner != Some(self.me()) {
+                self.emit(now, "master", "stepping down: the master lease is no longer ours".into());
+                self.master = None;
+            }
             return;
         }
-        if lease.owner == Some(self.me()) {
-            self.become_master(now, "reclaimed");
+        if !self.storage_healthy(now) || self.self_fence != SelfFence::Healthy {
             return;
         }
+        if self.ops.values().any(|p| p.kind == OpKind::MasterCas) {
+            return;
+        }
+        // Even our own lease is re-taken by CAS (we may have released it
+        // when we self-fenced, and another host may be taking it now).
         let reason = match lease.owner {
             None => Some(LeaseReason::Acquired),
+            Some(o) if o == self.me() => Some(LeaseReason::Renewed),
             Some(o) => self.takeover_reason(now, o, LeaseKey::Master, lease.generation),
         };
         let Some(reason) = reason else { return };
+        if reason != LeaseReason::Renewed {
+            self.try_take_master(now, lease, reason);
+            return;
+        }
+        let op = self.new_op(now, OpKind::MasterCas);
+        let new = Lease { owner: Some(self.me()), generation: lease.generation + 1, reason };
+        self.actions.push_back(Action::CasLease { op, key: LeaseKey::Master, expect_generation: lease.generation, new });
+    }
+
+    /// Take a free or dead master's lease: the lowest live host first.
+    fn try_take_master(&mut self, now: Instant, lease: Lease, reason: LeaseReason) {
         if now.since(self.observing_since) < self.t.suspect_after.max(self.t.storage_silent_after) {
             // Know who is alive first, so that the lowest live host takes it.
             return;
@@ -119,10 +148,7 @@ impl Node {
         if rank > 0 && free_for < MASTER_TAKE_DELAY_PER_RANK.saturating_mul(rank as u64 + 1) {
             return;
         }
-        if self.ops.values().any(|p| p.kind == OpKind::Cas && self.master.is_none()) {
-            return;
-        }
-        let op = self.new_op(now, OpKind::Cas);
+        let op = self.new_op(now, OpKind::MasterCas);
         let new = Lease { owner: Some(self.me()), generation: lease.generation + 1, reason };
         self.actions.push_back(Action::CasLease { op, key: LeaseKey::Master, expect_generation: lease.generation, new });
     }
@@ -201,7 +227,11 @@ impl Node {
         match (key, result) {
             (LeaseKey::Master, Ok(CasOutcome::Done(l))) => {
                 self.master_lease = Some(l);
+                if self.master.is_some() {
+                    return;
+                }
                 let how = match l.reason {
+                    LeaseReason::Renewed => "renewed its own lease",
                     LeaseReason::FenceConfirmed => "old master fenced",
                     LeaseReason::HostDeadTimeout => "old master dead by host_dead_timeout",
                     LeaseReason::Released => "old master released it",
@@ -252,7 +282,16 @@ impl Node {
     /// Why the lease held by `owner` may be taken now, if it may (S3).
     pub(super) fn takeover_reason(&self, _now: Instant, owner: Owner, key: LeaseKey, generation: u64) -> Option<LeaseReason> {
         if owner.host == self.cfg.host {
-            return None;
+            // Our own lease: free to move only if we released that generation.
+            let released = match key {
+                LeaseKey::Domain(d) => self.released.get(&d).map(|r| r.0),
+                LeaseKey::Master => None,
+            };
+            if owner.boot != self.cfg.boot {
+                // A lease of our previous boot: that boot's qemu is gone.
+                return Some(LeaseReason::FenceConfirmed);
+            }
+            return released.filter(|g| *g >= generation).map(|_| LeaseReason::Released);
         }
         #[cfg(test)]
         if self.cfg.broken_skip_s3 && self.peers.get(&owner.host).is_some_and(|p| !p.net_fresh(_now, &self.t)) {

@@ -99,6 +99,8 @@ pub(super) enum OpKind {
     StorageRead,
     LeaseRead { purpose: ReadPurpose },
     Cas,
+    /// CAS of the master lease.
+    MasterCas,
     /// Our own CAS before starting this domain.
     Renew(DomainId),
     Record,
@@ -443,6 +445,10 @@ impl Node {
 
     /// Our renew CAS came back: start if the lease is ours now.
     pub(super) fn renewed(&mut self, now: Instant, d: DomainId, result: Result<CasOutcome, StorageError>) {
+        if let (Some(m), Ok(CasOutcome::Done(l) | CasOutcome::Conflict(l))) = (self.master.as_mut(), &result) {
+            // We are master: keep the cache where storage really is.
+            m.note_lease(d, *l);
+        }
         let Some(local) = self.local.get(&d).cloned() else { return };
         if local.state != LocalState::Verifying {
             return;
@@ -461,6 +467,14 @@ impl Node {
                     x.state = LocalState::Starting;
                 }
                 self.actions.push_back(Action::StartDomain { domain: d });
+            }
+            Ok(CasOutcome::Conflict(l)) if l.owner == Some(self.me()) && Some(l.generation) > local.generation => {
+                // Ours at a newer generation (an earlier renew of ours that
+                // timed out did land): renew from there.
+                if let Some(x) = self.local.get_mut(&d) {
+                    x.generation = Some(l.generation);
+                }
+                self.renew_before_start(now, d, l.generation);
             }
             Ok(_) => {
                 self.emit(now, "node", format!("not starting {}: lease is not ours", self.domain_name(d)));
