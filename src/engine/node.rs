@@ -373,6 +373,11 @@ impl Node {
         let Some(p) = self.finish_op(now, op) else { return };
         match result {
             Ok(()) => {
+                if now.since(p.issued) > self.t.storage_write_interval {
+                    // A slow write proves little about now (S4 counts from its
+                    // start): write again at once instead of next interval.
+                    self.next_slot_write = now;
+                }
                 let was_lost = !self.storage_healthy(now) && self.last_good_write.is_some();
                 if self.last_good_write.is_none_or(|l| l < p.issued) {
                     self.last_good_write = Some(p.issued);
