@@ -47,6 +47,10 @@ pub fn random_setup(seed: u64, o: &RandomOptions) -> SimSetup {
         .collect();
     let groups = ["db", "web", "dns", "cache"];
     let mut domains = BTreeMap::new();
+    // A group larger than the hosts left after two failures could not be
+    // placed: keep groups small enough that L1 is always achievable.
+    let group_max = u32::from(o.hosts.saturating_sub(2).max(1));
+    let mut group_sizes: BTreeMap<&str, u32> = BTreeMap::new();
     for i in 1..=o.domains {
         let id = DomainId(u128::from(i));
         let priority = [Priority::Lowest, Priority::Low, Priority::Medium, Priority::Medium, Priority::High, Priority::Highest]
@@ -56,7 +60,13 @@ pub fn random_setup(seed: u64, o: &RandomOptions) -> SimSetup {
             1 => IsolationResponse::Poweroff,
             _ => IsolationResponse::Keep,
         };
-        let anti_affinity = if rng.chance(20) { Some(groups[rng.range(0, 3) as usize].to_string()) } else { None };
+        let group = groups[rng.range(0, 3) as usize];
+        let anti_affinity = if rng.chance(20) && group_sizes.get(group).copied().unwrap_or(0) < group_max {
+            *group_sizes.entry(group).or_default() += 1;
+            Some(group.to_string())
+        } else {
+            None
+        };
         let readiness = if rng.chance(20) { Readiness::GuestAgent } else { Readiness::Started };
         let policy = DomainPolicy {
             priority,
