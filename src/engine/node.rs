@@ -324,6 +324,16 @@ impl Node {
     // ---- inputs ------------------------------------------------------
 
     pub fn handle_input(&mut self, now: Instant, input: Input) {
+        let storage_failed = match &input {
+            Input::SlotWritten { result, .. } | Input::RecordWritten { result, .. } => result.is_err(),
+            Input::StorageRead { result, .. } => result.is_err(),
+            Input::LeaseRead { result, .. } => result.is_err(),
+            Input::LeaseCas { result, .. } => result.is_err(),
+            _ => false,
+        };
+        if storage_failed {
+            self.storage_trouble_at = Some(now);
+        }
         match input {
             Input::DomainsAtStart(list) => self.handle_domains_at_start(now, list),
             Input::Net(NetMessage::Heartbeat(hb)) => self.handle_heartbeat(now, hb),
@@ -370,7 +380,10 @@ impl Node {
     }
 
     fn handle_slot_written(&mut self, now: Instant, op: OpId, result: Result<(), StorageError>) {
-        let Some(p) = self.finish_op(now, op) else { return };
+        // A write that answers after io_timeout still completed: it counts
+        // for S4 from its start, like any other.
+        let Some(p) = self.ops.get(&op).copied() else { return };
+        self.finish_op(now, op);
         match result {
             Ok(()) => {
                 if now.since(p.issued) > self.t.storage_write_interval {
