@@ -13,6 +13,9 @@ impl World {
     pub fn apply_command(&mut self, c: Command) {
         let text = describe(&c, self);
         self.log_sim(&text);
+        if is_fault(&c) {
+            self.checker.fault_times.push(self.now);
+        }
         match c {
             Command::PowerOff(h) => {
                 let class = self.power_loss_class(h);
@@ -90,7 +93,7 @@ impl World {
                 let on: Vec<HostId> = self.hosts.values().filter(|x| x.running() && x.qemu.contains_key(&d)).map(|x| x.id).collect();
                 for h in on {
                     self.hosts.get_mut(&h).map(|x| x.qemu.remove(&d));
-                    self.checker.domain_lost(d, self.now, "domain_crash");
+                    self.checker.domain_lost(d, self.now, "domain_crash", true);
                     self.deliver(h, Input::Domain { domain: d, event: crate::engine::io::DomainEvent::Crashed });
                 }
             }
@@ -126,6 +129,22 @@ impl World {
             "watchdog_power_loss"
         }
     }
+}
+
+/// Commands that start a fault (as opposed to healing one).
+fn is_fault(c: &Command) -> bool {
+    !matches!(
+        c,
+        Command::PowerOn(_)
+            | Command::HealNetwork
+            | Command::Unisolate(_)
+            | Command::StorageRestore(_)
+            | Command::Resume(_)
+            | Command::DaemonStart(_)
+            | Command::FenceAgentFails { fails: false, .. }
+            | Command::DomainBroken { broken: false, .. }
+            | Command::OperatorFenceConfirm(_)
+    )
 }
 
 fn describe(c: &Command, w: &World) -> String {

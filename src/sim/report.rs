@@ -46,8 +46,13 @@ pub struct SeedViolation {
 pub struct Summary {
     pub runs: u64,
     pub violations: Vec<SeedViolation>,
+    /// From the fault to the domain running again, over clean episodes (one
+    /// fault on a healthy cluster, nothing else until recovery).
     pub recovery_seconds: Percentiles,
     pub recovery_by_class: BTreeMap<String, Percentiles>,
+    /// The same over every episode, overlapping faults included.
+    pub recovery_seconds_all_episodes: Percentiles,
+    pub recovery_by_class_all_episodes: BTreeMap<String, Percentiles>,
     pub false_failovers: u64,
     pub sim_seconds_per_wall_second: f64,
     pub events: u64,
@@ -86,18 +91,11 @@ pub fn run_seeds(from: u64, to: u64, o: &RandomOptions, workers: usize, on_viola
 }
 
 pub fn summarize(runs: &[RunOutcome], wall_s: f64) -> Summary {
-    let mut all = Vec::new();
-    let mut by_class: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-    for c in REQUIRED_CLASSES {
-        by_class.insert(c.to_string(), Vec::new());
-    }
+    let (clean, clean_by_class) = collect(runs.iter().map(|r| &r.clean_recoveries));
+    let (all, by_class) = collect(runs.iter().map(|r| &r.recoveries));
     let mut violations = Vec::new();
     let (mut false_failovers, mut sim_ms, mut events) = (0, 0, 0);
     for r in runs {
-        for (class, v) in &r.recoveries {
-            all.extend_from_slice(v);
-            by_class.entry(class.to_string()).or_default().extend_from_slice(v);
-        }
         for v in &r.violations {
             violations.push(SeedViolation { seed: r.seed, invariant: v.invariant, at_ms: v.at_ms, detail: v.detail.clone() });
         }
@@ -108,10 +106,26 @@ pub fn summarize(runs: &[RunOutcome], wall_s: f64) -> Summary {
     Summary {
         runs: runs.len() as u64,
         violations,
-        recovery_seconds: Percentiles::of(&all),
-        recovery_by_class: by_class.into_iter().map(|(k, v)| (k, Percentiles::of(&v))).collect(),
+        recovery_seconds: Percentiles::of(&clean),
+        recovery_by_class: clean_by_class,
+        recovery_seconds_all_episodes: Percentiles::of(&all),
+        recovery_by_class_all_episodes: by_class,
         false_failovers,
         sim_seconds_per_wall_second: (sim_ms as f64 / 1000.0) / wall_s,
         events,
     }
+}
+
+/// All samples, and percentiles per class (the required classes always listed).
+fn collect<'a>(maps: impl Iterator<Item = &'a BTreeMap<&'static str, Vec<u64>>>) -> (Vec<u64>, BTreeMap<String, Percentiles>) {
+    let mut all = Vec::new();
+    let mut by_class: BTreeMap<String, Vec<u64>> = REQUIRED_CLASSES.iter().map(|c| (c.to_string(), Vec::new())).collect();
+    for m in maps {
+        for (class, v) in m {
+            all.extend_from_slice(v);
+            by_class.entry(class.to_string()).or_default().extend_from_slice(v);
+        }
+    }
+    let by_class = by_class.into_iter().map(|(k, v)| (k, Percentiles::of(&v))).collect();
+    (all, by_class)
 }

@@ -130,6 +130,8 @@ pub enum Ev {
     DaemonStart { host: HostId },
     PowerOn { host: HostId },
     StallEnd,
+    /// A fence agent cuts the power (part of a fault episode, not a new one).
+    FencePowerOff { target: HostId },
     Command(Command),
     Check,
 }
@@ -337,6 +339,10 @@ impl World {
             Ev::DaemonStart { host } => self.start_daemon(host),
             Ev::PowerOn { host } => self.power_on(host),
             Ev::StallEnd => self.stall_end(),
+            Ev::FencePowerOff { target } => {
+                self.log_sim(&format!("fence agent powers off {target}"));
+                self.power_off(target, "fenced");
+            }
             Ev::Command(c) => self.apply_command(c),
             Ev::Check => {
                 self.check_invariants();
@@ -672,7 +678,8 @@ impl World {
             Some(x.active_fault)
         });
         if let Some(Some((at, class))) = fault {
-            self.checker.domain_lost(d, at, class);
+            let others_healthy = self.hosts.values().all(|x| x.id == h || (x.running() && x.node.is_some()));
+            self.checker.domain_lost(d, at, class, others_healthy);
         }
     }
 
@@ -690,7 +697,7 @@ impl World {
         let delay = self.rng.range(lo, hi);
         // The BMC cuts power before the agent's status poll confirms it.
         let cut = delay / 2;
-        self.schedule(cut, Ev::Command(Command::PowerOff(target)));
+        self.schedule(cut, Ev::FencePowerOff { target });
         self.schedule(delay, Ev::FenceDone { host: from, epoch, op, target, outcome: FenceOutcome::Confirmed });
         if let Some((lo, hi)) = self.params.repair_after_ms {
             let back = self.rng.range(lo, hi);
