@@ -54,17 +54,24 @@ pub enum LeaseKey {
     Domain(DomainId),
 }
 
-/// What a host says about one domain in its slot.
+/// What a host says about one domain in its slot, with the lease generation
+/// it holds (so the master's lease cache follows the owners' renewals).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainReport {
+    pub state: DomainState,
+    pub generation: u64,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum DomainReport {
+pub enum DomainState {
     Starting,
     Running,
     /// Running and its readiness condition holds.
     Ready,
     /// S3(c) by storage: the host stopped the domain and gives up the lease
     /// of this generation (start failure, isolation response, give-up).
-    Released { generation: u64, failed_start: bool },
+    Released { failed_start: bool },
 }
 
 /// A host's heartbeat slot (DESIGN.md §4), as the engine sees it.

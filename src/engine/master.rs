@@ -3,7 +3,7 @@
 //! chosen by the planner. Every move is a compare-and-swap whose reason is
 //! one of S3 (a), (b) or (c); the assignee verifies the lease before it starts.
 
-use super::config::{DomainId, HostId, Priority};
+use super::config::{ClusterSpec, DomainId, HostId, Priority, Readiness};
 use super::io::*;
 use super::node::{Node, OpKind, PendingOp, ReadPurpose, SelfFence};
 use super::peers::{Verdict, verdict_name};
@@ -491,6 +491,7 @@ impl Node {
             return;
         }
         let reports = self.domain_reports();
+        self.follow_reported_generations();
         self.track_starting(now, &reports);
         let orphans = self.find_orphans(now, &reports);
         self.place(now, orphans, &reports);
@@ -507,20 +508,41 @@ impl Node {
                 continue;
             }
             for (d, r) in &slot.domains {
-                if !matches!(r, DomainReport::Released { .. }) {
+                if !matches!(r.state, DomainState::Released { .. }) {
                     out.insert(*d, (*h, *r));
                 }
             }
         }
         for (d, l) in &self.local {
-            let r = match l.state {
-                super::node::LocalState::Ready => DomainReport::Ready,
-                super::node::LocalState::Running | super::node::LocalState::Adopting => DomainReport::Running,
-                _ => DomainReport::Starting,
+            let state = match l.state {
+                super::node::LocalState::Ready => DomainState::Ready,
+                super::node::LocalState::Running | super::node::LocalState::Adopting => DomainState::Running,
+                _ => DomainState::Starting,
             };
-            out.insert(*d, (self.cfg.host, r));
+            out.insert(*d, (self.cfg.host, DomainReport { state, generation: l.generation.unwrap_or(0) }));
         }
         out
+    }
+
+    /// Owners renew their leases before every start and report the
+    /// generation they hold: follow them, so that a takeover CAS after their
+    /// death does not first fail on a stale generation.
+    fn follow_reported_generations(&mut self) {
+        let mut seen = Vec::new();
+        for (h, p) in &self.peers {
+            let Some(slot) = &p.slot else { continue };
+            for (d, r) in &slot.domains {
+                if r.generation > 0 && !matches!(r.state, DomainState::Released { .. }) {
+                    let owner = Owner { host: *h, boot: slot.boot };
+                    seen.push((*d, Lease { owner: Some(owner), generation: r.generation, reason: LeaseReason::Renewed }));
+                }
+            }
+        }
+        if let Some(m) = self.master.as_mut() {
+            for (d, l) in seen {
+                m.note_lease(d, l);
+            }
+        }
     }
 
     fn track_starting(&mut self, now: Instant, reports: &BTreeMap<DomainId, (HostId, DomainReport)>) {
@@ -528,7 +550,7 @@ impl Node {
         let mut events = Vec::new();
         let Some(m) = self.master.as_mut() else { return };
         m.starting.retain(|d, s| {
-            let ready = reports.get(d).is_some_and(|(h, r)| *h == s.host && *r == DomainReport::Ready);
+            let ready = reports.get(d).is_some_and(|(h, r)| *h == s.host && r.state == DomainState::Ready);
             let timeout = spec.domains.get(d).map_or(Duration::ZERO, |x| x.policy.readiness_timeout);
             if !ready && now.since(s.since) >= timeout {
                 events.push(format!("{} not ready after {}; no longer holding back lower priorities", spec.domain_name(*d), timeout));
@@ -575,7 +597,9 @@ impl Node {
         for o in orphans {
             let Some(owner) = o.lease.owner else { continue };
             let failed = self.peers.get(&owner.host).and_then(|p| p.slot.as_ref()).is_some_and(|s| {
-                matches!(s.domains.get(&o.domain), Some(DomainReport::Released { failed_start: true, generation }) if *generation >= o.lease.generation)
+                s.domains.get(&o.domain).is_some_and(|r| {
+                    r.state == DomainState::Released { failed_start: true } && r.generation >= o.lease.generation
+                })
             });
             let failed = failed || (owner.host == self.cfg.host && self.released.get(&o.domain).is_some_and(|r| r.1));
             if !failed {
@@ -605,29 +629,55 @@ impl Node {
     }
 
     fn place(&mut self, now: Instant, orphans: Vec<Orphan>, reports: &BTreeMap<DomainId, (HostId, DomainReport)>) {
-        let Some(m) = self.master.as_ref() else { return };
-        let spec = self.cfg.spec.clone();
-        // Readiness ordering: while a higher priority restart is not ready
-        // (and not timed out), lower priorities wait.
-        let mut requests = Vec::new();
-        let mut held_back = Vec::new();
         if let Some(m) = self.master.as_mut() {
             // An orphan again: its start failed or its host died.
             for o in &orphans {
                 m.starting.remove(&o.domain);
             }
         }
-        let Some(m) = self.master.as_ref() else { return };
-        let blocking = m.starting.values().map(|s| s.priority).max();
-        for o in &orphans {
+        let spec = self.cfg.spec.clone();
+        let (requests, held_back) = self.gate_requests(now, &orphans, &spec);
+        for d in held_back {
+            self.log_waiting(now, d, "higher priorities not ready yet".into());
+        }
+        if requests.is_empty() {
+            return;
+        }
+        let rooms = self.host_rooms(now, reports);
+        let plan = planner::plan(&rooms, &requests);
+        for (d, why) in &plan.waiting {
+            self.log_waiting(now, *d, format!("{why:?}"));
+        }
+        let placements = readiness_cut(&spec, plan.placements);
+        let by_domain: BTreeMap<DomainId, &Orphan> = orphans.iter().map(|o| (o.domain, o)).collect();
+        for (d, h) in placements {
+            let Some(o) = by_domain.get(&d) else { continue };
+            let boot = if h == self.cfg.host { Some(self.cfg.boot) } else { self.peers.get(&h).and_then(|p| p.current_boot()) };
+            let Some(boot) = boot else { continue };
+            self.assign(now, d, h, boot, o.lease, o.reason);
+        }
+    }
+
+    /// Orphans that may be planned now: not given up, past their retry
+    /// backoff, and not held back by a higher priority restart that is not
+    /// ready yet (readiness ordering). Also returns the held-back ones.
+    fn gate_requests<'a>(&self, now: Instant, orphans: &[Orphan], spec: &'a ClusterSpec) -> (Vec<PlanRequest<'a>>, Vec<DomainId>) {
+        let Some(m) = self.master.as_ref() else { return (Vec::new(), Vec::new()) };
+        let blocking = m
+            .starting
+            .iter()
+            .filter(|(d, _)| spec.domains.get(d).is_some_and(|x| x.policy.readiness != Readiness::Started))
+            .map(|(_, s)| s.priority)
+            .max();
+        let mut requests = Vec::new();
+        let mut held_back = Vec::new();
+        for o in orphans {
+            let Some(ds) = spec.domains.get(&o.domain) else { continue };
             if m.given_up.contains(&o.domain) {
                 continue;
             }
-            let Some(ds) = spec.domains.get(&o.domain) else { continue };
             if blocking.is_some_and(|b| ds.policy.priority < b) {
-                if !m.waiting_logged.contains(&o.domain) {
-                    held_back.push(o.domain);
-                }
+                held_back.push(o.domain);
                 continue;
             }
             let retry = m.retries.get(&o.domain);
@@ -637,52 +687,32 @@ impl Node {
             let avoid = retry.map(|r| r.avoid.clone()).unwrap_or_default();
             requests.push(PlanRequest { domain: ds, avoid });
         }
-        for d in held_back {
-            if let Some(m) = self.master.as_mut() {
-                m.waiting_logged.insert(d);
-            }
-            self.emit(now, "master", format!("{} waits: higher priorities not ready yet", spec.domain_name(d)));
+        (requests, held_back)
+    }
+
+    fn log_waiting(&mut self, now: Instant, d: DomainId, why: String) {
+        let first = self.master.as_mut().is_some_and(|m| m.waiting_logged.insert(d));
+        if first {
+            self.emit(now, "master", format!("{} waits: {why}", self.domain_name(d)));
         }
-        if requests.is_empty() {
-            return;
-        }
-        let rooms = self.host_rooms(now, reports);
-        let plan = planner::plan(&rooms, &requests);
-        let by_domain: BTreeMap<DomainId, &Orphan> = orphans.iter().map(|o| (o.domain, o)).collect();
-        let mut casts = Vec::new();
-        for (d, h) in &plan.placements {
-            let Some(o) = by_domain.get(d) else { continue };
-            let boot = if *h == self.cfg.host { Some(self.cfg.boot) } else { self.peers.get(h).and_then(|p| p.current_boot()) };
-            let Some(boot) = boot else { continue };
-            casts.push((*d, *h, o.lease, o.reason, boot));
-        }
-        let mut waiting_events = Vec::new();
+    }
+
+    /// Move one lease to its new host (CAS); the host starts it on success.
+    fn assign(&mut self, now: Instant, d: DomainId, h: HostId, boot: BootId, lease: Lease, reason: LeaseReason) {
+        let why = match reason {
+            LeaseReason::FenceConfirmed => "fence confirmed",
+            LeaseReason::HostDeadTimeout => "host_dead_timeout",
+            LeaseReason::Released => "released",
+            _ => "free",
+        };
+        self.emit(now, "master", format!("restarting {} on {h} ({why})", self.domain_name(d)));
+        let op = self.new_op(now, OpKind::Cas);
+        let new = Lease { owner: Some(Owner { host: h, boot }), generation: lease.generation + 1, reason };
         if let Some(m) = self.master.as_mut() {
-            for (d, why) in &plan.waiting {
-                if m.waiting_logged.insert(*d) {
-                    waiting_events.push(format!("{} waits: {:?}", spec.domain_name(*d), why));
-                }
-            }
+            m.cas_inflight.insert(op, (d, h));
+            m.waiting_logged.remove(&d);
         }
-        for e in waiting_events {
-            self.emit(now, "master", e);
-        }
-        for (d, h, lease, reason, boot) in casts {
-            let why = match reason {
-                LeaseReason::FenceConfirmed => "fence confirmed",
-                LeaseReason::HostDeadTimeout => "host_dead_timeout",
-                LeaseReason::Released => "released",
-                _ => "free",
-            };
-            self.emit(now, "master", format!("restarting {} on {h} ({why})", spec.domain_name(d)));
-            let op = self.new_op(now, OpKind::Cas);
-            let new = Lease { owner: Some(Owner { host: h, boot }), generation: lease.generation + 1, reason };
-            if let Some(m) = self.master.as_mut() {
-                m.cas_inflight.insert(op, (d, h));
-                m.waiting_logged.remove(&d);
-            }
-            self.actions.push_back(Action::CasLease { op, key: LeaseKey::Domain(d), expect_generation: lease.generation, new });
-        }
+        self.actions.push_back(Action::CasLease { op, key: LeaseKey::Domain(d), expect_generation: lease.generation, new });
     }
 
     /// Hosts that may receive restarts: alive on storage, not isolated, not
@@ -728,7 +758,7 @@ impl Node {
                 if let Some(g) = &ds.policy.anti_affinity {
                     room.anti_groups.insert(g.clone());
                 }
-                if *r == DomainReport::Starting {
+                if r.state == DomainState::Starting {
                     room.starts_free = room.starts_free.saturating_sub(1);
                 }
             }
@@ -796,4 +826,18 @@ impl Node {
             self.handle_assignment(now, d, g);
         }
     }
+}
+
+/// Readiness ordering inside one round: once a domain that must become ready
+/// (guest agent, TCP port) is placed, lower priorities wait for it. Domains
+/// whose readiness is "started" hold nobody back (vSphere's "resources
+/// allocated" condition).
+fn readiness_cut(spec: &ClusterSpec, placements: Vec<(DomainId, HostId)>) -> Vec<(DomainId, HostId)> {
+    let prio = |d: &DomainId| spec.domains.get(d).map_or(Priority::Disabled, |s| s.policy.priority);
+    let gate = placements
+        .iter()
+        .filter(|(d, _)| spec.domains.get(d).is_some_and(|s| s.policy.readiness != Readiness::Started))
+        .map(|(d, _)| prio(d))
+        .max();
+    placements.into_iter().filter(|(d, _)| gate.is_none_or(|g| prio(d) >= g)).collect()
 }

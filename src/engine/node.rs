@@ -803,12 +803,12 @@ impl Node {
         let mut domains = BTreeMap::new();
         let (mut mem, mut cpu) = (0u64, 0u32);
         for (d, l) in &self.local {
-            let report = match l.state {
-                LocalState::Verifying | LocalState::Starting | LocalState::Backoff { .. } => DomainReport::Starting,
-                LocalState::Adopting | LocalState::Running => DomainReport::Running,
-                LocalState::Ready => DomainReport::Ready,
-                LocalState::Stopping { .. } => DomainReport::Running,
+            let state = match l.state {
+                LocalState::Verifying | LocalState::Starting | LocalState::Backoff { .. } => DomainState::Starting,
+                LocalState::Adopting | LocalState::Running | LocalState::Stopping { .. } => DomainState::Running,
+                LocalState::Ready => DomainState::Ready,
             };
+            let report = DomainReport { state, generation: l.generation.unwrap_or(0) };
             if let Some(s) = self.cfg.spec.domains.get(d) {
                 mem += s.memory_mib;
                 cpu += s.vcpus;
@@ -816,7 +816,8 @@ impl Node {
             domains.insert(*d, report);
         }
         for (d, (g, failed_start, _)) in &self.released {
-            domains.entry(*d).or_insert(DomainReport::Released { generation: *g, failed_start: *failed_start });
+            let state = DomainState::Released { failed_start: *failed_start };
+            domains.entry(*d).or_insert(DomainReport { state, generation: *g });
         }
         Slot {
             host: self.cfg.host,

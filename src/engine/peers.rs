@@ -2,7 +2,7 @@
 //! Only the observer's own monotonic clock is used; the peer's clock never is.
 
 use super::config::{HostId, Timings};
-use super::io::{BootId, DomainReport, Heartbeat, LeaseKey, Slot};
+use super::io::{BootId, DomainState, Heartbeat, LeaseKey, Slot};
 use super::time::Instant;
 use std::collections::BTreeSet;
 
@@ -132,7 +132,7 @@ impl Peer {
         let by_slot = self.slot.as_ref().filter(|s| s.boot == boot).and_then(|s| match key {
             LeaseKey::Master => s.released_master,
             LeaseKey::Domain(d) => match s.domains.get(&d) {
-                Some(DomainReport::Released { generation, .. }) => Some(*generation),
+                Some(r) if matches!(r.state, DomainState::Released { .. }) => Some(r.generation),
                 _ => None,
             },
         });

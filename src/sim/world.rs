@@ -199,7 +199,7 @@ impl World {
                 },
             );
         }
-        let checker = Checker::new(&spec);
+        let checker = Checker::new(spec.clone());
         let mut w = World {
             now: 0,
             spec,
