@@ -227,6 +227,9 @@ pub enum Action {
     ShutdownDomain { domain: DomainId, timeout: Duration },
     Fence { op: OpId, target: HostId, agent: String },
     ProbeIsolation,
+    /// Check the domain's readiness condition (guest-agent ping, TCP
+    /// connect); answered with `DomainEvent::Ready` when it holds.
+    ProbeReadiness { domain: DomainId, readiness: super::config::Readiness },
     PetWatchdog,
     Emit(Event),
 }

@@ -33,6 +33,8 @@ pub const AUDIT_INTERVAL: Duration = Duration::from_secs(1);
 pub const FROZEN_GAP: Duration = Duration::from_secs(1);
 /// Released leases listed in one network heartbeat (keeps it one packet).
 pub const MAX_RELEASED_PER_HEARTBEAT: usize = 64;
+/// How often readiness conditions of running domains are probed.
+pub const READINESS_POLL: Duration = Duration::from_secs(1);
 /// How often a non-master reads the master lease.
 pub const MASTER_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -163,6 +165,7 @@ pub struct Node {
     /// Assignments we saw, so each is verified once.
     assignments_seen: BTreeMap<DomainId, u64>,
     next_audit: Instant,
+    next_readiness_poll: Instant,
     audit_cursor: Option<DomainId>,
     pub(super) next_master_check: Instant,
     pub(super) master_lease: Option<Lease>,
@@ -213,6 +216,7 @@ impl Node {
             released_master: None,
             assignments_seen: BTreeMap::new(),
             next_audit: now + AUDIT_INTERVAL,
+            next_readiness_poll: now,
             audit_cursor: None,
             next_master_check: now,
             master_lease: None,
@@ -954,8 +958,21 @@ impl Node {
         }
     }
 
-    /// Kills after a stuck stop, and restarts after a backoff.
+    /// Kills after a stuck stop, restarts after a backoff, readiness probes.
     fn local_timers(&mut self, now: Instant) {
+        if now >= self.next_readiness_poll {
+            self.next_readiness_poll = now + READINESS_POLL;
+            let probes: Vec<(DomainId, Readiness)> = self
+                .local
+                .iter()
+                .filter(|(_, l)| l.state == LocalState::Running)
+                .filter_map(|(d, _)| self.cfg.spec.domains.get(d).map(|s| (*d, s.policy.readiness)))
+                .filter(|(_, r)| *r != Readiness::Started)
+                .collect();
+            for (domain, readiness) in probes {
+                self.actions.push_back(Action::ProbeReadiness { domain, readiness });
+            }
+        }
         let doms: Vec<(DomainId, LocalState)> = self.local.iter().map(|(d, l)| (*d, l.state)).collect();
         for (d, s) in doms {
             match s {

@@ -6,7 +6,7 @@
 use super::checker::Checker;
 use super::faults::{Command, StorageFault};
 use super::SimSetup;
-use crate::engine::config::{ClusterSpec, DomainId, HostId, Readiness};
+use crate::engine::config::{ClusterSpec, DomainId, HostId};
 use crate::engine::io::*;
 use crate::engine::node::{Node, NodeConfig};
 use crate::engine::time::{Instant, Rng};
@@ -65,6 +65,8 @@ pub enum QemuState {
 #[derive(Clone, Debug)]
 pub struct Qemu {
     pub state: QemuState,
+    /// When its readiness condition starts to hold (guest agent up).
+    pub ready_at: u64,
     /// Incremented per start, so stale completions are ignored.
     pub serial: u64,
 }
@@ -234,7 +236,7 @@ impl World {
     fn place_initial(&mut self, setup: &SimSetup) {
         for (d, h) in &setup.initial {
             let Some(host) = self.hosts.get_mut(h) else { continue };
-            host.qemu.insert(*d, Qemu { state: QemuState::Running, serial: 0 });
+            host.qemu.insert(*d, Qemu { state: QemuState::Running, ready_at: 0, serial: 0 });
             let owner = Owner { host: *h, boot: host.boot };
             let lease = Lease { owner: Some(owner), generation: 1, reason: LeaseReason::Acquired };
             self.storage.leases.insert(LeaseKey::Domain(*d), lease);
@@ -448,6 +450,13 @@ impl World {
                 let delay = if reachable { 2 } else { 1000 };
                 self.schedule(delay, Ev::IsolationAnswer { host: h, epoch, reachable });
             }
+            Action::ProbeReadiness { domain, .. } => {
+                let ready = self.hosts[&h].qemu.get(&domain).is_some_and(|q| q.state == QemuState::Running && q.ready_at <= self.now);
+                if ready {
+                    let serial = self.hosts[&h].qemu[&domain].serial;
+                    self.schedule(5, Ev::QemuReady { host: h, domain, serial });
+                }
+            }
             Action::PetWatchdog => {
                 if self.spec.host(h).is_some_and(|s| s.watchdog) {
                     let deadline = self.now + self.spec.timings.watchdog_timeout.as_millis();
@@ -646,7 +655,7 @@ impl World {
         self.seq += 1;
         let serial = self.seq;
         if let Some(x) = self.hosts.get_mut(&h) {
-            x.qemu.insert(d, Qemu { state: QemuState::Starting, serial });
+            x.qemu.insert(d, Qemu { state: QemuState::Starting, ready_at: u64::MAX, serial });
         }
         self.check_s1(d);
         let (lo, hi) = self.params.start_ms;
@@ -658,17 +667,14 @@ impl World {
         if self.qemu_serial(h, d) != Some(serial) {
             return;
         }
+        let (lo, hi) = self.params.readiness_ms;
+        let ready_at = self.now + self.rng.range(lo, hi);
         if let Some(q) = self.hosts.get_mut(&h).and_then(|x| x.qemu.get_mut(&d)) {
             q.state = QemuState::Running;
+            q.ready_at = ready_at;
         }
         self.checker.domain_running(self.now, d);
         self.input(h, Input::Domain { domain: d, event: DomainEvent::Started });
-        let readiness = self.spec.domains.get(&d).map(|s| s.policy.readiness);
-        if matches!(readiness, Some(Readiness::GuestAgent) | Some(Readiness::TcpPort(_))) {
-            let (lo, hi) = self.params.readiness_ms;
-            let delay = self.rng.range(lo, hi);
-            self.schedule(delay, Ev::QemuReady { host: h, domain: d, serial });
-        }
     }
 
     /// qemu of `d` on `h` is gone (destroyed, crashed, or host power loss).
