@@ -121,6 +121,15 @@ pub struct StorageSnapshot {
     pub rejected_records: u32,
 }
 
+/// One lease generation a host stopped and gave up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Release {
+    pub key: LeaseKey,
+    pub generation: u64,
+    /// It was given up because the domain would not start there.
+    pub failed_start: bool,
+}
+
 /// Network heartbeat (authenticated by the `net` adapter).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Heartbeat {
@@ -139,7 +148,7 @@ pub struct Heartbeat {
     /// up (at most `MAX_RELEASED_PER_HEARTBEAT`). Each entry is a permanent
     /// fact, so a stale heartbeat is still true; this is what lets a host
     /// that lost its storage hand its domains over without host_dead_timeout.
-    pub released: Vec<(LeaseKey, u64)>,
+    pub released: Vec<Release>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -308,7 +308,7 @@ impl Node {
             // It rebooted since it took the lease: that boot's qemu is gone.
             return Some(LeaseReason::FenceConfirmed);
         }
-        if peer.released_generation(owner.boot, key).is_some_and(|g| g >= generation) {
+        if peer.released(owner.boot, key).is_some_and(|(g, _)| g >= generation) {
             return Some(LeaseReason::Released);
         }
         let watchdog = self.cfg.spec.host(owner.host).is_some_and(|h| h.watchdog);
@@ -596,11 +596,12 @@ impl Node {
         let mut events = Vec::new();
         for o in orphans {
             let Some(owner) = o.lease.owner else { continue };
-            let failed = self.peers.get(&owner.host).and_then(|p| p.slot.as_ref()).is_some_and(|s| {
-                s.domains.get(&o.domain).is_some_and(|r| {
-                    r.state == DomainState::Released { failed_start: true } && r.generation >= o.lease.generation
-                })
-            });
+            let key = LeaseKey::Domain(o.domain);
+            let failed = self
+                .peers
+                .get(&owner.host)
+                .and_then(|p| p.released(owner.boot, key))
+                .is_some_and(|(g, failed_start)| failed_start && g >= o.lease.generation);
             let failed = failed || (owner.host == self.cfg.host && self.released.get(&o.domain).is_some_and(|r| r.1));
             if !failed {
                 continue;

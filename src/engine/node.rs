@@ -399,7 +399,7 @@ impl Node {
                 if self.last_good_write.is_none_or(|l| l < p.issued) {
                     self.last_good_write = Some(p.issued);
                 }
-                if was_lost {
+                if was_lost && self.storage_healthy(now) {
                     self.emit(now, "node", "storage heartbeat writes work again".into());
                 }
                 if let SelfFence::Fenced { since } = self.self_fence
@@ -770,15 +770,18 @@ impl Node {
     }
 
     /// Newest releases first, at most MAX_RELEASED_PER_HEARTBEAT.
-    fn released_for_heartbeat(&self) -> Vec<(LeaseKey, u64)> {
-        let mut v: Vec<(Instant, LeaseKey, u64)> =
-            self.released.iter().map(|(d, (g, _, at))| (*at, LeaseKey::Domain(*d), *g)).collect();
-        v.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        let mut out: Vec<(LeaseKey, u64)> = Vec::new();
+    fn released_for_heartbeat(&self) -> Vec<Release> {
+        let mut v: Vec<(Instant, Release)> = self
+            .released
+            .iter()
+            .map(|(d, (g, failed_start, at))| (*at, Release { key: LeaseKey::Domain(*d), generation: *g, failed_start: *failed_start }))
+            .collect();
+        v.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.key.cmp(&b.1.key)));
+        let mut out: Vec<Release> = Vec::new();
         if let Some(g) = self.released_master {
-            out.push((LeaseKey::Master, g));
+            out.push(Release { key: LeaseKey::Master, generation: g, failed_start: false });
         }
-        out.extend(v.into_iter().map(|(_, k, g)| (k, g)));
+        out.extend(v.into_iter().map(|(_, r)| r));
         out.truncate(MAX_RELEASED_PER_HEARTBEAT);
         out
     }

@@ -2,7 +2,7 @@
 //! Only the observer's own monotonic clock is used; the peer's clock never is.
 
 use super::config::{HostId, Timings};
-use super::io::{BootId, DomainState, Heartbeat, LeaseKey, Slot};
+use super::io::{BootId, DomainReport, DomainState, Heartbeat, LeaseKey, Slot};
 use super::time::Instant;
 use std::collections::BTreeSet;
 
@@ -122,17 +122,18 @@ impl Peer {
     }
 
     /// The newest generation of `key` this boot of the peer said it stopped
-    /// and released (slot or heartbeat): S3(c).
-    pub fn released_generation(&self, boot: BootId, key: LeaseKey) -> Option<u64> {
+    /// and released (slot or heartbeat), and whether because its start
+    /// failed: S3(c).
+    pub fn released(&self, boot: BootId, key: LeaseKey) -> Option<(u64, bool)> {
         let by_net = self
             .heartbeat
             .as_ref()
             .filter(|h| h.boot == boot)
-            .and_then(|h| h.released.iter().filter(|(k, _)| *k == key).map(|(_, g)| *g).max());
+            .and_then(|h| h.released.iter().filter(|r| r.key == key).map(|r| (r.generation, r.failed_start)).max());
         let by_slot = self.slot.as_ref().filter(|s| s.boot == boot).and_then(|s| match key {
-            LeaseKey::Master => s.released_master,
+            LeaseKey::Master => s.released_master.map(|g| (g, false)),
             LeaseKey::Domain(d) => match s.domains.get(&d) {
-                Some(r) if matches!(r.state, DomainState::Released { .. }) => Some(r.generation),
+                Some(DomainReport { state: DomainState::Released { failed_start }, generation }) => Some((*generation, *failed_start)),
                 _ => None,
             },
         });
