@@ -154,8 +154,14 @@ pub enum TimingsError {
         base_name: &'static str,
         base: Duration,
     },
-    #[error("unsafe timings: renew_timeout ({renew}) must exceed io_timeout ({io}) + storage_write_interval ({write}), or one slow write self-fences the host")]
-    RenewTooShort { renew: Duration, io: Duration, write: Duration },
+    #[error(
+        "unsafe timings: renew_timeout ({renew}) must exceed io_timeout ({io}) + storage_write_interval ({write}), or one slow write self-fences the host"
+    )]
+    RenewTooShort {
+        renew: Duration,
+        io: Duration,
+        write: Duration,
+    },
     #[error("invalid timings: {name} must be greater than zero")]
     Zero { name: &'static str },
 }
@@ -194,14 +200,39 @@ impl Timings {
             });
         }
         let pairs = [
-            ("suspect_after", t.suspect_after, "net_heartbeat_interval", t.net_heartbeat_interval),
-            ("storage_silent_after", t.storage_silent_after, "storage_write_interval", t.storage_write_interval),
-            ("storage_silent_after", t.storage_silent_after, "storage_read_interval", t.storage_read_interval),
-            ("isolation_timeout", t.isolation_timeout, "net_heartbeat_interval", t.net_heartbeat_interval),
+            (
+                "suspect_after",
+                t.suspect_after,
+                "net_heartbeat_interval",
+                t.net_heartbeat_interval,
+            ),
+            (
+                "storage_silent_after",
+                t.storage_silent_after,
+                "storage_write_interval",
+                t.storage_write_interval,
+            ),
+            (
+                "storage_silent_after",
+                t.storage_silent_after,
+                "storage_read_interval",
+                t.storage_read_interval,
+            ),
+            (
+                "isolation_timeout",
+                t.isolation_timeout,
+                "net_heartbeat_interval",
+                t.net_heartbeat_interval,
+            ),
         ];
         for (name, value, base_name, base) in pairs {
             if value < base.saturating_mul(2) {
-                return Err(TimingsError::TooTight { name, value, base_name, base });
+                return Err(TimingsError::TooTight {
+                    name,
+                    value,
+                    base_name,
+                    base,
+                });
             }
         }
         Ok(())
@@ -340,7 +371,10 @@ mod tests {
     fn renew_shorter_than_one_write_is_refused() {
         let mut t = Profile::Default.timings();
         t.renew_timeout = Duration::from_millis(2400);
-        assert!(matches!(t.validate(), Err(TimingsError::RenewTooShort { .. })));
+        assert!(matches!(
+            t.validate(),
+            Err(TimingsError::RenewTooShort { .. })
+        ));
     }
 
     #[test]

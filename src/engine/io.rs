@@ -71,7 +71,9 @@ pub enum DomainState {
     Ready,
     /// S3(c) by storage: the host stopped the domain and gives up the lease
     /// of this generation (start failure, isolation response, give-up).
-    Released { failed_start: bool },
+    Released {
+        failed_start: bool,
+    },
 }
 
 /// A host's heartbeat slot (DESIGN.md §4), as the engine sees it.
@@ -156,7 +158,10 @@ pub enum NetMessage {
     Heartbeat(Heartbeat),
     /// The master moved these leases (domain, generation) to the receiver;
     /// a hint only: the receiver verifies the lease before starting.
-    Assign { from: HostId, domains: Vec<(DomainId, u64)> },
+    Assign {
+        from: HostId,
+        domains: Vec<(DomainId, u64)>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -182,7 +187,9 @@ pub enum DomainEvent {
     /// qemu died on its own.
     Crashed,
     /// The start failed; `disk_locked` means another qemu holds its disks.
-    StartFailed { disk_locked: bool },
+    StartFailed {
+        disk_locked: bool,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -204,15 +211,41 @@ pub enum Input {
     /// Protected domains the hypervisor runs at daemon start.
     DomainsAtStart(Vec<DomainId>),
     Net(NetMessage),
-    SlotWritten { op: OpId, result: Result<(), StorageError> },
-    StorageRead { op: OpId, result: Result<StorageSnapshot, StorageError> },
-    LeaseRead { op: OpId, key: LeaseKey, result: Result<Lease, StorageError> },
-    LeaseCas { op: OpId, key: LeaseKey, result: Result<CasOutcome, StorageError> },
-    RecordWritten { op: OpId, result: Result<(), StorageError> },
-    Domain { domain: DomainId, event: DomainEvent },
-    Fence { op: OpId, target: HostId, outcome: FenceOutcome },
+    SlotWritten {
+        op: OpId,
+        result: Result<(), StorageError>,
+    },
+    StorageRead {
+        op: OpId,
+        result: Result<StorageSnapshot, StorageError>,
+    },
+    LeaseRead {
+        op: OpId,
+        key: LeaseKey,
+        result: Result<Lease, StorageError>,
+    },
+    LeaseCas {
+        op: OpId,
+        key: LeaseKey,
+        result: Result<CasOutcome, StorageError>,
+    },
+    RecordWritten {
+        op: OpId,
+        result: Result<(), StorageError>,
+    },
+    Domain {
+        domain: DomainId,
+        event: DomainEvent,
+    },
+    Fence {
+        op: OpId,
+        target: HostId,
+        outcome: FenceOutcome,
+    },
     /// Whether any isolation address answered.
-    IsolationProbe { reachable: bool },
+    IsolationProbe {
+        reachable: bool,
+    },
     Operator(OperatorCommand),
 }
 
@@ -221,24 +254,62 @@ pub enum Input {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Action {
     /// To every peer when `to` is None.
-    Send { to: Option<HostId>, msg: NetMessage },
-    WriteSlot { op: OpId, slot: Slot },
-    ReadStorage { op: OpId },
-    ReadLease { op: OpId, key: LeaseKey },
+    Send {
+        to: Option<HostId>,
+        msg: NetMessage,
+    },
+    WriteSlot {
+        op: OpId,
+        slot: Slot,
+    },
+    ReadStorage {
+        op: OpId,
+    },
+    ReadLease {
+        op: OpId,
+        key: LeaseKey,
+    },
     /// Compare-and-swap under the file lock: write `new` only if the lease is
     /// at `expect_generation`.
-    CasLease { op: OpId, key: LeaseKey, expect_generation: u64, new: Lease },
-    WriteFenced { op: OpId, record: FencedRecord },
-    WriteAssignments { op: OpId, host: HostId, assignments: Assignments },
-    StartDomain { domain: DomainId },
+    CasLease {
+        op: OpId,
+        key: LeaseKey,
+        expect_generation: u64,
+        new: Lease,
+    },
+    WriteFenced {
+        op: OpId,
+        record: FencedRecord,
+    },
+    WriteAssignments {
+        op: OpId,
+        host: HostId,
+        assignments: Assignments,
+    },
+    StartDomain {
+        domain: DomainId,
+    },
     /// Hard stop; `kill` means libvirt did not answer: kill qemu directly.
-    DestroyDomain { domain: DomainId, kill: bool },
-    ShutdownDomain { domain: DomainId, timeout: Duration },
-    Fence { op: OpId, target: HostId, agent: String },
+    DestroyDomain {
+        domain: DomainId,
+        kill: bool,
+    },
+    ShutdownDomain {
+        domain: DomainId,
+        timeout: Duration,
+    },
+    Fence {
+        op: OpId,
+        target: HostId,
+        agent: String,
+    },
     ProbeIsolation,
     /// Check the domain's readiness condition (guest-agent ping, TCP
     /// connect); answered with `DomainEvent::Ready` when it holds.
-    ProbeReadiness { domain: DomainId, readiness: super::config::Readiness },
+    ProbeReadiness {
+        domain: DomainId,
+        readiness: super::config::Readiness,
+    },
     PetWatchdog,
     Emit(Event),
 }

@@ -50,7 +50,11 @@ pub struct Master {
 impl Master {
     /// A lease value seen on storage by any of our own requests.
     pub(super) fn note_lease(&mut self, d: DomainId, l: Lease) {
-        if self.leases.get(&d).is_none_or(|c| c.generation <= l.generation) {
+        if self
+            .leases
+            .get(&d)
+            .is_none_or(|c| c.generation <= l.generation)
+        {
             self.leases.insert(d, l);
         }
     }
@@ -81,15 +85,27 @@ impl Node {
 
     pub(super) fn master_tick(&mut self, now: Instant) {
         if self.master.is_some() && !self.storage_healthy(now) {
-            self.emit(now, "master", "stepping down: own storage heartbeat is failing".into());
+            self.emit(
+                now,
+                "master",
+                "stepping down: own storage heartbeat is failing".into(),
+            );
             self.master = None;
         }
         // The master re-reads its lease too: if someone took it (S3), it
         // stops acting at once, so at most one master acts on its cache.
         if now >= self.next_master_check && self.storage_healthy(now) {
             self.next_master_check = now + super::node::MASTER_CHECK_INTERVAL;
-            let op = self.new_op(now, OpKind::LeaseRead { purpose: ReadPurpose::Master });
-            self.actions.push_back(Action::ReadLease { op, key: LeaseKey::Master });
+            let op = self.new_op(
+                now,
+                OpKind::LeaseRead {
+                    purpose: ReadPurpose::Master,
+                },
+            );
+            self.actions.push_back(Action::ReadLease {
+                op,
+                key: LeaseKey::Master,
+            });
         }
         self.log_verdicts(now);
         self.start_fence_jobs(now);
@@ -106,10 +122,16 @@ impl Node {
     /// The master lease was read: reclaim it, or take it if it is free or its
     /// owner is dead by S3, when we are the lowest live host.
     pub(super) fn consider_master(&mut self, now: Instant) {
-        let Some(lease) = self.master_lease else { return };
+        let Some(lease) = self.master_lease else {
+            return;
+        };
         if self.master.is_some() {
             if lease.owner != Some(self.me()) {
-                self.emit(now, "master", "stepping down: the master lease is no longer ours".into());
+                self.emit(
+                    now,
+                    "master",
+                    "stepping down: the master lease is no longer ours".into(),
+                );
                 self.master = None;
             }
             return;
@@ -133,8 +155,17 @@ impl Node {
             return;
         }
         let op = self.new_op(now, OpKind::MasterCas);
-        let new = Lease { owner: Some(self.me()), generation: lease.generation + 1, reason };
-        self.actions.push_back(Action::CasLease { op, key: LeaseKey::Master, expect_generation: lease.generation, new });
+        let new = Lease {
+            owner: Some(self.me()),
+            generation: lease.generation + 1,
+            reason,
+        };
+        self.actions.push_back(Action::CasLease {
+            op,
+            key: LeaseKey::Master,
+            expect_generation: lease.generation,
+            new,
+        });
     }
 
     /// Take a free or dead master's lease: the lowest live host first.
@@ -149,8 +180,17 @@ impl Node {
             return;
         }
         let op = self.new_op(now, OpKind::MasterCas);
-        let new = Lease { owner: Some(self.me()), generation: lease.generation + 1, reason };
-        self.actions.push_back(Action::CasLease { op, key: LeaseKey::Master, expect_generation: lease.generation, new });
+        let new = Lease {
+            owner: Some(self.me()),
+            generation: lease.generation + 1,
+            reason,
+        };
+        self.actions.push_back(Action::CasLease {
+            op,
+            key: LeaseKey::Master,
+            expect_generation: lease.generation,
+            new,
+        });
     }
 
     /// How many live hosts have a lower id than us.
@@ -192,13 +232,28 @@ impl Node {
             }
         }
         for d in reads {
-            let op = self.new_op(now, OpKind::LeaseRead { purpose: ReadPurpose::MasterLoad });
-            self.actions.push_back(Action::ReadLease { op, key: LeaseKey::Domain(d) });
+            let op = self.new_op(
+                now,
+                OpKind::LeaseRead {
+                    purpose: ReadPurpose::MasterLoad,
+                },
+            );
+            self.actions.push_back(Action::ReadLease {
+                op,
+                key: LeaseKey::Domain(d),
+            });
         }
     }
 
-    pub(super) fn master_loaded(&mut self, now: Instant, d: DomainId, result: Result<Lease, StorageError>) {
-        let Some(m) = self.master.as_mut() else { return };
+    pub(super) fn master_loaded(
+        &mut self,
+        now: Instant,
+        d: DomainId,
+        result: Result<Lease, StorageError>,
+    ) {
+        let Some(m) = self.master.as_mut() else {
+            return;
+        };
         m.loading = m.loading.saturating_sub(1);
         match result {
             Ok(l) => {
@@ -209,13 +264,26 @@ impl Node {
         self.master_load(now);
     }
 
-    pub(super) fn handle_cas(&mut self, now: Instant, op: OpId, key: LeaseKey, result: Result<CasOutcome, StorageError>) {
+    pub(super) fn handle_cas(
+        &mut self,
+        now: Instant,
+        op: OpId,
+        key: LeaseKey,
+        result: Result<CasOutcome, StorageError>,
+    ) {
         let pending = self.finish_op(now, op);
-        if let Some(PendingOp { kind: OpKind::Renew(d), .. }) = pending {
+        if let Some(PendingOp {
+            kind: OpKind::Renew(d),
+            ..
+        }) = pending
+        {
             self.renewed(now, d, result);
             return;
         }
-        let inflight = self.master.as_mut().and_then(|m| m.cas_inflight.remove(&op));
+        let inflight = self
+            .master
+            .as_mut()
+            .and_then(|m| m.cas_inflight.remove(&op));
         let Some(_) = pending else {
             // Timed out: the CAS may or may not have happened; re-read.
             if let (LeaseKey::Domain(d), Some(m)) = (key, self.master.as_mut()) {
@@ -241,22 +309,47 @@ impl Node {
             }
             (LeaseKey::Master, Ok(CasOutcome::Conflict(l))) => self.master_lease = Some(l),
             (LeaseKey::Master, Err(_)) => {}
-            (LeaseKey::Domain(d), result) => self.domain_cas_done(now, d, inflight.map(|x| x.1), result),
+            (LeaseKey::Domain(d), result) => {
+                self.domain_cas_done(now, d, inflight.map(|x| x.1), result)
+            }
         }
     }
 
-    fn domain_cas_done(&mut self, now: Instant, d: DomainId, to: Option<HostId>, result: Result<CasOutcome, StorageError>) {
-        let Some(m) = self.master.as_mut() else { return };
+    fn domain_cas_done(
+        &mut self,
+        now: Instant,
+        d: DomainId,
+        to: Option<HostId>,
+        result: Result<CasOutcome, StorageError>,
+    ) {
+        let Some(m) = self.master.as_mut() else {
+            return;
+        };
         match result {
             Ok(CasOutcome::Done(l)) => {
                 m.leases.insert(d, l);
                 let Some(to) = to else { return };
-                let priority = self.cfg.spec.domains.get(&d).map_or(Priority::Medium, |s| s.policy.priority);
-                m.starting.insert(d, Starting { host: to, since: now, priority });
+                let priority = self
+                    .cfg
+                    .spec
+                    .domains
+                    .get(&d)
+                    .map_or(Priority::Medium, |s| s.policy.priority);
+                m.starting.insert(
+                    d,
+                    Starting {
+                        host: to,
+                        since: now,
+                        priority,
+                    },
+                );
                 if to == self.cfg.host {
                     self.handle_assignment(now, d, l.generation);
                 } else {
-                    let msg = NetMessage::Assign { from: self.cfg.host, domains: vec![(d, l.generation)] };
+                    let msg = NetMessage::Assign {
+                        from: self.cfg.host,
+                        domains: vec![(d, l.generation)],
+                    };
                     self.actions.push_back(Action::Send { to: Some(to), msg });
                 }
             }
@@ -280,7 +373,13 @@ impl Node {
     }
 
     /// Why the lease held by `owner` may be taken now, if it may (S3).
-    pub(super) fn takeover_reason(&self, _now: Instant, owner: Owner, key: LeaseKey, generation: u64) -> Option<LeaseReason> {
+    pub(super) fn takeover_reason(
+        &self,
+        _now: Instant,
+        owner: Owner,
+        key: LeaseKey,
+        generation: u64,
+    ) -> Option<LeaseReason> {
         if owner.host == self.cfg.host {
             // Our own lease: free to move only if we released that generation.
             let released = match key {
@@ -291,10 +390,17 @@ impl Node {
                 // A lease of our previous boot: that boot's qemu is gone.
                 return Some(LeaseReason::FenceConfirmed);
             }
-            return released.filter(|g| *g >= generation).map(|_| LeaseReason::Released);
+            return released
+                .filter(|g| *g >= generation)
+                .map(|_| LeaseReason::Released);
         }
         #[cfg(test)]
-        if self.cfg.broken_skip_s3 && self.peers.get(&owner.host).is_some_and(|p| !p.net_fresh(_now, &self.t)) {
+        if self.cfg.broken_skip_s3
+            && self
+                .peers
+                .get(&owner.host)
+                .is_some_and(|p| !p.net_fresh(_now, &self.t))
+        {
             return Some(LeaseReason::HostDeadTimeout);
         }
         let Some(peer) = self.peers.get(&owner.host) else {
@@ -308,7 +414,10 @@ impl Node {
             // It rebooted since it took the lease: that boot's qemu is gone.
             return Some(LeaseReason::FenceConfirmed);
         }
-        if peer.released(owner.boot, key).is_some_and(|(g, _)| g >= generation) {
+        if peer
+            .released(owner.boot, key)
+            .is_some_and(|(g, _)| g >= generation)
+        {
             return Some(LeaseReason::Released);
         }
         let watchdog = self.cfg.spec.host(owner.host).is_some_and(|h| h.watchdog);
@@ -354,12 +463,17 @@ impl Node {
             if self.verdict_of(now, p) != Verdict::Suspect || self.fence_jobs.contains_key(h) {
                 continue;
             }
-            let Some(boot) = p.current_boot() else { continue };
+            let Some(boot) = p.current_boot() else {
+                continue;
+            };
             if p.fenced_boots.contains(&boot) {
                 continue;
             }
             let holds = match &self.master {
-                Some(m) => m.leases.values().any(|l| l.owner.is_some_and(|o| o.host == *h && o.boot == boot)),
+                Some(m) => m
+                    .leases
+                    .values()
+                    .any(|l| l.owner.is_some_and(|o| o.host == *h && o.boot == boot)),
                 None => deputy && master_owner.is_some_and(|o| o.host == *h && o.boot == boot),
             };
             if holds {
@@ -367,9 +481,27 @@ impl Node {
             }
         }
         for (h, boot) in targets {
-            let agents = self.cfg.spec.host(h).map(|s| s.fence_agents.len()).unwrap_or(0);
+            let agents = self
+                .cfg
+                .spec
+                .host(h)
+                .map(|s| s.fence_agents.len())
+                .unwrap_or(0);
             if agents == 0 {
-                if self.fence_jobs.insert(h, FenceJob { boot, agent: 0, round: 0, op: None, next_try: Instant(u64::MAX) }).is_none() {
+                if self
+                    .fence_jobs
+                    .insert(
+                        h,
+                        FenceJob {
+                            boot,
+                            agent: 0,
+                            round: 0,
+                            op: None,
+                            next_try: Instant(u64::MAX),
+                        },
+                    )
+                    .is_none()
+                {
                     let how = if self.cfg.spec.host(h).is_some_and(|s| s.watchdog) {
                         "waiting for host_dead_timeout"
                     } else {
@@ -379,14 +511,25 @@ impl Node {
                 }
                 continue;
             }
-            self.fence_jobs.insert(h, FenceJob { boot, agent: 0, round: 0, op: None, next_try: now });
+            self.fence_jobs.insert(
+                h,
+                FenceJob {
+                    boot,
+                    agent: 0,
+                    round: 0,
+                    op: None,
+                    next_try: now,
+                },
+            );
         }
     }
 
     fn fence_tick(&mut self, now: Instant) {
         let hosts: Vec<HostId> = self.fence_jobs.keys().copied().collect();
         for h in hosts {
-            let Some(p) = self.peers.get(&h) else { continue };
+            let Some(p) = self.peers.get(&h) else {
+                continue;
+            };
             let v = self.verdict_of(now, p);
             let boot_now = p.current_boot();
             let job = self.fence_jobs[&h].clone();
@@ -394,33 +537,66 @@ impl Node {
                 self.fence_jobs.remove(&h);
                 continue;
             }
-            if matches!(v, Verdict::Alive | Verdict::Partitioned | Verdict::Isolated | Verdict::StorageLost) {
+            if matches!(
+                v,
+                Verdict::Alive | Verdict::Partitioned | Verdict::Isolated | Verdict::StorageLost
+            ) {
                 if job.op.is_none() {
-                    self.emit(now, "fence", format!("{h} is {} again; fencing cancelled", verdict_name(v)));
+                    self.emit(
+                        now,
+                        "fence",
+                        format!("{h} is {} again; fencing cancelled", verdict_name(v)),
+                    );
                     self.fence_jobs.remove(&h);
                 }
                 continue;
             }
-            if v != Verdict::Suspect || job.op.is_some() || now < job.next_try || !self.network_ok(now) {
+            if v != Verdict::Suspect
+                || job.op.is_some()
+                || now < job.next_try
+                || !self.network_ok(now)
+            {
                 continue;
             }
-            let Some(agent) = self.cfg.spec.host(h).and_then(|s| s.fence_agents.get(job.agent)).cloned() else {
+            let Some(agent) = self
+                .cfg
+                .spec
+                .host(h)
+                .and_then(|s| s.fence_agents.get(job.agent))
+                .cloned()
+            else {
                 continue;
             };
-            self.emit(now, "fence", format!("fencing {h} with {agent} (round {})", job.round + 1));
+            self.emit(
+                now,
+                "fence",
+                format!("fencing {h} with {agent} (round {})", job.round + 1),
+            );
             let op = self.new_op(now, OpKind::Fence);
             if let Some(j) = self.fence_jobs.get_mut(&h) {
                 j.op = Some(op);
             }
-            self.actions.push_back(Action::Fence { op, target: h, agent });
+            self.actions.push_back(Action::Fence {
+                op,
+                target: h,
+                agent,
+            });
         }
     }
 
-    pub(super) fn handle_fence_result(&mut self, now: Instant, op: OpId, target: HostId, outcome: FenceOutcome) {
+    pub(super) fn handle_fence_result(
+        &mut self,
+        now: Instant,
+        op: OpId,
+        target: HostId,
+        outcome: FenceOutcome,
+    ) {
         if self.finish_op(now, op).is_none() {
             return;
         }
-        let Some(job) = self.fence_jobs.get(&target).cloned() else { return };
+        let Some(job) = self.fence_jobs.get(&target).cloned() else {
+            return;
+        };
         if job.op != Some(op) {
             return;
         }
@@ -431,17 +607,33 @@ impl Node {
     }
 
     pub(super) fn fence_timed_out(&mut self, now: Instant, op: OpId) {
-        let target = self.fence_jobs.iter().find(|(_, j)| j.op == Some(op)).map(|(h, _)| *h);
+        let target = self
+            .fence_jobs
+            .iter()
+            .find(|(_, j)| j.op == Some(op))
+            .map(|(h, _)| *h);
         if let Some(h) = target {
             self.fence_attempt_failed(now, h, "timed out");
         }
     }
 
     fn fence_attempt_failed(&mut self, now: Instant, target: HostId, how: &str) {
-        let agents = self.cfg.spec.host(target).map_or(0, |s| s.fence_agents.len());
+        let agents = self
+            .cfg
+            .spec
+            .host(target)
+            .map_or(0, |s| s.fence_agents.len());
         let backoff = self.t.fence_retry_backoff;
-        let Some(job) = self.fence_jobs.get_mut(&target) else { return };
-        let agent = self.cfg.spec.host(target).and_then(|s| s.fence_agents.get(job.agent)).cloned().unwrap_or_default();
+        let Some(job) = self.fence_jobs.get_mut(&target) else {
+            return;
+        };
+        let agent = self
+            .cfg
+            .spec
+            .host(target)
+            .and_then(|s| s.fence_agents.get(job.agent))
+            .cloned()
+            .unwrap_or_default();
         job.op = None;
         job.agent += 1;
         if job.agent >= agents {
@@ -455,7 +647,13 @@ impl Node {
         }
         self.emit(now, "fence", format!("fencing {target} with {agent} {how}"));
         if gave_up {
-            self.emit(now, "fence", format!("giving up fencing {target}; waiting for host_dead_timeout or the operator"));
+            self.emit(
+                now,
+                "fence",
+                format!(
+                    "giving up fencing {target}; waiting for host_dead_timeout or the operator"
+                ),
+            );
         }
     }
 
@@ -464,9 +662,17 @@ impl Node {
         if let Some(p) = self.peers.get_mut(&target) {
             p.fenced_boots.insert(boot);
         }
-        self.emit(now, "fence", format!("{target} confirmed powered off ({by})"));
+        self.emit(
+            now,
+            "fence",
+            format!("{target} confirmed powered off ({by})"),
+        );
         let op = self.new_op(now, OpKind::Record);
-        let record = FencedRecord { host: target, boot, by: self.cfg.host };
+        let record = FencedRecord {
+            host: target,
+            boot,
+            by: self.cfg.host,
+        };
         self.actions.push_back(Action::WriteFenced { op, record });
         // A dead master's lease can go at once.
         if self.master.is_none() {
@@ -476,7 +682,11 @@ impl Node {
 
     pub(super) fn handle_operator_confirm(&mut self, now: Instant, h: HostId) {
         let Some(boot) = self.peers.get(&h).and_then(|p| p.current_boot()) else {
-            self.emit(now, "fence", format!("operator confirm for {h} ignored: host never seen"));
+            self.emit(
+                now,
+                "fence",
+                format!("operator confirm for {h} ignored: host never seen"),
+            );
             return;
         };
         self.fence_confirmed(now, h, boot, "operator");
@@ -516,10 +726,21 @@ impl Node {
         for (d, l) in &self.local {
             let state = match l.state {
                 super::node::LocalState::Ready => DomainState::Ready,
-                super::node::LocalState::Running | super::node::LocalState::Adopting => DomainState::Running,
+                super::node::LocalState::Running | super::node::LocalState::Adopting => {
+                    DomainState::Running
+                }
                 _ => DomainState::Starting,
             };
-            out.insert(*d, (self.cfg.host, DomainReport { state, generation: l.generation.unwrap_or(0) }));
+            out.insert(
+                *d,
+                (
+                    self.cfg.host,
+                    DomainReport {
+                        state,
+                        generation: l.generation.unwrap_or(0),
+                    },
+                ),
+            );
         }
         out
     }
@@ -533,8 +754,18 @@ impl Node {
             let Some(slot) = &p.slot else { continue };
             for (d, r) in &slot.domains {
                 if r.generation > 0 && !matches!(r.state, DomainState::Released { .. }) {
-                    let owner = Owner { host: *h, boot: slot.boot };
-                    seen.push((*d, Lease { owner: Some(owner), generation: r.generation, reason: LeaseReason::Renewed }));
+                    let owner = Owner {
+                        host: *h,
+                        boot: slot.boot,
+                    };
+                    seen.push((
+                        *d,
+                        Lease {
+                            owner: Some(owner),
+                            generation: r.generation,
+                            reason: LeaseReason::Renewed,
+                        },
+                    ));
                 }
             }
         }
@@ -545,15 +776,30 @@ impl Node {
         }
     }
 
-    fn track_starting(&mut self, now: Instant, reports: &BTreeMap<DomainId, (HostId, DomainReport)>) {
+    fn track_starting(
+        &mut self,
+        now: Instant,
+        reports: &BTreeMap<DomainId, (HostId, DomainReport)>,
+    ) {
         let spec = self.cfg.spec.clone();
         let mut events = Vec::new();
-        let Some(m) = self.master.as_mut() else { return };
+        let Some(m) = self.master.as_mut() else {
+            return;
+        };
         m.starting.retain(|d, s| {
-            let ready = reports.get(d).is_some_and(|(h, r)| *h == s.host && r.state == DomainState::Ready);
-            let timeout = spec.domains.get(d).map_or(Duration::ZERO, |x| x.policy.readiness_timeout);
+            let ready = reports
+                .get(d)
+                .is_some_and(|(h, r)| *h == s.host && r.state == DomainState::Ready);
+            let timeout = spec
+                .domains
+                .get(d)
+                .map_or(Duration::ZERO, |x| x.policy.readiness_timeout);
             if !ready && now.since(s.since) >= timeout {
-                events.push(format!("{} not ready after {}; no longer holding back lower priorities", spec.domain_name(*d), timeout));
+                events.push(format!(
+                    "{} not ready after {}; no longer holding back lower priorities",
+                    spec.domain_name(*d),
+                    timeout
+                ));
                 return false;
             }
             if ready {
@@ -566,25 +812,45 @@ impl Node {
         }
     }
 
-    fn find_orphans(&mut self, now: Instant, reports: &BTreeMap<DomainId, (HostId, DomainReport)>) -> Vec<Orphan> {
-        let Some(m) = self.master.as_ref() else { return Vec::new() };
+    fn find_orphans(
+        &mut self,
+        now: Instant,
+        reports: &BTreeMap<DomainId, (HostId, DomainReport)>,
+    ) -> Vec<Orphan> {
+        let Some(m) = self.master.as_ref() else {
+            return Vec::new();
+        };
         let busy: BTreeSet<DomainId> = m.cas_inflight.values().map(|(d, _)| *d).collect();
         let mut out = Vec::new();
         for (d, spec) in &self.cfg.spec.domains {
-            if spec.policy.priority == Priority::Disabled || m.given_up.contains(d) || busy.contains(d) {
+            if spec.policy.priority == Priority::Disabled
+                || m.given_up.contains(d)
+                || busy.contains(d)
+            {
                 continue;
             }
-            let Some(lease) = m.leases.get(d).copied() else { continue };
+            let Some(lease) = m.leases.get(d).copied() else {
+                continue;
+            };
             // A dead owner's slot is stale: its reports do not count.
             let reason = match lease.owner {
                 None => Some(LeaseReason::Acquired),
                 Some(o) => self.takeover_reason(now, o, LeaseKey::Domain(*d), lease.generation),
             };
-            if reason.is_none() || reports.get(d).is_some_and(|(h, _)| lease.owner.is_some_and(|o| o.host == *h) && reason == Some(LeaseReason::Acquired)) {
+            if reason.is_none()
+                || reports.get(d).is_some_and(|(h, _)| {
+                    lease.owner.is_some_and(|o| o.host == *h)
+                        && reason == Some(LeaseReason::Acquired)
+                })
+            {
                 continue;
             }
             if let Some(reason) = reason {
-                out.push(Orphan { domain: *d, lease, reason });
+                out.push(Orphan {
+                    domain: *d,
+                    lease,
+                    reason,
+                });
             }
         }
         self.count_failed_starts(now, &out);
@@ -602,13 +868,22 @@ impl Node {
                 .get(&owner.host)
                 .and_then(|p| p.released(owner.boot, key))
                 .is_some_and(|(g, failed_start)| failed_start && g >= o.lease.generation);
-            let failed = failed || (owner.host == self.cfg.host && self.released.get(&o.domain).is_some_and(|r| r.1));
+            let failed = failed
+                || (owner.host == self.cfg.host
+                    && self.released.get(&o.domain).is_some_and(|r| r.1));
             if !failed {
                 continue;
             }
-            let max = self.cfg.spec.domains.get(&o.domain).map_or(0, |s| s.policy.max_restarts);
+            let max = self
+                .cfg
+                .spec
+                .domains
+                .get(&o.domain)
+                .map_or(0, |s| s.policy.max_restarts);
             let backoff = self.backoff(0);
-            let Some(m) = self.master.as_mut() else { return };
+            let Some(m) = self.master.as_mut() else {
+                return;
+            };
             let r = m.retries.entry(o.domain).or_default();
             if r.counted_generation >= o.lease.generation {
                 continue;
@@ -621,7 +896,11 @@ impl Node {
             m.starting.remove(&o.domain);
             if r.attempts > max {
                 m.given_up.insert(o.domain);
-                events.push(format!("giving up on {}: {} failed starts (max_restarts {max})", self.cfg.spec.domain_name(o.domain), r.attempts));
+                events.push(format!(
+                    "giving up on {}: {} failed starts (max_restarts {max})",
+                    self.cfg.spec.domain_name(o.domain),
+                    r.attempts
+                ));
             }
         }
         for e in events {
@@ -629,7 +908,12 @@ impl Node {
         }
     }
 
-    fn place(&mut self, now: Instant, orphans: Vec<Orphan>, reports: &BTreeMap<DomainId, (HostId, DomainReport)>) {
+    fn place(
+        &mut self,
+        now: Instant,
+        orphans: Vec<Orphan>,
+        reports: &BTreeMap<DomainId, (HostId, DomainReport)>,
+    ) {
         if let Some(m) = self.master.as_mut() {
             // An orphan again: its start failed or its host died.
             for o in &orphans {
@@ -650,10 +934,15 @@ impl Node {
             self.log_waiting(now, *d, format!("{why:?}"));
         }
         let placements = readiness_cut(&spec, plan.placements);
-        let by_domain: BTreeMap<DomainId, &Orphan> = orphans.iter().map(|o| (o.domain, o)).collect();
+        let by_domain: BTreeMap<DomainId, &Orphan> =
+            orphans.iter().map(|o| (o.domain, o)).collect();
         for (d, h) in placements {
             let Some(o) = by_domain.get(&d) else { continue };
-            let boot = if h == self.cfg.host { Some(self.cfg.boot) } else { self.peers.get(&h).and_then(|p| p.current_boot()) };
+            let boot = if h == self.cfg.host {
+                Some(self.cfg.boot)
+            } else {
+                self.peers.get(&h).and_then(|p| p.current_boot())
+            };
             let Some(boot) = boot else { continue };
             self.assign(now, d, h, boot, o.lease, o.reason);
         }
@@ -662,18 +951,31 @@ impl Node {
     /// Orphans that may be planned now: not given up, past their retry
     /// backoff, and not held back by a higher priority restart that is not
     /// ready yet (readiness ordering). Also returns the held-back ones.
-    fn gate_requests<'a>(&self, now: Instant, orphans: &[Orphan], spec: &'a ClusterSpec) -> (Vec<PlanRequest<'a>>, Vec<DomainId>) {
-        let Some(m) = self.master.as_ref() else { return (Vec::new(), Vec::new()) };
+    fn gate_requests<'a>(
+        &self,
+        now: Instant,
+        orphans: &[Orphan],
+        spec: &'a ClusterSpec,
+    ) -> (Vec<PlanRequest<'a>>, Vec<DomainId>) {
+        let Some(m) = self.master.as_ref() else {
+            return (Vec::new(), Vec::new());
+        };
         let blocking = m
             .starting
             .iter()
-            .filter(|(d, _)| spec.domains.get(d).is_some_and(|x| x.policy.readiness != Readiness::Started))
+            .filter(|(d, _)| {
+                spec.domains
+                    .get(d)
+                    .is_some_and(|x| x.policy.readiness != Readiness::Started)
+            })
             .map(|(_, s)| s.priority)
             .max();
         let mut requests = Vec::new();
         let mut held_back = Vec::new();
         for o in orphans {
-            let Some(ds) = spec.domains.get(&o.domain) else { continue };
+            let Some(ds) = spec.domains.get(&o.domain) else {
+                continue;
+            };
             if m.given_up.contains(&o.domain) {
                 continue;
             }
@@ -692,34 +994,66 @@ impl Node {
     }
 
     fn log_waiting(&mut self, now: Instant, d: DomainId, why: String) {
-        let first = self.master.as_mut().is_some_and(|m| m.waiting_logged.insert(d));
+        let first = self
+            .master
+            .as_mut()
+            .is_some_and(|m| m.waiting_logged.insert(d));
         if first {
-            self.emit(now, "master", format!("{} waits: {why}", self.domain_name(d)));
+            self.emit(
+                now,
+                "master",
+                format!("{} waits: {why}", self.domain_name(d)),
+            );
         }
     }
 
     /// Move one lease to its new host (CAS); the host starts it on success.
-    fn assign(&mut self, now: Instant, d: DomainId, h: HostId, boot: BootId, lease: Lease, reason: LeaseReason) {
+    fn assign(
+        &mut self,
+        now: Instant,
+        d: DomainId,
+        h: HostId,
+        boot: BootId,
+        lease: Lease,
+        reason: LeaseReason,
+    ) {
         let why = match reason {
             LeaseReason::FenceConfirmed => "fence confirmed",
             LeaseReason::HostDeadTimeout => "host_dead_timeout",
             LeaseReason::Released => "released",
             _ => "free",
         };
-        self.emit(now, "master", format!("restarting {} on {h} ({why})", self.domain_name(d)));
+        self.emit(
+            now,
+            "master",
+            format!("restarting {} on {h} ({why})", self.domain_name(d)),
+        );
         let op = self.new_op(now, OpKind::Cas);
-        let new = Lease { owner: Some(Owner { host: h, boot }), generation: lease.generation + 1, reason };
+        let new = Lease {
+            owner: Some(Owner { host: h, boot }),
+            generation: lease.generation + 1,
+            reason,
+        };
         if let Some(m) = self.master.as_mut() {
             m.cas_inflight.insert(op, (d, h));
             m.waiting_logged.remove(&d);
         }
-        self.actions.push_back(Action::CasLease { op, key: LeaseKey::Domain(d), expect_generation: lease.generation, new });
+        self.actions.push_back(Action::CasLease {
+            op,
+            key: LeaseKey::Domain(d),
+            expect_generation: lease.generation,
+            new,
+        });
     }
 
     /// Hosts that may receive restarts: alive on storage, not isolated, not
     /// self-fenced (network silence alone does not matter: assignments travel
     /// through storage).
-    fn host_rooms(&self, now: Instant, reports: &BTreeMap<DomainId, (HostId, DomainReport)>) -> Vec<HostRoom> {
+    fn host_rooms(
+        &self,
+        now: Instant,
+        reports: &BTreeMap<DomainId, (HostId, DomainReport)>,
+    ) -> Vec<HostRoom> {
         let spec = &self.cfg.spec;
         let mut rooms = Vec::new();
         for hs in &spec.hosts {
@@ -727,10 +1061,12 @@ impl Node {
                 !self.isolated && self.self_fence == SelfFence::Healthy && self.storage_healthy(now)
             } else {
                 self.peers.get(&hs.id).is_some_and(|p| {
-                    matches!(self.verdict_of(now, p), Verdict::Alive | Verdict::Partitioned)
-                        && p.slot.as_ref().is_some_and(|s| {
-                            !s.isolated && !s.self_fenced && Some(s.boot) == p.current_boot()
-                        })
+                    matches!(
+                        self.verdict_of(now, p),
+                        Verdict::Alive | Verdict::Partitioned
+                    ) && p.slot.as_ref().is_some_and(|s| {
+                        !s.isolated && !s.self_fenced && Some(s.boot) == p.current_boot()
+                    })
                 })
             };
             if !ok {
@@ -752,7 +1088,9 @@ impl Node {
                 if *h != hs.id {
                     continue;
                 }
-                let Some(ds) = spec.domains.get(d) else { continue };
+                let Some(ds) = spec.domains.get(d) else {
+                    continue;
+                };
                 room.memory_free_mib -= ds.memory_mib as i64;
                 room.vcpus_free -= ds.vcpus as i64;
                 room.domain_count += 1;
@@ -768,7 +1106,9 @@ impl Node {
                 if s.host != hs.id || reports.get(d).is_some_and(|(h, _)| *h == hs.id) {
                     continue;
                 }
-                let Some(ds) = spec.domains.get(d) else { continue };
+                let Some(ds) = spec.domains.get(d) else {
+                    continue;
+                };
                 room.memory_free_mib -= ds.memory_mib as i64;
                 room.vcpus_free -= ds.vcpus as i64;
                 room.domain_count += 1;
@@ -785,8 +1125,14 @@ impl Node {
     /// Per-host assignment records: every lease the host owns (per our
     /// cache) that it does not report running. Travels through storage, so a
     /// network partition cannot stop a restart.
-    fn write_assignments(&mut self, now: Instant, reports: &BTreeMap<DomainId, (HostId, DomainReport)>) {
-        let Some(m) = self.master.as_ref() else { return };
+    fn write_assignments(
+        &mut self,
+        now: Instant,
+        reports: &BTreeMap<DomainId, (HostId, DomainReport)>,
+    ) {
+        let Some(m) = self.master.as_ref() else {
+            return;
+        };
         let mut want: BTreeMap<HostId, BTreeMap<DomainId, u64>> = BTreeMap::new();
         for (d, l) in &m.leases {
             let Some(o) = l.owner else { continue };
@@ -821,7 +1167,11 @@ impl Node {
                 m.written.insert(h, a.clone());
             }
             let op = self.new_op(now, OpKind::Record);
-            self.actions.push_back(Action::WriteAssignments { op, host: h, assignments: a });
+            self.actions.push_back(Action::WriteAssignments {
+                op,
+                host: h,
+                assignments: a,
+            });
         }
         for (d, g) in mine {
             self.handle_assignment(now, d, g);
@@ -833,12 +1183,26 @@ impl Node {
 /// (guest agent, TCP port) is placed, lower priorities wait for it. Domains
 /// whose readiness is "started" hold nobody back (vSphere's "resources
 /// allocated" condition).
-fn readiness_cut(spec: &ClusterSpec, placements: Vec<(DomainId, HostId)>) -> Vec<(DomainId, HostId)> {
-    let prio = |d: &DomainId| spec.domains.get(d).map_or(Priority::Disabled, |s| s.policy.priority);
+fn readiness_cut(
+    spec: &ClusterSpec,
+    placements: Vec<(DomainId, HostId)>,
+) -> Vec<(DomainId, HostId)> {
+    let prio = |d: &DomainId| {
+        spec.domains
+            .get(d)
+            .map_or(Priority::Disabled, |s| s.policy.priority)
+    };
     let gate = placements
         .iter()
-        .filter(|(d, _)| spec.domains.get(d).is_some_and(|s| s.policy.readiness != Readiness::Started))
+        .filter(|(d, _)| {
+            spec.domains
+                .get(d)
+                .is_some_and(|s| s.policy.readiness != Readiness::Started)
+        })
         .map(|(d, _)| prio(d))
         .max();
-    placements.into_iter().filter(|(d, _)| gate.is_none_or(|g| prio(d) >= g)).collect()
+    placements
+        .into_iter()
+        .filter(|(d, _)| gate.is_none_or(|g| prio(d) >= g))
+        .collect()
 }

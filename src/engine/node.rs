@@ -63,9 +63,14 @@ pub enum LocalState {
     Running,
     Ready,
     /// Destroy or shutdown asked; `kill_at`: when to kill qemu directly.
-    Stopping { kill_at: Instant, then: AfterStop },
+    Stopping {
+        kill_at: Instant,
+        then: AfterStop,
+    },
     /// Crashed or refused; restart after this instant (lease still ours).
-    Backoff { until: Instant },
+    Backoff {
+        until: Instant,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,16 +95,22 @@ pub enum SelfFence {
     Healthy,
     /// S4 triggered: destroying everything; stop petting the watchdog at
     /// `give_up_at` if qemu still runs.
-    Fencing { give_up_at: Instant },
+    Fencing {
+        give_up_at: Instant,
+    },
     /// Every protected domain confirmed gone and every lease released, since.
-    Fenced { since: Instant },
+    Fenced {
+        since: Instant,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum OpKind {
     SlotWrite,
     StorageRead,
-    LeaseRead { purpose: ReadPurpose },
+    LeaseRead {
+        purpose: ReadPurpose,
+    },
     Cas,
     /// CAS of the master lease.
     MasterCas,
@@ -225,7 +236,14 @@ impl Node {
             verdicts: BTreeMap::new(),
             cfg,
         };
-        node.emit(now, "node", format!("daemon started (boot {:x}, incarnation {:x})", node.cfg.boot, node.cfg.incarnation));
+        node.emit(
+            now,
+            "node",
+            format!(
+                "daemon started (boot {:x}, incarnation {:x})",
+                node.cfg.boot, node.cfg.incarnation
+            ),
+        );
         node
     }
 
@@ -251,24 +269,39 @@ impl Node {
 
     /// The next instant `handle_timeout` has work to do.
     pub fn poll_timeout(&self) -> Instant {
-        self.next_tick.min(self.next_hb).min(self.next_slot_write).min(self.next_read)
+        self.next_tick
+            .min(self.next_hb)
+            .min(self.next_slot_write)
+            .min(self.next_read)
     }
 
     pub(super) fn me(&self) -> Owner {
-        Owner { host: self.cfg.host, boot: self.cfg.boot }
+        Owner {
+            host: self.cfg.host,
+            boot: self.cfg.boot,
+        }
     }
 
     pub(super) fn new_op(&mut self, now: Instant, kind: OpKind) -> OpId {
         let op = OpId(self.next_op);
         self.next_op += 1;
-        self.ops.insert(op, PendingOp { kind, issued: now, expired: false });
+        self.ops.insert(
+            op,
+            PendingOp {
+                kind,
+                issued: now,
+                expired: false,
+            },
+        );
         op
     }
 
     /// Take the pending op for a result; None for unknown or expired ops.
     pub(super) fn finish_op(&mut self, now: Instant, op: OpId) -> Option<PendingOp> {
         let p = self.ops.remove(&op)?;
-        if p.kind != OpKind::Fence && (p.expired || now.since(p.issued) > self.t.storage_write_interval) {
+        if p.kind != OpKind::Fence
+            && (p.expired || now.since(p.issued) > self.t.storage_write_interval)
+        {
             self.storage_trouble_at = Some(now);
         }
         if p.expired { None } else { Some(p) }
@@ -279,11 +312,19 @@ impl Node {
     }
 
     fn live_inflight(&self, kind: OpKind) -> usize {
-        self.ops.values().filter(|p| p.kind == kind && !p.expired).count()
+        self.ops
+            .values()
+            .filter(|p| p.kind == kind && !p.expired)
+            .count()
     }
 
     pub(super) fn emit(&mut self, now: Instant, role: &str, text: String) {
-        let ev = Event { at: now, host: self.cfg.host, role: role.to_string(), text };
+        let ev = Event {
+            at: now,
+            host: self.cfg.host,
+            role: role.to_string(),
+            text,
+        };
         self.actions.push_back(Action::Emit(ev));
     }
 
@@ -293,7 +334,8 @@ impl Node {
 
     /// S4 clock: a completed write started within renew_timeout.
     pub(super) fn storage_healthy(&self, now: Instant) -> bool {
-        self.last_good_write.is_some_and(|l| now.since(l) < self.t.renew_timeout)
+        self.last_good_write
+            .is_some_and(|l| now.since(l) < self.t.renew_timeout)
     }
 
     /// Our slot writes have been failing long enough to tell others.
@@ -307,8 +349,13 @@ impl Node {
     /// for a whole silence window: only then is another slot's silence its
     /// own (a stall that hits everybody must not look like deaths).
     pub(super) fn reads_fresh(&self, now: Instant) -> bool {
-        let smooth = self.storage_trouble_at.is_none_or(|t| now.since(t) >= self.t.storage_silent_after);
-        smooth && self.last_read.is_some_and(|(_, done)| now.since(done) < self.t.storage_silent_after)
+        let smooth = self
+            .storage_trouble_at
+            .is_none_or(|t| now.since(t) >= self.t.storage_silent_after);
+        smooth
+            && self
+                .last_read
+                .is_some_and(|(_, done)| now.since(done) < self.t.storage_silent_after)
     }
 
     pub(super) fn last_read_issued(&self) -> Option<Instant> {
@@ -329,7 +376,9 @@ impl Node {
 
     pub fn handle_input(&mut self, now: Instant, input: Input) {
         let storage_failed = match &input {
-            Input::SlotWritten { result, .. } | Input::RecordWritten { result, .. } => result.is_err(),
+            Input::SlotWritten { result, .. } | Input::RecordWritten { result, .. } => {
+                result.is_err()
+            }
             Input::StorageRead { result, .. } => result.is_err(),
             Input::LeaseRead { result, .. } => result.is_err(),
             Input::LeaseCas { result, .. } => result.is_err(),
@@ -357,13 +406,19 @@ impl Node {
                 }
             }
             Input::Domain { domain, event } => self.handle_domain_event(now, domain, event),
-            Input::Fence { op, target, outcome } => self.handle_fence_result(now, op, target, outcome),
+            Input::Fence {
+                op,
+                target,
+                outcome,
+            } => self.handle_fence_result(now, op, target, outcome),
             Input::IsolationProbe { reachable } => {
                 if reachable {
                     self.last_probe_ok = Some(now);
                 }
             }
-            Input::Operator(OperatorCommand::FenceConfirm(h)) => self.handle_operator_confirm(now, h),
+            Input::Operator(OperatorCommand::FenceConfirm(h)) => {
+                self.handle_operator_confirm(now, h)
+            }
         }
     }
 
@@ -372,21 +427,41 @@ impl Node {
             if !self.cfg.spec.domains.contains_key(&d) {
                 continue;
             }
-            self.local.insert(d, Local { state: LocalState::Adopting, generation: None, restarts: 0, disk_locked_retries: 0 });
-            let op = self.new_op(now, OpKind::LeaseRead { purpose: ReadPurpose::Verify });
-            self.actions.push_back(Action::ReadLease { op, key: LeaseKey::Domain(d) });
+            self.local.insert(
+                d,
+                Local {
+                    state: LocalState::Adopting,
+                    generation: None,
+                    restarts: 0,
+                    disk_locked_retries: 0,
+                },
+            );
+            let op = self.new_op(
+                now,
+                OpKind::LeaseRead {
+                    purpose: ReadPurpose::Verify,
+                },
+            );
+            self.actions.push_back(Action::ReadLease {
+                op,
+                key: LeaseKey::Domain(d),
+            });
         }
     }
 
     fn handle_heartbeat(&mut self, now: Instant, hb: Heartbeat) {
-        let Some(peer) = self.peers.get_mut(&hb.host) else { return };
+        let Some(peer) = self.peers.get_mut(&hb.host) else {
+            return;
+        };
         peer.observe_heartbeat(now, hb);
     }
 
     fn handle_slot_written(&mut self, now: Instant, op: OpId, result: Result<(), StorageError>) {
         // A write that answers after io_timeout still completed: it counts
         // for S4 from its start, like any other.
-        let Some(p) = self.ops.get(&op).copied() else { return };
+        let Some(p) = self.ops.get(&op).copied() else {
+            return;
+        };
         self.finish_op(now, op);
         match result {
             Ok(()) => {
@@ -408,15 +483,26 @@ impl Node {
                     // A slot built after the fence, with its released leases,
                     // is on storage: the host may take assignments again.
                     self.self_fence = SelfFence::Healthy;
-                    self.emit(now, "node", "self-fence over: released leases published".into());
+                    self.emit(
+                        now,
+                        "node",
+                        "self-fence over: released leases published".into(),
+                    );
                 }
             }
             Err(_) => {}
         }
     }
 
-    fn handle_storage_read(&mut self, now: Instant, op: OpId, result: Result<StorageSnapshot, StorageError>) {
-        let Some(p) = self.finish_op(now, op) else { return };
+    fn handle_storage_read(
+        &mut self,
+        now: Instant,
+        op: OpId,
+        result: Result<StorageSnapshot, StorageError>,
+    ) {
+        let Some(p) = self.finish_op(now, op) else {
+            return;
+        };
         let Ok(snap) = result else { return };
         let prev_done = self.last_read.map(|(_, d)| d);
         self.last_read = Some((p.issued, now));
@@ -435,10 +521,18 @@ impl Node {
 
     /// The master moved a lease to us: verify it, then start.
     pub(super) fn handle_assignment(&mut self, now: Instant, d: DomainId, generation: u64) {
-        if self.assignments_seen.get(&d).is_some_and(|g| *g >= generation) {
+        if self
+            .assignments_seen
+            .get(&d)
+            .is_some_and(|g| *g >= generation)
+        {
             return;
         }
-        if self.released.get(&d).is_some_and(|(g, _, _)| *g >= generation) {
+        if self
+            .released
+            .get(&d)
+            .is_some_and(|(g, _, _)| *g >= generation)
+        {
             return;
         }
         if !self.cfg.spec.domains.contains_key(&d) || self.local.contains_key(&d) {
@@ -450,7 +544,12 @@ impl Node {
         self.assignments_seen.insert(d, generation);
         self.local.insert(
             d,
-            Local { state: LocalState::Verifying, generation: Some(generation), restarts: 0, disk_locked_retries: 0 },
+            Local {
+                state: LocalState::Verifying,
+                generation: Some(generation),
+                restarts: 0,
+                disk_locked_retries: 0,
+            },
         );
         self.renew_before_start(now, d, generation);
     }
@@ -461,17 +560,35 @@ impl Node {
     /// generation, or makes our CAS fail: never both.
     fn renew_before_start(&mut self, now: Instant, d: DomainId, generation: u64) {
         let op = self.new_op(now, OpKind::Renew(d));
-        let new = Lease { owner: Some(self.me()), generation: generation + 1, reason: LeaseReason::Renewed };
-        self.actions.push_back(Action::CasLease { op, key: LeaseKey::Domain(d), expect_generation: generation, new });
+        let new = Lease {
+            owner: Some(self.me()),
+            generation: generation + 1,
+            reason: LeaseReason::Renewed,
+        };
+        self.actions.push_back(Action::CasLease {
+            op,
+            key: LeaseKey::Domain(d),
+            expect_generation: generation,
+            new,
+        });
     }
 
     /// Our renew CAS came back: start if the lease is ours now.
-    pub(super) fn renewed(&mut self, now: Instant, d: DomainId, result: Result<CasOutcome, StorageError>) {
-        if let (Some(m), Ok(CasOutcome::Done(l) | CasOutcome::Conflict(l))) = (self.master.as_mut(), &result) {
+    pub(super) fn renewed(
+        &mut self,
+        now: Instant,
+        d: DomainId,
+        result: Result<CasOutcome, StorageError>,
+    ) {
+        if let (Some(m), Ok(CasOutcome::Done(l) | CasOutcome::Conflict(l))) =
+            (self.master.as_mut(), &result)
+        {
             // We are master: keep the cache where storage really is.
             m.note_lease(d, *l);
         }
-        let Some(local) = self.local.get(&d).cloned() else { return };
+        let Some(local) = self.local.get(&d).cloned() else {
+            return;
+        };
         if local.state != LocalState::Verifying {
             return;
         }
@@ -483,14 +600,24 @@ impl Node {
                     self.local.remove(&d);
                     return;
                 }
-                self.emit(now, "node", format!("starting {} (lease generation {})", self.domain_name(d), l.generation));
+                self.emit(
+                    now,
+                    "node",
+                    format!(
+                        "starting {} (lease generation {})",
+                        self.domain_name(d),
+                        l.generation
+                    ),
+                );
                 if let Some(x) = self.local.get_mut(&d) {
                     x.generation = Some(l.generation);
                     x.state = LocalState::Starting;
                 }
                 self.actions.push_back(Action::StartDomain { domain: d });
             }
-            Ok(CasOutcome::Conflict(l)) if l.owner == Some(self.me()) && Some(l.generation) > local.generation => {
+            Ok(CasOutcome::Conflict(l))
+                if l.owner == Some(self.me()) && Some(l.generation) > local.generation =>
+            {
                 // Ours at a newer generation (an earlier renew of ours that
                 // timed out did land): renew from there.
                 if let Some(x) = self.local.get_mut(&d) {
@@ -499,7 +626,11 @@ impl Node {
                 self.renew_before_start(now, d, l.generation);
             }
             Ok(_) => {
-                self.emit(now, "node", format!("not starting {}: lease is not ours", self.domain_name(d)));
+                self.emit(
+                    now,
+                    "node",
+                    format!("not starting {}: lease is not ours", self.domain_name(d)),
+                );
                 self.abandon_verify(d);
             }
             // Failed: perhaps applied; the master lists it again.
@@ -507,7 +638,13 @@ impl Node {
         }
     }
 
-    fn handle_lease_read(&mut self, now: Instant, op: OpId, key: LeaseKey, result: Result<Lease, StorageError>) {
+    fn handle_lease_read(
+        &mut self,
+        now: Instant,
+        op: OpId,
+        key: LeaseKey,
+        result: Result<Lease, StorageError>,
+    ) {
         let Some(p) = self.finish_op(now, op) else {
             // Expired verify: let a later assignment or retry try again.
             if let LeaseKey::Domain(d) = key {
@@ -515,7 +652,9 @@ impl Node {
             }
             return;
         };
-        let OpKind::LeaseRead { purpose } = p.kind else { return };
+        let OpKind::LeaseRead { purpose } = p.kind else {
+            return;
+        };
         match (purpose, key) {
             (ReadPurpose::Master, _) | (_, LeaseKey::Master) => {
                 if let Ok(l) = result {
@@ -534,7 +673,11 @@ impl Node {
     }
 
     fn abandon_verify(&mut self, d: DomainId) {
-        if self.local.get(&d).is_some_and(|l| l.state == LocalState::Verifying) {
+        if self
+            .local
+            .get(&d)
+            .is_some_and(|l| l.state == LocalState::Verifying)
+        {
             self.local.remove(&d);
             self.assignments_seen.remove(&d);
         }
@@ -542,7 +685,9 @@ impl Node {
 
     /// A lease read before a start (or at adoption) came back.
     fn verified(&mut self, now: Instant, d: DomainId, result: Result<Lease, StorageError>) {
-        let Some(local) = self.local.get(&d).cloned() else { return };
+        let Some(local) = self.local.get(&d).cloned() else {
+            return;
+        };
         let me = self.me();
         let Ok(lease) = result else {
             if local.state == LocalState::Verifying {
@@ -556,7 +701,11 @@ impl Node {
         let ours = lease.owner == Some(me);
         match local.state {
             LocalState::Adopting if ours => {
-                self.emit(now, "node", format!("adopted running domain {}", self.domain_name(d)));
+                self.emit(
+                    now,
+                    "node",
+                    format!("adopted running domain {}", self.domain_name(d)),
+                );
                 if let Some(l) = self.local.get_mut(&d) {
                     l.state = LocalState::Running;
                     l.generation = Some(lease.generation);
@@ -569,17 +718,44 @@ impl Node {
 
     /// S5: a domain runs here but its lease names someone else.
     fn destroy_zombie(&mut self, now: Instant, d: DomainId, lease: Lease) {
-        let owner = lease.owner.map(|o| o.host.to_string()).unwrap_or_else(|| "nobody".into());
-        self.emit(now, "node", format!("zombie {}: lease owned by {owner}; destroying", self.domain_name(d)));
+        let owner = lease
+            .owner
+            .map(|o| o.host.to_string())
+            .unwrap_or_else(|| "nobody".into());
+        self.emit(
+            now,
+            "node",
+            format!(
+                "zombie {}: lease owned by {owner}; destroying",
+                self.domain_name(d)
+            ),
+        );
         self.stop_domain(now, d, false, AfterStop::Forget);
     }
 
     fn audit(&mut self, now: Instant, d: DomainId, lease: Lease) {
-        let Some(local) = self.local.get(&d) else { return };
-        if matches!(local.state, LocalState::Running | LocalState::Ready | LocalState::Starting)
-            && lease.owner != Some(self.me())
-        {
-            self.destroy_zombie(now, d, lease);
+        let me = self.me();
+        let Some(local) = self.local.get_mut(&d) else {
+            return;
+        };
+        if lease.owner == Some(me) {
+            if local.generation.is_none() {
+                local.generation = Some(lease.generation);
+            }
+            return;
+        }
+        match local.state {
+            LocalState::Running
+            | LocalState::Ready
+            | LocalState::Starting
+            | LocalState::Adopting => {
+                self.destroy_zombie(now, d, lease);
+            }
+            // Not running here and not ours any more: nothing to restart.
+            LocalState::Backoff { .. } => {
+                self.local.remove(&d);
+            }
+            _ => {}
         }
     }
 
@@ -590,27 +766,52 @@ impl Node {
     }
 
     /// Destroy (or gracefully shut down) a domain and remember what follows.
-    pub(super) fn stop_domain(&mut self, now: Instant, d: DomainId, graceful: bool, then: AfterStop) {
-        let wait = if graceful { self.t.shutdown_timeout } else { self.t.io_timeout };
+    pub(super) fn stop_domain(
+        &mut self,
+        now: Instant,
+        d: DomainId,
+        graceful: bool,
+        then: AfterStop,
+    ) {
+        let wait = if graceful {
+            self.t.shutdown_timeout
+        } else {
+            self.t.io_timeout
+        };
         if let Some(l) = self.local.get_mut(&d) {
             if matches!(l.state, LocalState::Stopping { .. }) {
                 return;
             }
-            l.state = LocalState::Stopping { kill_at: now + wait, then };
+            l.state = LocalState::Stopping {
+                kill_at: now + wait,
+                then,
+            };
         }
         if graceful {
-            self.actions.push_back(Action::ShutdownDomain { domain: d, timeout: self.t.shutdown_timeout });
+            self.actions.push_back(Action::ShutdownDomain {
+                domain: d,
+                timeout: self.t.shutdown_timeout,
+            });
         } else {
-            self.actions.push_back(Action::DestroyDomain { domain: d, kill: false });
+            self.actions.push_back(Action::DestroyDomain {
+                domain: d,
+                kill: false,
+            });
         }
     }
 
     fn handle_domain_event(&mut self, now: Instant, d: DomainId, event: DomainEvent) {
-        let Some(local) = self.local.get(&d).cloned() else { return };
+        let Some(local) = self.local.get(&d).cloned() else {
+            return;
+        };
         let readiness = self.cfg.spec.domains.get(&d).map(|s| s.policy.readiness);
         match event {
             DomainEvent::Started => {
-                let s = if readiness == Some(Readiness::Started) { LocalState::Ready } else { LocalState::Running };
+                let s = if readiness == Some(Readiness::Started) {
+                    LocalState::Ready
+                } else {
+                    LocalState::Running
+                };
                 if local.state == LocalState::Starting {
                     self.emit(now, "node", format!("{} running", self.domain_name(d)));
                     self.set_state(d, s);
@@ -624,7 +825,9 @@ impl Node {
             }
             DomainEvent::Stopped => self.domain_gone(now, d, local, false),
             DomainEvent::Crashed => self.domain_gone(now, d, local, true),
-            DomainEvent::StartFailed { disk_locked } => self.start_failed(now, d, local, disk_locked),
+            DomainEvent::StartFailed { disk_locked } => {
+                self.start_failed(now, d, local, disk_locked)
+            }
         }
     }
 
@@ -635,7 +838,11 @@ impl Node {
                 if let (AfterStop::Release { failed_start }, Some(g)) = (then, local.generation) {
                     self.released.insert(d, (g, failed_start, now));
                     if self.self_fence == SelfFence::Healthy {
-                        self.emit(now, "node", format!("{} stopped; lease released", self.domain_name(d)));
+                        self.emit(
+                            now,
+                            "node",
+                            format!("{} stopped; lease released", self.domain_name(d)),
+                        );
                     }
                 }
                 self.check_fence_done(now);
@@ -645,10 +852,26 @@ impl Node {
                 self.check_fence_done(now);
             }
             _ => {
-                let what = if crashed { "crashed" } else { "stopped on its own" };
-                let max = self.cfg.spec.domains.get(&d).map_or(0, |s| s.policy.max_restarts);
+                let what = if crashed {
+                    "crashed"
+                } else {
+                    "stopped on its own"
+                };
+                let max = self
+                    .cfg
+                    .spec
+                    .domains
+                    .get(&d)
+                    .map_or(0, |s| s.policy.max_restarts);
                 if local.restarts >= max {
-                    self.emit(now, "node", format!("{} {what}; local restarts exhausted, releasing", self.domain_name(d)));
+                    self.emit(
+                        now,
+                        "node",
+                        format!(
+                            "{} {what}; local restarts exhausted, releasing",
+                            self.domain_name(d)
+                        ),
+                    );
                     self.local.remove(&d);
                     if let Some(g) = local.generation {
                         self.released.insert(d, (g, true, now));
@@ -656,7 +879,15 @@ impl Node {
                     return;
                 }
                 let until = now + self.backoff(local.restarts);
-                self.emit(now, "node", format!("{} {what}; restarting here after {}", self.domain_name(d), until.since(now)));
+                self.emit(
+                    now,
+                    "node",
+                    format!(
+                        "{} {what}; restarting here after {}",
+                        self.domain_name(d),
+                        until.since(now)
+                    ),
+                );
                 if let Some(l) = self.local.get_mut(&d) {
                     l.restarts += 1;
                     l.state = LocalState::Backoff { until };
@@ -672,7 +903,14 @@ impl Node {
         if disk_locked && local.disk_locked_retries < MAX_DISK_LOCKED_RETRIES {
             let until = now + self.backoff(local.disk_locked_retries.min(3));
             if local.disk_locked_retries == 0 {
-                self.emit(now, "node", format!("{}: disks locked by another qemu; retrying", self.domain_name(d)));
+                self.emit(
+                    now,
+                    "node",
+                    format!(
+                        "{}: disks locked by another qemu; retrying",
+                        self.domain_name(d)
+                    ),
+                );
             }
             if let Some(l) = self.local.get_mut(&d) {
                 l.disk_locked_retries += 1;
@@ -680,7 +918,11 @@ impl Node {
             }
             return;
         }
-        self.emit(now, "node", format!("start of {} failed; lease released", self.domain_name(d)));
+        self.emit(
+            now,
+            "node",
+            format!("start of {} failed; lease released", self.domain_name(d)),
+        );
         self.local.remove(&d);
         if let Some(g) = local.generation {
             self.released.insert(d, (g, true, now));
@@ -697,7 +939,14 @@ impl Node {
 
     pub fn handle_timeout(&mut self, now: Instant) {
         if now.since(self.last_timeout_call) >= FROZEN_GAP {
-            self.emit(now, "node", format!("resumed after a {} freeze; judging peers afresh", now.since(self.last_timeout_call)));
+            self.emit(
+                now,
+                "node",
+                format!(
+                    "resumed after a {} freeze; judging peers afresh",
+                    now.since(self.last_timeout_call)
+                ),
+            );
             self.observing_since = now;
         }
         self.last_timeout_call = now;
@@ -766,7 +1015,10 @@ impl Node {
             self_fenced: matches!(self.self_fence, SelfFence::Fenced { .. }),
             released: self.released_for_heartbeat(),
         };
-        self.actions.push_back(Action::Send { to: None, msg: NetMessage::Heartbeat(hb) });
+        self.actions.push_back(Action::Send {
+            to: None,
+            msg: NetMessage::Heartbeat(hb),
+        });
     }
 
     /// Newest releases first, at most MAX_RELEASED_PER_HEARTBEAT.
@@ -774,12 +1026,25 @@ impl Node {
         let mut v: Vec<(Instant, Release)> = self
             .released
             .iter()
-            .map(|(d, (g, failed_start, at))| (*at, Release { key: LeaseKey::Domain(*d), generation: *g, failed_start: *failed_start }))
+            .map(|(d, (g, failed_start, at))| {
+                (
+                    *at,
+                    Release {
+                        key: LeaseKey::Domain(*d),
+                        generation: *g,
+                        failed_start: *failed_start,
+                    },
+                )
+            })
             .collect();
         v.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.key.cmp(&b.1.key)));
         let mut out: Vec<Release> = Vec::new();
         if let Some(g) = self.released_master {
-            out.push(Release { key: LeaseKey::Master, generation: g, failed_start: false });
+            out.push(Release {
+                key: LeaseKey::Master,
+                generation: g,
+                failed_start: false,
+            });
         }
         out.extend(v.into_iter().map(|(_, r)| r));
         out.truncate(MAX_RELEASED_PER_HEARTBEAT);
@@ -797,7 +1062,9 @@ impl Node {
     }
 
     fn write_slot(&mut self, now: Instant) {
-        if self.live_inflight(OpKind::SlotWrite) > 0 || self.inflight(OpKind::SlotWrite) >= MAX_INFLIGHT_PER_KIND {
+        if self.live_inflight(OpKind::SlotWrite) > 0
+            || self.inflight(OpKind::SlotWrite) >= MAX_INFLIGHT_PER_KIND
+        {
             return;
         }
         self.slot_seq += 1;
@@ -811,11 +1078,18 @@ impl Node {
         let (mut mem, mut cpu) = (0u64, 0u32);
         for (d, l) in &self.local {
             let state = match l.state {
-                LocalState::Verifying | LocalState::Starting | LocalState::Backoff { .. } => DomainState::Starting,
-                LocalState::Adopting | LocalState::Running | LocalState::Stopping { .. } => DomainState::Running,
+                LocalState::Verifying | LocalState::Starting | LocalState::Backoff { .. } => {
+                    DomainState::Starting
+                }
+                LocalState::Adopting | LocalState::Running | LocalState::Stopping { .. } => {
+                    DomainState::Running
+                }
                 LocalState::Ready => DomainState::Ready,
             };
-            let report = DomainReport { state, generation: l.generation.unwrap_or(0) };
+            let report = DomainReport {
+                state,
+                generation: l.generation.unwrap_or(0),
+            };
             if let Some(s) = self.cfg.spec.domains.get(d) {
                 mem += s.memory_mib;
                 cpu += s.vcpus;
@@ -823,8 +1097,13 @@ impl Node {
             domains.insert(*d, report);
         }
         for (d, (g, failed_start, _)) in &self.released {
-            let state = DomainState::Released { failed_start: *failed_start };
-            domains.entry(*d).or_insert(DomainReport { state, generation: *g });
+            let state = DomainState::Released {
+                failed_start: *failed_start,
+            };
+            domains.entry(*d).or_insert(DomainReport {
+                state,
+                generation: *g,
+            });
         }
         Slot {
             host: self.cfg.host,
@@ -849,7 +1128,14 @@ impl Node {
                 if now.since(anchor) < self.t.renew_timeout || self.exempt(now) {
                     return;
                 }
-                self.emit(now, "node", format!("self-fence: no storage heartbeat for {}; destroying all protected domains", now.since(anchor)));
+                self.emit(
+                    now,
+                    "node",
+                    format!(
+                        "self-fence: no storage heartbeat for {}; destroying all protected domains",
+                        now.since(anchor)
+                    ),
+                );
                 let give_up_at = now + self.t.io_timeout + self.t.io_timeout;
                 self.self_fence = SelfFence::Fencing { give_up_at };
                 self.release_master(now);
@@ -868,7 +1154,11 @@ impl Node {
             SelfFence::Fencing { give_up_at } => {
                 // may_pet() stops petting from give_up_at: the watchdog resets us.
                 if now >= give_up_at && now < give_up_at + TICK {
-                    self.emit(now, "node", "self-fence: domains still not gone; leaving it to the watchdog".into());
+                    self.emit(
+                        now,
+                        "node",
+                        "self-fence: domains still not gone; leaving it to the watchdog".into(),
+                    );
                 }
             }
             SelfFence::Fenced { .. } => {}
@@ -878,10 +1168,18 @@ impl Node {
     /// Self-fence one domain. Its lease is published as released only once
     /// qemu is confirmed gone.
     fn force_stop(&mut self, now: Instant, d: DomainId) {
-        let release = AfterStop::Release { failed_start: false };
+        let release = AfterStop::Release {
+            failed_start: false,
+        };
         match self.local.get(&d).map(|l| (l.state, l.generation)) {
             Some((LocalState::Stopping { kill_at, .. }, _)) => {
-                self.set_state(d, LocalState::Stopping { kill_at, then: release });
+                self.set_state(
+                    d,
+                    LocalState::Stopping {
+                        kill_at,
+                        then: release,
+                    },
+                );
             }
             Some((LocalState::Verifying | LocalState::Backoff { .. }, g)) => {
                 // Not running here (a renew in flight may still land: then
@@ -893,9 +1191,15 @@ impl Node {
             }
             Some(_) => {
                 if let Some(l) = self.local.get_mut(&d) {
-                    l.state = LocalState::Stopping { kill_at: now + self.t.io_timeout, then: release };
+                    l.state = LocalState::Stopping {
+                        kill_at: now + self.t.io_timeout,
+                        then: release,
+                    };
                 }
-                self.actions.push_back(Action::DestroyDomain { domain: d, kill: false });
+                self.actions.push_back(Action::DestroyDomain {
+                    domain: d,
+                    kill: false,
+                });
             }
             None => {}
         }
@@ -905,7 +1209,11 @@ impl Node {
         if matches!(self.self_fence, SelfFence::Fencing { .. }) && self.local.is_empty() {
             self.self_fence = SelfFence::Fenced { since: now };
             self.assignments_seen.clear();
-            self.emit(now, "node", "self-fence done: no protected domain runs here".into());
+            self.emit(
+                now,
+                "node",
+                "self-fence done: no protected domain runs here".into(),
+            );
         }
     }
 
@@ -913,25 +1221,41 @@ impl Node {
     /// silent peer is its problem, not ours. Nobody is fenced otherwise.
     pub(super) fn network_ok(&self, now: Instant) -> bool {
         let recent = |t: Option<Instant>| t.is_some_and(|t| now.since(t) < self.t.suspect_after);
-        !self.isolated && (self.peers.values().any(|p| recent(p.heard_at)) || recent(self.last_probe_ok))
+        !self.isolated
+            && (self.peers.values().any(|p| recent(p.heard_at)) || recent(self.last_probe_ok))
     }
 
     fn check_isolation(&mut self, now: Instant) {
         if self.peers.is_empty() {
             return;
         }
-        let last_peer = self.peers.values().filter_map(|p| p.heard_at).max().unwrap_or(self.started).max(self.observing_since);
+        let last_peer = self
+            .peers
+            .values()
+            .filter_map(|p| p.heard_at)
+            .max()
+            .unwrap_or(self.started)
+            .max(self.observing_since);
         let silent = now.since(last_peer);
         if silent >= self.t.suspect_after && now >= self.next_probe {
             // Probe the isolation addresses while the silence lasts.
             self.next_probe = now + self.t.net_heartbeat_interval;
             self.actions.push_back(Action::ProbeIsolation);
         }
-        let probe_silent = now.since(self.last_probe_ok.unwrap_or(self.started).max(self.observing_since));
-        let isolated = silent >= self.t.isolation_timeout && probe_silent >= self.t.isolation_timeout;
+        let probe_silent = now.since(
+            self.last_probe_ok
+                .unwrap_or(self.started)
+                .max(self.observing_since),
+        );
+        let isolated =
+            silent >= self.t.isolation_timeout && probe_silent >= self.t.isolation_timeout;
         if isolated && !self.isolated {
             self.isolated = true;
-            self.emit(now, "node", "isolated: no peer and no isolation address answers".into());
+            self.emit(
+                now,
+                "node",
+                "isolated: no peer and no isolation address answers".into(),
+            );
             self.apply_isolation_response(now);
         } else if !isolated && self.isolated {
             self.isolated = false;
@@ -943,18 +1267,34 @@ impl Node {
         let doms: Vec<(DomainId, IsolationResponse)> = self
             .local
             .keys()
-            .filter_map(|d| self.cfg.spec.domains.get(d).map(|s| (*d, s.policy.isolation_response)))
+            .filter_map(|d| {
+                self.cfg
+                    .spec
+                    .domains
+                    .get(d)
+                    .map(|s| (*d, s.policy.isolation_response))
+            })
             .collect();
         for (d, resp) in doms {
-            let release = AfterStop::Release { failed_start: false };
+            let release = AfterStop::Release {
+                failed_start: false,
+            };
             match resp {
                 IsolationResponse::Keep => {}
                 IsolationResponse::Shutdown => {
-                    self.emit(now, "node", format!("isolation response: shutting down {}", self.domain_name(d)));
+                    self.emit(
+                        now,
+                        "node",
+                        format!("isolation response: shutting down {}", self.domain_name(d)),
+                    );
                     self.stop_domain(now, d, true, release);
                 }
                 IsolationResponse::Poweroff => {
-                    self.emit(now, "node", format!("isolation response: powering off {}", self.domain_name(d)));
+                    self.emit(
+                        now,
+                        "node",
+                        format!("isolation response: powering off {}", self.domain_name(d)),
+                    );
                     self.stop_domain(now, d, false, release);
                 }
             }
@@ -969,26 +1309,67 @@ impl Node {
                 .local
                 .iter()
                 .filter(|(_, l)| l.state == LocalState::Running)
-                .filter_map(|(d, _)| self.cfg.spec.domains.get(d).map(|s| (*d, s.policy.readiness)))
+                .filter_map(|(d, _)| {
+                    self.cfg
+                        .spec
+                        .domains
+                        .get(d)
+                        .map(|s| (*d, s.policy.readiness))
+                })
                 .filter(|(_, r)| *r != Readiness::Started)
                 .collect();
             for (domain, readiness) in probes {
-                self.actions.push_back(Action::ProbeReadiness { domain, readiness });
+                self.actions
+                    .push_back(Action::ProbeReadiness { domain, readiness });
             }
         }
-        let doms: Vec<(DomainId, LocalState)> = self.local.iter().map(|(d, l)| (*d, l.state)).collect();
+        let doms: Vec<(DomainId, LocalState)> =
+            self.local.iter().map(|(d, l)| (*d, l.state)).collect();
         for (d, s) in doms {
             match s {
                 LocalState::Stopping { kill_at, then } if now >= kill_at => {
-                    self.emit(now, "node", format!("{} did not stop in time; killing qemu", self.domain_name(d)));
-                    self.set_state(d, LocalState::Stopping { kill_at: Instant(u64::MAX), then });
-                    self.actions.push_back(Action::DestroyDomain { domain: d, kill: true });
+                    self.emit(
+                        now,
+                        "node",
+                        format!("{} did not stop in time; killing qemu", self.domain_name(d)),
+                    );
+                    self.set_state(
+                        d,
+                        LocalState::Stopping {
+                            kill_at: Instant(u64::MAX),
+                            then,
+                        },
+                    );
+                    self.actions.push_back(Action::DestroyDomain {
+                        domain: d,
+                        kill: true,
+                    });
                 }
                 LocalState::Backoff { until } if now >= until => {
                     if !self.storage_healthy(now) || self.self_fence != SelfFence::Healthy {
                         continue;
                     }
-                    let Some(g) = self.local.get(&d).and_then(|l| l.generation) else { continue };
+                    let Some(g) = self.local.get(&d).and_then(|l| l.generation) else {
+                        // Adopted while storage failed: learn the generation
+                        // first (the audit answer fills it in), then retry.
+                        self.set_state(
+                            d,
+                            LocalState::Backoff {
+                                until: now + self.backoff(0),
+                            },
+                        );
+                        let op = self.new_op(
+                            now,
+                            OpKind::LeaseRead {
+                                purpose: ReadPurpose::Audit,
+                            },
+                        );
+                        self.actions.push_back(Action::ReadLease {
+                            op,
+                            key: LeaseKey::Domain(d),
+                        });
+                        continue;
+                    };
                     self.set_state(d, LocalState::Verifying);
                     self.renew_before_start(now, d, g);
                 }
@@ -998,7 +1379,8 @@ impl Node {
     }
 
     fn prune_released(&mut self, now: Instant) {
-        self.released.retain(|_, (_, _, at)| now.since(*at) < RELEASE_REPORT);
+        self.released
+            .retain(|_, (_, _, at)| now.since(*at) < RELEASE_REPORT);
     }
 
     /// S5 audit: read the lease of one running domain per period.
@@ -1008,7 +1390,10 @@ impl Node {
         }
         self.next_audit = now + AUDIT_INTERVAL;
         let next = match self.audit_cursor {
-            Some(c) => self.local.range((std::ops::Bound::Excluded(c), std::ops::Bound::Unbounded)).next(),
+            Some(c) => self
+                .local
+                .range((std::ops::Bound::Excluded(c), std::ops::Bound::Unbounded))
+                .next(),
             None => None,
         }
         .or_else(|| self.local.iter().next())
@@ -1016,8 +1401,16 @@ impl Node {
         let Some((d, state)) = next else { return };
         self.audit_cursor = Some(d);
         if matches!(state, LocalState::Running | LocalState::Ready) {
-            let op = self.new_op(now, OpKind::LeaseRead { purpose: ReadPurpose::Audit });
-            self.actions.push_back(Action::ReadLease { op, key: LeaseKey::Domain(d) });
+            let op = self.new_op(
+                now,
+                OpKind::LeaseRead {
+                    purpose: ReadPurpose::Audit,
+                },
+            );
+            self.actions.push_back(Action::ReadLease {
+                op,
+                key: LeaseKey::Domain(d),
+            });
         }
     }
 }

@@ -23,7 +23,10 @@ pub enum Command {
     /// Hosts not named keep their links to everybody.
     Partition(Vec<Vec<HostId>>),
     /// One-way loss: packets from `from` to `to` are dropped.
-    DropOneWay { from: HostId, to: HostId },
+    DropOneWay {
+        from: HostId,
+        to: HostId,
+    },
     /// Remove every partition and one-way drop (not isolation).
     HealNetwork,
     /// Cut the host from every peer and from its isolation addresses.
@@ -31,10 +34,15 @@ pub enum Command {
     Unisolate(HostId),
     /// Random packet loss on every link, in percent.
     NetLoss(u8),
-    StorageFault { host: HostId, fault: StorageFault },
+    StorageFault {
+        host: HostId,
+        fault: StorageFault,
+    },
     StorageRestore(HostId),
     /// All storage I/O of every host blocks for this many milliseconds.
-    StorageStall { millis: u64 },
+    StorageStall {
+        millis: u64,
+    },
     /// Freeze the whole host (daemon, qemu and its watchdog), as a paused VM.
     Pause(HostId),
     Resume(HostId),
@@ -42,11 +50,18 @@ pub enum Command {
     DaemonCrash(HostId),
     DaemonStart(HostId),
     /// The fence agent `agent` fails (or works again) against `target`.
-    FenceAgentFails { target: HostId, agent: String, fails: bool },
+    FenceAgentFails {
+        target: HostId,
+        agent: String,
+        fails: bool,
+    },
     /// qemu of this domain dies wherever it runs.
     DomainCrash(DomainId),
     /// Every start of this domain fails (broken disk), or works again.
-    DomainBroken { domain: DomainId, broken: bool },
+    DomainBroken {
+        domain: DomainId,
+        broken: bool,
+    },
     /// The operator confirms the host is powered off.
     OperatorFenceConfirm(HostId),
 }

@@ -53,21 +53,32 @@ pub fn random_setup(seed: u64, o: &RandomOptions) -> SimSetup {
     let mut group_sizes: BTreeMap<&str, u32> = BTreeMap::new();
     for i in 1..=o.domains {
         let id = DomainId(u128::from(i));
-        let priority = [Priority::Lowest, Priority::Low, Priority::Medium, Priority::Medium, Priority::High, Priority::Highest]
-            [rng.range(0, 5) as usize];
+        let priority = [
+            Priority::Lowest,
+            Priority::Low,
+            Priority::Medium,
+            Priority::Medium,
+            Priority::High,
+            Priority::Highest,
+        ][rng.range(0, 5) as usize];
         let isolation_response = match rng.range(0, 5) {
             0 => IsolationResponse::Shutdown,
             1 => IsolationResponse::Poweroff,
             _ => IsolationResponse::Keep,
         };
         let group = groups[rng.range(0, 3) as usize];
-        let anti_affinity = if rng.chance(20) && group_sizes.get(group).copied().unwrap_or(0) < group_max {
-            *group_sizes.entry(group).or_default() += 1;
-            Some(group.to_string())
+        let anti_affinity =
+            if rng.chance(20) && group_sizes.get(group).copied().unwrap_or(0) < group_max {
+                *group_sizes.entry(group).or_default() += 1;
+                Some(group.to_string())
+            } else {
+                None
+            };
+        let readiness = if rng.chance(20) {
+            Readiness::GuestAgent
         } else {
-            None
+            Readiness::Started
         };
-        let readiness = if rng.chance(20) { Readiness::GuestAgent } else { Readiness::Started };
         let policy = DomainPolicy {
             priority,
             isolation_response,
@@ -79,7 +90,16 @@ pub fn random_setup(seed: u64, o: &RandomOptions) -> SimSetup {
         };
         let memory_mib = 1024 * rng.range(1, 4);
         let vcpus = rng.range(1, 4) as u32;
-        domains.insert(id, DomainSpec { id, name: format!("vm{i:03}"), memory_mib, vcpus, policy });
+        domains.insert(
+            id,
+            DomainSpec {
+                id,
+                name: format!("vm{i:03}"),
+                memory_mib,
+                vcpus,
+                policy,
+            },
+        );
     }
     let spec = ClusterSpec {
         name: format!("seed{seed}"),
@@ -90,7 +110,11 @@ pub fn random_setup(seed: u64, o: &RandomOptions) -> SimSetup {
         vcpu_overcommit: 4.0,
     };
     let initial = initial_placement(&spec);
-    SimSetup { spec, initial, seed }
+    SimSetup {
+        spec,
+        initial,
+        seed,
+    }
 }
 
 /// Place every domain with the planner on empty hosts (no start cap).
@@ -108,8 +132,18 @@ fn initial_placement(spec: &ClusterSpec) -> BTreeMap<DomainId, HostId> {
             domain_count: 0,
         })
         .collect();
-    let requests: Vec<PlanRequest> = spec.domains.values().map(|d| PlanRequest { domain: d, avoid: Vec::new() }).collect();
-    planner::plan(&rooms, &requests).placements.into_iter().collect()
+    let requests: Vec<PlanRequest> = spec
+        .domains
+        .values()
+        .map(|d| PlanRequest {
+            domain: d,
+            avoid: Vec::new(),
+        })
+        .collect();
+    planner::plan(&rooms, &requests)
+        .placements
+        .into_iter()
+        .collect()
 }
 
 /// Hardware timings vary per seed, inside what the design assumes.
@@ -144,7 +178,11 @@ pub fn random_faults(seed: u64, o: &RandomOptions, setup: &SimSetup) -> Vec<(u64
                 out.push((t + rng.range(60_000, 150_000), Command::PowerOn(h)));
             }
             2 => {
-                let fault = if rng.chance(50) { StorageFault::Fail } else { StorageFault::Hang };
+                let fault = if rng.chance(50) {
+                    StorageFault::Fail
+                } else {
+                    StorageFault::Hang
+                };
                 out.push((t, Command::StorageFault { host: h, fault }));
                 out.push((end, Command::StorageRestore(h)));
             }
@@ -184,9 +222,28 @@ pub fn random_faults(seed: u64, o: &RandomOptions, setup: &SimSetup) -> Vec<(u64
                 }
             }
             10 => {
-                for agent in setup.spec.host(h).map(|s| s.fence_agents.clone()).unwrap_or_default() {
-                    out.push((t, Command::FenceAgentFails { target: h, agent: agent.clone(), fails: true }));
-                    out.push((end, Command::FenceAgentFails { target: h, agent, fails: false }));
+                for agent in setup
+                    .spec
+                    .host(h)
+                    .map(|s| s.fence_agents.clone())
+                    .unwrap_or_default()
+                {
+                    out.push((
+                        t,
+                        Command::FenceAgentFails {
+                            target: h,
+                            agent: agent.clone(),
+                            fails: true,
+                        },
+                    ));
+                    out.push((
+                        end,
+                        Command::FenceAgentFails {
+                            target: h,
+                            agent,
+                            fails: false,
+                        },
+                    ));
                 }
                 out.push((t + 1000, Command::PowerOff(h)));
                 out.push((t + rng.range(60_000, 150_000), Command::PowerOn(h)));
@@ -197,7 +254,13 @@ pub fn random_faults(seed: u64, o: &RandomOptions, setup: &SimSetup) -> Vec<(u64
             }
             _ => {
                 for x in &hosts {
-                    out.push((t, Command::StorageFault { host: *x, fault: StorageFault::Hang }));
+                    out.push((
+                        t,
+                        Command::StorageFault {
+                            host: *x,
+                            fault: StorageFault::Hang,
+                        },
+                    ));
                 }
                 for x in &hosts {
                     out.push((t + rng.range(5_000, 30_000), Command::StorageRestore(*x)));
@@ -205,7 +268,11 @@ pub fn random_faults(seed: u64, o: &RandomOptions, setup: &SimSetup) -> Vec<(u64
             }
         }
         // Mostly one episode at a time; sometimes the next starts early.
-        t = if rng.chance(25) { t + rng.range(2_000, 10_000) } else { end.max(t) + rng.range(20_000, 90_000) };
+        t = if rng.chance(25) {
+            t + rng.range(2_000, 10_000)
+        } else {
+            end.max(t) + rng.range(20_000, 90_000)
+        };
     }
     heal(&mut out, last_fault, &hosts, setup);
     out.sort_by_key(|(at, _)| *at);
@@ -222,8 +289,20 @@ fn heal(out: &mut Vec<(u64, Command)>, at: u64, hosts: &[HostId], setup: &SimSet
         out.push((at, Command::Resume(*h)));
         out.push((at, Command::PowerOn(*h)));
         out.push((at + 10_000, Command::DaemonStart(*h)));
-        for agent in setup.spec.host(*h).map(|s| s.fence_agents.clone()).unwrap_or_default() {
-            out.push((at, Command::FenceAgentFails { target: *h, agent, fails: false }));
+        for agent in setup
+            .spec
+            .host(*h)
+            .map(|s| s.fence_agents.clone())
+            .unwrap_or_default()
+        {
+            out.push((
+                at,
+                Command::FenceAgentFails {
+                    target: *h,
+                    agent,
+                    fails: false,
+                },
+            ));
         }
     }
 }

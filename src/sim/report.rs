@@ -9,7 +9,12 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Recovery classes always present in the summary, even when empty.
-pub const REQUIRED_CLASSES: [&str; 4] = ["fenced_power_loss", "watchdog_power_loss", "storage_loss", "isolation_response"];
+pub const REQUIRED_CLASSES: [&str; 4] = [
+    "fenced_power_loss",
+    "watchdog_power_loss",
+    "storage_loss",
+    "isolation_response",
+];
 
 #[derive(Serialize, Clone, Copy, Default, Debug)]
 pub struct Percentiles {
@@ -30,7 +35,12 @@ impl Percentiles {
             let i = ((v.len() as f64 - 1.0) * q).round() as usize;
             v[i.min(v.len() - 1)] as f64 / 1000.0
         };
-        Percentiles { samples: v.len(), p50: at(0.5), p99: at(0.99), max: at(1.0) }
+        Percentiles {
+            samples: v.len(),
+            p50: at(0.5),
+            p99: at(0.99),
+            max: at(1.0),
+        }
     }
 }
 
@@ -60,7 +70,13 @@ pub struct Summary {
 
 /// Run seeds `from..=to` on `workers` threads. `on_violation` sees each
 /// failing run (with its timeline) as soon as it ends.
-pub fn run_seeds(from: u64, to: u64, o: &RandomOptions, workers: usize, on_violation: &(dyn Fn(&RunOutcome) + Sync)) -> (Summary, Vec<RunOutcome>) {
+pub fn run_seeds(
+    from: u64,
+    to: u64,
+    o: &RandomOptions,
+    workers: usize,
+    on_violation: &(dyn Fn(&RunOutcome) + Sync),
+) -> (Summary, Vec<RunOutcome>) {
     let next = AtomicU64::new(from);
     let results: Mutex<Vec<RunOutcome>> = Mutex::new(Vec::new());
     let wall = std::time::Instant::now();
@@ -97,7 +113,12 @@ pub fn summarize(runs: &[RunOutcome], wall_s: f64) -> Summary {
     let (mut false_failovers, mut sim_ms, mut events) = (0, 0, 0);
     for r in runs {
         for v in &r.violations {
-            violations.push(SeedViolation { seed: r.seed, invariant: v.invariant, at_ms: v.at_ms, detail: v.detail.clone() });
+            violations.push(SeedViolation {
+                seed: r.seed,
+                invariant: v.invariant,
+                at_ms: v.at_ms,
+                detail: v.detail.clone(),
+            });
         }
         false_failovers += r.false_failovers;
         sim_ms += r.sim_ms;
@@ -117,15 +138,26 @@ pub fn summarize(runs: &[RunOutcome], wall_s: f64) -> Summary {
 }
 
 /// All samples, and percentiles per class (the required classes always listed).
-fn collect<'a>(maps: impl Iterator<Item = &'a BTreeMap<&'static str, Vec<u64>>>) -> (Vec<u64>, BTreeMap<String, Percentiles>) {
+fn collect<'a>(
+    maps: impl Iterator<Item = &'a BTreeMap<&'static str, Vec<u64>>>,
+) -> (Vec<u64>, BTreeMap<String, Percentiles>) {
     let mut all = Vec::new();
-    let mut by_class: BTreeMap<String, Vec<u64>> = REQUIRED_CLASSES.iter().map(|c| (c.to_string(), Vec::new())).collect();
+    let mut by_class: BTreeMap<String, Vec<u64>> = REQUIRED_CLASSES
+        .iter()
+        .map(|c| (c.to_string(), Vec::new()))
+        .collect();
     for m in maps {
         for (class, v) in m {
             all.extend_from_slice(v);
-            by_class.entry(class.to_string()).or_default().extend_from_slice(v);
+            by_class
+                .entry(class.to_string())
+                .or_default()
+                .extend_from_slice(v);
         }
     }
-    let by_class = by_class.into_iter().map(|(k, v)| (k, Percentiles::of(&v))).collect();
+    let by_class = by_class
+        .into_iter()
+        .map(|(k, v)| (k, Percentiles::of(&v)))
+        .collect();
     (all, by_class)
 }

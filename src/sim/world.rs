@@ -3,9 +3,9 @@
 //! real engine. Everything random is drawn from one seed, so a seed replays
 //! the exact same run.
 
+use super::SimSetup;
 use super::checker::Checker;
 use super::faults::{Command, StorageFault};
-use super::SimSetup;
 use crate::engine::config::{ClusterSpec, DomainId, HostId};
 use crate::engine::io::*;
 use crate::engine::node::{Node, NodeConfig};
@@ -117,23 +117,72 @@ pub struct Storage {
 
 #[derive(Clone, Debug)]
 pub enum Ev {
-    Wake { host: HostId },
-    Deliver { to: HostId, msg: NetMessage },
-    StorageDo { host: HostId, epoch: u64, issued: u64, action: Action },
+    Wake {
+        host: HostId,
+    },
+    Deliver {
+        to: HostId,
+        msg: NetMessage,
+    },
+    StorageDo {
+        host: HostId,
+        epoch: u64,
+        issued: u64,
+        action: Action,
+    },
     /// A storage answer that needs no apply (EIO).
-    StorageResult { host: HostId, epoch: u64, input: Input },
-    QemuStarted { host: HostId, domain: DomainId, serial: u64 },
-    QemuReady { host: HostId, domain: DomainId, serial: u64 },
-    QemuStopped { host: HostId, domain: DomainId, serial: u64 },
-    StartRefused { host: HostId, epoch: u64, domain: DomainId, disk_locked: bool },
-    FenceDone { host: HostId, epoch: u64, op: OpId, target: HostId, outcome: FenceOutcome },
-    IsolationAnswer { host: HostId, epoch: u64, reachable: bool },
-    Watchdog { host: HostId },
-    DaemonStart { host: HostId },
-    PowerOn { host: HostId },
+    StorageResult {
+        host: HostId,
+        epoch: u64,
+        input: Input,
+    },
+    QemuStarted {
+        host: HostId,
+        domain: DomainId,
+        serial: u64,
+    },
+    QemuReady {
+        host: HostId,
+        domain: DomainId,
+        serial: u64,
+    },
+    QemuStopped {
+        host: HostId,
+        domain: DomainId,
+        serial: u64,
+    },
+    StartRefused {
+        host: HostId,
+        epoch: u64,
+        domain: DomainId,
+        disk_locked: bool,
+    },
+    FenceDone {
+        host: HostId,
+        epoch: u64,
+        op: OpId,
+        target: HostId,
+        outcome: FenceOutcome,
+    },
+    IsolationAnswer {
+        host: HostId,
+        epoch: u64,
+        reachable: bool,
+    },
+    Watchdog {
+        host: HostId,
+    },
+    DaemonStart {
+        host: HostId,
+    },
+    PowerOn {
+        host: HostId,
+    },
     StallEnd,
     /// A fence agent cuts the power (part of a fault episode, not a new one).
-    FencePowerOff { target: HostId },
+    FencePowerOff {
+        target: HostId,
+    },
     Command(Command),
     Check,
 }
@@ -235,21 +284,46 @@ impl World {
     /// Time zero: domains run where the setup says and hold their leases.
     fn place_initial(&mut self, setup: &SimSetup) {
         for (d, h) in &setup.initial {
-            let Some(host) = self.hosts.get_mut(h) else { continue };
-            host.qemu.insert(*d, Qemu { state: QemuState::Running, ready_at: 0, serial: 0 });
-            let owner = Owner { host: *h, boot: host.boot };
-            let lease = Lease { owner: Some(owner), generation: 1, reason: LeaseReason::Acquired };
+            let Some(host) = self.hosts.get_mut(h) else {
+                continue;
+            };
+            host.qemu.insert(
+                *d,
+                Qemu {
+                    state: QemuState::Running,
+                    ready_at: 0,
+                    serial: 0,
+                },
+            );
+            let owner = Owner {
+                host: *h,
+                boot: host.boot,
+            };
+            let lease = Lease {
+                owner: Some(owner),
+                generation: 1,
+                reason: LeaseReason::Acquired,
+            };
             self.storage.leases.insert(LeaseKey::Domain(*d), lease);
         }
         for d in self.spec.domains.keys() {
             self.storage
                 .leases
                 .entry(LeaseKey::Domain(*d))
-                .or_insert(Lease { owner: None, generation: 0, reason: LeaseReason::Acquired });
+                .or_insert(Lease {
+                    owner: None,
+                    generation: 0,
+                    reason: LeaseReason::Acquired,
+                });
         }
-        self.storage
-            .leases
-            .insert(LeaseKey::Master, Lease { owner: None, generation: 0, reason: LeaseReason::Acquired });
+        self.storage.leases.insert(
+            LeaseKey::Master,
+            Lease {
+                owner: None,
+                generation: 0,
+                reason: LeaseReason::Acquired,
+            },
+        );
     }
 
     // ---- event queue ---------------------------------------------------
@@ -270,17 +344,24 @@ impl World {
                 self.slab.len() - 1
             }
         };
-        self.queue.push(Reverse((Key(at.max(self.now), self.seq), idx)));
+        self.queue
+            .push(Reverse((Key(at.max(self.now), self.seq), idx)));
     }
 
     /// Run every event up to and including `until` (virtual ms).
     pub fn run_until(&mut self, until: u64) {
-        while let Some(Reverse((Key(at, _), idx))) = self.queue.peek().map(|r| Reverse((Key(r.0.0.0, r.0.0.1), r.0.1))) {
+        while let Some(Reverse((Key(at, _), idx))) = self
+            .queue
+            .peek()
+            .map(|r| Reverse((Key(r.0.0.0, r.0.0.1), r.0.1)))
+        {
             if at > until {
                 break;
             }
             self.queue.pop();
-            let Some(ev) = self.slab[idx].take() else { continue };
+            let Some(ev) = self.slab[idx].take() else {
+                continue;
+            };
             self.free.push(idx);
             self.now = at;
             self.events_processed += 1;
@@ -291,7 +372,10 @@ impl World {
 
     fn handle(&mut self, ev: Ev) {
         if let Some(h) = ev_host(&ev)
-            && self.hosts.get(&h).is_some_and(|x| x.powered && x.paused_since.is_some())
+            && self
+                .hosts
+                .get(&h)
+                .is_some_and(|x| x.powered && x.paused_since.is_some())
         {
             // A frozen host processes nothing; it catches up on resume.
             if let Some(x) = self.hosts.get_mut(&h)
@@ -304,35 +388,92 @@ impl World {
         match ev {
             Ev::Wake { host } => self.wake(host),
             Ev::Deliver { to, msg } => self.input(to, Input::Net(msg)),
-            Ev::StorageDo { host, epoch, issued, action } => self.storage_do(host, epoch, issued, action),
+            Ev::StorageDo {
+                host,
+                epoch,
+                issued,
+                action,
+            } => self.storage_do(host, epoch, issued, action),
             Ev::StorageResult { host, epoch, input } => {
                 if self.epoch(host) == Some(epoch) {
                     self.input(host, input);
                 }
             }
-            Ev::QemuStarted { host, domain, serial } => self.qemu_started(host, domain, serial),
-            Ev::QemuReady { host, domain, serial } => {
+            Ev::QemuStarted {
+                host,
+                domain,
+                serial,
+            } => self.qemu_started(host, domain, serial),
+            Ev::QemuReady {
+                host,
+                domain,
+                serial,
+            } => {
                 if self.qemu_serial(host, domain) == Some(serial) {
-                    self.input(host, Input::Domain { domain, event: DomainEvent::Ready });
+                    self.input(
+                        host,
+                        Input::Domain {
+                            domain,
+                            event: DomainEvent::Ready,
+                        },
+                    );
                 }
             }
-            Ev::QemuStopped { host, domain, serial } => {
+            Ev::QemuStopped {
+                host,
+                domain,
+                serial,
+            } => {
                 if self.qemu_serial(host, domain) == Some(serial) {
                     self.qemu_gone(host, domain);
-                    self.input(host, Input::Domain { domain, event: DomainEvent::Stopped });
+                    self.input(
+                        host,
+                        Input::Domain {
+                            domain,
+                            event: DomainEvent::Stopped,
+                        },
+                    );
                 }
             }
-            Ev::StartRefused { host, epoch, domain, disk_locked } => {
+            Ev::StartRefused {
+                host,
+                epoch,
+                domain,
+                disk_locked,
+            } => {
                 if self.epoch(host) == Some(epoch) {
-                    self.input(host, Input::Domain { domain, event: DomainEvent::StartFailed { disk_locked } });
+                    self.input(
+                        host,
+                        Input::Domain {
+                            domain,
+                            event: DomainEvent::StartFailed { disk_locked },
+                        },
+                    );
                 }
             }
-            Ev::FenceDone { host, epoch, op, target, outcome } => {
+            Ev::FenceDone {
+                host,
+                epoch,
+                op,
+                target,
+                outcome,
+            } => {
                 if self.epoch(host) == Some(epoch) {
-                    self.input(host, Input::Fence { op, target, outcome });
+                    self.input(
+                        host,
+                        Input::Fence {
+                            op,
+                            target,
+                            outcome,
+                        },
+                    );
                 }
             }
-            Ev::IsolationAnswer { host, epoch, reachable } => {
+            Ev::IsolationAnswer {
+                host,
+                epoch,
+                reachable,
+            } => {
                 if self.epoch(host) == Some(epoch) {
                     self.input(host, Input::IsolationProbe { reachable });
                 }
@@ -354,11 +495,17 @@ impl World {
     }
 
     fn epoch(&self, h: HostId) -> Option<u64> {
-        self.hosts.get(&h).filter(|x| x.node.is_some()).map(|x| x.daemon_epoch)
+        self.hosts
+            .get(&h)
+            .filter(|x| x.node.is_some())
+            .map(|x| x.daemon_epoch)
     }
 
     fn qemu_serial(&self, h: HostId, d: DomainId) -> Option<u64> {
-        self.hosts.get(&h).and_then(|x| x.qemu.get(&d)).map(|q| q.serial)
+        self.hosts
+            .get(&h)
+            .and_then(|x| x.qemu.get(&d))
+            .map(|q| q.serial)
     }
 
     pub fn local_now(&self, h: HostId) -> Instant {
@@ -374,13 +521,17 @@ impl World {
 
     fn input(&mut self, h: HostId, input: Input) {
         let now = self.local_now(h);
-        let Some(node) = self.hosts.get_mut(&h).and_then(|x| x.node.as_mut()) else { return };
+        let Some(node) = self.hosts.get_mut(&h).and_then(|x| x.node.as_mut()) else {
+            return;
+        };
         node.handle_input(now, input);
         self.drain(h);
     }
 
     fn wake(&mut self, h: HostId) {
-        let Some(host) = self.hosts.get_mut(&h) else { return };
+        let Some(host) = self.hosts.get_mut(&h) else {
+            return;
+        };
         if host.wake_at != Some(self.now) {
             if host.wake_at.is_some_and(|w| w < self.now) {
                 host.wake_at = None;
@@ -390,7 +541,9 @@ impl World {
         }
         host.wake_at = None;
         let now = self.local_now(h);
-        let Some(node) = self.hosts.get_mut(&h).and_then(|x| x.node.as_mut()) else { return };
+        let Some(node) = self.hosts.get_mut(&h).and_then(|x| x.node.as_mut()) else {
+            return;
+        };
         node.handle_timeout(now);
         self.drain(h);
     }
@@ -399,15 +552,25 @@ impl World {
     fn drain(&mut self, h: HostId) {
         loop {
             let action = {
-                let Some(node) = self.hosts.get_mut(&h).and_then(|x| x.node.as_mut()) else { return };
+                let Some(node) = self.hosts.get_mut(&h).and_then(|x| x.node.as_mut()) else {
+                    return;
+                };
                 node.poll_action()
             };
             let Some(a) = action else { break };
             self.execute(h, a);
         }
-        let Some(host) = self.hosts.get_mut(&h) else { return };
-        let Some(node) = host.node.as_ref() else { return };
-        let at = node.poll_timeout().0.saturating_sub(host.clock_offset).max(self.now);
+        let Some(host) = self.hosts.get_mut(&h) else {
+            return;
+        };
+        let Some(node) = host.node.as_ref() else {
+            return;
+        };
+        let at = node
+            .poll_timeout()
+            .0
+            .saturating_sub(host.clock_offset)
+            .max(self.now);
         if host.wake_at.is_none_or(|w| at < w) {
             host.wake_at = Some(at);
             self.schedule_at(at, Ev::Wake { host: h });
@@ -426,13 +589,30 @@ impl World {
             Action::StartDomain { domain } => self.qemu_start(h, domain),
             Action::DestroyDomain { domain, kill } => {
                 self.checker_on_stop(h, domain);
-                let (lo, hi) = if kill { (5, 20) } else { self.params.destroy_ms };
+                let (lo, hi) = if kill {
+                    (5, 20)
+                } else {
+                    self.params.destroy_ms
+                };
                 let delay = self.rng.range(lo, hi);
                 if let Some(serial) = self.qemu_serial(h, domain) {
-                    self.schedule(delay, Ev::QemuStopped { host: h, domain, serial });
+                    self.schedule(
+                        delay,
+                        Ev::QemuStopped {
+                            host: h,
+                            domain,
+                            serial,
+                        },
+                    );
                 } else {
                     // Already gone: libvirt answers "not running" at once.
-                    self.input(h, Input::Domain { domain, event: DomainEvent::Stopped });
+                    self.input(
+                        h,
+                        Input::Domain {
+                            domain,
+                            event: DomainEvent::Stopped,
+                        },
+                    );
                 }
             }
             Action::ShutdownDomain { domain, .. } => {
@@ -440,7 +620,14 @@ impl World {
                 let (lo, hi) = self.params.guest_shutdown_ms;
                 let delay = self.rng.range(lo, hi);
                 if let Some(serial) = self.qemu_serial(h, domain) {
-                    self.schedule(delay, Ev::QemuStopped { host: h, domain, serial });
+                    self.schedule(
+                        delay,
+                        Ev::QemuStopped {
+                            host: h,
+                            domain,
+                            serial,
+                        },
+                    );
                 }
             }
             Action::Fence { op, target, agent } => self.fence(h, op, target, agent),
@@ -448,13 +635,30 @@ impl World {
                 let reachable = !self.hosts[&h].isolated;
                 let epoch = self.hosts[&h].daemon_epoch;
                 let delay = if reachable { 2 } else { 1000 };
-                self.schedule(delay, Ev::IsolationAnswer { host: h, epoch, reachable });
+                self.schedule(
+                    delay,
+                    Ev::IsolationAnswer {
+                        host: h,
+                        epoch,
+                        reachable,
+                    },
+                );
             }
             Action::ProbeReadiness { domain, .. } => {
-                let ready = self.hosts[&h].qemu.get(&domain).is_some_and(|q| q.state == QemuState::Running && q.ready_at <= self.now);
+                let ready = self.hosts[&h]
+                    .qemu
+                    .get(&domain)
+                    .is_some_and(|q| q.state == QemuState::Running && q.ready_at <= self.now);
                 if ready {
                     let serial = self.hosts[&h].qemu[&domain].serial;
-                    self.schedule(5, Ev::QemuReady { host: h, domain, serial });
+                    self.schedule(
+                        5,
+                        Ev::QemuReady {
+                            host: h,
+                            domain,
+                            serial,
+                        },
+                    );
                 }
             }
             Action::PetWatchdog => {
@@ -477,7 +681,11 @@ impl World {
     /// wall time and no hash order, so a seed's log is byte-for-byte stable.
     pub fn log_at(&mut self, level: &str, who: &str, text: &str) {
         let t = self.now;
-        self.log.push(format!("{level:<5} {:>5}.{:03} {who:<9} {text}", t / 1000, t % 1000));
+        self.log.push(format!(
+            "{level:<5} {:>5}.{:03} {who:<9} {text}",
+            t / 1000,
+            t % 1000
+        ));
         if let Some(cap) = self.log_cap
             && self.log.len() > cap * 2
         {
@@ -516,7 +724,13 @@ impl World {
             }
             let (lo, hi) = self.params.net_latency_ms;
             let delay = self.rng.range(lo, hi);
-            self.schedule(delay, Ev::Deliver { to: t, msg: msg.clone() });
+            self.schedule(
+                delay,
+                Ev::Deliver {
+                    to: t,
+                    msg: msg.clone(),
+                },
+            );
         }
     }
 
@@ -530,7 +744,14 @@ impl World {
             Some(StorageFault::Fail) => {
                 let delay = self.rng.range(1, 5);
                 if let Some(input) = failed_result(&a) {
-                    self.schedule(delay, Ev::StorageResult { host: h, epoch, input });
+                    self.schedule(
+                        delay,
+                        Ev::StorageResult {
+                            host: h,
+                            epoch,
+                            input,
+                        },
+                    );
                 }
             }
             Some(StorageFault::Hang) => {
@@ -546,19 +767,39 @@ impl World {
             None => {
                 let (lo, hi) = self.params.storage_latency_ms;
                 let delay = self.rng.range(lo, hi);
-                self.schedule(delay, Ev::StorageDo { host: h, epoch, issued, action: a });
+                self.schedule(
+                    delay,
+                    Ev::StorageDo {
+                        host: h,
+                        epoch,
+                        issued,
+                        action: a,
+                    },
+                );
             }
         }
     }
 
     /// Release storage requests held by a hang or a stall, in issue order.
     pub fn release_held(&mut self, h: HostId) {
-        let held = self.hosts.get_mut(&h).map(|x| std::mem::take(&mut x.held_ops)).unwrap_or_default();
+        let held = self
+            .hosts
+            .get_mut(&h)
+            .map(|x| std::mem::take(&mut x.held_ops))
+            .unwrap_or_default();
         let epoch = self.hosts[&h].daemon_epoch;
         for (issued, a) in held {
             let (lo, hi) = self.params.storage_latency_ms;
             let delay = self.rng.range(lo, hi);
-            self.schedule(delay, Ev::StorageDo { host: h, epoch, issued, action: a });
+            self.schedule(
+                delay,
+                Ev::StorageDo {
+                    host: h,
+                    epoch,
+                    issued,
+                    action: a,
+                },
+            );
         }
     }
 
@@ -599,31 +840,74 @@ impl World {
             }
             Action::ReadStorage { op } => {
                 let snap = StorageSnapshot {
-                    slots: self.storage.slots.iter().filter(|(k, _)| **k != h).map(|(k, v)| (*k, v.clone())).collect(),
+                    slots: self
+                        .storage
+                        .slots
+                        .iter()
+                        .filter(|(k, _)| **k != h)
+                        .map(|(k, v)| (*k, v.clone()))
+                        .collect(),
                     fenced: self.storage.fenced.clone(),
-                    assignments: self.storage.assignments.get(&h).cloned().unwrap_or_default(),
+                    assignments: self
+                        .storage
+                        .assignments
+                        .get(&h)
+                        .cloned()
+                        .unwrap_or_default(),
                     rejected_records: 0,
                 };
-                Some(Input::StorageRead { op, result: Ok(snap) })
+                Some(Input::StorageRead {
+                    op,
+                    result: Ok(snap),
+                })
             }
             Action::ReadLease { op, key } => {
-                let l = self.storage.leases.get(&key).copied().unwrap_or(Lease { owner: None, generation: 0, reason: LeaseReason::Acquired });
-                Some(Input::LeaseRead { op, key, result: Ok(l) })
+                let l = self.storage.leases.get(&key).copied().unwrap_or(Lease {
+                    owner: None,
+                    generation: 0,
+                    reason: LeaseReason::Acquired,
+                });
+                Some(Input::LeaseRead {
+                    op,
+                    key,
+                    result: Ok(l),
+                })
             }
-            Action::CasLease { op, key, expect_generation, new } => {
-                let cur = self.storage.leases.get(&key).copied().unwrap_or(Lease { owner: None, generation: 0, reason: LeaseReason::Acquired });
+            Action::CasLease {
+                op,
+                key,
+                expect_generation,
+                new,
+            } => {
+                let cur = self.storage.leases.get(&key).copied().unwrap_or(Lease {
+                    owner: None,
+                    generation: 0,
+                    reason: LeaseReason::Acquired,
+                });
                 if cur.generation != expect_generation {
-                    return Some(Input::LeaseCas { op, key, result: Ok(CasOutcome::Conflict(cur)) });
+                    return Some(Input::LeaseCas {
+                        op,
+                        key,
+                        result: Ok(CasOutcome::Conflict(cur)),
+                    });
                 }
                 self.lease_changed(h, key, cur, new);
                 self.storage.leases.insert(key, new);
-                Some(Input::LeaseCas { op, key, result: Ok(CasOutcome::Done(new)) })
+                Some(Input::LeaseCas {
+                    op,
+                    key,
+                    result: Ok(CasOutcome::Done(new)),
+                })
             }
             Action::WriteFenced { op, record } => {
                 self.storage.fenced.insert(record.host, record);
                 Some(Input::RecordWritten { op, result: Ok(()) })
             }
-            Action::WriteAssignments { op, host, assignments } => {
+            Action::WriteAssignments {
+                op,
+                host,
+                assignments,
+            } => {
                 self.storage.assignments.insert(host, assignments);
                 Some(Input::RecordWritten { op, result: Ok(()) })
             }
@@ -639,28 +923,68 @@ impl World {
         if self.hosts[&h].qemu.contains_key(&d) {
             // Already running here: libvirt says so; treat as started.
             let serial = self.hosts[&h].qemu[&d].serial;
-            self.schedule(1, Ev::QemuStarted { host: h, domain: d, serial });
+            self.schedule(
+                1,
+                Ev::QemuStarted {
+                    host: h,
+                    domain: d,
+                    serial,
+                },
+            );
             return;
         }
         if self.broken_domains.contains(&d) {
-            self.schedule(200, Ev::StartRefused { host: h, epoch, domain: d, disk_locked: false });
+            self.schedule(
+                200,
+                Ev::StartRefused {
+                    host: h,
+                    epoch,
+                    domain: d,
+                    disk_locked: false,
+                },
+            );
             return;
         }
         let locked = self.params.disk_locks
-            && self.hosts.values().any(|x| x.id != h && x.powered && x.qemu.contains_key(&d));
+            && self
+                .hosts
+                .values()
+                .any(|x| x.id != h && x.powered && x.qemu.contains_key(&d));
         if locked {
-            self.schedule(50, Ev::StartRefused { host: h, epoch, domain: d, disk_locked: true });
+            self.schedule(
+                50,
+                Ev::StartRefused {
+                    host: h,
+                    epoch,
+                    domain: d,
+                    disk_locked: true,
+                },
+            );
             return;
         }
         self.seq += 1;
         let serial = self.seq;
         if let Some(x) = self.hosts.get_mut(&h) {
-            x.qemu.insert(d, Qemu { state: QemuState::Starting, ready_at: u64::MAX, serial });
+            x.qemu.insert(
+                d,
+                Qemu {
+                    state: QemuState::Starting,
+                    ready_at: u64::MAX,
+                    serial,
+                },
+            );
         }
         self.check_s1(d);
         let (lo, hi) = self.params.start_ms;
         let delay = self.rng.range(lo, hi);
-        self.schedule(delay, Ev::QemuStarted { host: h, domain: d, serial });
+        self.schedule(
+            delay,
+            Ev::QemuStarted {
+                host: h,
+                domain: d,
+                serial,
+            },
+        );
     }
 
     fn qemu_started(&mut self, h: HostId, d: DomainId, serial: u64) {
@@ -674,7 +998,13 @@ impl World {
             q.ready_at = ready_at;
         }
         self.checker.domain_running(self.now, d);
-        self.input(h, Input::Domain { domain: d, event: DomainEvent::Started });
+        self.input(
+            h,
+            Input::Domain {
+                domain: d,
+                event: DomainEvent::Started,
+            },
+        );
     }
 
     /// qemu of `d` on `h` is gone (destroyed, crashed, or host power loss).
@@ -684,7 +1014,10 @@ impl World {
             Some(x.active_fault)
         });
         if let Some(Some((at, class))) = fault {
-            let others_healthy = self.hosts.values().all(|x| x.id == h || (x.running() && x.node.is_some()));
+            let others_healthy = self
+                .hosts
+                .values()
+                .all(|x| x.id == h || (x.running() && x.node.is_some()));
             self.checker.domain_lost(d, at, class, others_healthy);
         }
     }
@@ -696,7 +1029,16 @@ impl World {
         self.checker_on_fence(from, target);
         if self.fence_failing.contains(&(target, agent.clone())) {
             let delay = self.rng.range(500, 1500);
-            self.schedule(delay, Ev::FenceDone { host: from, epoch, op, target, outcome: FenceOutcome::Failed });
+            self.schedule(
+                delay,
+                Ev::FenceDone {
+                    host: from,
+                    epoch,
+                    op,
+                    target,
+                    outcome: FenceOutcome::Failed,
+                },
+            );
             return;
         }
         let (lo, hi) = self.params.fence_ms;
@@ -704,7 +1046,16 @@ impl World {
         // The BMC cuts power before the agent's status poll confirms it.
         let cut = delay / 2;
         self.schedule(cut, Ev::FencePowerOff { target });
-        self.schedule(delay, Ev::FenceDone { host: from, epoch, op, target, outcome: FenceOutcome::Confirmed });
+        self.schedule(
+            delay,
+            Ev::FenceDone {
+                host: from,
+                epoch,
+                op,
+                target,
+                outcome: FenceOutcome::Confirmed,
+            },
+        );
         if let Some((lo, hi)) = self.params.repair_after_ms {
             let back = self.rng.range(lo, hi);
             self.schedule(back, Ev::PowerOn { host: target });
@@ -712,7 +1063,9 @@ impl World {
     }
 
     fn watchdog_check(&mut self, h: HostId) {
-        let Some(host) = self.hosts.get(&h) else { return };
+        let Some(host) = self.hosts.get(&h) else {
+            return;
+        };
         if !host.running() || host.watchdog_deadline.is_none_or(|d| d > self.now) {
             return;
         }
@@ -722,7 +1075,9 @@ impl World {
     }
 
     pub fn power_off(&mut self, h: HostId, class_hint: &'static str) {
-        let Some(host) = self.hosts.get_mut(&h) else { return };
+        let Some(host) = self.hosts.get_mut(&h) else {
+            return;
+        };
         if !host.powered {
             return;
         }
@@ -747,7 +1102,9 @@ impl World {
     pub fn power_on(&mut self, h: HostId) {
         let boot = self.rng.next_u64() >> 16;
         let offset = self.rng.range(1_000_000, 1_000_000_000);
-        let Some(host) = self.hosts.get_mut(&h) else { return };
+        let Some(host) = self.hosts.get_mut(&h) else {
+            return;
+        };
         if host.powered {
             return;
         }
@@ -763,13 +1120,19 @@ impl World {
 
     pub fn start_daemon(&mut self, h: HostId) {
         let (boot, epoch, domains) = {
-            let Some(host) = self.hosts.get_mut(&h) else { return };
+            let Some(host) = self.hosts.get_mut(&h) else {
+                return;
+            };
             if !host.powered || host.node.is_some() {
                 return;
             }
             host.daemon_epoch += 1;
             host.daemon_started_at = self.now;
-            (host.boot, host.daemon_epoch, host.qemu.keys().copied().collect::<Vec<_>>())
+            (
+                host.boot,
+                host.daemon_epoch,
+                host.qemu.keys().copied().collect::<Vec<_>>(),
+            )
         };
         let incarnation = self.rng.next_u64();
         let cfg = NodeConfig {
@@ -803,8 +1166,12 @@ impl World {
     }
 
     pub fn resume(&mut self, h: HostId) {
-        let Some(x) = self.hosts.get_mut(&h) else { return };
-        let Some(since) = x.paused_since.take() else { return };
+        let Some(x) = self.hosts.get_mut(&h) else {
+            return;
+        };
+        let Some(since) = x.paused_since.take() else {
+            return;
+        };
         // The (virtual) watchdog was frozen with the host.
         if let Some(d) = x.watchdog_deadline.as_mut() {
             *d += self.now - since;
@@ -866,11 +1233,25 @@ fn failed_result(a: &Action) -> Option<Input> {
     let e = Err(StorageError::Io);
     Some(match a {
         Action::WriteSlot { op, .. } => Input::SlotWritten { op: *op, result: e },
-        Action::ReadStorage { op } => Input::StorageRead { op: *op, result: Err(StorageError::Io) },
-        Action::ReadLease { op, key } => Input::LeaseRead { op: *op, key: *key, result: Err(StorageError::Io) },
-        Action::CasLease { op, key, .. } => Input::LeaseCas { op: *op, key: *key, result: Err(StorageError::Io) },
+        Action::ReadStorage { op } => Input::StorageRead {
+            op: *op,
+            result: Err(StorageError::Io),
+        },
+        Action::ReadLease { op, key } => Input::LeaseRead {
+            op: *op,
+            key: *key,
+            result: Err(StorageError::Io),
+        },
+        Action::CasLease { op, key, .. } => Input::LeaseCas {
+            op: *op,
+            key: *key,
+            result: Err(StorageError::Io),
+        },
         Action::WriteFenced { op, .. } | Action::WriteAssignments { op, .. } => {
-            Input::RecordWritten { op: *op, result: Err(StorageError::Io) }
+            Input::RecordWritten {
+                op: *op,
+                result: Err(StorageError::Io),
+            }
         }
         _ => return None,
     })
