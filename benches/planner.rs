@@ -9,18 +9,10 @@ const DOMAINS: usize = 10_000;
 
 fn planner(c: &mut Criterion) {
     let (hosts, domains) = bench_case(HOSTS, DOMAINS);
-    let requests: Vec<PlanRequest<'_>> = domains
-        .iter()
-        .map(|d| PlanRequest {
-            domain: d,
-            avoid: Vec::new(),
-        })
-        .collect();
+    let requests: Vec<PlanRequest<'_>> = domains.iter().map(|d| PlanRequest { domain: d, avoid: Vec::new() }).collect();
     let mut group = c.benchmark_group("planner");
     group.sample_size(20);
-    group.bench_function("128x10000", |b| {
-        b.iter(|| plan(black_box(&hosts), black_box(&requests)))
-    });
+    group.bench_function("128x10000", |b| b.iter(|| plan(black_box(&hosts), black_box(&requests))));
     group.finish();
 }
 

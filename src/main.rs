@@ -9,11 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(
-    name = "havirt",
-    version,
-    about = "High availability for KVM/libvirt hosts"
-)]
+#[command(name = "havirt", version, about = "High availability for KVM/libvirt hosts")]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -78,17 +74,13 @@ fn main() -> ExitCode {
 
 fn parse_duration(s: &str) -> Result<u64, String> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("--duration {s:?}: expected a number and a unit, e.g. 20m or 90s"))?;
+    let n: u64 = num.parse().map_err(|_| format!("--duration {s:?}: expected a number and a unit, e.g. 20m or 90s"))?;
     match unit {
         "ms" => Ok(n),
         "s" | "" => Ok(n * 1000),
         "m" => Ok(n * 60_000),
         "h" => Ok(n * 3_600_000),
-        _ => Err(format!(
-            "--duration {s:?}: unknown unit {unit:?} (use ms, s, m or h)"
-        )),
+        _ => Err(format!("--duration {s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
     }
 }
 
@@ -111,25 +103,13 @@ fn simulate(a: SimulateArgs) -> Result<ExitCode, String> {
         for v in &out.violations {
             println!("VIOLATION {v}");
         }
-        return Ok(if out.violations.is_empty() {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::from(1)
-        });
+        return Ok(if out.violations.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) });
     }
-    let profile = Profile::parse(&a.profile).ok_or_else(|| {
-        format!(
-            "--profile {:?}: use fast, default or conservative",
-            a.profile
-        )
-    })?;
+    let profile = Profile::parse(&a.profile)
+        .ok_or_else(|| format!("--profile {:?}: use fast, default or conservative", a.profile))?;
     profile.timings().validate().map_err(|e| e.to_string())?;
-    let o = RandomOptions {
-        hosts: a.hosts.max(2),
-        domains: a.domains,
-        duration_ms: parse_duration(&a.duration)?,
-        profile,
-    };
+    let o =
+        RandomOptions { hosts: a.hosts.max(2), domains: a.domains, duration_ms: parse_duration(&a.duration)?, profile };
     if let Some(seed) = a.seed {
         let out = run_seed(seed, &o, None);
         println!("SEED={seed}");
@@ -139,28 +119,16 @@ fn simulate(a: SimulateArgs) -> Result<ExitCode, String> {
             }
         }
         for v in &out.violations {
-            println!(
-                "VIOLATION seed={seed} {} at {} ms: {}",
-                v.invariant, v.at_ms, v.detail
-            );
+            println!("VIOLATION seed={seed} {} at {} ms: {}", v.invariant, v.at_ms, v.detail);
         }
         let s = havirt::sim::report::summarize(std::slice::from_ref(&out), 1.0);
         if a.json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&s).map_err(|e| e.to_string())?
-            );
+            println!("{}", serde_json::to_string_pretty(&s).map_err(|e| e.to_string())?);
         }
-        return Ok(if out.violations.is_empty() {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::from(1)
-        });
+        return Ok(if out.violations.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) });
     }
     let (from, to) = parse_range(a.seeds.as_deref().unwrap_or("1..100"))?;
-    let workers = a
-        .jobs
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let workers = a.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let print_violation = |r: &havirt::sim::RunOutcome| {
         eprintln!("SEED={} failed:", r.seed);
         for v in &r.violations {
@@ -176,10 +144,7 @@ fn simulate(a: SimulateArgs) -> Result<ExitCode, String> {
     };
     let (summary, _) = run_seeds(from, to, &o, workers, &print_violation);
     if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())?
-        );
+        println!("{}", serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())?);
     } else {
         println!(
             "{} runs, {} violations, {} false failovers; recovery p50 {:.2}s p99 {:.2}s max {:.2}s; {:.0} sim s per wall s",
@@ -192,19 +157,14 @@ fn simulate(a: SimulateArgs) -> Result<ExitCode, String> {
             summary.sim_seconds_per_wall_second
         );
         for (class, p) in &summary.recovery_by_class {
-            println!(
-                "  {class:<22} n={:<5} p50 {:.2}s p99 {:.2}s max {:.2}s",
-                p.samples, p.p50, p.p99, p.max
-            );
+            println!("  {class:<22} n={:<5} p50 {:.2}s p99 {:.2}s max {:.2}s", p.samples, p.p50, p.p99, p.max);
         }
     }
-    Ok(
-        if summary.violations.is_empty() && summary.false_failovers == 0 {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::from(1)
-        },
-    )
+    Ok(if summary.violations.is_empty() && summary.false_failovers == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn bench(what: &str) -> Result<ExitCode, String> {
@@ -212,13 +172,8 @@ fn bench(what: &str) -> Result<ExitCode, String> {
         "planner" => {
             use havirt::engine::planner::{PlanRequest, bench_case, plan};
             let (hosts, domains) = bench_case(128, 10_000);
-            let requests: Vec<PlanRequest> = domains
-                .iter()
-                .map(|d| PlanRequest {
-                    domain: d,
-                    avoid: Vec::new(),
-                })
-                .collect();
+            let requests: Vec<PlanRequest> =
+                domains.iter().map(|d| PlanRequest { domain: d, avoid: Vec::new() }).collect();
             let runs = 20;
             let mut best = f64::MAX;
             let mut placed = 0;

@@ -44,16 +44,8 @@ fn engine_has_no_io_clock_or_unseeded_randomness() {
             }
         }
     }
-    assert!(
-        files >= 5,
-        "expected the engine sources in {}",
-        dir.display()
-    );
-    assert!(
-        found.is_empty(),
-        "src/engine must stay pure:\n{}",
-        found.join("\n")
-    );
+    assert!(files >= 5, "expected the engine sources in {}", dir.display());
+    assert!(found.is_empty(), "src/engine must stay pure:\n{}", found.join("\n"));
 }
 
 #[test]

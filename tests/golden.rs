@@ -40,10 +40,7 @@ fn golden_scenarios() {
     let filter = std::env::var("HAVIRT_SCENARIO").unwrap_or_default();
     let mut ran = 0;
     let mut failures = Vec::new();
-    for dir in dirs
-        .iter()
-        .filter(|d| dir_name(d).contains(filter.as_str()))
-    {
+    for dir in dirs.iter().filter(|d| dir_name(d).contains(filter.as_str())) {
         ran += 1;
         match check(dir, bless) {
             Ok(()) => eprintln!("golden: {} ok", dir_name(dir)),
@@ -54,29 +51,19 @@ fn golden_scenarios() {
         }
     }
     assert!(ran > 0, "HAVIRT_SCENARIO={filter:?} matches no scenario");
-    assert!(
-        failures.is_empty(),
-        "{} of {ran} golden scenarios failed:\n\n{}",
-        failures.len(),
-        failures.join("\n\n")
-    );
+    assert!(failures.is_empty(), "{} of {ran} golden scenarios failed:\n\n{}", failures.len(), failures.join("\n\n"));
 }
 
 fn scenario_dirs(root: &Path) -> Vec<PathBuf> {
-    let entries =
-        std::fs::read_dir(root).unwrap_or_else(|e| panic!("cannot read {}: {e}", root.display()));
-    let mut dirs: Vec<PathBuf> = entries
-        .map(|e| e.expect("readable directory entry").path())
-        .filter(|p| p.is_dir())
-        .collect();
+    let entries = std::fs::read_dir(root).unwrap_or_else(|e| panic!("cannot read {}: {e}", root.display()));
+    let mut dirs: Vec<PathBuf> =
+        entries.map(|e| e.expect("readable directory entry").path()).filter(|p| p.is_dir()).collect();
     dirs.sort();
     dirs
 }
 
 fn dir_name(dir: &Path) -> String {
-    dir.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
+    dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 /// Run one scenario; `Err` is the whole report for that scenario.
@@ -88,11 +75,7 @@ fn check(dir: &Path, bless: bool) -> Result<(), String> {
         return Err(format!(
             "=== {name}: {} invariant violation(s){}\n{}\n--- log ---\n{}",
             outcome.violations.len(),
-            if bless {
-                " (log.expect not written)"
-            } else {
-                ""
-            },
+            if bless { " (log.expect not written)" } else { "" },
             outcome.violations.join("\n"),
             outcome.log
         ));
@@ -116,10 +99,7 @@ fn check(dir: &Path, bless: bool) -> Result<(), String> {
         return Ok(());
     }
     let saved = save_actual(&name, &outcome.log);
-    Err(format!(
-        "=== {name}: log differs from log.expect{saved}\n{}",
-        diff(&expected, &outcome.log)
-    ))
+    Err(format!("=== {name}: log differs from log.expect{saved}\n{}", diff(&expected, &outcome.log)))
 }
 
 /// Keep the actual log outside the source tree, for a closer look.
@@ -144,12 +124,7 @@ fn diff(expected: &str, actual: &str) -> String {
     let old: Vec<&str> = expected.lines().collect();
     let new: Vec<&str> = actual.lines().collect();
     let prefix = old.iter().zip(&new).take_while(|(a, b)| a == b).count();
-    let suffix = old[prefix..]
-        .iter()
-        .rev()
-        .zip(new[prefix..].iter().rev())
-        .take_while(|(a, b)| a == b)
-        .count();
+    let suffix = old[prefix..].iter().rev().zip(new[prefix..].iter().rev()).take_while(|(a, b)| a == b).count();
     let old_mid = &old[prefix..old.len() - suffix];
     let new_mid = &new[prefix..new.len() - suffix];
     let mut out = String::from("--- log.expect\n+++ actual\n");
@@ -182,11 +157,7 @@ fn lcs_edits<'a>(old: &[&'a str], new: &[&'a str]) -> Vec<(Edit, &'a str)> {
     let mut table = vec![vec![0u32; m + 1]; n + 1];
     for i in (0..n).rev() {
         for j in (0..m).rev() {
-            table[i][j] = if old[i] == new[j] {
-                table[i + 1][j + 1] + 1
-            } else {
-                table[i + 1][j].max(table[i][j + 1])
-            };
+            table[i][j] = if old[i] == new[j] { table[i + 1][j + 1] + 1 } else { table[i + 1][j].max(table[i][j + 1]) };
         }
     }
     let (mut i, mut j) = (0, 0);
@@ -209,9 +180,7 @@ fn lcs_edits<'a>(old: &[&'a str], new: &[&'a str]) -> Vec<(Edit, &'a str)> {
 
 /// Print changes with `DIFF_CONTEXT_LINES` of context, as `diff -u` does.
 fn render_hunks(edits: &[(Edit, &str)], out: &mut String) {
-    let changed: Vec<usize> = (0..edits.len())
-        .filter(|&k| edits[k].0 != Edit::Same)
-        .collect();
+    let changed: Vec<usize> = (0..edits.len()).filter(|&k| edits[k].0 != Edit::Same).collect();
     let mut k = 0;
     while k < changed.len() {
         let start = changed[k].saturating_sub(DIFF_CONTEXT_LINES);
@@ -221,15 +190,8 @@ fn render_hunks(edits: &[(Edit, &str)], out: &mut String) {
             last = changed[k];
         }
         let end = (last + DIFF_CONTEXT_LINES + 1).min(edits.len());
-        let line_of = |until: usize, skip: Edit| {
-            1 + edits[..until].iter().filter(|(e, _)| *e != skip).count()
-        };
-        let _ = writeln!(
-            out,
-            "@@ -{} +{} @@",
-            line_of(start, Edit::Added),
-            line_of(start, Edit::Removed)
-        );
+        let line_of = |until: usize, skip: Edit| 1 + edits[..until].iter().filter(|(e, _)| *e != skip).count();
+        let _ = writeln!(out, "@@ -{} +{} @@", line_of(start, Edit::Added), line_of(start, Edit::Removed));
         for (edit, line) in &edits[start..end] {
             let mark = match edit {
                 Edit::Same => ' ',

@@ -15,30 +15,17 @@ fn seed_range() -> (u64, u64) {
     let Ok(s) = std::env::var("HAVIRT_SEEDS") else {
         return DEFAULT_SEEDS;
     };
-    let (a, b) = s
-        .split_once("..")
-        .expect("HAVIRT_SEEDS must look like A..B");
-    (
-        a.parse().expect("HAVIRT_SEEDS start"),
-        b.parse().expect("HAVIRT_SEEDS end"),
-    )
+    let (a, b) = s.split_once("..").expect("HAVIRT_SEEDS must look like A..B");
+    (a.parse().expect("HAVIRT_SEEDS start"), b.parse().expect("HAVIRT_SEEDS end"))
 }
 
 #[test]
 fn random_seeds_keep_every_invariant() {
     let (from, to) = seed_range();
-    let o = RandomOptions {
-        hosts: 5,
-        domains: 40,
-        duration_ms: 20 * 60_000,
-        profile: Profile::Default,
-    };
+    let o = RandomOptions { hosts: 5, domains: 40, duration_ms: 20 * 60_000, profile: Profile::Default };
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let report = |r: &RunOutcome| {
-        eprintln!(
-            "SEED={} failed; replay: havirt simulate --seed {} --verbose",
-            r.seed, r.seed
-        );
+        eprintln!("SEED={} failed; replay: havirt simulate --seed {} --verbose", r.seed, r.seed);
         for v in &r.violations {
             eprintln!("  {} at {} ms: {}", v.invariant, v.at_ms, v.detail);
             for line in &v.timeline {
@@ -56,48 +43,25 @@ fn random_seeds_keep_every_invariant() {
         summary.sim_seconds_per_wall_second
     );
     assert_eq!(summary.runs, to - from + 1);
-    assert!(
-        summary.violations.is_empty(),
-        "violations: {:#?}",
-        summary.violations
-    );
+    assert!(summary.violations.is_empty(), "violations: {:#?}", summary.violations);
     assert_eq!(summary.false_failovers, 0);
     // The runs did exercise failover (a suite that never fails over proves nothing).
     let fenced = &summary.recovery_by_class_all_episodes["fenced_power_loss"];
     let storage = &summary.recovery_by_class_all_episodes["storage_loss"];
-    assert!(
-        fenced.samples > 0 && storage.samples > 0,
-        "no failover happened: {summary:?}"
-    );
+    assert!(fenced.samples > 0 && storage.samples > 0, "no failover happened: {summary:?}");
 }
 
 /// DESIGN.md §2 targets, measured over clean episodes of the seeds above:
 /// power loss with a fence agent p99 <= 4 s, watchdog only p99 <= 25 s.
 #[test]
 fn recovery_meets_the_default_profile_targets() {
-    let o = RandomOptions {
-        hosts: 5,
-        domains: 40,
-        duration_ms: 20 * 60_000,
-        profile: Profile::Default,
-    };
+    let o = RandomOptions { hosts: 5, domains: 40, duration_ms: 20 * 60_000, profile: Profile::Default };
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (summary, _) = run_seeds(1, 300, &o, workers, &|_| {});
     let fenced = summary.recovery_by_class["fenced_power_loss"];
     let watchdog = summary.recovery_by_class["watchdog_power_loss"];
     eprintln!("fenced {fenced:?}\nwatchdog {watchdog:?}");
-    assert!(
-        fenced.samples >= 100 && watchdog.samples >= 20,
-        "too few clean episodes: {summary:?}"
-    );
-    assert!(
-        fenced.p99 <= 4.0,
-        "fenced power loss p99 {} s > 4 s",
-        fenced.p99
-    );
-    assert!(
-        watchdog.p99 <= 25.0,
-        "watchdog-only power loss p99 {} s > 25 s",
-        watchdog.p99
-    );
+    assert!(fenced.samples >= 100 && watchdog.samples >= 20, "too few clean episodes: {summary:?}");
+    assert!(fenced.p99 <= 4.0, "fenced power loss p99 {} s > 4 s", fenced.p99);
+    assert!(watchdog.p99 <= 25.0, "watchdog-only power loss p99 {} s > 25 s", watchdog.p99);
 }

@@ -138,30 +138,15 @@ pub enum TimingsError {
     #[error(
         "unsafe timings: host_dead_timeout ({host_dead}) must exceed renew_timeout ({renew}) + watchdog_timeout ({watchdog}) + io_timeout ({io}) + 1s margin = {needed}; raise host_dead_timeout to at least {needed} or lower the others (DESIGN.md S3(b))"
     )]
-    HostDeadTooShort {
-        host_dead: Duration,
-        renew: Duration,
-        watchdog: Duration,
-        io: Duration,
-        needed: Duration,
-    },
+    HostDeadTooShort { host_dead: Duration, renew: Duration, watchdog: Duration, io: Duration, needed: Duration },
     #[error(
         "unsafe timings: {name} ({value}) must be at least 2 x {base_name} ({base}) so that one lost message or write does not count as silence"
     )]
-    TooTight {
-        name: &'static str,
-        value: Duration,
-        base_name: &'static str,
-        base: Duration,
-    },
+    TooTight { name: &'static str, value: Duration, base_name: &'static str, base: Duration },
     #[error(
         "unsafe timings: renew_timeout ({renew}) must exceed io_timeout ({io}) + storage_write_interval ({write}), or one slow write self-fences the host"
     )]
-    RenewTooShort {
-        renew: Duration,
-        io: Duration,
-        write: Duration,
-    },
+    RenewTooShort { renew: Duration, io: Duration, write: Duration },
     #[error("invalid timings: {name} must be greater than zero")]
     Zero { name: &'static str },
 }
@@ -200,39 +185,14 @@ impl Timings {
             });
         }
         let pairs = [
-            (
-                "suspect_after",
-                t.suspect_after,
-                "net_heartbeat_interval",
-                t.net_heartbeat_interval,
-            ),
-            (
-                "storage_silent_after",
-                t.storage_silent_after,
-                "storage_write_interval",
-                t.storage_write_interval,
-            ),
-            (
-                "storage_silent_after",
-                t.storage_silent_after,
-                "storage_read_interval",
-                t.storage_read_interval,
-            ),
-            (
-                "isolation_timeout",
-                t.isolation_timeout,
-                "net_heartbeat_interval",
-                t.net_heartbeat_interval,
-            ),
+            ("suspect_after", t.suspect_after, "net_heartbeat_interval", t.net_heartbeat_interval),
+            ("storage_silent_after", t.storage_silent_after, "storage_write_interval", t.storage_write_interval),
+            ("storage_silent_after", t.storage_silent_after, "storage_read_interval", t.storage_read_interval),
+            ("isolation_timeout", t.isolation_timeout, "net_heartbeat_interval", t.net_heartbeat_interval),
         ];
         for (name, value, base_name, base) in pairs {
             if value < base.saturating_mul(2) {
-                return Err(TimingsError::TooTight {
-                    name,
-                    value,
-                    base_name,
-                    base,
-                });
+                return Err(TimingsError::TooTight { name, value, base_name, base });
             }
         }
         Ok(())
@@ -371,10 +331,7 @@ mod tests {
     fn renew_shorter_than_one_write_is_refused() {
         let mut t = Profile::Default.timings();
         t.renew_timeout = Duration::from_millis(2400);
-        assert!(matches!(
-            t.validate(),
-            Err(TimingsError::RenewTooShort { .. })
-        ));
+        assert!(matches!(t.validate(), Err(TimingsError::RenewTooShort { .. })));
     }
 
     #[test]

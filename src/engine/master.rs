@@ -50,11 +50,7 @@ pub struct Master {
 impl Master {
     /// A lease value seen on storage by any of our own requests.
     pub(super) fn note_lease(&mut self, d: DomainId, l: Lease) {
-        if self
-            .leases
-            .get(&d)
-            .is_none_or(|c| c.generation <= l.generation)
-        {
+        if self.leases.get(&d).is_none_or(|c| c.generation <= l.generation) {
             self.leases.insert(d, l);
         }
     }
@@ -85,27 +81,15 @@ impl Node {
 
     pub(super) fn master_tick(&mut self, now: Instant) {
         if self.master.is_some() && !self.storage_healthy(now) {
-            self.emit(
-                now,
-                "master",
-                "stepping down: own storage heartbeat is failing".into(),
-            );
+            self.emit(now, "master", "stepping down: own storage heartbeat is failing".into());
             self.master = None;
         }
         // The master re-reads its lease too: if someone took it (S3), it
         // stops acting at once, so at most one master acts on its cache.
         if now >= self.next_master_check && self.storage_healthy(now) {
             self.next_master_check = now + super::node::MASTER_CHECK_INTERVAL;
-            let op = self.new_op(
-                now,
-                OpKind::LeaseRead {
-                    purpose: ReadPurpose::Master,
-                },
-            );
-            self.actions.push_back(Action::ReadLease {
-                op,
-                key: LeaseKey::Master,
-            });
+            let op = self.new_op(now, OpKind::LeaseRead { purpose: ReadPurpose::Master });
+            self.actions.push_back(Action::ReadLease { op, key: LeaseKey::Master });
         }
         self.log_verdicts(now);
         self.start_fence_jobs(now);
@@ -127,11 +111,7 @@ impl Node {
         };
         if self.master.is_some() {
             if lease.owner != Some(self.me()) {
-                self.emit(
-                    now,
-                    "master",
-                    "stepping down: the master lease is no longer ours".into(),
-                );
+                self.emit(now, "master", "stepping down: the master lease is no longer ours".into());
                 self.master = None;
             }
             return;
@@ -155,11 +135,7 @@ impl Node {
             return;
         }
         let op = self.new_op(now, OpKind::MasterCas);
-        let new = Lease {
-            owner: Some(self.me()),
-            generation: lease.generation + 1,
-            reason,
-        };
+        let new = Lease { owner: Some(self.me()), generation: lease.generation + 1, reason };
         self.actions.push_back(Action::CasLease {
             op,
             key: LeaseKey::Master,
@@ -180,11 +156,7 @@ impl Node {
             return;
         }
         let op = self.new_op(now, OpKind::MasterCas);
-        let new = Lease {
-            owner: Some(self.me()),
-            generation: lease.generation + 1,
-            reason,
-        };
+        let new = Lease { owner: Some(self.me()), generation: lease.generation + 1, reason };
         self.actions.push_back(Action::CasLease {
             op,
             key: LeaseKey::Master,
@@ -196,11 +168,7 @@ impl Node {
     /// How many live hosts have a lower id than us.
     fn live_rank(&self, now: Instant) -> usize {
         let me = self.cfg.host;
-        self.peers
-            .iter()
-            .filter(|(h, _)| **h < me)
-            .filter(|(_, p)| self.verdict_of(now, p) == Verdict::Alive)
-            .count()
+        self.peers.iter().filter(|(h, _)| **h < me).filter(|(_, p)| self.verdict_of(now, p) == Verdict::Alive).count()
     }
 
     fn become_master(&mut self, now: Instant, how: &str) {
@@ -232,25 +200,12 @@ impl Node {
             }
         }
         for d in reads {
-            let op = self.new_op(
-                now,
-                OpKind::LeaseRead {
-                    purpose: ReadPurpose::MasterLoad,
-                },
-            );
-            self.actions.push_back(Action::ReadLease {
-                op,
-                key: LeaseKey::Domain(d),
-            });
+            let op = self.new_op(now, OpKind::LeaseRead { purpose: ReadPurpose::MasterLoad });
+            self.actions.push_back(Action::ReadLease { op, key: LeaseKey::Domain(d) });
         }
     }
 
-    pub(super) fn master_loaded(
-        &mut self,
-        now: Instant,
-        d: DomainId,
-        result: Result<Lease, StorageError>,
-    ) {
+    pub(super) fn master_loaded(&mut self, now: Instant, d: DomainId, result: Result<Lease, StorageError>) {
         let Some(m) = self.master.as_mut() else {
             return;
         };
@@ -272,18 +227,11 @@ impl Node {
         result: Result<CasOutcome, StorageError>,
     ) {
         let pending = self.finish_op(now, op);
-        if let Some(PendingOp {
-            kind: OpKind::Renew(d),
-            ..
-        }) = pending
-        {
+        if let Some(PendingOp { kind: OpKind::Renew(d), .. }) = pending {
             self.renewed(now, d, result);
             return;
         }
-        let inflight = self
-            .master
-            .as_mut()
-            .and_then(|m| m.cas_inflight.remove(&op));
+        let inflight = self.master.as_mut().and_then(|m| m.cas_inflight.remove(&op));
         let Some(_) = pending else {
             // Timed out: the CAS may or may not have happened; re-read.
             if let (LeaseKey::Domain(d), Some(m)) = (key, self.master.as_mut()) {
@@ -309,9 +257,7 @@ impl Node {
             }
             (LeaseKey::Master, Ok(CasOutcome::Conflict(l))) => self.master_lease = Some(l),
             (LeaseKey::Master, Err(_)) => {}
-            (LeaseKey::Domain(d), result) => {
-                self.domain_cas_done(now, d, inflight.map(|x| x.1), result)
-            }
+            (LeaseKey::Domain(d), result) => self.domain_cas_done(now, d, inflight.map(|x| x.1), result),
         }
     }
 
@@ -329,27 +275,12 @@ impl Node {
             Ok(CasOutcome::Done(l)) => {
                 m.leases.insert(d, l);
                 let Some(to) = to else { return };
-                let priority = self
-                    .cfg
-                    .spec
-                    .domains
-                    .get(&d)
-                    .map_or(Priority::Medium, |s| s.policy.priority);
-                m.starting.insert(
-                    d,
-                    Starting {
-                        host: to,
-                        since: now,
-                        priority,
-                    },
-                );
+                let priority = self.cfg.spec.domains.get(&d).map_or(Priority::Medium, |s| s.policy.priority);
+                m.starting.insert(d, Starting { host: to, since: now, priority });
                 if to == self.cfg.host {
                     self.handle_assignment(now, d, l.generation);
                 } else {
-                    let msg = NetMessage::Assign {
-                        from: self.cfg.host,
-                        domains: vec![(d, l.generation)],
-                    };
+                    let msg = NetMessage::Assign { from: self.cfg.host, domains: vec![(d, l.generation)] };
                     self.actions.push_back(Action::Send { to: Some(to), msg });
                 }
             }
@@ -390,17 +321,10 @@ impl Node {
                 // A lease of our previous boot: that boot's qemu is gone.
                 return Some(LeaseReason::FenceConfirmed);
             }
-            return released
-                .filter(|g| *g >= generation)
-                .map(|_| LeaseReason::Released);
+            return released.filter(|g| *g >= generation).map(|_| LeaseReason::Released);
         }
         #[cfg(test)]
-        if self.cfg.broken_skip_s3
-            && self
-                .peers
-                .get(&owner.host)
-                .is_some_and(|p| !p.net_fresh(_now, &self.t))
-        {
+        if self.cfg.broken_skip_s3 && self.peers.get(&owner.host).is_some_and(|p| !p.net_fresh(_now, &self.t)) {
             return Some(LeaseReason::HostDeadTimeout);
         }
         let Some(peer) = self.peers.get(&owner.host) else {
@@ -414,10 +338,7 @@ impl Node {
             // It rebooted since it took the lease: that boot's qemu is gone.
             return Some(LeaseReason::FenceConfirmed);
         }
-        if peer
-            .released(owner.boot, key)
-            .is_some_and(|(g, _)| g >= generation)
-        {
+        if peer.released(owner.boot, key).is_some_and(|(g, _)| g >= generation) {
             return Some(LeaseReason::Released);
         }
         let watchdog = self.cfg.spec.host(owner.host).is_some_and(|h| h.watchdog);
@@ -470,10 +391,7 @@ impl Node {
                 continue;
             }
             let holds = match &self.master {
-                Some(m) => m
-                    .leases
-                    .values()
-                    .any(|l| l.owner.is_some_and(|o| o.host == *h && o.boot == boot)),
+                Some(m) => m.leases.values().any(|l| l.owner.is_some_and(|o| o.host == *h && o.boot == boot)),
                 None => deputy && master_owner.is_some_and(|o| o.host == *h && o.boot == boot),
             };
             if holds {
@@ -481,25 +399,11 @@ impl Node {
             }
         }
         for (h, boot) in targets {
-            let agents = self
-                .cfg
-                .spec
-                .host(h)
-                .map(|s| s.fence_agents.len())
-                .unwrap_or(0);
+            let agents = self.cfg.spec.host(h).map(|s| s.fence_agents.len()).unwrap_or(0);
             if agents == 0 {
                 if self
                     .fence_jobs
-                    .insert(
-                        h,
-                        FenceJob {
-                            boot,
-                            agent: 0,
-                            round: 0,
-                            op: None,
-                            next_try: Instant(u64::MAX),
-                        },
-                    )
+                    .insert(h, FenceJob { boot, agent: 0, round: 0, op: None, next_try: Instant(u64::MAX) })
                     .is_none()
                 {
                     let how = if self.cfg.spec.host(h).is_some_and(|s| s.watchdog) {
@@ -511,16 +415,7 @@ impl Node {
                 }
                 continue;
             }
-            self.fence_jobs.insert(
-                h,
-                FenceJob {
-                    boot,
-                    agent: 0,
-                    round: 0,
-                    op: None,
-                    next_try: now,
-                },
-            );
+            self.fence_jobs.insert(h, FenceJob { boot, agent: 0, round: 0, op: None, next_try: now });
         }
     }
 
@@ -537,60 +432,29 @@ impl Node {
                 self.fence_jobs.remove(&h);
                 continue;
             }
-            if matches!(
-                v,
-                Verdict::Alive | Verdict::Partitioned | Verdict::Isolated | Verdict::StorageLost
-            ) {
+            if matches!(v, Verdict::Alive | Verdict::Partitioned | Verdict::Isolated | Verdict::StorageLost) {
                 if job.op.is_none() {
-                    self.emit(
-                        now,
-                        "fence",
-                        format!("{h} is {} again; fencing cancelled", verdict_name(v)),
-                    );
+                    self.emit(now, "fence", format!("{h} is {} again; fencing cancelled", verdict_name(v)));
                     self.fence_jobs.remove(&h);
                 }
                 continue;
             }
-            if v != Verdict::Suspect
-                || job.op.is_some()
-                || now < job.next_try
-                || !self.network_ok(now)
-            {
+            if v != Verdict::Suspect || job.op.is_some() || now < job.next_try || !self.network_ok(now) {
                 continue;
             }
-            let Some(agent) = self
-                .cfg
-                .spec
-                .host(h)
-                .and_then(|s| s.fence_agents.get(job.agent))
-                .cloned()
-            else {
+            let Some(agent) = self.cfg.spec.host(h).and_then(|s| s.fence_agents.get(job.agent)).cloned() else {
                 continue;
             };
-            self.emit(
-                now,
-                "fence",
-                format!("fencing {h} with {agent} (round {})", job.round + 1),
-            );
+            self.emit(now, "fence", format!("fencing {h} with {agent} (round {})", job.round + 1));
             let op = self.new_op(now, OpKind::Fence);
             if let Some(j) = self.fence_jobs.get_mut(&h) {
                 j.op = Some(op);
             }
-            self.actions.push_back(Action::Fence {
-                op,
-                target: h,
-                agent,
-            });
+            self.actions.push_back(Action::Fence { op, target: h, agent });
         }
     }
 
-    pub(super) fn handle_fence_result(
-        &mut self,
-        now: Instant,
-        op: OpId,
-        target: HostId,
-        outcome: FenceOutcome,
-    ) {
+    pub(super) fn handle_fence_result(&mut self, now: Instant, op: OpId, target: HostId, outcome: FenceOutcome) {
         if self.finish_op(now, op).is_none() {
             return;
         }
@@ -607,33 +471,19 @@ impl Node {
     }
 
     pub(super) fn fence_timed_out(&mut self, now: Instant, op: OpId) {
-        let target = self
-            .fence_jobs
-            .iter()
-            .find(|(_, j)| j.op == Some(op))
-            .map(|(h, _)| *h);
+        let target = self.fence_jobs.iter().find(|(_, j)| j.op == Some(op)).map(|(h, _)| *h);
         if let Some(h) = target {
             self.fence_attempt_failed(now, h, "timed out");
         }
     }
 
     fn fence_attempt_failed(&mut self, now: Instant, target: HostId, how: &str) {
-        let agents = self
-            .cfg
-            .spec
-            .host(target)
-            .map_or(0, |s| s.fence_agents.len());
+        let agents = self.cfg.spec.host(target).map_or(0, |s| s.fence_agents.len());
         let backoff = self.t.fence_retry_backoff;
         let Some(job) = self.fence_jobs.get_mut(&target) else {
             return;
         };
-        let agent = self
-            .cfg
-            .spec
-            .host(target)
-            .and_then(|s| s.fence_agents.get(job.agent))
-            .cloned()
-            .unwrap_or_default();
+        let agent = self.cfg.spec.host(target).and_then(|s| s.fence_agents.get(job.agent)).cloned().unwrap_or_default();
         job.op = None;
         job.agent += 1;
         if job.agent >= agents {
@@ -650,9 +500,7 @@ impl Node {
             self.emit(
                 now,
                 "fence",
-                format!(
-                    "giving up fencing {target}; waiting for host_dead_timeout or the operator"
-                ),
+                format!("giving up fencing {target}; waiting for host_dead_timeout or the operator"),
             );
         }
     }
@@ -662,17 +510,9 @@ impl Node {
         if let Some(p) = self.peers.get_mut(&target) {
             p.fenced_boots.insert(boot);
         }
-        self.emit(
-            now,
-            "fence",
-            format!("{target} confirmed powered off ({by})"),
-        );
+        self.emit(now, "fence", format!("{target} confirmed powered off ({by})"));
         let op = self.new_op(now, OpKind::Record);
-        let record = FencedRecord {
-            host: target,
-            boot,
-            by: self.cfg.host,
-        };
+        let record = FencedRecord { host: target, boot, by: self.cfg.host };
         self.actions.push_back(Action::WriteFenced { op, record });
         // A dead master's lease can go at once.
         if self.master.is_none() {
@@ -682,11 +522,7 @@ impl Node {
 
     pub(super) fn handle_operator_confirm(&mut self, now: Instant, h: HostId) {
         let Some(boot) = self.peers.get(&h).and_then(|p| p.current_boot()) else {
-            self.emit(
-                now,
-                "fence",
-                format!("operator confirm for {h} ignored: host never seen"),
-            );
+            self.emit(now, "fence", format!("operator confirm for {h} ignored: host never seen"));
             return;
         };
         self.fence_confirmed(now, h, boot, "operator");
@@ -726,21 +562,10 @@ impl Node {
         for (d, l) in &self.local {
             let state = match l.state {
                 super::node::LocalState::Ready => DomainState::Ready,
-                super::node::LocalState::Running | super::node::LocalState::Adopting => {
-                    DomainState::Running
-                }
+                super::node::LocalState::Running | super::node::LocalState::Adopting => DomainState::Running,
                 _ => DomainState::Starting,
             };
-            out.insert(
-                *d,
-                (
-                    self.cfg.host,
-                    DomainReport {
-                        state,
-                        generation: l.generation.unwrap_or(0),
-                    },
-                ),
-            );
+            out.insert(*d, (self.cfg.host, DomainReport { state, generation: l.generation.unwrap_or(0) }));
         }
         out
     }
@@ -754,17 +579,10 @@ impl Node {
             let Some(slot) = &p.slot else { continue };
             for (d, r) in &slot.domains {
                 if r.generation > 0 && !matches!(r.state, DomainState::Released { .. }) {
-                    let owner = Owner {
-                        host: *h,
-                        boot: slot.boot,
-                    };
+                    let owner = Owner { host: *h, boot: slot.boot };
                     seen.push((
                         *d,
-                        Lease {
-                            owner: Some(owner),
-                            generation: r.generation,
-                            reason: LeaseReason::Renewed,
-                        },
+                        Lease { owner: Some(owner), generation: r.generation, reason: LeaseReason::Renewed },
                     ));
                 }
             }
@@ -776,24 +594,15 @@ impl Node {
         }
     }
 
-    fn track_starting(
-        &mut self,
-        now: Instant,
-        reports: &BTreeMap<DomainId, (HostId, DomainReport)>,
-    ) {
+    fn track_starting(&mut self, now: Instant, reports: &BTreeMap<DomainId, (HostId, DomainReport)>) {
         let spec = self.cfg.spec.clone();
         let mut events = Vec::new();
         let Some(m) = self.master.as_mut() else {
             return;
         };
         m.starting.retain(|d, s| {
-            let ready = reports
-                .get(d)
-                .is_some_and(|(h, r)| *h == s.host && r.state == DomainState::Ready);
-            let timeout = spec
-                .domains
-                .get(d)
-                .map_or(Duration::ZERO, |x| x.policy.readiness_timeout);
+            let ready = reports.get(d).is_some_and(|(h, r)| *h == s.host && r.state == DomainState::Ready);
+            let timeout = spec.domains.get(d).map_or(Duration::ZERO, |x| x.policy.readiness_timeout);
             if !ready && now.since(s.since) >= timeout {
                 events.push(format!(
                     "{} not ready after {}; no longer holding back lower priorities",
@@ -812,21 +621,14 @@ impl Node {
         }
     }
 
-    fn find_orphans(
-        &mut self,
-        now: Instant,
-        reports: &BTreeMap<DomainId, (HostId, DomainReport)>,
-    ) -> Vec<Orphan> {
+    fn find_orphans(&mut self, now: Instant, reports: &BTreeMap<DomainId, (HostId, DomainReport)>) -> Vec<Orphan> {
         let Some(m) = self.master.as_ref() else {
             return Vec::new();
         };
         let busy: BTreeSet<DomainId> = m.cas_inflight.values().map(|(d, _)| *d).collect();
         let mut out = Vec::new();
         for (d, spec) in &self.cfg.spec.domains {
-            if spec.policy.priority == Priority::Disabled
-                || m.given_up.contains(d)
-                || busy.contains(d)
-            {
+            if spec.policy.priority == Priority::Disabled || m.given_up.contains(d) || busy.contains(d) {
                 continue;
             }
             let Some(lease) = m.leases.get(d).copied() else {
@@ -839,18 +641,13 @@ impl Node {
             };
             if reason.is_none()
                 || reports.get(d).is_some_and(|(h, _)| {
-                    lease.owner.is_some_and(|o| o.host == *h)
-                        && reason == Some(LeaseReason::Acquired)
+                    lease.owner.is_some_and(|o| o.host == *h) && reason == Some(LeaseReason::Acquired)
                 })
             {
                 continue;
             }
             if let Some(reason) = reason {
-                out.push(Orphan {
-                    domain: *d,
-                    lease,
-                    reason,
-                });
+                out.push(Orphan { domain: *d, lease, reason });
             }
         }
         self.count_failed_starts(now, &out);
@@ -868,18 +665,11 @@ impl Node {
                 .get(&owner.host)
                 .and_then(|p| p.released(owner.boot, key))
                 .is_some_and(|(g, failed_start)| failed_start && g >= o.lease.generation);
-            let failed = failed
-                || (owner.host == self.cfg.host
-                    && self.released.get(&o.domain).is_some_and(|r| r.1));
+            let failed = failed || (owner.host == self.cfg.host && self.released.get(&o.domain).is_some_and(|r| r.1));
             if !failed {
                 continue;
             }
-            let max = self
-                .cfg
-                .spec
-                .domains
-                .get(&o.domain)
-                .map_or(0, |s| s.policy.max_restarts);
+            let max = self.cfg.spec.domains.get(&o.domain).map_or(0, |s| s.policy.max_restarts);
             let backoff = self.backoff(0);
             let Some(m) = self.master.as_mut() else {
                 return;
@@ -908,12 +698,7 @@ impl Node {
         }
     }
 
-    fn place(
-        &mut self,
-        now: Instant,
-        orphans: Vec<Orphan>,
-        reports: &BTreeMap<DomainId, (HostId, DomainReport)>,
-    ) {
+    fn place(&mut self, now: Instant, orphans: Vec<Orphan>, reports: &BTreeMap<DomainId, (HostId, DomainReport)>) {
         if let Some(m) = self.master.as_mut() {
             // An orphan again: its start failed or its host died.
             for o in &orphans {
@@ -934,8 +719,7 @@ impl Node {
             self.log_waiting(now, *d, format!("{why:?}"));
         }
         let placements = readiness_cut(&spec, plan.placements);
-        let by_domain: BTreeMap<DomainId, &Orphan> =
-            orphans.iter().map(|o| (o.domain, o)).collect();
+        let by_domain: BTreeMap<DomainId, &Orphan> = orphans.iter().map(|o| (o.domain, o)).collect();
         for (d, h) in placements {
             let Some(o) = by_domain.get(&d) else { continue };
             let boot = if h == self.cfg.host {
@@ -963,11 +747,7 @@ impl Node {
         let blocking = m
             .starting
             .iter()
-            .filter(|(d, _)| {
-                spec.domains
-                    .get(d)
-                    .is_some_and(|x| x.policy.readiness != Readiness::Started)
-            })
+            .filter(|(d, _)| spec.domains.get(d).is_some_and(|x| x.policy.readiness != Readiness::Started))
             .map(|(_, s)| s.priority)
             .max();
         let mut requests = Vec::new();
@@ -994,46 +774,23 @@ impl Node {
     }
 
     fn log_waiting(&mut self, now: Instant, d: DomainId, why: String) {
-        let first = self
-            .master
-            .as_mut()
-            .is_some_and(|m| m.waiting_logged.insert(d));
+        let first = self.master.as_mut().is_some_and(|m| m.waiting_logged.insert(d));
         if first {
-            self.emit(
-                now,
-                "master",
-                format!("{} waits: {why}", self.domain_name(d)),
-            );
+            self.emit(now, "master", format!("{} waits: {why}", self.domain_name(d)));
         }
     }
 
     /// Move one lease to its new host (CAS); the host starts it on success.
-    fn assign(
-        &mut self,
-        now: Instant,
-        d: DomainId,
-        h: HostId,
-        boot: BootId,
-        lease: Lease,
-        reason: LeaseReason,
-    ) {
+    fn assign(&mut self, now: Instant, d: DomainId, h: HostId, boot: BootId, lease: Lease, reason: LeaseReason) {
         let why = match reason {
             LeaseReason::FenceConfirmed => "fence confirmed",
             LeaseReason::HostDeadTimeout => "host_dead_timeout",
             LeaseReason::Released => "released",
             _ => "free",
         };
-        self.emit(
-            now,
-            "master",
-            format!("restarting {} on {h} ({why})", self.domain_name(d)),
-        );
+        self.emit(now, "master", format!("restarting {} on {h} ({why})", self.domain_name(d)));
         let op = self.new_op(now, OpKind::Cas);
-        let new = Lease {
-            owner: Some(Owner { host: h, boot }),
-            generation: lease.generation + 1,
-            reason,
-        };
+        let new = Lease { owner: Some(Owner { host: h, boot }), generation: lease.generation + 1, reason };
         if let Some(m) = self.master.as_mut() {
             m.cas_inflight.insert(op, (d, h));
             m.waiting_logged.remove(&d);
@@ -1049,11 +806,7 @@ impl Node {
     /// Hosts that may receive restarts: alive on storage, not isolated, not
     /// self-fenced (network silence alone does not matter: assignments travel
     /// through storage).
-    fn host_rooms(
-        &self,
-        now: Instant,
-        reports: &BTreeMap<DomainId, (HostId, DomainReport)>,
-    ) -> Vec<HostRoom> {
+    fn host_rooms(&self, now: Instant, reports: &BTreeMap<DomainId, (HostId, DomainReport)>) -> Vec<HostRoom> {
         let spec = &self.cfg.spec;
         let mut rooms = Vec::new();
         for hs in &spec.hosts {
@@ -1061,28 +814,16 @@ impl Node {
                 !self.isolated && self.self_fence == SelfFence::Healthy && self.storage_healthy(now)
             } else {
                 self.peers.get(&hs.id).is_some_and(|p| {
-                    matches!(
-                        self.verdict_of(now, p),
-                        Verdict::Alive | Verdict::Partitioned
-                    ) && p.slot.as_ref().is_some_and(|s| {
-                        !s.isolated && !s.self_fenced && Some(s.boot) == p.current_boot()
-                    })
+                    matches!(self.verdict_of(now, p), Verdict::Alive | Verdict::Partitioned)
+                        && p.slot
+                            .as_ref()
+                            .is_some_and(|s| !s.isolated && !s.self_fenced && Some(s.boot) == p.current_boot())
                 })
             };
             if !ok {
                 continue;
             }
-            let mem_cap = (hs.memory_mib as f64 * spec.memory_overcommit) as i64;
-            let cpu_cap = (hs.vcpus as f64 * spec.vcpu_overcommit) as i64;
-            let mut room = HostRoom {
-                id: hs.id,
-                fault_domain: hs.fault_domain.clone(),
-                memory_free_mib: mem_cap,
-                vcpus_free: cpu_cap,
-                starts_free: hs.max_concurrent_starts,
-                anti_groups: BTreeSet::new(),
-                domain_count: 0,
-            };
+            let mut room = planner::empty_room(hs, spec);
             let m = self.master.as_ref();
             for (d, (h, r)) in reports {
                 if *h != hs.id {
@@ -1125,11 +866,7 @@ impl Node {
     /// Per-host assignment records: every lease the host owns (per our
     /// cache) that it does not report running. Travels through storage, so a
     /// network partition cannot stop a restart.
-    fn write_assignments(
-        &mut self,
-        now: Instant,
-        reports: &BTreeMap<DomainId, (HostId, DomainReport)>,
-    ) {
+    fn write_assignments(&mut self, now: Instant, reports: &BTreeMap<DomainId, (HostId, DomainReport)>) {
         let Some(m) = self.master.as_ref() else {
             return;
         };
@@ -1167,11 +904,7 @@ impl Node {
                 m.written.insert(h, a.clone());
             }
             let op = self.new_op(now, OpKind::Record);
-            self.actions.push_back(Action::WriteAssignments {
-                op,
-                host: h,
-                assignments: a,
-            });
+            self.actions.push_back(Action::WriteAssignments { op, host: h, assignments: a });
         }
         for (d, g) in mine {
             self.handle_assignment(now, d, g);
@@ -1183,26 +916,12 @@ impl Node {
 /// (guest agent, TCP port) is placed, lower priorities wait for it. Domains
 /// whose readiness is "started" hold nobody back (vSphere's "resources
 /// allocated" condition).
-fn readiness_cut(
-    spec: &ClusterSpec,
-    placements: Vec<(DomainId, HostId)>,
-) -> Vec<(DomainId, HostId)> {
-    let prio = |d: &DomainId| {
-        spec.domains
-            .get(d)
-            .map_or(Priority::Disabled, |s| s.policy.priority)
-    };
+fn readiness_cut(spec: &ClusterSpec, placements: Vec<(DomainId, HostId)>) -> Vec<(DomainId, HostId)> {
+    let prio = |d: &DomainId| spec.domains.get(d).map_or(Priority::Disabled, |s| s.policy.priority);
     let gate = placements
         .iter()
-        .filter(|(d, _)| {
-            spec.domains
-                .get(d)
-                .is_some_and(|s| s.policy.readiness != Readiness::Started)
-        })
+        .filter(|(d, _)| spec.domains.get(d).is_some_and(|s| s.policy.readiness != Readiness::Started))
         .map(|(d, _)| prio(d))
         .max();
-    placements
-        .into_iter()
-        .filter(|(d, _)| gate.is_none_or(|g| prio(d) >= g))
-        .collect()
+    placements.into_iter().filter(|(d, _)| gate.is_none_or(|g| prio(d) >= g)).collect()
 }

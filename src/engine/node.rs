@@ -139,7 +139,6 @@ pub(super) struct PendingOp {
 pub struct Node {
     pub(super) cfg: NodeConfig,
     pub(super) t: Timings,
-    pub(super) rng: Rng,
     pub(super) actions: VecDeque<Action>,
     next_op: u64,
     pub(super) ops: BTreeMap<OpId, PendingOp>,
@@ -192,16 +191,9 @@ impl Node {
         let mut rng = Rng::new(cfg.rng_seed);
         // Spread the first heartbeats so hosts do not write in lockstep.
         let jitter = Duration(rng.range(0, t.storage_write_interval.as_millis() / 2));
-        let peers = cfg
-            .spec
-            .hosts
-            .iter()
-            .filter(|h| h.id != cfg.host)
-            .map(|h| (h.id, Peer::default()))
-            .collect();
+        let peers = cfg.spec.hosts.iter().filter(|h| h.id != cfg.host).map(|h| (h.id, Peer::default())).collect();
         let mut node = Node {
             t,
-            rng,
             actions: VecDeque::new(),
             next_op: 1,
             ops: BTreeMap::new(),
@@ -239,10 +231,7 @@ impl Node {
         node.emit(
             now,
             "node",
-            format!(
-                "daemon started (boot {:x}, incarnation {:x})",
-                node.cfg.boot, node.cfg.incarnation
-            ),
+            format!("daemon started (boot {:x}, incarnation {:x})", node.cfg.boot, node.cfg.incarnation),
         );
         node
     }
@@ -269,39 +258,24 @@ impl Node {
 
     /// The next instant `handle_timeout` has work to do.
     pub fn poll_timeout(&self) -> Instant {
-        self.next_tick
-            .min(self.next_hb)
-            .min(self.next_slot_write)
-            .min(self.next_read)
+        self.next_tick.min(self.next_hb).min(self.next_slot_write).min(self.next_read)
     }
 
     pub(super) fn me(&self) -> Owner {
-        Owner {
-            host: self.cfg.host,
-            boot: self.cfg.boot,
-        }
+        Owner { host: self.cfg.host, boot: self.cfg.boot }
     }
 
     pub(super) fn new_op(&mut self, now: Instant, kind: OpKind) -> OpId {
         let op = OpId(self.next_op);
         self.next_op += 1;
-        self.ops.insert(
-            op,
-            PendingOp {
-                kind,
-                issued: now,
-                expired: false,
-            },
-        );
+        self.ops.insert(op, PendingOp { kind, issued: now, expired: false });
         op
     }
 
     /// Take the pending op for a result; None for unknown or expired ops.
     pub(super) fn finish_op(&mut self, now: Instant, op: OpId) -> Option<PendingOp> {
         let p = self.ops.remove(&op)?;
-        if p.kind != OpKind::Fence
-            && (p.expired || now.since(p.issued) > self.t.storage_write_interval)
-        {
+        if p.kind != OpKind::Fence && (p.expired || now.since(p.issued) > self.t.storage_write_interval) {
             self.storage_trouble_at = Some(now);
         }
         if p.expired { None } else { Some(p) }
@@ -312,19 +286,11 @@ impl Node {
     }
 
     fn live_inflight(&self, kind: OpKind) -> usize {
-        self.ops
-            .values()
-            .filter(|p| p.kind == kind && !p.expired)
-            .count()
+        self.ops.values().filter(|p| p.kind == kind && !p.expired).count()
     }
 
     pub(super) fn emit(&mut self, now: Instant, role: &str, text: String) {
-        let ev = Event {
-            at: now,
-            host: self.cfg.host,
-            role: role.to_string(),
-            text,
-        };
+        let ev = Event { at: now, host: self.cfg.host, role: role.to_string(), text };
         self.actions.push_back(Action::Emit(ev));
     }
 
@@ -334,8 +300,7 @@ impl Node {
 
     /// S4 clock: a completed write started within renew_timeout.
     pub(super) fn storage_healthy(&self, now: Instant) -> bool {
-        self.last_good_write
-            .is_some_and(|l| now.since(l) < self.t.renew_timeout)
+        self.last_good_write.is_some_and(|l| now.since(l) < self.t.renew_timeout)
     }
 
     /// Our slot writes have been failing long enough to tell others.
@@ -349,13 +314,8 @@ impl Node {
     /// for a whole silence window: only then is another slot's silence its
     /// own (a stall that hits everybody must not look like deaths).
     pub(super) fn reads_fresh(&self, now: Instant) -> bool {
-        let smooth = self
-            .storage_trouble_at
-            .is_none_or(|t| now.since(t) >= self.t.storage_silent_after);
-        smooth
-            && self
-                .last_read
-                .is_some_and(|(_, done)| now.since(done) < self.t.storage_silent_after)
+        let smooth = self.storage_trouble_at.is_none_or(|t| now.since(t) >= self.t.storage_silent_after);
+        smooth && self.last_read.is_some_and(|(_, done)| now.since(done) < self.t.storage_silent_after)
     }
 
     pub(super) fn last_read_issued(&self) -> Option<Instant> {
@@ -367,18 +327,14 @@ impl Node {
         if !self.storage_lost(now) || self.peers.is_empty() {
             return false;
         }
-        self.peers.values().all(|p| {
-            p.net_fresh(now, &self.t) && p.heartbeat.as_ref().is_some_and(|h| h.storage_lost)
-        })
+        self.peers.values().all(|p| p.net_fresh(now, &self.t) && p.heartbeat.as_ref().is_some_and(|h| h.storage_lost))
     }
 
     // ---- inputs ------------------------------------------------------
 
     pub fn handle_input(&mut self, now: Instant, input: Input) {
         let storage_failed = match &input {
-            Input::SlotWritten { result, .. } | Input::RecordWritten { result, .. } => {
-                result.is_err()
-            }
+            Input::SlotWritten { result, .. } | Input::RecordWritten { result, .. } => result.is_err(),
             Input::StorageRead { result, .. } => result.is_err(),
             Input::LeaseRead { result, .. } => result.is_err(),
             Input::LeaseCas { result, .. } => result.is_err(),
@@ -406,19 +362,13 @@ impl Node {
                 }
             }
             Input::Domain { domain, event } => self.handle_domain_event(now, domain, event),
-            Input::Fence {
-                op,
-                target,
-                outcome,
-            } => self.handle_fence_result(now, op, target, outcome),
+            Input::Fence { op, target, outcome } => self.handle_fence_result(now, op, target, outcome),
             Input::IsolationProbe { reachable } => {
                 if reachable {
                     self.last_probe_ok = Some(now);
                 }
             }
-            Input::Operator(OperatorCommand::FenceConfirm(h)) => {
-                self.handle_operator_confirm(now, h)
-            }
+            Input::Operator(OperatorCommand::FenceConfirm(h)) => self.handle_operator_confirm(now, h),
         }
     }
 
@@ -429,23 +379,10 @@ impl Node {
             }
             self.local.insert(
                 d,
-                Local {
-                    state: LocalState::Adopting,
-                    generation: None,
-                    restarts: 0,
-                    disk_locked_retries: 0,
-                },
+                Local { state: LocalState::Adopting, generation: None, restarts: 0, disk_locked_retries: 0 },
             );
-            let op = self.new_op(
-                now,
-                OpKind::LeaseRead {
-                    purpose: ReadPurpose::Verify,
-                },
-            );
-            self.actions.push_back(Action::ReadLease {
-                op,
-                key: LeaseKey::Domain(d),
-            });
+            let op = self.new_op(now, OpKind::LeaseRead { purpose: ReadPurpose::Verify });
+            self.actions.push_back(Action::ReadLease { op, key: LeaseKey::Domain(d) });
         }
     }
 
@@ -463,8 +400,8 @@ impl Node {
             return;
         };
         self.finish_op(now, op);
-        match result {
-            Ok(()) => {
+        if result.is_ok() {
+            {
                 if now.since(p.issued) > self.t.storage_write_interval {
                     // A slow write proves little about now (S4 counts from its
                     // start): write again at once instead of next interval.
@@ -483,23 +420,13 @@ impl Node {
                     // A slot built after the fence, with its released leases,
                     // is on storage: the host may take assignments again.
                     self.self_fence = SelfFence::Healthy;
-                    self.emit(
-                        now,
-                        "node",
-                        "self-fence over: released leases published".into(),
-                    );
+                    self.emit(now, "node", "self-fence over: released leases published".into());
                 }
             }
-            Err(_) => {}
         }
     }
 
-    fn handle_storage_read(
-        &mut self,
-        now: Instant,
-        op: OpId,
-        result: Result<StorageSnapshot, StorageError>,
-    ) {
+    fn handle_storage_read(&mut self, now: Instant, op: OpId, result: Result<StorageSnapshot, StorageError>) {
         let Some(p) = self.finish_op(now, op) else {
             return;
         };
@@ -521,18 +448,10 @@ impl Node {
 
     /// The master moved a lease to us: verify it, then start.
     pub(super) fn handle_assignment(&mut self, now: Instant, d: DomainId, generation: u64) {
-        if self
-            .assignments_seen
-            .get(&d)
-            .is_some_and(|g| *g >= generation)
-        {
+        if self.assignments_seen.get(&d).is_some_and(|g| *g >= generation) {
             return;
         }
-        if self
-            .released
-            .get(&d)
-            .is_some_and(|(g, _, _)| *g >= generation)
-        {
+        if self.released.get(&d).is_some_and(|(g, _, _)| *g >= generation) {
             return;
         }
         if !self.cfg.spec.domains.contains_key(&d) || self.local.contains_key(&d) {
@@ -544,12 +463,7 @@ impl Node {
         self.assignments_seen.insert(d, generation);
         self.local.insert(
             d,
-            Local {
-                state: LocalState::Verifying,
-                generation: Some(generation),
-                restarts: 0,
-                disk_locked_retries: 0,
-            },
+            Local { state: LocalState::Verifying, generation: Some(generation), restarts: 0, disk_locked_retries: 0 },
         );
         self.renew_before_start(now, d, generation);
     }
@@ -560,29 +474,13 @@ impl Node {
     /// generation, or makes our CAS fail: never both.
     fn renew_before_start(&mut self, now: Instant, d: DomainId, generation: u64) {
         let op = self.new_op(now, OpKind::Renew(d));
-        let new = Lease {
-            owner: Some(self.me()),
-            generation: generation + 1,
-            reason: LeaseReason::Renewed,
-        };
-        self.actions.push_back(Action::CasLease {
-            op,
-            key: LeaseKey::Domain(d),
-            expect_generation: generation,
-            new,
-        });
+        let new = Lease { owner: Some(self.me()), generation: generation + 1, reason: LeaseReason::Renewed };
+        self.actions.push_back(Action::CasLease { op, key: LeaseKey::Domain(d), expect_generation: generation, new });
     }
 
     /// Our renew CAS came back: start if the lease is ours now.
-    pub(super) fn renewed(
-        &mut self,
-        now: Instant,
-        d: DomainId,
-        result: Result<CasOutcome, StorageError>,
-    ) {
-        if let (Some(m), Ok(CasOutcome::Done(l) | CasOutcome::Conflict(l))) =
-            (self.master.as_mut(), &result)
-        {
+    pub(super) fn renewed(&mut self, now: Instant, d: DomainId, result: Result<CasOutcome, StorageError>) {
+        if let (Some(m), Ok(CasOutcome::Done(l) | CasOutcome::Conflict(l))) = (self.master.as_mut(), &result) {
             // We are master: keep the cache where storage really is.
             m.note_lease(d, *l);
         }
@@ -600,24 +498,14 @@ impl Node {
                     self.local.remove(&d);
                     return;
                 }
-                self.emit(
-                    now,
-                    "node",
-                    format!(
-                        "starting {} (lease generation {})",
-                        self.domain_name(d),
-                        l.generation
-                    ),
-                );
+                self.emit(now, "node", format!("starting {} (lease generation {})", self.domain_name(d), l.generation));
                 if let Some(x) = self.local.get_mut(&d) {
                     x.generation = Some(l.generation);
                     x.state = LocalState::Starting;
                 }
                 self.actions.push_back(Action::StartDomain { domain: d });
             }
-            Ok(CasOutcome::Conflict(l))
-                if l.owner == Some(self.me()) && Some(l.generation) > local.generation =>
-            {
+            Ok(CasOutcome::Conflict(l)) if l.owner == Some(self.me()) && Some(l.generation) > local.generation => {
                 // Ours at a newer generation (an earlier renew of ours that
                 // timed out did land): renew from there.
                 if let Some(x) = self.local.get_mut(&d) {
@@ -626,11 +514,7 @@ impl Node {
                 self.renew_before_start(now, d, l.generation);
             }
             Ok(_) => {
-                self.emit(
-                    now,
-                    "node",
-                    format!("not starting {}: lease is not ours", self.domain_name(d)),
-                );
+                self.emit(now, "node", format!("not starting {}: lease is not ours", self.domain_name(d)));
                 self.abandon_verify(d);
             }
             // Failed: perhaps applied; the master lists it again.
@@ -638,13 +522,7 @@ impl Node {
         }
     }
 
-    fn handle_lease_read(
-        &mut self,
-        now: Instant,
-        op: OpId,
-        key: LeaseKey,
-        result: Result<Lease, StorageError>,
-    ) {
+    fn handle_lease_read(&mut self, now: Instant, op: OpId, key: LeaseKey, result: Result<Lease, StorageError>) {
         let Some(p) = self.finish_op(now, op) else {
             // Expired verify: let a later assignment or retry try again.
             if let LeaseKey::Domain(d) = key {
@@ -673,11 +551,7 @@ impl Node {
     }
 
     fn abandon_verify(&mut self, d: DomainId) {
-        if self
-            .local
-            .get(&d)
-            .is_some_and(|l| l.state == LocalState::Verifying)
-        {
+        if self.local.get(&d).is_some_and(|l| l.state == LocalState::Verifying) {
             self.local.remove(&d);
             self.assignments_seen.remove(&d);
         }
@@ -701,11 +575,7 @@ impl Node {
         let ours = lease.owner == Some(me);
         match local.state {
             LocalState::Adopting if ours => {
-                self.emit(
-                    now,
-                    "node",
-                    format!("adopted running domain {}", self.domain_name(d)),
-                );
+                self.emit(now, "node", format!("adopted running domain {}", self.domain_name(d)));
                 if let Some(l) = self.local.get_mut(&d) {
                     l.state = LocalState::Running;
                     l.generation = Some(lease.generation);
@@ -718,18 +588,8 @@ impl Node {
 
     /// S5: a domain runs here but its lease names someone else.
     fn destroy_zombie(&mut self, now: Instant, d: DomainId, lease: Lease) {
-        let owner = lease
-            .owner
-            .map(|o| o.host.to_string())
-            .unwrap_or_else(|| "nobody".into());
-        self.emit(
-            now,
-            "node",
-            format!(
-                "zombie {}: lease owned by {owner}; destroying",
-                self.domain_name(d)
-            ),
-        );
+        let owner = lease.owner.map(|o| o.host.to_string()).unwrap_or_else(|| "nobody".into());
+        self.emit(now, "node", format!("zombie {}: lease owned by {owner}; destroying", self.domain_name(d)));
         self.stop_domain(now, d, false, AfterStop::Forget);
     }
 
@@ -745,10 +605,7 @@ impl Node {
             return;
         }
         match local.state {
-            LocalState::Running
-            | LocalState::Ready
-            | LocalState::Starting
-            | LocalState::Adopting => {
+            LocalState::Running | LocalState::Ready | LocalState::Starting | LocalState::Adopting => {
                 self.destroy_zombie(now, d, lease);
             }
             // Not running here and not ours any more: nothing to restart.
@@ -766,37 +623,18 @@ impl Node {
     }
 
     /// Destroy (or gracefully shut down) a domain and remember what follows.
-    pub(super) fn stop_domain(
-        &mut self,
-        now: Instant,
-        d: DomainId,
-        graceful: bool,
-        then: AfterStop,
-    ) {
-        let wait = if graceful {
-            self.t.shutdown_timeout
-        } else {
-            self.t.io_timeout
-        };
+    pub(super) fn stop_domain(&mut self, now: Instant, d: DomainId, graceful: bool, then: AfterStop) {
+        let wait = if graceful { self.t.shutdown_timeout } else { self.t.io_timeout };
         if let Some(l) = self.local.get_mut(&d) {
             if matches!(l.state, LocalState::Stopping { .. }) {
                 return;
             }
-            l.state = LocalState::Stopping {
-                kill_at: now + wait,
-                then,
-            };
+            l.state = LocalState::Stopping { kill_at: now + wait, then };
         }
         if graceful {
-            self.actions.push_back(Action::ShutdownDomain {
-                domain: d,
-                timeout: self.t.shutdown_timeout,
-            });
+            self.actions.push_back(Action::ShutdownDomain { domain: d, timeout: self.t.shutdown_timeout });
         } else {
-            self.actions.push_back(Action::DestroyDomain {
-                domain: d,
-                kill: false,
-            });
+            self.actions.push_back(Action::DestroyDomain { domain: d, kill: false });
         }
     }
 
@@ -807,11 +645,7 @@ impl Node {
         let readiness = self.cfg.spec.domains.get(&d).map(|s| s.policy.readiness);
         match event {
             DomainEvent::Started => {
-                let s = if readiness == Some(Readiness::Started) {
-                    LocalState::Ready
-                } else {
-                    LocalState::Running
-                };
+                let s = if readiness == Some(Readiness::Started) { LocalState::Ready } else { LocalState::Running };
                 if local.state == LocalState::Starting {
                     self.emit(now, "node", format!("{} running", self.domain_name(d)));
                     self.set_state(d, s);
@@ -825,9 +659,7 @@ impl Node {
             }
             DomainEvent::Stopped => self.domain_gone(now, d, local, false),
             DomainEvent::Crashed => self.domain_gone(now, d, local, true),
-            DomainEvent::StartFailed { disk_locked } => {
-                self.start_failed(now, d, local, disk_locked)
-            }
+            DomainEvent::StartFailed { disk_locked } => self.start_failed(now, d, local, disk_locked),
         }
     }
 
@@ -838,11 +670,7 @@ impl Node {
                 if let (AfterStop::Release { failed_start }, Some(g)) = (then, local.generation) {
                     self.released.insert(d, (g, failed_start, now));
                     if self.self_fence == SelfFence::Healthy {
-                        self.emit(
-                            now,
-                            "node",
-                            format!("{} stopped; lease released", self.domain_name(d)),
-                        );
+                        self.emit(now, "node", format!("{} stopped; lease released", self.domain_name(d)));
                     }
                 }
                 self.check_fence_done(now);
@@ -852,25 +680,13 @@ impl Node {
                 self.check_fence_done(now);
             }
             _ => {
-                let what = if crashed {
-                    "crashed"
-                } else {
-                    "stopped on its own"
-                };
-                let max = self
-                    .cfg
-                    .spec
-                    .domains
-                    .get(&d)
-                    .map_or(0, |s| s.policy.max_restarts);
+                let what = if crashed { "crashed" } else { "stopped on its own" };
+                let max = self.cfg.spec.domains.get(&d).map_or(0, |s| s.policy.max_restarts);
                 if local.restarts >= max {
                     self.emit(
                         now,
                         "node",
-                        format!(
-                            "{} {what}; local restarts exhausted, releasing",
-                            self.domain_name(d)
-                        ),
+                        format!("{} {what}; local restarts exhausted, releasing", self.domain_name(d)),
                     );
                     self.local.remove(&d);
                     if let Some(g) = local.generation {
@@ -882,11 +698,7 @@ impl Node {
                 self.emit(
                     now,
                     "node",
-                    format!(
-                        "{} {what}; restarting here after {}",
-                        self.domain_name(d),
-                        until.since(now)
-                    ),
+                    format!("{} {what}; restarting here after {}", self.domain_name(d), until.since(now)),
                 );
                 if let Some(l) = self.local.get_mut(&d) {
                     l.restarts += 1;
@@ -903,14 +715,7 @@ impl Node {
         if disk_locked && local.disk_locked_retries < MAX_DISK_LOCKED_RETRIES {
             let until = now + self.backoff(local.disk_locked_retries.min(3));
             if local.disk_locked_retries == 0 {
-                self.emit(
-                    now,
-                    "node",
-                    format!(
-                        "{}: disks locked by another qemu; retrying",
-                        self.domain_name(d)
-                    ),
-                );
+                self.emit(now, "node", format!("{}: disks locked by another qemu; retrying", self.domain_name(d)));
             }
             if let Some(l) = self.local.get_mut(&d) {
                 l.disk_locked_retries += 1;
@@ -918,11 +723,7 @@ impl Node {
             }
             return;
         }
-        self.emit(
-            now,
-            "node",
-            format!("start of {} failed; lease released", self.domain_name(d)),
-        );
+        self.emit(now, "node", format!("start of {} failed; lease released", self.domain_name(d)));
         self.local.remove(&d);
         if let Some(g) = local.generation {
             self.released.insert(d, (g, true, now));
@@ -942,10 +743,7 @@ impl Node {
             self.emit(
                 now,
                 "node",
-                format!(
-                    "resumed after a {} freeze; judging peers afresh",
-                    now.since(self.last_timeout_call)
-                ),
+                format!("resumed after a {} freeze; judging peers afresh", now.since(self.last_timeout_call)),
             );
             self.observing_since = now;
         }
@@ -1015,10 +813,7 @@ impl Node {
             self_fenced: matches!(self.self_fence, SelfFence::Fenced { .. }),
             released: self.released_for_heartbeat(),
         };
-        self.actions.push_back(Action::Send {
-            to: None,
-            msg: NetMessage::Heartbeat(hb),
-        });
+        self.actions.push_back(Action::Send { to: None, msg: NetMessage::Heartbeat(hb) });
     }
 
     /// Newest releases first, at most MAX_RELEASED_PER_HEARTBEAT.
@@ -1027,24 +822,13 @@ impl Node {
             .released
             .iter()
             .map(|(d, (g, failed_start, at))| {
-                (
-                    *at,
-                    Release {
-                        key: LeaseKey::Domain(*d),
-                        generation: *g,
-                        failed_start: *failed_start,
-                    },
-                )
+                (*at, Release { key: LeaseKey::Domain(*d), generation: *g, failed_start: *failed_start })
             })
             .collect();
         v.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.key.cmp(&b.1.key)));
         let mut out: Vec<Release> = Vec::new();
         if let Some(g) = self.released_master {
-            out.push(Release {
-                key: LeaseKey::Master,
-                generation: g,
-                failed_start: false,
-            });
+            out.push(Release { key: LeaseKey::Master, generation: g, failed_start: false });
         }
         out.extend(v.into_iter().map(|(_, r)| r));
         out.truncate(MAX_RELEASED_PER_HEARTBEAT);
@@ -1062,9 +846,7 @@ impl Node {
     }
 
     fn write_slot(&mut self, now: Instant) {
-        if self.live_inflight(OpKind::SlotWrite) > 0
-            || self.inflight(OpKind::SlotWrite) >= MAX_INFLIGHT_PER_KIND
-        {
+        if self.live_inflight(OpKind::SlotWrite) > 0 || self.inflight(OpKind::SlotWrite) >= MAX_INFLIGHT_PER_KIND {
             return;
         }
         self.slot_seq += 1;
@@ -1078,18 +860,11 @@ impl Node {
         let (mut mem, mut cpu) = (0u64, 0u32);
         for (d, l) in &self.local {
             let state = match l.state {
-                LocalState::Verifying | LocalState::Starting | LocalState::Backoff { .. } => {
-                    DomainState::Starting
-                }
-                LocalState::Adopting | LocalState::Running | LocalState::Stopping { .. } => {
-                    DomainState::Running
-                }
+                LocalState::Verifying | LocalState::Starting | LocalState::Backoff { .. } => DomainState::Starting,
+                LocalState::Adopting | LocalState::Running | LocalState::Stopping { .. } => DomainState::Running,
                 LocalState::Ready => DomainState::Ready,
             };
-            let report = DomainReport {
-                state,
-                generation: l.generation.unwrap_or(0),
-            };
+            let report = DomainReport { state, generation: l.generation.unwrap_or(0) };
             if let Some(s) = self.cfg.spec.domains.get(d) {
                 mem += s.memory_mib;
                 cpu += s.vcpus;
@@ -1097,13 +872,8 @@ impl Node {
             domains.insert(*d, report);
         }
         for (d, (g, failed_start, _)) in &self.released {
-            let state = DomainState::Released {
-                failed_start: *failed_start,
-            };
-            domains.entry(*d).or_insert(DomainReport {
-                state,
-                generation: *g,
-            });
+            let state = DomainState::Released { failed_start: *failed_start };
+            domains.entry(*d).or_insert(DomainReport { state, generation: *g });
         }
         Slot {
             host: self.cfg.host,
@@ -1154,11 +924,7 @@ impl Node {
             SelfFence::Fencing { give_up_at } => {
                 // may_pet() stops petting from give_up_at: the watchdog resets us.
                 if now >= give_up_at && now < give_up_at + TICK {
-                    self.emit(
-                        now,
-                        "node",
-                        "self-fence: domains still not gone; leaving it to the watchdog".into(),
-                    );
+                    self.emit(now, "node", "self-fence: domains still not gone; leaving it to the watchdog".into());
                 }
             }
             SelfFence::Fenced { .. } => {}
@@ -1168,18 +934,10 @@ impl Node {
     /// Self-fence one domain. Its lease is published as released only once
     /// qemu is confirmed gone.
     fn force_stop(&mut self, now: Instant, d: DomainId) {
-        let release = AfterStop::Release {
-            failed_start: false,
-        };
+        let release = AfterStop::Release { failed_start: false };
         match self.local.get(&d).map(|l| (l.state, l.generation)) {
             Some((LocalState::Stopping { kill_at, .. }, _)) => {
-                self.set_state(
-                    d,
-                    LocalState::Stopping {
-                        kill_at,
-                        then: release,
-                    },
-                );
+                self.set_state(d, LocalState::Stopping { kill_at, then: release });
             }
             Some((LocalState::Verifying | LocalState::Backoff { .. }, g)) => {
                 // Not running here (a renew in flight may still land: then
@@ -1191,15 +949,9 @@ impl Node {
             }
             Some(_) => {
                 if let Some(l) = self.local.get_mut(&d) {
-                    l.state = LocalState::Stopping {
-                        kill_at: now + self.t.io_timeout,
-                        then: release,
-                    };
+                    l.state = LocalState::Stopping { kill_at: now + self.t.io_timeout, then: release };
                 }
-                self.actions.push_back(Action::DestroyDomain {
-                    domain: d,
-                    kill: false,
-                });
+                self.actions.push_back(Action::DestroyDomain { domain: d, kill: false });
             }
             None => {}
         }
@@ -1209,11 +961,7 @@ impl Node {
         if matches!(self.self_fence, SelfFence::Fencing { .. }) && self.local.is_empty() {
             self.self_fence = SelfFence::Fenced { since: now };
             self.assignments_seen.clear();
-            self.emit(
-                now,
-                "node",
-                "self-fence done: no protected domain runs here".into(),
-            );
+            self.emit(now, "node", "self-fence done: no protected domain runs here".into());
         }
     }
 
@@ -1221,41 +969,26 @@ impl Node {
     /// silent peer is its problem, not ours. Nobody is fenced otherwise.
     pub(super) fn network_ok(&self, now: Instant) -> bool {
         let recent = |t: Option<Instant>| t.is_some_and(|t| now.since(t) < self.t.suspect_after);
-        !self.isolated
-            && (self.peers.values().any(|p| recent(p.heard_at)) || recent(self.last_probe_ok))
+        !self.isolated && (self.peers.values().any(|p| recent(p.heard_at)) || recent(self.last_probe_ok))
     }
 
     fn check_isolation(&mut self, now: Instant) {
         if self.peers.is_empty() {
             return;
         }
-        let last_peer = self
-            .peers
-            .values()
-            .filter_map(|p| p.heard_at)
-            .max()
-            .unwrap_or(self.started)
-            .max(self.observing_since);
+        let last_peer =
+            self.peers.values().filter_map(|p| p.heard_at).max().unwrap_or(self.started).max(self.observing_since);
         let silent = now.since(last_peer);
         if silent >= self.t.suspect_after && now >= self.next_probe {
             // Probe the isolation addresses while the silence lasts.
             self.next_probe = now + self.t.net_heartbeat_interval;
             self.actions.push_back(Action::ProbeIsolation);
         }
-        let probe_silent = now.since(
-            self.last_probe_ok
-                .unwrap_or(self.started)
-                .max(self.observing_since),
-        );
-        let isolated =
-            silent >= self.t.isolation_timeout && probe_silent >= self.t.isolation_timeout;
+        let probe_silent = now.since(self.last_probe_ok.unwrap_or(self.started).max(self.observing_since));
+        let isolated = silent >= self.t.isolation_timeout && probe_silent >= self.t.isolation_timeout;
         if isolated && !self.isolated {
             self.isolated = true;
-            self.emit(
-                now,
-                "node",
-                "isolated: no peer and no isolation address answers".into(),
-            );
+            self.emit(now, "node", "isolated: no peer and no isolation address answers".into());
             self.apply_isolation_response(now);
         } else if !isolated && self.isolated {
             self.isolated = false;
@@ -1267,34 +1000,18 @@ impl Node {
         let doms: Vec<(DomainId, IsolationResponse)> = self
             .local
             .keys()
-            .filter_map(|d| {
-                self.cfg
-                    .spec
-                    .domains
-                    .get(d)
-                    .map(|s| (*d, s.policy.isolation_response))
-            })
+            .filter_map(|d| self.cfg.spec.domains.get(d).map(|s| (*d, s.policy.isolation_response)))
             .collect();
         for (d, resp) in doms {
-            let release = AfterStop::Release {
-                failed_start: false,
-            };
+            let release = AfterStop::Release { failed_start: false };
             match resp {
                 IsolationResponse::Keep => {}
                 IsolationResponse::Shutdown => {
-                    self.emit(
-                        now,
-                        "node",
-                        format!("isolation response: shutting down {}", self.domain_name(d)),
-                    );
+                    self.emit(now, "node", format!("isolation response: shutting down {}", self.domain_name(d)));
                     self.stop_domain(now, d, true, release);
                 }
                 IsolationResponse::Poweroff => {
-                    self.emit(
-                        now,
-                        "node",
-                        format!("isolation response: powering off {}", self.domain_name(d)),
-                    );
+                    self.emit(now, "node", format!("isolation response: powering off {}", self.domain_name(d)));
                     self.stop_domain(now, d, false, release);
                 }
             }
@@ -1309,41 +1026,20 @@ impl Node {
                 .local
                 .iter()
                 .filter(|(_, l)| l.state == LocalState::Running)
-                .filter_map(|(d, _)| {
-                    self.cfg
-                        .spec
-                        .domains
-                        .get(d)
-                        .map(|s| (*d, s.policy.readiness))
-                })
+                .filter_map(|(d, _)| self.cfg.spec.domains.get(d).map(|s| (*d, s.policy.readiness)))
                 .filter(|(_, r)| *r != Readiness::Started)
                 .collect();
             for (domain, readiness) in probes {
-                self.actions
-                    .push_back(Action::ProbeReadiness { domain, readiness });
+                self.actions.push_back(Action::ProbeReadiness { domain, readiness });
             }
         }
-        let doms: Vec<(DomainId, LocalState)> =
-            self.local.iter().map(|(d, l)| (*d, l.state)).collect();
+        let doms: Vec<(DomainId, LocalState)> = self.local.iter().map(|(d, l)| (*d, l.state)).collect();
         for (d, s) in doms {
             match s {
                 LocalState::Stopping { kill_at, then } if now >= kill_at => {
-                    self.emit(
-                        now,
-                        "node",
-                        format!("{} did not stop in time; killing qemu", self.domain_name(d)),
-                    );
-                    self.set_state(
-                        d,
-                        LocalState::Stopping {
-                            kill_at: Instant(u64::MAX),
-                            then,
-                        },
-                    );
-                    self.actions.push_back(Action::DestroyDomain {
-                        domain: d,
-                        kill: true,
-                    });
+                    self.emit(now, "node", format!("{} did not stop in time; killing qemu", self.domain_name(d)));
+                    self.set_state(d, LocalState::Stopping { kill_at: Instant(u64::MAX), then });
+                    self.actions.push_back(Action::DestroyDomain { domain: d, kill: true });
                 }
                 LocalState::Backoff { until } if now >= until => {
                     if !self.storage_healthy(now) || self.self_fence != SelfFence::Healthy {
@@ -1352,22 +1048,9 @@ impl Node {
                     let Some(g) = self.local.get(&d).and_then(|l| l.generation) else {
                         // Adopted while storage failed: learn the generation
                         // first (the audit answer fills it in), then retry.
-                        self.set_state(
-                            d,
-                            LocalState::Backoff {
-                                until: now + self.backoff(0),
-                            },
-                        );
-                        let op = self.new_op(
-                            now,
-                            OpKind::LeaseRead {
-                                purpose: ReadPurpose::Audit,
-                            },
-                        );
-                        self.actions.push_back(Action::ReadLease {
-                            op,
-                            key: LeaseKey::Domain(d),
-                        });
+                        self.set_state(d, LocalState::Backoff { until: now + self.backoff(0) });
+                        let op = self.new_op(now, OpKind::LeaseRead { purpose: ReadPurpose::Audit });
+                        self.actions.push_back(Action::ReadLease { op, key: LeaseKey::Domain(d) });
                         continue;
                     };
                     self.set_state(d, LocalState::Verifying);
@@ -1379,8 +1062,7 @@ impl Node {
     }
 
     fn prune_released(&mut self, now: Instant) {
-        self.released
-            .retain(|_, (_, _, at)| now.since(*at) < RELEASE_REPORT);
+        self.released.retain(|_, (_, _, at)| now.since(*at) < RELEASE_REPORT);
     }
 
     /// S5 audit: read the lease of one running domain per period.
@@ -1390,10 +1072,7 @@ impl Node {
         }
         self.next_audit = now + AUDIT_INTERVAL;
         let next = match self.audit_cursor {
-            Some(c) => self
-                .local
-                .range((std::ops::Bound::Excluded(c), std::ops::Bound::Unbounded))
-                .next(),
+            Some(c) => self.local.range((std::ops::Bound::Excluded(c), std::ops::Bound::Unbounded)).next(),
             None => None,
         }
         .or_else(|| self.local.iter().next())
@@ -1401,16 +1080,8 @@ impl Node {
         let Some((d, state)) = next else { return };
         self.audit_cursor = Some(d);
         if matches!(state, LocalState::Running | LocalState::Ready) {
-            let op = self.new_op(
-                now,
-                OpKind::LeaseRead {
-                    purpose: ReadPurpose::Audit,
-                },
-            );
-            self.actions.push_back(Action::ReadLease {
-                op,
-                key: LeaseKey::Domain(d),
-            });
+            let op = self.new_op(now, OpKind::LeaseRead { purpose: ReadPurpose::Audit });
+            self.actions.push_back(Action::ReadLease { op, key: LeaseKey::Domain(d) });
         }
     }
 }

@@ -62,12 +62,7 @@ impl Peer {
 
     /// Record what one storage read showed. `prev_read_done` is when our
     /// previous successful read completed.
-    pub fn observe_slot(
-        &mut self,
-        read_done: Instant,
-        prev_read_done: Option<Instant>,
-        slot: Option<&Slot>,
-    ) {
+    pub fn observe_slot(&mut self, read_done: Instant, prev_read_done: Option<Instant>, slot: Option<&Slot>) {
         let key = slot.map(|s| (s.boot, s.incarnation, s.seq));
         if self.slot_seen_at.is_none() || key != self.slot_key {
             self.slot_key = key;
@@ -78,15 +73,13 @@ impl Peer {
     }
 
     pub fn net_fresh(&self, now: Instant, t: &Timings) -> bool {
-        self.heard_at
-            .is_some_and(|h| now.since(h) < t.suspect_after)
+        self.heard_at.is_some_and(|h| now.since(h) < t.suspect_after)
     }
 
     /// Slot advanced recently. `last_read_issued`: issue time of our latest
     /// successful read (what it showed was true at or after that instant).
     pub fn storage_fresh(&self, last_read_issued: Instant, t: &Timings) -> bool {
-        self.slot_changed_after
-            .is_some_and(|c| last_read_issued.since(c) < t.storage_silent_after)
+        self.slot_changed_after.is_some_and(|c| last_read_issued.since(c) < t.storage_silent_after)
     }
 
     /// S3(b): the slot has not advanced for host_dead_timeout, measured from
@@ -103,20 +96,10 @@ impl Peer {
         last_read_issued > since && last_read_issued.since(since) >= t.host_dead_timeout
     }
 
-    pub fn verdict(
-        &self,
-        now: Instant,
-        last_read_issued: Option<Instant>,
-        reads_fresh: bool,
-        t: &Timings,
-    ) -> Verdict {
+    pub fn verdict(&self, now: Instant, last_read_issued: Option<Instant>, reads_fresh: bool, t: &Timings) -> Verdict {
         let net = self.net_fresh(now, t);
         let Some(issued) = last_read_issued.filter(|_| reads_fresh) else {
-            return if net {
-                Verdict::Alive
-            } else {
-                Verdict::Unknown
-            };
+            return if net { Verdict::Alive } else { Verdict::Unknown };
         };
         let storage = self.storage_fresh(issued, t);
         match (net, storage) {
@@ -132,9 +115,7 @@ impl Peer {
     /// The newer of what its slot and its heartbeats say.
     pub fn current_boot(&self) -> Option<BootId> {
         match (&self.slot, &self.heartbeat) {
-            (Some(s), Some(h)) if s.boot != h.boot && self.heard_at > self.slot_seen_at => {
-                Some(h.boot)
-            }
+            (Some(s), Some(h)) if s.boot != h.boot && self.heard_at > self.slot_seen_at => Some(h.boot),
             (Some(s), _) => Some(s.boot),
             (None, Some(h)) => Some(h.boot),
             (None, None) => None,
@@ -149,27 +130,16 @@ impl Peer {
             .heartbeat
             .as_ref()
             .filter(|h| h.boot == boot)
-            .and_then(|h| {
-                h.released
-                    .iter()
-                    .filter(|r| r.key == key)
-                    .map(|r| (r.generation, r.failed_start))
-                    .max()
-            });
-        let by_slot = self
-            .slot
-            .as_ref()
-            .filter(|s| s.boot == boot)
-            .and_then(|s| match key {
-                LeaseKey::Master => s.released_master.map(|g| (g, false)),
-                LeaseKey::Domain(d) => match s.domains.get(&d) {
-                    Some(DomainReport {
-                        state: DomainState::Released { failed_start },
-                        generation,
-                    }) => Some((*generation, *failed_start)),
-                    _ => None,
-                },
-            });
+            .and_then(|h| h.released.iter().filter(|r| r.key == key).map(|r| (r.generation, r.failed_start)).max());
+        let by_slot = self.slot.as_ref().filter(|s| s.boot == boot).and_then(|s| match key {
+            LeaseKey::Master => s.released_master.map(|g| (g, false)),
+            LeaseKey::Domain(d) => match s.domains.get(&d) {
+                Some(DomainReport { state: DomainState::Released { failed_start }, generation }) => {
+                    Some((*generation, *failed_start))
+                }
+                _ => None,
+            },
+        });
         by_net.max(by_slot)
     }
 }

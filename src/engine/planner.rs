@@ -9,7 +9,7 @@
 //! Pure: no I/O, no clock, no hash order. The same input gives the same plan,
 //! whatever the order of `hosts` and `requests`.
 
-use super::config::{ClusterSpec, DomainId, DomainPolicy, DomainSpec, HostId, Priority};
+use super::config::{ClusterSpec, DomainId, DomainPolicy, DomainSpec, HostId, HostSpec, Priority};
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -236,16 +236,8 @@ fn choose(slots: &[Slot], fd_groups: &[Vec<u32>], want: &Want<'_>) -> Result<usi
             refused.cap_only |= room && anti_ok;
             continue;
         }
-        let fd_taken = want
-            .group
-            .is_some_and(|g| holds(&fd_groups[s.fault_domain], g));
-        let key: Rank = (
-            want.avoid.contains(&s.id),
-            fd_taken,
-            s.domains,
-            Reverse(s.memory_free_mib),
-            s.id,
-        );
+        let fd_taken = want.group.is_some_and(|g| holds(&fd_groups[s.fault_domain], g));
+        let key: Rank = (want.avoid.contains(&s.id), fd_taken, s.domains, Reverse(s.memory_free_mib), s.id);
         if best.as_ref().is_none_or(|(_, k)| key < *k) {
             best = Some((at, key));
         }
@@ -297,10 +289,7 @@ pub fn tolerance(spec: &ClusterSpec, placement: &BTreeMap<DomainId, HostId>) -> 
         }
     }
     fault_domains.extend(by_fd.into_values());
-    Tolerance {
-        host_failures: base.absorbable(&hosts),
-        fault_domain_failures: base.absorbable(&fault_domains),
-    }
+    Tolerance { host_failures: base.absorbable(&hosts), fault_domain_failures: base.absorbable(&fault_domains) }
 }
 
 /// The cluster as it runs now, per host index of `spec.hosts`.
@@ -317,27 +306,25 @@ fn scaled(units: u64, factor: f64) -> i64 {
     (units as f64 * factor).floor() as i64
 }
 
+/// The room of an empty host: its size times the cluster's overcommit, its
+/// own start cap.
+pub fn empty_room(h: &HostSpec, spec: &ClusterSpec) -> HostRoom {
+    HostRoom {
+        id: h.id,
+        fault_domain: h.fault_domain.clone(),
+        memory_free_mib: scaled(h.memory_mib, spec.memory_overcommit),
+        vcpus_free: scaled(u64::from(h.vcpus), spec.vcpu_overcommit),
+        starts_free: h.max_concurrent_starts,
+        anti_groups: BTreeSet::new(),
+        domain_count: 0,
+    }
+}
+
 impl<'a> Survey<'a> {
     fn new(spec: &'a ClusterSpec, placement: &BTreeMap<DomainId, HostId>) -> Self {
-        let index: BTreeMap<HostId, usize> = spec
-            .hosts
-            .iter()
-            .enumerate()
-            .map(|(i, h)| (h.id, i))
-            .collect();
-        let mut rooms: Vec<HostRoom> = spec
-            .hosts
-            .iter()
-            .map(|h| HostRoom {
-                id: h.id,
-                fault_domain: h.fault_domain.clone(),
-                memory_free_mib: scaled(h.memory_mib, spec.memory_overcommit),
-                vcpus_free: scaled(u64::from(h.vcpus), spec.vcpu_overcommit),
-                starts_free: u32::MAX,
-                anti_groups: BTreeSet::new(),
-                domain_count: 0,
-            })
-            .collect();
+        let index: BTreeMap<HostId, usize> = spec.hosts.iter().enumerate().map(|(i, h)| (h.id, i)).collect();
+        let mut rooms: Vec<HostRoom> =
+            spec.hosts.iter().map(|h| HostRoom { starts_free: u32::MAX, ..empty_room(h, spec) }).collect();
         let mut protected = vec![Vec::new(); rooms.len()];
         for (id, host) in placement {
             let (Some(d), Some(&at)) = (spec.domains.get(id), index.get(host)) else {
@@ -385,16 +372,10 @@ impl<'a> Survey<'a> {
     /// The k units carrying the most protected memory, ties to the first.
     fn heaviest(&self, units: &[Vec<usize>], k: usize) -> Vec<usize> {
         let load = |u: &Vec<usize>| -> u64 {
-            u.iter()
-                .flat_map(|&h| self.protected[h].iter())
-                .map(|d| d.memory_mib)
-                .fold(0, u64::saturating_add)
+            u.iter().flat_map(|&h| self.protected[h].iter()).map(|d| d.memory_mib).fold(0, u64::saturating_add)
         };
-        let mut by_load: Vec<(Reverse<u64>, usize)> = units
-            .iter()
-            .enumerate()
-            .map(|(i, u)| (Reverse(load(u)), i))
-            .collect();
+        let mut by_load: Vec<(Reverse<u64>, usize)> =
+            units.iter().enumerate().map(|(i, u)| (Reverse(load(u)), i)).collect();
         by_load.sort();
         by_load.into_iter().take(k).map(|(_, i)| i).collect()
     }
@@ -407,23 +388,15 @@ impl<'a> Survey<'a> {
                 failed[h] = true;
             }
         }
-        let survivors: Vec<HostRoom> = self
-            .rooms
-            .iter()
-            .zip(&failed)
-            .filter(|(_, f)| !**f)
-            .map(|(r, _)| r.clone())
-            .collect();
+        let survivors: Vec<HostRoom> =
+            self.rooms.iter().zip(&failed).filter(|(_, f)| !**f).map(|(r, _)| r.clone()).collect();
         let requests: Vec<PlanRequest<'_>> = self
             .protected
             .iter()
             .zip(&failed)
             .filter(|(_, f)| **f)
             .flat_map(|(ds, _)| ds.iter())
-            .map(|d| PlanRequest {
-                domain: d,
-                avoid: Vec::new(),
-            })
+            .map(|d| PlanRequest { domain: d, avoid: Vec::new() })
             .collect();
         plan(&survivors, &requests).waiting.is_empty()
     }
@@ -467,13 +440,8 @@ fn next_combination(pick: &mut [usize], n: usize) -> bool {
 /// anti-affinity groups, priorities mixed with about 1% Disabled.
 /// Host ids are 1..=`hosts`, at most `u16::MAX` hosts.
 pub fn bench_case(hosts: usize, domains: usize) -> (Vec<HostRoom>, Vec<DomainSpec>) {
-    const PRIORITIES: [Priority; 5] = [
-        Priority::Lowest,
-        Priority::Low,
-        Priority::Medium,
-        Priority::High,
-        Priority::Highest,
-    ];
+    const PRIORITIES: [Priority; 5] =
+        [Priority::Lowest, Priority::Low, Priority::Medium, Priority::High, Priority::Highest];
     let rooms = (1..=u16::try_from(hosts).unwrap_or(u16::MAX))
         .map(|h| HostRoom {
             id: HostId(h),
@@ -487,11 +455,7 @@ pub fn bench_case(hosts: usize, domains: usize) -> (Vec<HostRoom>, Vec<DomainSpe
         .collect();
     let specs = (0..domains)
         .map(|i| {
-            let priority = if i % 97 == 0 {
-                Priority::Disabled
-            } else {
-                PRIORITIES[(i * 13) % 5]
-            };
+            let priority = if i % 97 == 0 { Priority::Disabled } else { PRIORITIES[(i * 13) % 5] };
             DomainSpec {
                 id: DomainId(i as u128 + 1),
                 name: format!("vm{i}"),
@@ -511,7 +475,7 @@ pub fn bench_case(hosts: usize, domains: usize) -> (Vec<HostRoom>, Vec<DomainSpe
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::config::{HostSpec, Profile};
+    use crate::engine::config::Profile;
 
     const GIB: i64 = 1024;
 
@@ -533,10 +497,7 @@ mod tests {
             name: format!("vm{id}"),
             memory_mib: memory_gib * 1024,
             vcpus: 1,
-            policy: DomainPolicy {
-                priority,
-                ..DomainPolicy::default()
-            },
+            policy: DomainPolicy { priority, ..DomainPolicy::default() },
         }
     }
 
@@ -547,20 +508,11 @@ mod tests {
     }
 
     fn reqs(domains: &[DomainSpec]) -> Vec<PlanRequest<'_>> {
-        domains
-            .iter()
-            .map(|d| PlanRequest {
-                domain: d,
-                avoid: Vec::new(),
-            })
-            .collect()
+        domains.iter().map(|d| PlanRequest { domain: d, avoid: Vec::new() }).collect()
     }
 
     fn placed(p: &Plan, id: u128) -> Option<HostId> {
-        p.placements
-            .iter()
-            .find(|(d, _)| d.0 == id)
-            .map(|(_, h)| *h)
+        p.placements.iter().find(|(d, _)| d.0 == id).map(|(_, h)| *h)
     }
 
     fn waits(p: &Plan, id: u128) -> Option<WaitReason> {
@@ -669,10 +621,7 @@ mod tests {
     #[test]
     fn avoided_host_only_when_nothing_else_fits() {
         let d = dom(1, 4, Priority::Medium);
-        let avoid = [PlanRequest {
-            domain: &d,
-            avoid: vec![HostId(1)],
-        }];
+        let avoid = [PlanRequest { domain: &d, avoid: vec![HostId(1)] }];
         let p = plan(&[host(1, 64), host(2, 16)], &avoid);
         assert_eq!(placed(&p, 1), Some(HostId(2)));
         let p = plan(&[host(1, 64), host(2, 2)], &avoid);
@@ -686,9 +635,7 @@ mod tests {
             for (_, h) in &p.placements {
                 *n.entry(*h).or_default() += 1;
             }
-            (1..=4)
-                .map(|i| n.get(&HostId(i)).copied().unwrap_or(0))
-                .collect::<Vec<_>>()
+            (1..=4).map(|i| n.get(&HostId(i)).copied().unwrap_or(0)).collect::<Vec<_>>()
         };
         let ds: Vec<DomainSpec> = (1..=20).map(|i| dom(i, 2, Priority::Medium)).collect();
         let hosts: Vec<HostRoom> = (1..=4).map(|i| host(i, 64)).collect();
@@ -697,11 +644,7 @@ mod tests {
         assert_eq!(per_host(&p), vec![5, 5, 5, 5]);
 
         // Count beats free memory: unequal hosts still share the storm.
-        let hosts: Vec<HostRoom> = [64, 48, 32, 24]
-            .into_iter()
-            .zip(1..)
-            .map(|(m, i)| host(i, m))
-            .collect();
+        let hosts: Vec<HostRoom> = [64, 48, 32, 24].into_iter().zip(1..).map(|(m, i)| host(i, m)).collect();
         assert_eq!(per_host(&plan(&hosts, &reqs(&ds))), vec![5, 5, 5, 5]);
 
         // Domains already running count: a host with 4 gets none of 8 more.
@@ -748,11 +691,7 @@ mod tests {
         }
         for h in &hosts {
             let u = used.get(&h.id).copied().unwrap_or_default();
-            assert!(
-                u.0 <= h.memory_free_mib && u.1 <= h.vcpus_free,
-                "{} overfull",
-                h.id
-            );
+            assert!(u.0 <= h.memory_free_mib && u.1 <= h.vcpus_free, "{} overfull", h.id);
         }
         assert_eq!(p.placements.len() + p.waiting.len(), domains.len());
     }
@@ -772,12 +711,9 @@ mod tests {
             })
             .collect();
         // Each host runs two 4 GiB domains: 50% full.
-        let domains: BTreeMap<DomainId, DomainSpec> = (1..=6)
-            .map(|i| (DomainId(i), dom(i, 4, Priority::Medium)))
-            .collect();
-        let placement = (1..=6u16)
-            .map(|i| (DomainId(u128::from(i)), HostId(i.div_ceil(2))))
-            .collect();
+        let domains: BTreeMap<DomainId, DomainSpec> =
+            (1..=6).map(|i| (DomainId(i), dom(i, 4, Priority::Medium))).collect();
+        let placement = (1..=6u16).map(|i| (DomainId(u128::from(i)), HostId(i.div_ceil(2)))).collect();
         let spec = ClusterSpec {
             name: "t".into(),
             timings: Profile::Default.timings(),
@@ -793,23 +729,11 @@ mod tests {
     fn half_full_three_hosts_tolerate_one_failure() {
         let (spec, placement) = cluster(["a", "b", "c"]);
         let t = tolerance(&spec, &placement);
-        assert_eq!(
-            t,
-            Tolerance {
-                host_failures: 1,
-                fault_domain_failures: 1
-            }
-        );
+        assert_eq!(t, Tolerance { host_failures: 1, fault_domain_failures: 1 });
 
         // Losing rack "a" loses two hosts, which the third cannot absorb.
         let (spec, placement) = cluster(["a", "a", "c"]);
-        assert_eq!(
-            tolerance(&spec, &placement),
-            Tolerance {
-                host_failures: 1,
-                fault_domain_failures: 0
-            }
-        );
+        assert_eq!(tolerance(&spec, &placement), Tolerance { host_failures: 1, fault_domain_failures: 0 });
     }
 
     #[test]

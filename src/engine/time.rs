@@ -7,35 +7,11 @@ use std::ops::{Add, Sub};
 
 /// A point on one host's monotonic clock, in milliseconds. Instants of
 /// different hosts are never compared: S3(b) is measured on the taker's clock.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Hash,
-    serde::Serialize,
-    serde::Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Instant(pub u64);
 
 /// A span of time in milliseconds.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Hash,
-    serde::Serialize,
-    serde::Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Duration(pub u64);
 
 impl Duration {
@@ -124,6 +100,17 @@ impl Rng {
             return lo;
         }
         lo + self.next_u64() % (hi - lo + 1)
+    }
+
+    /// An index in `0..len` (0 when empty).
+    pub fn index(&mut self, len: usize) -> usize {
+        let n = u64::try_from(len).unwrap_or(u64::MAX);
+        usize::try_from(self.range(0, n.saturating_sub(1))).unwrap_or(0)
+    }
+
+    /// One element of a non-empty slice.
+    pub fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.index(items.len())]
     }
 
     /// True with probability `percent`/100.

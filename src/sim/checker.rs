@@ -76,16 +76,11 @@ impl Checker {
     pub const CLEAN_BEFORE_MS: u64 = 30_000;
 
     pub fn domain_lost(&mut self, d: DomainId, at: u64, class: &'static str, others_healthy: bool) {
-        let quiet = !self
-            .fault_times
-            .iter()
-            .any(|t| *t != at && *t + Self::CLEAN_BEFORE_MS > at && *t <= at);
+        let quiet = !self.fault_times.iter().any(|t| *t != at && *t + Self::CLEAN_BEFORE_MS > at && *t <= at);
         if !self.open.contains_key(&d) {
             self.episode_members.entry(at).or_default().push(d);
         }
-        self.open
-            .entry(d)
-            .or_insert((at, class, others_healthy && quiet));
+        self.open.entry(d).or_insert((at, class, others_healthy && quiet));
     }
 
     pub fn domain_running(&mut self, now: u64, d: DomainId) {
@@ -95,15 +90,8 @@ impl Checker {
             if clean && !later_fault {
                 // Waiting on purpose for a higher priority domain's guest
                 // agent is policy, not recovery speed: counted apart.
-                let class = if self.held_by_readiness(d, at) {
-                    "readiness_ordered"
-                } else {
-                    class
-                };
-                self.clean_recoveries
-                    .entry(class)
-                    .or_default()
-                    .push(now - at);
+                let class = if self.held_by_readiness(d, at) { "readiness_ordered" } else { class };
+                self.clean_recoveries.entry(class).or_default().push(now - at);
             }
         }
     }
@@ -113,9 +101,11 @@ impl Checker {
         self.episode_members.get(&at).is_some_and(|members| {
             members.iter().any(|e| {
                 prio(e) > prio(&d)
-                    && self.spec.domains.get(e).is_some_and(|s| {
-                        s.policy.readiness != crate::engine::config::Readiness::Started
-                    })
+                    && self
+                        .spec
+                        .domains
+                        .get(e)
+                        .is_some_and(|s| s.policy.readiness != crate::engine::config::Readiness::Started)
             })
         })
     }
@@ -129,17 +119,8 @@ impl World {
     fn violation(&mut self, invariant: &'static str, detail: String) {
         let start = self.log.len().saturating_sub(TIMELINE_LINES);
         let timeline = self.log[start..].to_vec();
-        self.log_at(
-            "ERROR",
-            "checker",
-            &format!("{invariant} violated: {detail}"),
-        );
-        self.checker.violations.push(Violation {
-            invariant,
-            at_ms: self.now,
-            detail,
-            timeline,
-        });
+        self.log_at("ERROR", "checker", &format!("{invariant} violated: {detail}"));
+        self.checker.violations.push(Violation { invariant, at_ms: self.now, detail, timeline });
     }
 
     fn l2_window(&self) -> u64 {
@@ -149,25 +130,16 @@ impl World {
     fn justified(&self, h: HostId, d: Option<DomainId>) -> bool {
         let window = self.l2_window();
         let recent = |t: Option<&u64>| t.is_some_and(|t| self.now.saturating_sub(*t) <= window);
-        recent(self.checker.last_fault.get(&h))
-            || d.is_some_and(|d| recent(self.checker.domain_fault.get(&d)))
+        recent(self.checker.last_fault.get(&h)) || d.is_some_and(|d| recent(self.checker.domain_fault.get(&d)))
     }
 
     /// S1: at no instant do two hosts run the same protected domain.
     pub fn check_s1(&mut self, d: DomainId) {
-        let holders: Vec<HostId> = self
-            .hosts
-            .values()
-            .filter(|x| x.running() && x.qemu.contains_key(&d))
-            .map(|x| x.id)
-            .collect();
+        let holders: Vec<HostId> =
+            self.hosts.values().filter(|x| x.running() && x.qemu.contains_key(&d)).map(|x| x.id).collect();
         if holders.len() > 1 {
             let names: Vec<String> = holders.iter().map(|h| h.to_string()).collect();
-            let detail = format!(
-                "{} runs on {}",
-                self.spec.domain_name(d),
-                names.join(" and ")
-            );
+            let detail = format!("{} runs on {}", self.spec.domain_name(d), names.join(" and "));
             self.violation("S1", detail);
         }
     }
@@ -175,17 +147,10 @@ impl World {
     /// S2: a host starts a protected domain only while it owns the lease.
     pub fn checker_on_start(&mut self, h: HostId, d: DomainId) {
         let boot = self.hosts[&h].boot;
-        let owner = self
-            .storage
-            .leases
-            .get(&LeaseKey::Domain(d))
-            .and_then(|l| l.owner);
+        let owner = self.storage.leases.get(&LeaseKey::Domain(d)).and_then(|l| l.owner);
         if owner.is_none_or(|o| o.host != h || o.boot != boot) {
-            let detail = format!(
-                "{h} starts {} while the lease names {:?}",
-                self.spec.domain_name(d),
-                owner.map(|o| o.host)
-            );
+            let detail =
+                format!("{h} starts {} while the lease names {:?}", self.spec.domain_name(d), owner.map(|o| o.host));
             self.violation("S2", detail);
         }
     }
@@ -195,10 +160,7 @@ impl World {
     pub fn checker_on_stop(&mut self, h: HostId, d: DomainId) {
         if self.hosts[&h].qemu.contains_key(&d) && !self.justified(h, Some(d)) {
             self.checker.false_failovers += 1;
-            self.violation(
-                "L2",
-                format!("{h} stops {} without any fault", self.spec.domain_name(d)),
-            );
+            self.violation("L2", format!("{h} stops {} without any fault", self.spec.domain_name(d)));
         }
     }
 
@@ -208,10 +170,7 @@ impl World {
         let healthy = x.running() && x.node.is_some() && !x.isolated && x.storage_fault.is_none();
         if healthy && !self.justified(target, None) {
             self.checker.false_failovers += 1;
-            self.violation(
-                "L2",
-                format!("{from} fences {target}, which is alive and healthy"),
-            );
+            self.violation("L2", format!("{from} fences {target}, which is alive and healthy"));
         }
     }
 
@@ -219,10 +178,7 @@ impl World {
     pub fn lease_changed(&mut self, by: HostId, key: LeaseKey, old: Lease, new: Lease) {
         let LeaseKey::Domain(d) = key else { return };
         let Some(from) = old.owner else { return };
-        if new
-            .owner
-            .is_some_and(|o| o.host == from.host && o.boot == from.boot)
-        {
+        if new.owner.is_some_and(|o| o.host == from.host && o.boot == from.boot) {
             return;
         }
         let x = &self.hosts[&from.host];
@@ -237,24 +193,14 @@ impl World {
             self.violation("S3", detail);
         }
         if new.reason == LeaseReason::FenceConfirmed && same_boot_up {
-            let detail = format!(
-                "{by} claims {} was fenced, but that boot is powered",
-                from.host
-            );
+            let detail = format!("{by} claims {} was fenced, but that boot is powered", from.host);
             self.violation("S3", detail);
         }
         // A release is judged when the domain is stopped (checker_on_stop).
-        if same_boot_up
-            && new.reason != LeaseReason::Released
-            && !self.justified(from.host, Some(d))
-        {
+        if same_boot_up && new.reason != LeaseReason::Released && !self.justified(from.host, Some(d)) {
             self.checker.false_failovers += 1;
-            let detail = format!(
-                "{by} moves {} away from healthy {} ({:?})",
-                self.spec.domain_name(d),
-                from.host,
-                new.reason
-            );
+            let detail =
+                format!("{by} moves {} away from healthy {} ({:?})", self.spec.domain_name(d), from.host, new.reason);
             self.violation("L2", detail);
         }
     }
@@ -263,8 +209,7 @@ impl World {
     pub fn check_invariants(&mut self) {
         self.track_faults();
         let t = self.spec.timings;
-        let bound =
-            (t.renew_timeout + t.io_timeout + t.io_timeout + t.watchdog_timeout).as_millis() + 1000;
+        let bound = (t.renew_timeout + t.io_timeout + t.io_timeout + t.watchdog_timeout).as_millis() + 1000;
         let zombie_grace = (t.io_timeout + t.io_timeout).as_millis() + 2000;
         let mut found = Vec::new();
         for x in self.hosts.values() {
@@ -276,10 +221,7 @@ impl World {
                 .last_good_write_issue
                 .unwrap_or(0)
                 .max(self.checker.last_exempt)
-                .max(
-                    x.last_resume
-                        .map_or(0, |r| r.saturating_sub(t.renew_timeout.as_millis())),
-                );
+                .max(x.last_resume.map_or(0, |r| r.saturating_sub(t.renew_timeout.as_millis())));
             if (has_watchdog || x.node.is_some()) && self.now.saturating_sub(anchor) > bound {
                 found.push((
                     "S4",
@@ -291,38 +233,23 @@ impl World {
                 ));
             }
             for d in x.qemu.keys() {
-                let owner = self
-                    .storage
-                    .leases
-                    .get(&LeaseKey::Domain(*d))
-                    .and_then(|l| l.owner);
+                let owner = self.storage.leases.get(&LeaseKey::Domain(*d)).and_then(|l| l.owner);
                 let ours = owner.is_some_and(|o| o.host == x.id && o.boot == x.boot);
                 if ours {
                     self.checker.zombie_since.remove(&(x.id, *d));
                     continue;
                 }
-                let entry = self
-                    .checker
-                    .zombie_since
-                    .entry((x.id, *d))
-                    .or_insert((self.now, false));
+                let entry = self.checker.zombie_since.entry((x.id, *d)).or_insert((self.now, false));
                 if self.now - entry.0 > zombie_grace && !entry.1 {
                     entry.1 = true;
                     found.push((
                         "S5",
-                        format!(
-                            "zombie {} on {} for {} ms",
-                            self.spec.domain_name(*d),
-                            x.id,
-                            self.now - entry.0
-                        ),
+                        format!("zombie {} on {} for {} ms", self.spec.domain_name(*d), x.id, self.now - entry.0),
                     ));
                 }
             }
         }
-        self.checker
-            .zombie_since
-            .retain(|(h, d), _| self.hosts[h].running() && self.hosts[h].qemu.contains_key(d));
+        self.checker.zombie_since.retain(|(h, d), _| self.hosts[h].running() && self.hosts[h].qemu.contains_key(d));
         for (inv, detail) in found {
             self.violation(inv, detail);
         }
@@ -333,10 +260,7 @@ impl World {
         // A self-fence comes at the earliest renew_timeout after the start of
         // the last good write, which is at most one interval (plus latency)
         // before storage went away.
-        let storage_justifies = t
-            .renew_timeout
-            .as_millis()
-            .saturating_sub(t.storage_write_interval.as_millis() + 200);
+        let storage_justifies = t.renew_timeout.as_millis().saturating_sub(t.storage_write_interval.as_millis() + 200);
         let stalled = self.storage.stall_until > self.now;
         let all_lost = self.partitions.is_empty()
             && self.one_way.is_empty()
@@ -369,12 +293,7 @@ impl World {
             if faulty {
                 self.checker.last_fault.insert(x.id, now);
             }
-            if self
-                .checker
-                .fault_clear_at
-                .get(&x.id)
-                .is_some_and(|c| *c <= now)
-            {
+            if self.checker.fault_clear_at.get(&x.id).is_some_and(|c| *c <= now) {
                 self.checker.fault_clear_at.remove(&x.id);
                 x.active_fault = None;
             }
@@ -386,16 +305,10 @@ impl World {
     pub fn check_converged(&mut self) {
         let mut found = Vec::new();
         for (d, spec) in self.spec.domains.iter() {
-            if spec.policy.priority == crate::engine::config::Priority::Disabled
-                || self.broken_domains.contains(d)
-            {
+            if spec.policy.priority == crate::engine::config::Priority::Disabled || self.broken_domains.contains(d) {
                 continue;
             }
-            let n = self
-                .hosts
-                .values()
-                .filter(|x| x.running() && x.qemu.contains_key(d))
-                .count();
+            let n = self.hosts.values().filter(|x| x.running() && x.qemu.contains_key(d)).count();
             if n != 1 {
                 found.push(format!("{} runs on {n} hosts after healing", spec.name));
             }

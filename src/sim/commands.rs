@@ -81,11 +81,7 @@ impl World {
                 self.start_daemon(h);
                 self.clear_fault_later(h);
             }
-            Command::FenceAgentFails {
-                target,
-                agent,
-                fails,
-            } => {
+            Command::FenceAgentFails { target, agent, fails } => {
                 if fails {
                     self.fence_failing.insert((target, agent));
                 } else {
@@ -94,22 +90,12 @@ impl World {
             }
             Command::DomainCrash(d) => {
                 self.checker.domain_fault.insert(d, self.now);
-                let on: Vec<HostId> = self
-                    .hosts
-                    .values()
-                    .filter(|x| x.running() && x.qemu.contains_key(&d))
-                    .map(|x| x.id)
-                    .collect();
+                let on: Vec<HostId> =
+                    self.hosts.values().filter(|x| x.running() && x.qemu.contains_key(&d)).map(|x| x.id).collect();
                 for h in on {
                     self.hosts.get_mut(&h).map(|x| x.qemu.remove(&d));
                     self.checker.domain_lost(d, self.now, "domain_crash", true);
-                    self.deliver(
-                        h,
-                        Input::Domain {
-                            domain: d,
-                            event: crate::engine::io::DomainEvent::Crashed,
-                        },
-                    );
+                    self.deliver(h, Input::Domain { domain: d, event: crate::engine::io::DomainEvent::Crashed });
                 }
             }
             Command::DomainBroken { domain, broken } => {
@@ -131,23 +117,14 @@ impl World {
     }
 
     fn clear_fault_later(&mut self, h: HostId) {
-        self.checker
-            .fault_clear_at
-            .insert(h, self.now + FAULT_TAIL_MS);
+        self.checker.fault_clear_at.insert(h, self.now + FAULT_TAIL_MS);
     }
 
     /// Power loss is recovered by fencing if the host has a working agent,
     /// else by host_dead_timeout (watchdog) or the operator.
     fn power_loss_class(&self, h: HostId) -> &'static str {
-        let agents = self
-            .spec
-            .host(h)
-            .map(|s| s.fence_agents.clone())
-            .unwrap_or_default();
-        if agents
-            .iter()
-            .any(|a| !self.fence_failing.contains(&(h, a.clone())))
-        {
+        let agents = self.spec.host(h).map(|s| s.fence_agents.clone()).unwrap_or_default();
+        if agents.iter().any(|a| !self.fence_failing.contains(&(h, a.clone()))) {
             "fenced_power_loss"
         } else {
             "watchdog_power_loss"
@@ -172,55 +149,31 @@ fn is_fault(c: &Command) -> bool {
 }
 
 fn describe(c: &Command, w: &World) -> String {
-    let names = |hs: &[HostId]| {
-        hs.iter()
-            .map(|h| h.to_string())
-            .collect::<Vec<_>>()
-            .join(",")
-    };
+    let names = |hs: &[HostId]| hs.iter().map(|h| h.to_string()).collect::<Vec<_>>().join(",");
     match c {
         Command::PowerOff(h) => format!("power off {h}"),
         Command::PowerOn(h) => format!("power on {h}"),
-        Command::Partition(g) => format!(
-            "partition {}",
-            g.iter().map(|x| names(x)).collect::<Vec<_>>().join(" | ")
-        ),
+        Command::Partition(g) => format!("partition {}", g.iter().map(|x| names(x)).collect::<Vec<_>>().join(" | ")),
         Command::DropOneWay { from, to } => format!("drop {from} -> {to}"),
         Command::HealNetwork => "heal network".into(),
         Command::Isolate(h) => format!("isolate {h}"),
         Command::Unisolate(h) => format!("unisolate {h}"),
         Command::NetLoss(p) => format!("packet loss {p}%"),
-        Command::StorageFault { host, fault } => format!(
-            "storage {} on {host}",
-            if *fault == StorageFault::Fail {
-                "fails"
-            } else {
-                "hangs"
-            }
-        ),
+        Command::StorageFault { host, fault } => {
+            format!("storage {} on {host}", if *fault == StorageFault::Fail { "fails" } else { "hangs" })
+        }
         Command::StorageRestore(h) => format!("storage restored on {h}"),
         Command::StorageStall { millis } => format!("storage stalls for {millis} ms"),
         Command::Pause(h) => format!("pause {h}"),
         Command::Resume(h) => format!("resume {h}"),
         Command::DaemonCrash(h) => format!("daemon crash on {h}"),
         Command::DaemonStart(h) => format!("daemon start on {h}"),
-        Command::FenceAgentFails {
-            target,
-            agent,
-            fails,
-        } => {
-            format!(
-                "fence agent {agent} for {target} {}",
-                if *fails { "fails" } else { "works" }
-            )
+        Command::FenceAgentFails { target, agent, fails } => {
+            format!("fence agent {agent} for {target} {}", if *fails { "fails" } else { "works" })
         }
         Command::DomainCrash(d) => format!("domain {} crashes", w.spec.domain_name(*d)),
         Command::DomainBroken { domain, broken } => {
-            format!(
-                "domain {} {}",
-                w.spec.domain_name(*domain),
-                if *broken { "broken" } else { "fixed" }
-            )
+            format!("domain {} {}", w.spec.domain_name(*domain), if *broken { "broken" } else { "fixed" })
         }
         Command::OperatorFenceConfirm(h) => format!("operator confirms {h} is off"),
     }

@@ -74,18 +74,9 @@ pub fn run_commands(
 
 /// Run a golden scenario and return its log and any invariant violations.
 pub fn run_scenario(s: &scenario::Scenario) -> ScenarioOutcome {
-    let out = run_commands(
-        &s.setup,
-        WorldParams::default(),
-        &s.commands,
-        s.end_ms,
-        None,
-    );
-    let violations = out
-        .violations
-        .iter()
-        .map(|v| format!("{} at {} ms: {}", v.invariant, v.at_ms, v.detail))
-        .collect();
+    let out = run_commands(&s.setup, WorldParams::default(), &s.commands, s.end_ms, None);
+    let violations =
+        out.violations.iter().map(|v| format!("{} at {} ms: {}", v.invariant, v.at_ms, v.detail)).collect();
     let mut log = out.log.join("\n");
     log.push('\n');
     ScenarioOutcome { log, violations }
@@ -99,8 +90,7 @@ mod tests {
     use crate::engine::config::Profile;
 
     fn partition_scenario() -> scenario::Scenario {
-        let dir =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios/partition-2-1");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios/partition-2-1");
         scenario::load(&dir).expect("partition-2-1 loads")
     }
 
@@ -112,26 +102,12 @@ mod tests {
     #[test]
     fn checker_reports_s1_when_the_engine_skips_the_s3_wait() {
         let s = partition_scenario();
-        let params = WorldParams {
-            disk_locks: false,
-            broken_engine_skip_s3: true,
-            ..WorldParams::default()
-        };
+        let params = WorldParams { disk_locks: false, broken_engine_skip_s3: true, ..WorldParams::default() };
         let out = run_commands(&s.setup, params, &s.commands, s.end_ms, None);
         let kinds: Vec<&str> = out.violations.iter().map(|v| v.invariant).collect();
-        assert!(
-            kinds.contains(&"S1"),
-            "expected an S1 violation, got {kinds:?}"
-        );
-        assert!(
-            kinds.contains(&"S3"),
-            "expected an S3 violation, got {kinds:?}"
-        );
-        let s1 = out
-            .violations
-            .iter()
-            .find(|v| v.invariant == "S1")
-            .expect("S1");
+        assert!(kinds.contains(&"S1"), "expected an S1 violation, got {kinds:?}");
+        assert!(kinds.contains(&"S3"), "expected an S3 violation, got {kinds:?}");
+        let s1 = out.violations.iter().find(|v| v.invariant == "S1").expect("S1");
         assert!(!s1.timeline.is_empty(), "a violation carries its timeline");
     }
 
@@ -140,10 +116,7 @@ mod tests {
     #[test]
     fn the_real_engine_passes_the_same_partition() {
         let s = partition_scenario();
-        let params = WorldParams {
-            disk_locks: false,
-            ..WorldParams::default()
-        };
+        let params = WorldParams { disk_locks: false, ..WorldParams::default() };
         let out = run_commands(&s.setup, params, &s.commands, s.end_ms, None);
         assert!(out.violations.is_empty(), "{:?}", out.violations);
     }
@@ -152,13 +125,9 @@ mod tests {
     /// power loss (the lock is a second line, not the first).
     #[test]
     fn power_loss_is_safe_without_disk_locks() {
-        let dir =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios/power-fenced");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios/power-fenced");
         let s = scenario::load(&dir).expect("loads");
-        let params = WorldParams {
-            disk_locks: false,
-            ..WorldParams::default()
-        };
+        let params = WorldParams { disk_locks: false, ..WorldParams::default() };
         let out = run_commands(&s.setup, params, &s.commands, s.end_ms, None);
         assert!(out.violations.is_empty(), "{:?}", out.violations);
     }
@@ -166,12 +135,7 @@ mod tests {
     /// One seed, one exact run: the whole timeline is identical twice.
     #[test]
     fn a_seed_replays_exactly() {
-        let o = RandomOptions {
-            hosts: 5,
-            domains: 40,
-            duration_ms: 300_000,
-            profile: Profile::Default,
-        };
+        let o = RandomOptions { hosts: 5, domains: 40, duration_ms: 300_000, profile: Profile::Default };
         for seed in [3, 77] {
             let a = run_seed(seed, &o, None);
             let b = run_seed(seed, &o, None);
@@ -184,23 +148,13 @@ mod tests {
     /// the resumed zombie would collide; with them the checker stays quiet.
     #[test]
     fn disk_locks_cover_the_paused_host() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/scenarios/host-paused-no-fence");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios/host-paused-no-fence");
         let s = scenario::load(&dir).expect("loads");
-        let locked = run_commands(
-            &s.setup,
-            WorldParams::default(),
-            &s.commands,
-            s.end_ms,
-            None,
-        );
+        let locked = run_commands(&s.setup, WorldParams::default(), &s.commands, s.end_ms, None);
         assert!(locked.violations.is_empty(), "{:?}", locked.violations);
         let unlocked = run_commands(
             &s.setup,
-            WorldParams {
-                disk_locks: false,
-                ..WorldParams::default()
-            },
+            WorldParams { disk_locks: false, ..WorldParams::default() },
             &s.commands,
             s.end_ms,
             None,

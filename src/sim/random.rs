@@ -9,7 +9,7 @@ use super::{RunOutcome, SimSetup, run_commands};
 use crate::engine::config::*;
 use crate::engine::planner::{self, HostRoom, PlanRequest};
 use crate::engine::time::{Duration, Rng};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 #[derive(Clone, Debug)]
 pub struct RandomOptions {
@@ -53,32 +53,27 @@ pub fn random_setup(seed: u64, o: &RandomOptions) -> SimSetup {
     let mut group_sizes: BTreeMap<&str, u32> = BTreeMap::new();
     for i in 1..=o.domains {
         let id = DomainId(u128::from(i));
-        let priority = [
+        let priority = rng.pick(&[
             Priority::Lowest,
             Priority::Low,
             Priority::Medium,
             Priority::Medium,
             Priority::High,
             Priority::Highest,
-        ][rng.range(0, 5) as usize];
+        ]);
         let isolation_response = match rng.range(0, 5) {
             0 => IsolationResponse::Shutdown,
             1 => IsolationResponse::Poweroff,
             _ => IsolationResponse::Keep,
         };
-        let group = groups[rng.range(0, 3) as usize];
-        let anti_affinity =
-            if rng.chance(20) && group_sizes.get(group).copied().unwrap_or(0) < group_max {
-                *group_sizes.entry(group).or_default() += 1;
-                Some(group.to_string())
-            } else {
-                None
-            };
-        let readiness = if rng.chance(20) {
-            Readiness::GuestAgent
+        let group = rng.pick(&groups);
+        let anti_affinity = if rng.chance(20) && group_sizes.get(group).copied().unwrap_or(0) < group_max {
+            *group_sizes.entry(group).or_default() += 1;
+            Some(group.to_string())
         } else {
-            Readiness::Started
+            None
         };
+        let readiness = if rng.chance(20) { Readiness::GuestAgent } else { Readiness::Started };
         let policy = DomainPolicy {
             priority,
             isolation_response,
@@ -89,17 +84,8 @@ pub fn random_setup(seed: u64, o: &RandomOptions) -> SimSetup {
             max_restarts: 3,
         };
         let memory_mib = 1024 * rng.range(1, 4);
-        let vcpus = rng.range(1, 4) as u32;
-        domains.insert(
-            id,
-            DomainSpec {
-                id,
-                name: format!("vm{i:03}"),
-                memory_mib,
-                vcpus,
-                policy,
-            },
-        );
+        let vcpus = u32::try_from(rng.range(1, 4)).unwrap_or(1);
+        domains.insert(id, DomainSpec { id, name: format!("vm{i:03}"), memory_mib, vcpus, policy });
     }
     let spec = ClusterSpec {
         name: format!("seed{seed}"),
@@ -110,40 +96,16 @@ pub fn random_setup(seed: u64, o: &RandomOptions) -> SimSetup {
         vcpu_overcommit: 4.0,
     };
     let initial = initial_placement(&spec);
-    SimSetup {
-        spec,
-        initial,
-        seed,
-    }
+    SimSetup { spec, initial, seed }
 }
 
 /// Place every domain with the planner on empty hosts (no start cap).
 fn initial_placement(spec: &ClusterSpec) -> BTreeMap<DomainId, HostId> {
-    let rooms: Vec<HostRoom> = spec
-        .hosts
-        .iter()
-        .map(|h| HostRoom {
-            id: h.id,
-            fault_domain: h.fault_domain.clone(),
-            memory_free_mib: h.memory_mib as i64,
-            vcpus_free: h.vcpus as i64 * 4,
-            starts_free: u32::MAX,
-            anti_groups: BTreeSet::new(),
-            domain_count: 0,
-        })
-        .collect();
-    let requests: Vec<PlanRequest> = spec
-        .domains
-        .values()
-        .map(|d| PlanRequest {
-            domain: d,
-            avoid: Vec::new(),
-        })
-        .collect();
-    planner::plan(&rooms, &requests)
-        .placements
-        .into_iter()
-        .collect()
+    let rooms: Vec<HostRoom> =
+        spec.hosts.iter().map(|h| HostRoom { starts_free: u32::MAX, ..planner::empty_room(h, spec) }).collect();
+    let requests: Vec<PlanRequest> =
+        spec.domains.values().map(|d| PlanRequest { domain: d, avoid: Vec::new() }).collect();
+    planner::plan(&rooms, &requests).placements.into_iter().collect()
 }
 
 /// Hardware timings vary per seed, inside what the design assumes.
@@ -169,7 +131,7 @@ pub fn random_faults(seed: u64, o: &RandomOptions, setup: &SimSetup) -> Vec<(u64
     let last_fault = o.duration_ms.saturating_sub(HEAL_MS);
     let mut t = rng.range(20_000, 60_000);
     while t < last_fault {
-        let h = hosts[rng.range(0, hosts.len() as u64 - 1) as usize];
+        let h = rng.pick(&hosts);
         let len = rng.range(5_000, 60_000).min(last_fault - t);
         let end = t + len;
         match rng.range(0, 13) {
@@ -178,11 +140,7 @@ pub fn random_faults(seed: u64, o: &RandomOptions, setup: &SimSetup) -> Vec<(u64
                 out.push((t + rng.range(60_000, 150_000), Command::PowerOn(h)));
             }
             2 => {
-                let fault = if rng.chance(50) {
-                    StorageFault::Fail
-                } else {
-                    StorageFault::Hang
-                };
+                let fault = if rng.chance(50) { StorageFault::Fail } else { StorageFault::Hang };
                 out.push((t, Command::StorageFault { host: h, fault }));
                 out.push((end, Command::StorageRestore(h)));
             }
@@ -191,13 +149,13 @@ pub fn random_faults(seed: u64, o: &RandomOptions, setup: &SimSetup) -> Vec<(u64
                 out.push((t, Command::StorageStall { millis: ms }));
             }
             4 => {
-                let cut = rng.range(1, hosts.len() as u64 - 1) as usize;
+                let cut = 1 + rng.index(hosts.len() - 1);
                 let (a, b) = hosts.split_at(cut);
                 out.push((t, Command::Partition(vec![a.to_vec(), b.to_vec()])));
                 out.push((end, Command::HealNetwork));
             }
             5 => {
-                let to = hosts[rng.range(0, hosts.len() as u64 - 1) as usize];
+                let to = rng.pick(&hosts);
                 if to != h {
                     out.push((t, Command::DropOneWay { from: h, to }));
                     out.push((end, Command::HealNetwork));
@@ -208,7 +166,7 @@ pub fn random_faults(seed: u64, o: &RandomOptions, setup: &SimSetup) -> Vec<(u64
                 out.push((end, Command::Unisolate(h)));
             }
             7 => {
-                out.push((t, Command::NetLoss(rng.range(5, 30) as u8)));
+                out.push((t, Command::NetLoss(u8::try_from(rng.range(5, 30)).unwrap_or(30))));
                 out.push((end, Command::HealNetwork));
             }
             8 => {
@@ -222,28 +180,9 @@ pub fn random_faults(seed: u64, o: &RandomOptions, setup: &SimSetup) -> Vec<(u64
                 }
             }
             10 => {
-                for agent in setup
-                    .spec
-                    .host(h)
-                    .map(|s| s.fence_agents.clone())
-                    .unwrap_or_default()
-                {
-                    out.push((
-                        t,
-                        Command::FenceAgentFails {
-                            target: h,
-                            agent: agent.clone(),
-                            fails: true,
-                        },
-                    ));
-                    out.push((
-                        end,
-                        Command::FenceAgentFails {
-                            target: h,
-                            agent,
-                            fails: false,
-                        },
-                    ));
+                for agent in setup.spec.host(h).map(|s| s.fence_agents.clone()).unwrap_or_default() {
+                    out.push((t, Command::FenceAgentFails { target: h, agent: agent.clone(), fails: true }));
+                    out.push((end, Command::FenceAgentFails { target: h, agent, fails: false }));
                 }
                 out.push((t + 1000, Command::PowerOff(h)));
                 out.push((t + rng.range(60_000, 150_000), Command::PowerOn(h)));
@@ -254,13 +193,7 @@ pub fn random_faults(seed: u64, o: &RandomOptions, setup: &SimSetup) -> Vec<(u64
             }
             _ => {
                 for x in &hosts {
-                    out.push((
-                        t,
-                        Command::StorageFault {
-                            host: *x,
-                            fault: StorageFault::Hang,
-                        },
-                    ));
+                    out.push((t, Command::StorageFault { host: *x, fault: StorageFault::Hang }));
                 }
                 for x in &hosts {
                     out.push((t + rng.range(5_000, 30_000), Command::StorageRestore(*x)));
@@ -268,11 +201,7 @@ pub fn random_faults(seed: u64, o: &RandomOptions, setup: &SimSetup) -> Vec<(u64
             }
         }
         // Mostly one episode at a time; sometimes the next starts early.
-        t = if rng.chance(25) {
-            t + rng.range(2_000, 10_000)
-        } else {
-            end.max(t) + rng.range(20_000, 90_000)
-        };
+        t = if rng.chance(25) { t + rng.range(2_000, 10_000) } else { end.max(t) + rng.range(20_000, 90_000) };
     }
     heal(&mut out, last_fault, &hosts, setup);
     out.sort_by_key(|(at, _)| *at);
@@ -289,20 +218,8 @@ fn heal(out: &mut Vec<(u64, Command)>, at: u64, hosts: &[HostId], setup: &SimSet
         out.push((at, Command::Resume(*h)));
         out.push((at, Command::PowerOn(*h)));
         out.push((at + 10_000, Command::DaemonStart(*h)));
-        for agent in setup
-            .spec
-            .host(*h)
-            .map(|s| s.fence_agents.clone())
-            .unwrap_or_default()
-        {
-            out.push((
-                at,
-                Command::FenceAgentFails {
-                    target: *h,
-                    agent,
-                    fails: false,
-                },
-            ));
+        for agent in setup.spec.host(*h).map(|s| s.fence_agents.clone()).unwrap_or_default() {
+            out.push((at, Command::FenceAgentFails { target: *h, agent, fails: false }));
         }
     }
 }

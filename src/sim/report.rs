@@ -9,12 +9,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Recovery classes always present in the summary, even when empty.
-pub const REQUIRED_CLASSES: [&str; 4] = [
-    "fenced_power_loss",
-    "watchdog_power_loss",
-    "storage_loss",
-    "isolation_response",
-];
+pub const REQUIRED_CLASSES: [&str; 4] =
+    ["fenced_power_loss", "watchdog_power_loss", "storage_loss", "isolation_response"];
 
 #[derive(Serialize, Clone, Copy, Default, Debug)]
 pub struct Percentiles {
@@ -31,16 +27,13 @@ impl Percentiles {
         }
         let mut v = samples_ms.to_vec();
         v.sort_unstable();
+        // Index of a quantile; the value is within 0..len by construction.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
         let at = |q: f64| {
             let i = ((v.len() as f64 - 1.0) * q).round() as usize;
             v[i.min(v.len() - 1)] as f64 / 1000.0
         };
-        Percentiles {
-            samples: v.len(),
-            p50: at(0.5),
-            p99: at(0.99),
-            max: at(1.0),
-        }
+        Percentiles { samples: v.len(), p50: at(0.5), p99: at(0.99), max: at(1.0) }
     }
 }
 
@@ -142,22 +135,14 @@ fn collect<'a>(
     maps: impl Iterator<Item = &'a BTreeMap<&'static str, Vec<u64>>>,
 ) -> (Vec<u64>, BTreeMap<String, Percentiles>) {
     let mut all = Vec::new();
-    let mut by_class: BTreeMap<String, Vec<u64>> = REQUIRED_CLASSES
-        .iter()
-        .map(|c| (c.to_string(), Vec::new()))
-        .collect();
+    let mut by_class: BTreeMap<String, Vec<u64>> =
+        REQUIRED_CLASSES.iter().map(|c| (c.to_string(), Vec::new())).collect();
     for m in maps {
         for (class, v) in m {
             all.extend_from_slice(v);
-            by_class
-                .entry(class.to_string())
-                .or_default()
-                .extend_from_slice(v);
+            by_class.entry(class.to_string()).or_default().extend_from_slice(v);
         }
     }
-    let by_class = by_class
-        .into_iter()
-        .map(|(k, v)| (k, Percentiles::of(&v)))
-        .collect();
+    let by_class = by_class.into_iter().map(|(k, v)| (k, Percentiles::of(&v))).collect();
     (all, by_class)
 }

@@ -41,8 +41,7 @@
 use super::SimSetup;
 use super::faults::{Command, StorageFault};
 use crate::engine::config::{
-    ClusterSpec, DomainId, DomainPolicy, DomainSpec, HostId, HostSpec, IsolationResponse, Priority,
-    Profile, Readiness,
+    ClusterSpec, DomainId, DomainPolicy, DomainSpec, HostId, HostSpec, IsolationResponse, Priority, Profile, Readiness,
 };
 use crate::engine::time::Duration;
 use serde::Deserialize;
@@ -79,102 +78,39 @@ pub enum ScenarioError {
     #[error("{file}: {reason}")]
     Invalid { file: String, reason: String },
     #[error("{file}: domain '{domain}' names unknown host '{word}' in `{field}` (hosts: {known})")]
-    DomainHost {
-        file: String,
-        domain: String,
-        field: &'static str,
-        word: String,
-        known: String,
-    },
+    DomainHost { file: String, domain: String, field: &'static str, word: String, known: String },
     #[error(
         "{file}: domain '{domain}': readiness '{word}' is not one of started, guest_agent, tcp:PORT (PORT 1-65535)"
     )]
-    BadReadiness {
-        file: String,
-        domain: String,
-        word: String,
-    },
+    BadReadiness { file: String, domain: String, word: String },
     #[error(
         "{file}: host '{host}' is over capacity at time 0: its domains need {need_mib} MiB and {need_vcpus} vCPUs, it offers {have_mib} MiB and {have_vcpus} vCPUs (with overcommit); move a domain or enlarge the host"
     )]
-    Overfull {
-        file: String,
-        host: String,
-        need_mib: u64,
-        need_vcpus: u64,
-        have_mib: f64,
-        have_vcpus: f64,
-    },
+    Overfull { file: String, host: String, need_mib: u64, need_vcpus: u64, have_mib: f64, have_vcpus: f64 },
     #[error("{file}:{line}: missing command after the time (expected one of: {COMMAND_WORDS})")]
     MissingCommand { file: String, line: usize },
     #[error("{file}:{line}: unknown command '{word}' (expected one of: {COMMAND_WORDS})")]
-    UnknownCommand {
-        file: String,
-        line: usize,
-        word: String,
-    },
+    UnknownCommand { file: String, line: usize, word: String },
     #[error("{file}:{line}: '{command}' expects {expected}, found {found}")]
-    BadArguments {
-        file: String,
-        line: usize,
-        command: String,
-        expected: &'static str,
-        found: String,
-    },
+    BadArguments { file: String, line: usize, command: String, expected: &'static str, found: String },
     #[error("{file}:{line}: unknown host '{word}' (hosts: {known})")]
-    UnknownHost {
-        file: String,
-        line: usize,
-        word: String,
-        known: String,
-    },
+    UnknownHost { file: String, line: usize, word: String, known: String },
     #[error("{file}:{line}: unknown domain '{word}' (domains: {known})")]
-    UnknownDomain {
-        file: String,
-        line: usize,
-        word: String,
-        known: String,
-    },
+    UnknownDomain { file: String, line: usize, word: String, known: String },
     #[error("{file}:{line}: host '{host}' has no fence agent '{word}' (its agents: {known})")]
-    UnknownAgent {
-        file: String,
-        line: usize,
-        host: String,
-        word: String,
-        known: String,
-    },
+    UnknownAgent { file: String, line: usize, host: String, word: String, known: String },
     #[error("{file}:{line}: bad {what} '{word}' (expected {expected})")]
-    BadNumber {
-        file: String,
-        line: usize,
-        what: &'static str,
-        word: String,
-        expected: &'static str,
-    },
+    BadNumber { file: String, line: usize, what: &'static str, word: String, expected: &'static str },
     #[error(
         "{file}:{line}: time {word} goes backwards (the previous command is at {previous_ms} ms); keep cmdlist in time order"
     )]
-    TimeBackwards {
-        file: String,
-        line: usize,
-        word: String,
-        previous_ms: u64,
-    },
+    TimeBackwards { file: String, line: usize, word: String, previous_ms: u64 },
     #[error(
         "{file}:{line}: bad partition '{found}': {reason} (expected groups split by '|', hosts by ',', e.g. 'partition h1,h2 | h3')"
     )]
-    BadPartition {
-        file: String,
-        line: usize,
-        found: String,
-        reason: String,
-    },
+    BadPartition { file: String, line: usize, found: String, reason: String },
     #[error("{file}:{line}: '{found}' comes after 'end'; 'end' must be the last command")]
-    AfterEnd {
-        file: String,
-        line: usize,
-        found: String,
-    },
+    AfterEnd { file: String, line: usize, found: String },
     #[error("{file}: no 'end' command; add a last line such as '120 end'")]
     MissingEnd { file: String },
 }
@@ -187,9 +123,7 @@ pub fn load(dir: &Path) -> Result<Scenario, ScenarioError> {
     };
     let readme_path = dir.join("README");
     if read(&readme_path)?.trim().is_empty() {
-        return Err(ScenarioError::EmptyReadme {
-            file: readme_path.display().to_string(),
-        });
+        return Err(ScenarioError::EmptyReadme { file: readme_path.display().to_string() });
     }
     let cluster_path = dir.join("cluster.toml");
     let cluster_file = cluster_path.display().to_string();
@@ -197,19 +131,12 @@ pub fn load(dir: &Path) -> Result<Scenario, ScenarioError> {
     let cmdlist_path = dir.join("cmdlist");
     let cmdlist_file = cmdlist_path.display().to_string();
     let (commands, end_ms) = parse_cmdlist(&read(&cmdlist_path)?, &cmdlist_file, &setup.spec)?;
-    Ok(Scenario {
-        name,
-        setup,
-        commands,
-        end_ms,
-    })
+    Ok(Scenario { name, setup, commands, end_ms })
 }
 
 fn read(path: &Path) -> Result<String, ScenarioError> {
-    std::fs::read_to_string(path).map_err(|e| ScenarioError::Read {
-        file: path.display().to_string(),
-        reason: e.to_string(),
-    })
+    std::fs::read_to_string(path)
+        .map_err(|e| ScenarioError::Read { file: path.display().to_string(), reason: e.to_string() })
 }
 
 // ---------------------------------------------------------------- cluster.toml
@@ -280,22 +207,12 @@ fn default_max_concurrent_starts() -> u32 {
 
 /// `cluster.toml` text into a setup. `name` becomes the cluster name.
 fn parse_cluster(name: &str, text: &str, file: &str) -> Result<SimSetup, ScenarioError> {
-    let raw: ClusterFile = toml::from_str(text).map_err(|e| ScenarioError::Toml {
-        file: file.to_string(),
-        reason: e.to_string().trim_end().to_string(),
-    })?;
-    let invalid = |reason: String| ScenarioError::Invalid {
-        file: file.to_string(),
-        reason,
-    };
-    for (key, v) in [
-        ("memory_overcommit", raw.memory_overcommit),
-        ("vcpu_overcommit", raw.vcpu_overcommit),
-    ] {
+    let raw: ClusterFile = toml::from_str(text)
+        .map_err(|e| ScenarioError::Toml { file: file.to_string(), reason: e.to_string().trim_end().to_string() })?;
+    let invalid = |reason: String| ScenarioError::Invalid { file: file.to_string(), reason };
+    for (key, v) in [("memory_overcommit", raw.memory_overcommit), ("vcpu_overcommit", raw.vcpu_overcommit)] {
         if !(v.is_finite() && v > 0.0) {
-            return Err(invalid(format!(
-                "{key} = {v} must be a number greater than 0"
-            )));
+            return Err(invalid(format!("{key} = {v} must be a number greater than 0")));
         }
     }
     let hosts = build_hosts(&raw.hosts, file)?;
@@ -321,20 +238,14 @@ fn parse_cluster(name: &str, text: &str, file: &str) -> Result<SimSetup, Scenari
         vcpu_overcommit: raw.vcpu_overcommit,
     };
     check_capacity(&spec, &initial, file)?;
-    Ok(SimSetup {
-        spec,
-        initial,
-        seed: raw.seed,
-    })
+    Ok(SimSetup { spec, initial, seed: raw.seed })
 }
 
 /// Names are words of `cmdlist`: no separators, and `all` is a keyword.
 fn check_name(name: &str, what: &str, file: &str) -> Result<(), ScenarioError> {
     let ok = !name.is_empty()
         && name != "all"
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
     if ok {
         return Ok(());
     }
@@ -347,14 +258,9 @@ fn check_name(name: &str, what: &str, file: &str) -> Result<(), ScenarioError> {
 }
 
 fn build_hosts(entries: &[HostEntry], file: &str) -> Result<Vec<HostSpec>, ScenarioError> {
-    let invalid = |reason: String| ScenarioError::Invalid {
-        file: file.to_string(),
-        reason,
-    };
+    let invalid = |reason: String| ScenarioError::Invalid { file: file.to_string(), reason };
     if entries.is_empty() {
-        return Err(invalid(
-            "no [[host]] entries; a cluster needs at least one host".into(),
-        ));
+        return Err(invalid("no [[host]] entries; a cluster needs at least one host".into()));
     }
     let mut hosts: Vec<HostSpec> = Vec::with_capacity(entries.len());
     for (i, h) in entries.iter().enumerate() {
@@ -368,8 +274,7 @@ fn build_hosts(entries: &[HostEntry], file: &str) -> Result<Vec<HostSpec>, Scena
                 h.name
             )));
         }
-        let id = u16::try_from(i + 1)
-            .map_err(|_| invalid(format!("too many hosts (at most {})", u16::MAX)))?;
+        let id = u16::try_from(i + 1).map_err(|_| invalid(format!("too many hosts (at most {})", u16::MAX)))?;
         hosts.push(HostSpec {
             id: HostId(id),
             name: h.name.clone(),
@@ -385,11 +290,7 @@ fn build_hosts(entries: &[HostEntry], file: &str) -> Result<Vec<HostSpec>, Scena
 }
 
 fn host_names(hosts: &[HostSpec]) -> String {
-    hosts
-        .iter()
-        .map(|h| h.name.as_str())
-        .collect::<Vec<_>>()
-        .join(", ")
+    hosts.iter().map(|h| h.name.as_str()).collect::<Vec<_>>().join(", ")
 }
 
 fn build_domain(
@@ -399,24 +300,16 @@ fn build_domain(
     file: &str,
 ) -> Result<(DomainSpec, HostId), ScenarioError> {
     let lookup = |field: &'static str, word: &str| {
-        hosts
-            .iter()
-            .find(|h| h.name == word)
-            .map(|h| h.id)
-            .ok_or_else(|| ScenarioError::DomainHost {
-                file: file.to_string(),
-                domain: d.name.clone(),
-                field,
-                word: word.to_string(),
-                known: host_names(hosts),
-            })
+        hosts.iter().find(|h| h.name == word).map(|h| h.id).ok_or_else(|| ScenarioError::DomainHost {
+            file: file.to_string(),
+            domain: d.name.clone(),
+            field,
+            word: word.to_string(),
+            known: host_names(hosts),
+        })
     };
     let host = lookup("host", &d.host)?;
-    let affinity = d
-        .affinity
-        .iter()
-        .map(|w| lookup("affinity", w))
-        .collect::<Result<Vec<_>, _>>()?;
+    let affinity = d.affinity.iter().map(|w| lookup("affinity", w)).collect::<Result<Vec<_>, _>>()?;
     if !affinity.is_empty() && !affinity.contains(&host) {
         return Err(ScenarioError::Invalid {
             file: file.to_string(),
@@ -441,18 +334,10 @@ fn build_domain(
         affinity,
         anti_affinity: d.anti_affinity.clone(),
         readiness,
-        readiness_timeout: d
-            .readiness_timeout_s
-            .map_or(defaults.readiness_timeout, Duration::from_secs),
+        readiness_timeout: d.readiness_timeout_s.map_or(defaults.readiness_timeout, Duration::from_secs),
         max_restarts: d.max_restarts.unwrap_or(defaults.max_restarts),
     };
-    let spec = DomainSpec {
-        id,
-        name: d.name.clone(),
-        memory_mib: d.memory_mib,
-        vcpus: d.vcpus,
-        policy,
-    };
+    let spec = DomainSpec { id, name: d.name.clone(), memory_mib: d.memory_mib, vcpus: d.vcpus, policy };
     Ok((spec, host))
 }
 
@@ -468,11 +353,7 @@ fn parse_readiness(word: &str) -> Option<Readiness> {
 }
 
 /// The starting placement must fit, or the scenario tests a broken cluster.
-fn check_capacity(
-    spec: &ClusterSpec,
-    initial: &BTreeMap<DomainId, HostId>,
-    file: &str,
-) -> Result<(), ScenarioError> {
+fn check_capacity(spec: &ClusterSpec, initial: &BTreeMap<DomainId, HostId>, file: &str) -> Result<(), ScenarioError> {
     for host in &spec.hosts {
         let (mut need_mib, mut need_vcpus) = (0u64, 0u64);
         for (id, _) in initial.iter().filter(|(_, h)| **h == host.id) {
@@ -499,11 +380,7 @@ fn check_capacity(
 // --------------------------------------------------------------------- cmdlist
 
 /// `cmdlist` text into timed commands and the end time.
-fn parse_cmdlist(
-    text: &str,
-    file: &str,
-    spec: &ClusterSpec,
-) -> Result<(Vec<(u64, Command)>, u64), ScenarioError> {
+fn parse_cmdlist(text: &str, file: &str, spec: &ClusterSpec) -> Result<(Vec<(u64, Command)>, u64), ScenarioError> {
     let mut commands = Vec::new();
     let mut previous_ms = 0;
     let mut end_ms = None;
@@ -512,17 +389,9 @@ fn parse_cmdlist(
         if content.is_empty() {
             continue;
         }
-        let ctx = Line {
-            file,
-            line: index + 1,
-            spec,
-        };
+        let ctx = Line { file, line: index + 1, spec };
         if end_ms.is_some() {
-            return Err(ScenarioError::AfterEnd {
-                file: file.to_string(),
-                line: ctx.line,
-                found: content.to_string(),
-            });
+            return Err(ScenarioError::AfterEnd { file: file.to_string(), line: ctx.line, found: content.to_string() });
         }
         let words: Vec<&str> = content.split_whitespace().collect();
         let at_ms = ctx.time(words[0], previous_ms)?;
@@ -532,9 +401,7 @@ fn parse_cmdlist(
             Parsed::Commands(list) => commands.extend(list.into_iter().map(|c| (at_ms, c))),
         }
     }
-    let end_ms = end_ms.ok_or_else(|| ScenarioError::MissingEnd {
-        file: file.to_string(),
-    })?;
+    let end_ms = end_ms.ok_or_else(|| ScenarioError::MissingEnd { file: file.to_string() })?;
     Ok((commands, end_ms))
 }
 
@@ -550,15 +417,8 @@ fn seconds_to_ms(word: &str) -> Option<u64> {
     if int.is_empty() || !digits(int) || !digits(frac) || frac.len() > 3 {
         return None;
     }
-    let frac_ms: u64 = if frac.is_empty() {
-        0
-    } else {
-        format!("{frac:0<3}").parse().ok()?
-    };
-    int.parse::<u64>()
-        .ok()?
-        .checked_mul(1000)?
-        .checked_add(frac_ms)
+    let frac_ms: u64 = if frac.is_empty() { 0 } else { format!("{frac:0<3}").parse().ok()? };
+    int.parse::<u64>().ok()?.checked_mul(1000)?.checked_add(frac_ms)
 }
 
 enum Parsed {
@@ -595,17 +455,12 @@ impl Line<'_> {
 
     fn command(&self, words: &[&str]) -> Result<Parsed, ScenarioError> {
         let Some((&word, args)) = words.split_first() else {
-            return Err(ScenarioError::MissingCommand {
-                file: self.file.to_string(),
-                line: self.line,
-            });
+            return Err(ScenarioError::MissingCommand { file: self.file.to_string(), line: self.line });
         };
         let one = |c: Command| Ok(Parsed::Commands(vec![c]));
         match word {
             "end" => self.args::<0>(word, "nothing", args).map(|_| Parsed::End),
-            "heal" => self
-                .args::<0>(word, "nothing", args)
-                .and(one(Command::HealNetwork)),
+            "heal" => self.args::<0>(word, "nothing", args).and(one(Command::HealNetwork)),
             "power" => self.power(args).map(|c| Parsed::Commands(vec![c])),
             "partition" => one(self.partition(args)?),
             "drop" => one(self.drop_one_way(args)?),
@@ -638,11 +493,7 @@ impl Line<'_> {
     }
 
     fn bad_args(&self, command: &str, expected: &'static str, args: &[&str]) -> ScenarioError {
-        let found = if args.is_empty() {
-            "nothing".to_string()
-        } else {
-            format!("'{}'", args.join(" "))
-        };
+        let found = if args.is_empty() { "nothing".to_string() } else { format!("'{}'", args.join(" ")) };
         ScenarioError::BadArguments {
             file: self.file.to_string(),
             line: self.line,
@@ -654,34 +505,22 @@ impl Line<'_> {
 
     fn host(&self, word: &str) -> Result<HostId, ScenarioError> {
         let hosts = &self.spec.hosts;
-        hosts
-            .iter()
-            .find(|h| h.name == word)
-            .map(|h| h.id)
-            .ok_or_else(|| ScenarioError::UnknownHost {
-                file: self.file.to_string(),
-                line: self.line,
-                word: word.to_string(),
-                known: host_names(hosts),
-            })
+        hosts.iter().find(|h| h.name == word).map(|h| h.id).ok_or_else(|| ScenarioError::UnknownHost {
+            file: self.file.to_string(),
+            line: self.line,
+            word: word.to_string(),
+            known: host_names(hosts),
+        })
     }
 
     fn domain(&self, word: &str) -> Result<DomainId, ScenarioError> {
         let domains = &self.spec.domains;
-        domains
-            .values()
-            .find(|d| d.name == word)
-            .map(|d| d.id)
-            .ok_or_else(|| ScenarioError::UnknownDomain {
-                file: self.file.to_string(),
-                line: self.line,
-                word: word.to_string(),
-                known: domains
-                    .values()
-                    .map(|d| d.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })
+        domains.values().find(|d| d.name == word).map(|d| d.id).ok_or_else(|| ScenarioError::UnknownDomain {
+            file: self.file.to_string(),
+            line: self.line,
+            word: word.to_string(),
+            known: domains.values().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", "),
+        })
     }
 
     fn one_host(&self, command: &str, args: &[&str]) -> Result<HostId, ScenarioError> {
@@ -735,10 +574,9 @@ impl Line<'_> {
         const EXPECTED: &str = "'FROM -> TO'";
         let joined = args.concat();
         match joined.split_once("->") {
-            Some((from, to)) if !from.is_empty() && !to.is_empty() => Ok(Command::DropOneWay {
-                from: self.host(from)?,
-                to: self.host(to)?,
-            }),
+            Some((from, to)) if !from.is_empty() && !to.is_empty() => {
+                Ok(Command::DropOneWay { from: self.host(from)?, to: self.host(to)? })
+            }
             _ => Err(self.bad_args("drop", EXPECTED, args)),
         }
     }
@@ -758,18 +596,11 @@ impl Line<'_> {
     }
 
     fn storage(&self, args: &[&str]) -> Result<Vec<Command>, ScenarioError> {
-        const EXPECTED: &str =
-            "'fail HOST|all', 'hang HOST|all', 'restore HOST|all' or 'stall SECONDS'";
+        const EXPECTED: &str = "'fail HOST|all', 'hang HOST|all', 'restore HOST|all' or 'stall SECONDS'";
         let [verb, target] = self.args::<2>("storage", EXPECTED, args)?;
         let make: fn(HostId) -> Command = match verb {
-            "fail" => |host| Command::StorageFault {
-                host,
-                fault: StorageFault::Fail,
-            },
-            "hang" => |host| Command::StorageFault {
-                host,
-                fault: StorageFault::Hang,
-            },
+            "fail" => |host| Command::StorageFault { host, fault: StorageFault::Fail },
+            "hang" => |host| Command::StorageFault { host, fault: StorageFault::Hang },
             "restore" => Command::StorageRestore,
             "stall" => {
                 let millis = seconds_to_ms(target).ok_or_else(|| ScenarioError::BadNumber {
@@ -809,11 +640,7 @@ impl Line<'_> {
         let target = self.host(h)?;
         let agents = &self.spec.hosts[usize::from(target.0) - 1].fence_agents;
         if !agents.iter().any(|a| a == agent) {
-            let known = if agents.is_empty() {
-                "none".to_string()
-            } else {
-                agents.join(", ")
-            };
+            let known = if agents.is_empty() { "none".to_string() } else { agents.join(", ") };
             return Err(ScenarioError::UnknownAgent {
                 file: self.file.to_string(),
                 line: self.line,
@@ -822,11 +649,7 @@ impl Line<'_> {
                 known,
             });
         }
-        Ok(Command::FenceAgentFails {
-            target,
-            agent: agent.to_string(),
-            fails,
-        })
+        Ok(Command::FenceAgentFails { target, agent: agent.to_string(), fails })
     }
 
     fn domain_command(&self, args: &[&str]) -> Result<Command, ScenarioError> {
@@ -834,14 +657,8 @@ impl Line<'_> {
         let [verb, d] = self.args::<2>("domain", EXPECTED, args)?;
         match verb {
             "crash" => Ok(Command::DomainCrash(self.domain(d)?)),
-            "break" => Ok(Command::DomainBroken {
-                domain: self.domain(d)?,
-                broken: true,
-            }),
-            "fix" => Ok(Command::DomainBroken {
-                domain: self.domain(d)?,
-                broken: false,
-            }),
+            "break" => Ok(Command::DomainBroken { domain: self.domain(d)?, broken: true }),
+            "fix" => Ok(Command::DomainBroken { domain: self.domain(d)?, broken: false }),
             _ => Err(self.bad_args("domain", EXPECTED, args)),
         }
     }
@@ -912,17 +729,11 @@ max_restarts = 2
         assert_eq!(setup.spec.memory_overcommit, 1.0);
         assert_eq!(setup.spec.vcpu_overcommit, 4.0);
         let h = &setup.spec.hosts;
-        assert_eq!(
-            h.iter().map(|h| h.id).collect::<Vec<_>>(),
-            [HostId(1), HostId(2), HostId(3)]
-        );
+        assert_eq!(h.iter().map(|h| h.id).collect::<Vec<_>>(), [HostId(1), HostId(2), HostId(3)]);
         assert_eq!(h[0].fence_agents, ["ipmi"]);
         assert!(h[0].watchdog && !h[2].watchdog);
         assert!(h[2].fence_agents.is_empty());
-        assert_eq!(
-            (h[0].max_concurrent_starts, h[1].max_concurrent_starts),
-            (4, 2)
-        );
+        assert_eq!((h[0].max_concurrent_starts, h[1].max_concurrent_starts), (4, 2));
         assert_eq!(h[1].fault_domain.as_deref(), Some("rack2"));
 
         let web1 = &setup.spec.domains[&DomainId(1)];
@@ -938,10 +749,7 @@ max_restarts = 2
         assert_eq!(db2.policy.readiness_timeout, Duration::from_secs(60));
         assert_eq!(db2.policy.max_restarts, 2);
         let initial: Vec<_> = setup.initial.into_iter().collect();
-        assert_eq!(
-            initial,
-            [(DomainId(1), HostId(1)), (DomainId(2), HostId(2))]
-        );
+        assert_eq!(initial, [(DomainId(1), HostId(1)), (DomainId(2), HostId(2))]);
     }
 
     #[test]
@@ -979,10 +787,7 @@ max_restarts = 2
         assert_eq!(end_ms, 20_000);
         use Command as C;
         let (h1, h2, h3) = (HostId(1), HostId(2), HostId(3));
-        let hang = |host| C::StorageFault {
-            host,
-            fault: StorageFault::Hang,
-        };
+        let hang = |host| C::StorageFault { host, fault: StorageFault::Hang };
         let expected = vec![
             (0, C::PowerOff(h1)),
             (500, C::PowerOn(h1)),
@@ -994,13 +799,7 @@ max_restarts = 2
             (4000, C::Isolate(h3)),
             (4000, C::Unisolate(h3)),
             (5000, C::NetLoss(20)),
-            (
-                6000,
-                C::StorageFault {
-                    host: h2,
-                    fault: StorageFault::Fail,
-                },
-            ),
+            (6000, C::StorageFault { host: h2, fault: StorageFault::Fail }),
             (6000, hang(h1)),
             (6000, hang(h2)),
             (6000, hang(h3)),
@@ -1010,37 +809,11 @@ max_restarts = 2
             (8000, C::Resume(h2)),
             (9000, C::DaemonCrash(h2)),
             (9000, C::DaemonStart(h2)),
-            (
-                10_000,
-                C::FenceAgentFails {
-                    target: h2,
-                    agent: "pdu".into(),
-                    fails: true,
-                },
-            ),
-            (
-                10_000,
-                C::FenceAgentFails {
-                    target: h2,
-                    agent: "pdu".into(),
-                    fails: false,
-                },
-            ),
+            (10_000, C::FenceAgentFails { target: h2, agent: "pdu".into(), fails: true }),
+            (10_000, C::FenceAgentFails { target: h2, agent: "pdu".into(), fails: false }),
             (11_000, C::DomainCrash(DomainId(1))),
-            (
-                11_000,
-                C::DomainBroken {
-                    domain: DomainId(2),
-                    broken: true,
-                },
-            ),
-            (
-                11_000,
-                C::DomainBroken {
-                    domain: DomainId(2),
-                    broken: false,
-                },
-            ),
+            (11_000, C::DomainBroken { domain: DomainId(2), broken: true }),
+            (11_000, C::DomainBroken { domain: DomainId(2), broken: false }),
             (12_500, C::OperatorFenceConfirm(h2)),
         ];
         assert_eq!(cmds, expected);
@@ -1060,101 +833,48 @@ max_restarts = 2
     #[test]
     fn unknown_host_names_the_line_and_the_hosts() {
         let err = cmdlist("# comment\n\n10 power off h1\n20 power off h9\n30 end\n").unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "t/cmdlist:4: unknown host 'h9' (hosts: h1, h2, h3)"
-        );
+        assert_eq!(err.to_string(), "t/cmdlist:4: unknown host 'h9' (hosts: h1, h2, h3)");
     }
 
     #[test]
     fn unknown_command_word_is_named() {
         let err = cmdlist("1 heal\n\n2 reboot h1\n3 end\n").unwrap_err();
-        assert_eq!(
-            err,
-            ScenarioError::UnknownCommand {
-                file: "t/cmdlist".into(),
-                line: 3,
-                word: "reboot".into()
-            }
-        );
+        assert_eq!(err, ScenarioError::UnknownCommand { file: "t/cmdlist".into(), line: 3, word: "reboot".into() });
         assert!(err.to_string().contains("expected one of: power,"), "{err}");
     }
 
     #[test]
     fn time_going_backwards_is_an_error() {
         let err = cmdlist("10 pause h1\n5 resume h1\n20 end\n").unwrap_err();
-        assert!(matches!(
-            err,
-            ScenarioError::TimeBackwards {
-                line: 2,
-                previous_ms: 10_000,
-                ..
-            }
-        ));
-        assert!(
-            err.to_string()
-                .starts_with("t/cmdlist:2: time 5 goes backwards"),
-            "{err}"
-        );
+        assert!(matches!(err, ScenarioError::TimeBackwards { line: 2, previous_ms: 10_000, .. }));
+        assert!(err.to_string().starts_with("t/cmdlist:2: time 5 goes backwards"), "{err}");
         // Equal times keep file order and are fine.
         assert!(cmdlist("10 pause h1\n10 resume h1\n10 end\n").is_ok());
     }
 
     #[test]
     fn end_is_required_and_last() {
-        assert_eq!(
-            cmdlist("10 heal\n").unwrap_err(),
-            ScenarioError::MissingEnd {
-                file: "t/cmdlist".into()
-            }
-        );
+        assert_eq!(cmdlist("10 heal\n").unwrap_err(), ScenarioError::MissingEnd { file: "t/cmdlist".into() });
         let err = cmdlist("10 end\n20 heal\n").unwrap_err();
-        assert!(
-            matches!(err, ScenarioError::AfterEnd { line: 2, .. }),
-            "{err}"
-        );
+        assert!(matches!(err, ScenarioError::AfterEnd { line: 2, .. }), "{err}");
         let err = cmdlist("10 end now\n").unwrap_err();
-        assert!(
-            matches!(err, ScenarioError::BadArguments { line: 1, .. }),
-            "{err}"
-        );
+        assert!(matches!(err, ScenarioError::BadArguments { line: 1, .. }), "{err}");
     }
 
     #[test]
     fn bad_arguments_say_what_was_expected() {
         let cases = [
-            (
-                "1 power of h1",
-                "t/cmdlist:1: 'power' expects 'off HOST' or 'on HOST', found 'of h1'",
-            ),
-            (
-                "1 isolate",
-                "t/cmdlist:1: 'isolate' expects one HOST, found nothing",
-            ),
-            (
-                "1 drop h1 h2",
-                "t/cmdlist:1: 'drop' expects 'FROM -> TO', found 'h1 h2'",
-            ),
-            (
-                "1 loss 101",
-                "t/cmdlist:1: bad loss percent '101' (expected a whole number from 0 to 100)",
-            ),
+            ("1 power of h1", "t/cmdlist:1: 'power' expects 'off HOST' or 'on HOST', found 'of h1'"),
+            ("1 isolate", "t/cmdlist:1: 'isolate' expects one HOST, found nothing"),
+            ("1 drop h1 h2", "t/cmdlist:1: 'drop' expects 'FROM -> TO', found 'h1 h2'"),
+            ("1 loss 101", "t/cmdlist:1: bad loss percent '101' (expected a whole number from 0 to 100)"),
             (
                 "1.2345 heal",
                 "t/cmdlist:1: bad time '1.2345' (expected seconds such as 10 or 12.5, at most 3 decimals, before the command)",
             ),
-            (
-                "1 fence fail h1 pdu",
-                "t/cmdlist:1: host 'h1' has no fence agent 'pdu' (its agents: ipmi)",
-            ),
-            (
-                "1 fence fail h3 ipmi",
-                "t/cmdlist:1: host 'h3' has no fence agent 'ipmi' (its agents: none)",
-            ),
-            (
-                "1 domain crash db9",
-                "t/cmdlist:1: unknown domain 'db9' (domains: web1, db2)",
-            ),
+            ("1 fence fail h1 pdu", "t/cmdlist:1: host 'h1' has no fence agent 'pdu' (its agents: ipmi)"),
+            ("1 fence fail h3 ipmi", "t/cmdlist:1: host 'h3' has no fence agent 'ipmi' (its agents: none)"),
+            ("1 domain crash db9", "t/cmdlist:1: unknown domain 'db9' (domains: web1, db2)"),
             (
                 "1 storage stall x",
                 "t/cmdlist:1: bad stall seconds 'x' (expected seconds such as 5 or 2.5, at most 3 decimals)",
@@ -1172,16 +892,9 @@ max_restarts = 2
 
     #[test]
     fn bad_partitions_are_refused() {
-        for line in [
-            "1 partition h1,h2",
-            "1 partition h1 | h1",
-            "1 partition h1 || h2",
-        ] {
+        for line in ["1 partition h1,h2", "1 partition h1 | h1", "1 partition h1 || h2"] {
             let err = cmdlist(&format!("{line}\n9 end\n")).unwrap_err();
-            assert!(
-                matches!(err, ScenarioError::BadPartition { line: 1, .. }),
-                "{line}: {err}"
-            );
+            assert!(matches!(err, ScenarioError::BadPartition { line: 1, .. }), "{line}: {err}");
         }
     }
 
@@ -1195,32 +908,17 @@ max_restarts = 2
             )
         };
         let err = parse(&domain("colour = \"red\"\n"));
-        assert!(
-            matches!(&err, ScenarioError::Toml { reason, .. } if reason.contains("colour")),
-            "{err}"
-        );
+        assert!(matches!(&err, ScenarioError::Toml { reason, .. } if reason.contains("colour")), "{err}");
         let err = parse(&format!("profile = \"quick\"\n{host}"));
-        assert!(
-            matches!(&err, ScenarioError::Toml { reason, .. } if reason.contains("quick")),
-            "{err}"
-        );
+        assert!(matches!(&err, ScenarioError::Toml { reason, .. } if reason.contains("quick")), "{err}");
         let err = parse(&domain("readiness = \"tcp:0\"\n"));
         assert!(matches!(err, ScenarioError::BadReadiness { .. }), "{err}");
         let err = parse(&domain("affinity = [\"h9\"]\n"));
-        assert_eq!(
-            err.to_string(),
-            "t/cluster.toml: domain 'd' names unknown host 'h9' in `affinity` (hosts: h1)"
-        );
+        assert_eq!(err.to_string(), "t/cluster.toml: domain 'd' names unknown host 'h9' in `affinity` (hosts: h1)");
         let err = parse(&format!("profile = \"default\"\n{host}{host}"));
-        assert!(
-            err.to_string().contains("host 'h1' is defined twice"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("host 'h1' is defined twice"), "{err}");
         let err = parse(&domain("").replace("memory_mib = 1024", "memory_mib = 8192"));
-        assert!(
-            matches!(err, ScenarioError::Overfull { need_mib: 8192, .. }),
-            "{err}"
-        );
+        assert!(matches!(err, ScenarioError::Overfull { need_mib: 8192, .. }), "{err}");
         let err = parse(&domain("").replace("name = \"d\"", "name = \"all\""));
         assert!(matches!(err, ScenarioError::Invalid { .. }), "{err}");
     }
@@ -1236,14 +934,7 @@ max_restarts = 2
             .collect();
         dirs.sort();
         assert!(!dirs.is_empty(), "no scenarios under {}", root.display());
-        let failures: Vec<String> = dirs
-            .iter()
-            .filter_map(|d| load(d).err().map(|e| e.to_string()))
-            .collect();
-        assert!(
-            failures.is_empty(),
-            "scenarios that do not load:\n{}",
-            failures.join("\n")
-        );
+        let failures: Vec<String> = dirs.iter().filter_map(|d| load(d).err().map(|e| e.to_string())).collect();
+        assert!(failures.is_empty(), "scenarios that do not load:\n{}", failures.join("\n"));
     }
 }

@@ -287,43 +287,21 @@ impl World {
             let Some(host) = self.hosts.get_mut(h) else {
                 continue;
             };
-            host.qemu.insert(
-                *d,
-                Qemu {
-                    state: QemuState::Running,
-                    ready_at: 0,
-                    serial: 0,
-                },
-            );
-            let owner = Owner {
-                host: *h,
-                boot: host.boot,
-            };
-            let lease = Lease {
-                owner: Some(owner),
-                generation: 1,
-                reason: LeaseReason::Acquired,
-            };
+            host.qemu.insert(*d, Qemu { state: QemuState::Running, ready_at: 0, serial: 0 });
+            let owner = Owner { host: *h, boot: host.boot };
+            let lease = Lease { owner: Some(owner), generation: 1, reason: LeaseReason::Acquired };
             self.storage.leases.insert(LeaseKey::Domain(*d), lease);
         }
         for d in self.spec.domains.keys() {
-            self.storage
-                .leases
-                .entry(LeaseKey::Domain(*d))
-                .or_insert(Lease {
-                    owner: None,
-                    generation: 0,
-                    reason: LeaseReason::Acquired,
-                });
-        }
-        self.storage.leases.insert(
-            LeaseKey::Master,
-            Lease {
+            self.storage.leases.entry(LeaseKey::Domain(*d)).or_insert(Lease {
                 owner: None,
                 generation: 0,
                 reason: LeaseReason::Acquired,
-            },
-        );
+            });
+        }
+        self.storage
+            .leases
+            .insert(LeaseKey::Master, Lease { owner: None, generation: 0, reason: LeaseReason::Acquired });
     }
 
     // ---- event queue ---------------------------------------------------
@@ -344,16 +322,12 @@ impl World {
                 self.slab.len() - 1
             }
         };
-        self.queue
-            .push(Reverse((Key(at.max(self.now), self.seq), idx)));
+        self.queue.push(Reverse((Key(at.max(self.now), self.seq), idx)));
     }
 
     /// Run every event up to and including `until` (virtual ms).
     pub fn run_until(&mut self, until: u64) {
-        while let Some(Reverse((Key(at, _), idx))) = self
-            .queue
-            .peek()
-            .map(|r| Reverse((Key(r.0.0.0, r.0.0.1), r.0.1)))
+        while let Some(Reverse((Key(at, _), idx))) = self.queue.peek().map(|r| Reverse((Key(r.0.0.0, r.0.0.1), r.0.1)))
         {
             if at > until {
                 break;
@@ -372,10 +346,7 @@ impl World {
 
     fn handle(&mut self, ev: Ev) {
         if let Some(h) = ev_host(&ev)
-            && self
-                .hosts
-                .get(&h)
-                .is_some_and(|x| x.powered && x.paused_since.is_some())
+            && self.hosts.get(&h).is_some_and(|x| x.powered && x.paused_since.is_some())
         {
             // A frozen host processes nothing; it catches up on resume.
             if let Some(x) = self.hosts.get_mut(&h)
@@ -388,92 +359,35 @@ impl World {
         match ev {
             Ev::Wake { host } => self.wake(host),
             Ev::Deliver { to, msg } => self.input(to, Input::Net(msg)),
-            Ev::StorageDo {
-                host,
-                epoch,
-                issued,
-                action,
-            } => self.storage_do(host, epoch, issued, action),
+            Ev::StorageDo { host, epoch, issued, action } => self.storage_do(host, epoch, issued, action),
             Ev::StorageResult { host, epoch, input } => {
                 if self.epoch(host) == Some(epoch) {
                     self.input(host, input);
                 }
             }
-            Ev::QemuStarted {
-                host,
-                domain,
-                serial,
-            } => self.qemu_started(host, domain, serial),
-            Ev::QemuReady {
-                host,
-                domain,
-                serial,
-            } => {
+            Ev::QemuStarted { host, domain, serial } => self.qemu_started(host, domain, serial),
+            Ev::QemuReady { host, domain, serial } => {
                 if self.qemu_serial(host, domain) == Some(serial) {
-                    self.input(
-                        host,
-                        Input::Domain {
-                            domain,
-                            event: DomainEvent::Ready,
-                        },
-                    );
+                    self.input(host, Input::Domain { domain, event: DomainEvent::Ready });
                 }
             }
-            Ev::QemuStopped {
-                host,
-                domain,
-                serial,
-            } => {
+            Ev::QemuStopped { host, domain, serial } => {
                 if self.qemu_serial(host, domain) == Some(serial) {
                     self.qemu_gone(host, domain);
-                    self.input(
-                        host,
-                        Input::Domain {
-                            domain,
-                            event: DomainEvent::Stopped,
-                        },
-                    );
+                    self.input(host, Input::Domain { domain, event: DomainEvent::Stopped });
                 }
             }
-            Ev::StartRefused {
-                host,
-                epoch,
-                domain,
-                disk_locked,
-            } => {
+            Ev::StartRefused { host, epoch, domain, disk_locked } => {
                 if self.epoch(host) == Some(epoch) {
-                    self.input(
-                        host,
-                        Input::Domain {
-                            domain,
-                            event: DomainEvent::StartFailed { disk_locked },
-                        },
-                    );
+                    self.input(host, Input::Domain { domain, event: DomainEvent::StartFailed { disk_locked } });
                 }
             }
-            Ev::FenceDone {
-                host,
-                epoch,
-                op,
-                target,
-                outcome,
-            } => {
+            Ev::FenceDone { host, epoch, op, target, outcome } => {
                 if self.epoch(host) == Some(epoch) {
-                    self.input(
-                        host,
-                        Input::Fence {
-                            op,
-                            target,
-                            outcome,
-                        },
-                    );
+                    self.input(host, Input::Fence { op, target, outcome });
                 }
             }
-            Ev::IsolationAnswer {
-                host,
-                epoch,
-                reachable,
-            } => {
+            Ev::IsolationAnswer { host, epoch, reachable } => {
                 if self.epoch(host) == Some(epoch) {
                     self.input(host, Input::IsolationProbe { reachable });
                 }
@@ -495,17 +409,11 @@ impl World {
     }
 
     fn epoch(&self, h: HostId) -> Option<u64> {
-        self.hosts
-            .get(&h)
-            .filter(|x| x.node.is_some())
-            .map(|x| x.daemon_epoch)
+        self.hosts.get(&h).filter(|x| x.node.is_some()).map(|x| x.daemon_epoch)
     }
 
     fn qemu_serial(&self, h: HostId, d: DomainId) -> Option<u64> {
-        self.hosts
-            .get(&h)
-            .and_then(|x| x.qemu.get(&d))
-            .map(|q| q.serial)
+        self.hosts.get(&h).and_then(|x| x.qemu.get(&d)).map(|q| q.serial)
     }
 
     pub fn local_now(&self, h: HostId) -> Instant {
@@ -566,11 +474,7 @@ impl World {
         let Some(node) = host.node.as_ref() else {
             return;
         };
-        let at = node
-            .poll_timeout()
-            .0
-            .saturating_sub(host.clock_offset)
-            .max(self.now);
+        let at = node.poll_timeout().0.saturating_sub(host.clock_offset).max(self.now);
         if host.wake_at.is_none_or(|w| at < w) {
             host.wake_at = Some(at);
             self.schedule_at(at, Ev::Wake { host: h });
@@ -589,30 +493,13 @@ impl World {
             Action::StartDomain { domain } => self.qemu_start(h, domain),
             Action::DestroyDomain { domain, kill } => {
                 self.checker_on_stop(h, domain);
-                let (lo, hi) = if kill {
-                    (5, 20)
-                } else {
-                    self.params.destroy_ms
-                };
+                let (lo, hi) = if kill { (5, 20) } else { self.params.destroy_ms };
                 let delay = self.rng.range(lo, hi);
                 if let Some(serial) = self.qemu_serial(h, domain) {
-                    self.schedule(
-                        delay,
-                        Ev::QemuStopped {
-                            host: h,
-                            domain,
-                            serial,
-                        },
-                    );
+                    self.schedule(delay, Ev::QemuStopped { host: h, domain, serial });
                 } else {
                     // Already gone: libvirt answers "not running" at once.
-                    self.input(
-                        h,
-                        Input::Domain {
-                            domain,
-                            event: DomainEvent::Stopped,
-                        },
-                    );
+                    self.input(h, Input::Domain { domain, event: DomainEvent::Stopped });
                 }
             }
             Action::ShutdownDomain { domain, .. } => {
@@ -620,14 +507,7 @@ impl World {
                 let (lo, hi) = self.params.guest_shutdown_ms;
                 let delay = self.rng.range(lo, hi);
                 if let Some(serial) = self.qemu_serial(h, domain) {
-                    self.schedule(
-                        delay,
-                        Ev::QemuStopped {
-                            host: h,
-                            domain,
-                            serial,
-                        },
-                    );
+                    self.schedule(delay, Ev::QemuStopped { host: h, domain, serial });
                 }
             }
             Action::Fence { op, target, agent } => self.fence(h, op, target, agent),
@@ -635,14 +515,7 @@ impl World {
                 let reachable = !self.hosts[&h].isolated;
                 let epoch = self.hosts[&h].daemon_epoch;
                 let delay = if reachable { 2 } else { 1000 };
-                self.schedule(
-                    delay,
-                    Ev::IsolationAnswer {
-                        host: h,
-                        epoch,
-                        reachable,
-                    },
-                );
+                self.schedule(delay, Ev::IsolationAnswer { host: h, epoch, reachable });
             }
             Action::ProbeReadiness { domain, .. } => {
                 let ready = self.hosts[&h]
@@ -651,14 +524,7 @@ impl World {
                     .is_some_and(|q| q.state == QemuState::Running && q.ready_at <= self.now);
                 if ready {
                     let serial = self.hosts[&h].qemu[&domain].serial;
-                    self.schedule(
-                        5,
-                        Ev::QemuReady {
-                            host: h,
-                            domain,
-                            serial,
-                        },
-                    );
+                    self.schedule(5, Ev::QemuReady { host: h, domain, serial });
                 }
             }
             Action::PetWatchdog => {
@@ -681,11 +547,7 @@ impl World {
     /// wall time and no hash order, so a seed's log is byte-for-byte stable.
     pub fn log_at(&mut self, level: &str, who: &str, text: &str) {
         let t = self.now;
-        self.log.push(format!(
-            "{level:<5} {:>5}.{:03} {who:<9} {text}",
-            t / 1000,
-            t % 1000
-        ));
+        self.log.push(format!("{level:<5} {:>5}.{:03} {who:<9} {text}", t / 1000, t % 1000));
         if let Some(cap) = self.log_cap
             && self.log.len() > cap * 2
         {
@@ -724,13 +586,7 @@ impl World {
             }
             let (lo, hi) = self.params.net_latency_ms;
             let delay = self.rng.range(lo, hi);
-            self.schedule(
-                delay,
-                Ev::Deliver {
-                    to: t,
-                    msg: msg.clone(),
-                },
-            );
+            self.schedule(delay, Ev::Deliver { to: t, msg: msg.clone() });
         }
     }
 
@@ -744,14 +600,7 @@ impl World {
             Some(StorageFault::Fail) => {
                 let delay = self.rng.range(1, 5);
                 if let Some(input) = failed_result(&a) {
-                    self.schedule(
-                        delay,
-                        Ev::StorageResult {
-                            host: h,
-                            epoch,
-                            input,
-                        },
-                    );
+                    self.schedule(delay, Ev::StorageResult { host: h, epoch, input });
                 }
             }
             Some(StorageFault::Hang) => {
@@ -767,39 +616,19 @@ impl World {
             None => {
                 let (lo, hi) = self.params.storage_latency_ms;
                 let delay = self.rng.range(lo, hi);
-                self.schedule(
-                    delay,
-                    Ev::StorageDo {
-                        host: h,
-                        epoch,
-                        issued,
-                        action: a,
-                    },
-                );
+                self.schedule(delay, Ev::StorageDo { host: h, epoch, issued, action: a });
             }
         }
     }
 
     /// Release storage requests held by a hang or a stall, in issue order.
     pub fn release_held(&mut self, h: HostId) {
-        let held = self
-            .hosts
-            .get_mut(&h)
-            .map(|x| std::mem::take(&mut x.held_ops))
-            .unwrap_or_default();
+        let held = self.hosts.get_mut(&h).map(|x| std::mem::take(&mut x.held_ops)).unwrap_or_default();
         let epoch = self.hosts[&h].daemon_epoch;
         for (issued, a) in held {
             let (lo, hi) = self.params.storage_latency_ms;
             let delay = self.rng.range(lo, hi);
-            self.schedule(
-                delay,
-                Ev::StorageDo {
-                    host: h,
-                    epoch,
-                    issued,
-                    action: a,
-                },
-            );
+            self.schedule(delay, Ev::StorageDo { host: h, epoch, issued, action: a });
         }
     }
 
@@ -840,26 +669,12 @@ impl World {
             }
             Action::ReadStorage { op } => {
                 let snap = StorageSnapshot {
-                    slots: self
-                        .storage
-                        .slots
-                        .iter()
-                        .filter(|(k, _)| **k != h)
-                        .map(|(k, v)| (*k, v.clone()))
-                        .collect(),
+                    slots: self.storage.slots.iter().filter(|(k, _)| **k != h).map(|(k, v)| (*k, v.clone())).collect(),
                     fenced: self.storage.fenced.clone(),
-                    assignments: self
-                        .storage
-                        .assignments
-                        .get(&h)
-                        .cloned()
-                        .unwrap_or_default(),
+                    assignments: self.storage.assignments.get(&h).cloned().unwrap_or_default(),
                     rejected_records: 0,
                 };
-                Some(Input::StorageRead {
-                    op,
-                    result: Ok(snap),
-                })
+                Some(Input::StorageRead { op, result: Ok(snap) })
             }
             Action::ReadLease { op, key } => {
                 let l = self.storage.leases.get(&key).copied().unwrap_or(Lease {
@@ -867,47 +682,26 @@ impl World {
                     generation: 0,
                     reason: LeaseReason::Acquired,
                 });
-                Some(Input::LeaseRead {
-                    op,
-                    key,
-                    result: Ok(l),
-                })
+                Some(Input::LeaseRead { op, key, result: Ok(l) })
             }
-            Action::CasLease {
-                op,
-                key,
-                expect_generation,
-                new,
-            } => {
+            Action::CasLease { op, key, expect_generation, new } => {
                 let cur = self.storage.leases.get(&key).copied().unwrap_or(Lease {
                     owner: None,
                     generation: 0,
                     reason: LeaseReason::Acquired,
                 });
                 if cur.generation != expect_generation {
-                    return Some(Input::LeaseCas {
-                        op,
-                        key,
-                        result: Ok(CasOutcome::Conflict(cur)),
-                    });
+                    return Some(Input::LeaseCas { op, key, result: Ok(CasOutcome::Conflict(cur)) });
                 }
                 self.lease_changed(h, key, cur, new);
                 self.storage.leases.insert(key, new);
-                Some(Input::LeaseCas {
-                    op,
-                    key,
-                    result: Ok(CasOutcome::Done(new)),
-                })
+                Some(Input::LeaseCas { op, key, result: Ok(CasOutcome::Done(new)) })
             }
             Action::WriteFenced { op, record } => {
                 self.storage.fenced.insert(record.host, record);
                 Some(Input::RecordWritten { op, result: Ok(()) })
             }
-            Action::WriteAssignments {
-                op,
-                host,
-                assignments,
-            } => {
+            Action::WriteAssignments { op, host, assignments } => {
                 self.storage.assignments.insert(host, assignments);
                 Some(Input::RecordWritten { op, result: Ok(()) })
             }
@@ -923,68 +717,28 @@ impl World {
         if self.hosts[&h].qemu.contains_key(&d) {
             // Already running here: libvirt says so; treat as started.
             let serial = self.hosts[&h].qemu[&d].serial;
-            self.schedule(
-                1,
-                Ev::QemuStarted {
-                    host: h,
-                    domain: d,
-                    serial,
-                },
-            );
+            self.schedule(1, Ev::QemuStarted { host: h, domain: d, serial });
             return;
         }
         if self.broken_domains.contains(&d) {
-            self.schedule(
-                200,
-                Ev::StartRefused {
-                    host: h,
-                    epoch,
-                    domain: d,
-                    disk_locked: false,
-                },
-            );
+            self.schedule(200, Ev::StartRefused { host: h, epoch, domain: d, disk_locked: false });
             return;
         }
-        let locked = self.params.disk_locks
-            && self
-                .hosts
-                .values()
-                .any(|x| x.id != h && x.powered && x.qemu.contains_key(&d));
+        let locked =
+            self.params.disk_locks && self.hosts.values().any(|x| x.id != h && x.powered && x.qemu.contains_key(&d));
         if locked {
-            self.schedule(
-                50,
-                Ev::StartRefused {
-                    host: h,
-                    epoch,
-                    domain: d,
-                    disk_locked: true,
-                },
-            );
+            self.schedule(50, Ev::StartRefused { host: h, epoch, domain: d, disk_locked: true });
             return;
         }
         self.seq += 1;
         let serial = self.seq;
         if let Some(x) = self.hosts.get_mut(&h) {
-            x.qemu.insert(
-                d,
-                Qemu {
-                    state: QemuState::Starting,
-                    ready_at: u64::MAX,
-                    serial,
-                },
-            );
+            x.qemu.insert(d, Qemu { state: QemuState::Starting, ready_at: u64::MAX, serial });
         }
         self.check_s1(d);
         let (lo, hi) = self.params.start_ms;
         let delay = self.rng.range(lo, hi);
-        self.schedule(
-            delay,
-            Ev::QemuStarted {
-                host: h,
-                domain: d,
-                serial,
-            },
-        );
+        self.schedule(delay, Ev::QemuStarted { host: h, domain: d, serial });
     }
 
     fn qemu_started(&mut self, h: HostId, d: DomainId, serial: u64) {
@@ -998,13 +752,7 @@ impl World {
             q.ready_at = ready_at;
         }
         self.checker.domain_running(self.now, d);
-        self.input(
-            h,
-            Input::Domain {
-                domain: d,
-                event: DomainEvent::Started,
-            },
-        );
+        self.input(h, Input::Domain { domain: d, event: DomainEvent::Started });
     }
 
     /// qemu of `d` on `h` is gone (destroyed, crashed, or host power loss).
@@ -1014,10 +762,7 @@ impl World {
             Some(x.active_fault)
         });
         if let Some(Some((at, class))) = fault {
-            let others_healthy = self
-                .hosts
-                .values()
-                .all(|x| x.id == h || (x.running() && x.node.is_some()));
+            let others_healthy = self.hosts.values().all(|x| x.id == h || (x.running() && x.node.is_some()));
             self.checker.domain_lost(d, at, class, others_healthy);
         }
     }
@@ -1029,16 +774,7 @@ impl World {
         self.checker_on_fence(from, target);
         if self.fence_failing.contains(&(target, agent.clone())) {
             let delay = self.rng.range(500, 1500);
-            self.schedule(
-                delay,
-                Ev::FenceDone {
-                    host: from,
-                    epoch,
-                    op,
-                    target,
-                    outcome: FenceOutcome::Failed,
-                },
-            );
+            self.schedule(delay, Ev::FenceDone { host: from, epoch, op, target, outcome: FenceOutcome::Failed });
             return;
         }
         let (lo, hi) = self.params.fence_ms;
@@ -1046,16 +782,7 @@ impl World {
         // The BMC cuts power before the agent's status poll confirms it.
         let cut = delay / 2;
         self.schedule(cut, Ev::FencePowerOff { target });
-        self.schedule(
-            delay,
-            Ev::FenceDone {
-                host: from,
-                epoch,
-                op,
-                target,
-                outcome: FenceOutcome::Confirmed,
-            },
-        );
+        self.schedule(delay, Ev::FenceDone { host: from, epoch, op, target, outcome: FenceOutcome::Confirmed });
         if let Some((lo, hi)) = self.params.repair_after_ms {
             let back = self.rng.range(lo, hi);
             self.schedule(back, Ev::PowerOn { host: target });
@@ -1128,11 +855,7 @@ impl World {
             }
             host.daemon_epoch += 1;
             host.daemon_started_at = self.now;
-            (
-                host.boot,
-                host.daemon_epoch,
-                host.qemu.keys().copied().collect::<Vec<_>>(),
-            )
+            (host.boot, host.daemon_epoch, host.qemu.keys().copied().collect::<Vec<_>>())
         };
         let incarnation = self.rng.next_u64();
         let cfg = NodeConfig {
@@ -1233,25 +956,11 @@ fn failed_result(a: &Action) -> Option<Input> {
     let e = Err(StorageError::Io);
     Some(match a {
         Action::WriteSlot { op, .. } => Input::SlotWritten { op: *op, result: e },
-        Action::ReadStorage { op } => Input::StorageRead {
-            op: *op,
-            result: Err(StorageError::Io),
-        },
-        Action::ReadLease { op, key } => Input::LeaseRead {
-            op: *op,
-            key: *key,
-            result: Err(StorageError::Io),
-        },
-        Action::CasLease { op, key, .. } => Input::LeaseCas {
-            op: *op,
-            key: *key,
-            result: Err(StorageError::Io),
-        },
+        Action::ReadStorage { op } => Input::StorageRead { op: *op, result: Err(StorageError::Io) },
+        Action::ReadLease { op, key } => Input::LeaseRead { op: *op, key: *key, result: Err(StorageError::Io) },
+        Action::CasLease { op, key, .. } => Input::LeaseCas { op: *op, key: *key, result: Err(StorageError::Io) },
         Action::WriteFenced { op, .. } | Action::WriteAssignments { op, .. } => {
-            Input::RecordWritten {
-                op: *op,
-                result: Err(StorageError::Io),
-            }
+            Input::RecordWritten { op: *op, result: Err(StorageError::Io) }
         }
         _ => return None,
     })
