@@ -257,10 +257,12 @@ impl World {
 
     fn track_faults(&mut self) {
         let t = self.spec.timings;
-        // A self-fence comes at the earliest renew_timeout after the start of
-        // the last good write, which is at most one interval (plus latency)
-        // before storage went away.
-        let storage_justifies = t.renew_timeout.as_millis().saturating_sub(t.storage_write_interval.as_millis() + 200);
+        // A self-fence comes renew_timeout after the start of the last good
+        // write, which is up to one interval before storage went away; the
+        // first write after it came back starts up to one interval later.
+        // An outage longer than renew - 2 intervals (minus latency) may
+        // therefore end in a self-fence; shorter stalls must not (L2).
+        let storage_justifies = t.renew_timeout.as_millis().saturating_sub(2 * t.storage_write_interval.as_millis() + 200);
         let stalled = self.storage.stall_until > self.now;
         let all_lost = self.partitions.is_empty()
             && self.one_way.is_empty()
