@@ -400,27 +400,31 @@ impl Node {
             return;
         };
         self.finish_op(now, op);
-        if result.is_ok() {
-            if now.since(p.issued) > self.t.storage_write_interval {
-                // A slow write proves little about now (S4 counts from its
-                // start): write again at once instead of next interval.
-                self.next_slot_write = now;
-            }
-            let was_lost = !self.storage_healthy(now) && self.last_good_write.is_some();
-            if self.last_good_write.is_none_or(|l| l < p.issued) {
-                self.last_good_write = Some(p.issued);
-            }
-            if was_lost && self.storage_healthy(now) {
-                self.emit(now, "node", "storage heartbeat writes work again".into());
-            }
-            if let SelfFence::Fenced { since } = self.self_fence
-                && p.issued >= since
-            {
-                // A slot built after the fence, with its released leases,
-                // is on storage: the host may take assignments again.
-                self.self_fence = SelfFence::Healthy;
-                self.emit(now, "node", "self-fence over: released leases published".into());
-            }
+        if result.is_err() {
+            // Retry soon: the sooner a write lands after an outage, the
+            // fewer outages shorter than renew_timeout end in a self-fence.
+            self.next_slot_write = self.next_slot_write.min(now + TICK);
+            return;
+        }
+        if now.since(p.issued) > self.t.storage_write_interval {
+            // A slow write proves little about now (S4 counts from its
+            // start): write again at once instead of next interval.
+            self.next_slot_write = now;
+        }
+        let was_lost = !self.storage_healthy(now) && self.last_good_write.is_some();
+        if self.last_good_write.is_none_or(|l| l < p.issued) {
+            self.last_good_write = Some(p.issued);
+        }
+        if was_lost && self.storage_healthy(now) {
+            self.emit(now, "node", "storage heartbeat writes work again".into());
+        }
+        if let SelfFence::Fenced { since } = self.self_fence
+            && p.issued >= since
+        {
+            // A slot built after the fence, with its released leases,
+            // is on storage: the host may take assignments again.
+            self.self_fence = SelfFence::Healthy;
+            self.emit(now, "node", "self-fence over: released leases published".into());
         }
     }
 

@@ -258,11 +258,14 @@ impl World {
     fn track_faults(&mut self) {
         let t = self.spec.timings;
         // A self-fence comes renew_timeout after the start of the last good
-        // write, which is up to one interval before storage went away; the
-        // first write after it came back starts up to one interval later.
-        // An outage longer than renew - 2 intervals (minus latency) may
-        // therefore end in a self-fence; shorter stalls must not (L2).
-        let storage_justifies = t.renew_timeout.as_millis().saturating_sub(2 * t.storage_write_interval.as_millis() + 200);
+        // write, which is up to one interval before storage went away; a
+        // failed write is retried within a tick. An outage longer than
+        // renew - interval - tick (minus latency) may therefore end in a
+        // self-fence; shorter stalls must not (L2).
+        let storage_justifies = t
+            .renew_timeout
+            .as_millis()
+            .saturating_sub(t.storage_write_interval.as_millis() + crate::engine::node::TICK.as_millis() + 200);
         let stalled = self.storage.stall_until > self.now;
         let all_lost = self.partitions.is_empty()
             && self.one_way.is_empty()
