@@ -390,7 +390,12 @@ impl Node {
         let Some(peer) = self.peers.get_mut(&hb.host) else {
             return;
         };
+        let news = peer.heartbeat.as_ref().is_none_or(|old| old.released != hb.released) && !hb.released.is_empty();
         peer.observe_heartbeat(now, hb);
+        if news {
+            // A release over the network (S3(c)): place it now.
+            self.master_round(now);
+        }
     }
 
     fn handle_slot_written(&mut self, now: Instant, op: OpId, result: Result<(), StorageError>) {
@@ -670,7 +675,7 @@ impl Node {
             LocalState::Stopping { then, .. } => {
                 self.local.remove(&d);
                 if let (AfterStop::Release { failed_start }, Some(g)) = (then, local.generation) {
-                    self.released.insert(d, (g, failed_start, now));
+                    self.release(now, d, g, failed_start);
                     if self.self_fence == SelfFence::Healthy {
                         self.emit(now, "node", format!("{} stopped; lease released", self.domain_name(d)));
                     }
@@ -692,7 +697,7 @@ impl Node {
                     );
                     self.local.remove(&d);
                     if let Some(g) = local.generation {
-                        self.released.insert(d, (g, true, now));
+                        self.release(now, d, g, true);
                     }
                     return;
                 }
@@ -728,8 +733,15 @@ impl Node {
         self.emit(now, "node", format!("start of {} failed; lease released", self.domain_name(d)));
         self.local.remove(&d);
         if let Some(g) = local.generation {
-            self.released.insert(d, (g, true, now));
+            self.release(now, d, g, true);
         }
+    }
+
+    /// Publish a release at once: the next heartbeat carries it (S3(c)), so
+    /// the master need not wait a heartbeat interval to move the domain.
+    fn release(&mut self, now: Instant, d: DomainId, generation: u64, failed_start: bool) {
+        self.released.insert(d, (generation, failed_start, now));
+        self.next_hb = now;
     }
 
     pub(super) fn backoff(&self, attempt: u32) -> Duration {
@@ -946,7 +958,7 @@ impl Node {
                 // the lease is ours at a newer generation and stays so).
                 self.local.remove(&d);
                 if let Some(g) = g {
-                    self.released.insert(d, (g, false, now));
+                    self.release(now, d, g, false);
                 }
             }
             Some(_) => {
