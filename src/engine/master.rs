@@ -15,6 +15,8 @@ use std::collections::{BTreeMap, BTreeSet};
 pub const MAX_LOAD_INFLIGHT: usize = 64;
 /// Rounds over a host's fence chain before waiting for S3(b) or the operator.
 pub const MAX_FENCE_ROUNDS: u32 = 10;
+/// How often the master recomputes the admission-control figure.
+pub const TOLERANCE_INTERVAL: Duration = Duration::from_secs(30);
 /// A free master lease is taken by the lowest live host at once, by the
 /// others after this much more (in case the lowest cannot).
 pub const MASTER_TAKE_DELAY_PER_RANK: Duration = Duration::from_secs(2);
@@ -45,6 +47,8 @@ pub struct Master {
     given_up: BTreeSet<DomainId>,
     written: BTreeMap<HostId, Assignments>,
     waiting_logged: BTreeSet<DomainId>,
+    next_tolerance: Instant,
+    tolerance: Option<planner::Tolerance>,
 }
 
 impl Master {
@@ -184,6 +188,8 @@ impl Node {
             given_up: BTreeSet::new(),
             written: BTreeMap::new(),
             waiting_logged: BTreeSet::new(),
+            next_tolerance: now,
+            tolerance: None,
         });
         self.master_load(now);
     }
@@ -540,8 +546,39 @@ impl Node {
         self.follow_reported_generations();
         self.track_starting(now, &reports);
         let orphans = self.find_orphans(now, &reports);
+        let calm = orphans.is_empty();
         self.place(now, orphans, &reports);
         self.write_assignments(now, &reports);
+        if calm {
+            self.admission_figure(now, &reports);
+        }
+    }
+
+    /// Admission control (DESIGN.md §6): how many host and fault-domain
+    /// failures the live hosts can absorb with what runs now. Logged when it
+    /// changes, recomputed every TOLERANCE_INTERVAL while nothing is orphaned.
+    fn admission_figure(&mut self, now: Instant, reports: &BTreeMap<DomainId, (HostId, DomainReport)>) {
+        if self.master.as_ref().is_none_or(|m| now < m.next_tolerance) {
+            return;
+        }
+        let rooms: BTreeSet<HostId> = self.host_rooms(now, reports).iter().map(|r| r.id).collect();
+        let mut live = (*self.cfg.spec).clone();
+        live.hosts.retain(|h| rooms.contains(&h.id));
+        let Some(m) = self.master.as_mut() else { return };
+        let mut placement: BTreeMap<DomainId, HostId> = reports.iter().map(|(d, (h, _))| (*d, *h)).collect();
+        placement.extend(m.starting.iter().map(|(d, s)| (*d, s.host)));
+        let t = planner::tolerance(&live, &placement);
+        m.next_tolerance = now + TOLERANCE_INTERVAL;
+        if m.tolerance != Some(t) {
+            m.tolerance = Some(t);
+            let text = format!(
+                "cluster tolerates {} host failure(s), {} fault-domain failure(s) ({} live hosts)",
+                t.host_failures,
+                t.fault_domain_failures,
+                live.hosts.len()
+            );
+            self.emit(now, "master", text);
+        }
     }
 
     /// Where each domain is reported to run, from every current slot and
