@@ -133,6 +133,10 @@ impl World {
         recent(self.checker.last_fault.get(&h)) || d.is_some_and(|d| recent(self.checker.domain_fault.get(&d)))
     }
 
+    pub fn livelock(&mut self) {
+        self.violation("LIVELOCK", format!("more than {} events at one instant", super::world::MAX_EVENTS_PER_INSTANT));
+    }
+
     /// S1: at no instant do two hosts run the same protected domain.
     pub fn check_s1(&mut self, d: DomainId) {
         let holders: Vec<HostId> =

@@ -1,6 +1,6 @@
 //! Applying faults and operator commands to the simulated world.
 
-use super::faults::{Command, StorageFault};
+use super::faults::{AgentMode, Command, StorageFault};
 use super::world::{Ev, World};
 use crate::engine::config::HostId;
 use crate::engine::io::{Input, OperatorCommand};
@@ -81,11 +81,11 @@ impl World {
                 self.start_daemon(h);
                 self.clear_fault_later(h);
             }
-            Command::FenceAgentFails { target, agent, fails } => {
-                if fails {
-                    self.fence_failing.insert((target, agent));
+            Command::FenceAgent { target, agent, mode } => {
+                if mode == AgentMode::Works {
+                    self.fence_agents.remove(&(target, agent));
                 } else {
-                    self.fence_failing.remove(&(target, agent));
+                    self.fence_agents.insert((target, agent), mode);
                 }
             }
             Command::DomainCrash(d) => {
@@ -124,7 +124,7 @@ impl World {
     /// else by host_dead_timeout (watchdog) or the operator.
     fn power_loss_class(&self, h: HostId) -> &'static str {
         let agents = self.spec.host(h).map(|s| s.fence_agents.clone()).unwrap_or_default();
-        if agents.iter().any(|a| !self.fence_failing.contains(&(h, a.clone()))) {
+        if agents.iter().any(|a| !self.fence_agents.contains_key(&(h, a.clone()))) {
             "fenced_power_loss"
         } else {
             "watchdog_power_loss"
@@ -142,7 +142,7 @@ fn is_fault(c: &Command) -> bool {
             | Command::StorageRestore(_)
             | Command::Resume(_)
             | Command::DaemonStart(_)
-            | Command::FenceAgentFails { fails: false, .. }
+            | Command::FenceAgent { mode: AgentMode::Works, .. }
             | Command::DomainBroken { broken: false, .. }
             | Command::OperatorFenceConfirm(_)
     )
@@ -168,9 +168,7 @@ fn describe(c: &Command, w: &World) -> String {
         Command::Resume(h) => format!("resume {h}"),
         Command::DaemonCrash(h) => format!("daemon crash on {h}"),
         Command::DaemonStart(h) => format!("daemon start on {h}"),
-        Command::FenceAgentFails { target, agent, fails } => {
-            format!("fence agent {agent} for {target} {}", if *fails { "fails" } else { "works" })
-        }
+        Command::FenceAgent { target, agent, mode } => format!("fence agent {agent} for {target}: {mode:?}"),
         Command::DomainCrash(d) => format!("domain {} crashes", w.spec.domain_name(*d)),
         Command::DomainBroken { domain, broken } => {
             format!("domain {} {}", w.spec.domain_name(*domain), if *broken { "broken" } else { "fixed" })

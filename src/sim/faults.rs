@@ -4,6 +4,16 @@
 use crate::engine::config::{DomainId, HostId};
 use serde::{Deserialize, Serialize};
 
+/// How a fence agent behaves against one target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentMode {
+    Works,
+    /// Answers "failed" after a second or so (BMC unreachable, bad password).
+    Fails,
+    /// Never answers: the engine's fence_timeout must end the attempt.
+    Hangs,
+}
+
 /// How a host's storage misbehaves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StorageFault {
@@ -49,11 +59,11 @@ pub enum Command {
     /// The havirt daemon dies; qemu keeps running; the watchdog keeps counting.
     DaemonCrash(HostId),
     DaemonStart(HostId),
-    /// The fence agent `agent` fails (or works again) against `target`.
-    FenceAgentFails {
+    /// The fence agent `agent` against `target` works, fails, or hangs.
+    FenceAgent {
         target: HostId,
         agent: String,
-        fails: bool,
+        mode: AgentMode,
     },
     /// qemu of this domain dies wherever it runs.
     DomainCrash(DomainId),

@@ -3,7 +3,7 @@
 //! to survive are injected; the last minutes heal everything and the run must
 //! converge (L1) with S1-S5 and L2 holding throughout.
 
-use super::faults::{Command, StorageFault};
+use super::faults::{AgentMode, Command, StorageFault};
 use super::world::WorldParams;
 use super::{RunOutcome, SimSetup, run_commands};
 use crate::engine::config::*;
@@ -115,6 +115,7 @@ pub fn random_params(seed: u64) -> WorldParams {
     WorldParams {
         net_latency_ms: (1, rng.range(2, 10)),
         storage_latency_ms: (1, slow_storage),
+        storage_host_skew_ms: rng.range(0, 30),
         start_ms: (300, rng.range(400, 900)),
         fence_ms: (200, rng.range(300, 900)),
         repair_after_ms: Some((60_000, 150_000)),
@@ -181,8 +182,9 @@ pub fn random_faults(seed: u64, o: &RandomOptions, setup: &SimSetup) -> Vec<(u64
             }
             10 => {
                 for agent in setup.spec.host(h).map(|s| s.fence_agents.clone()).unwrap_or_default() {
-                    out.push((t, Command::FenceAgentFails { target: h, agent: agent.clone(), fails: true }));
-                    out.push((end, Command::FenceAgentFails { target: h, agent, fails: false }));
+                    let mode = if rng.chance(30) { AgentMode::Hangs } else { AgentMode::Fails };
+                    out.push((t, Command::FenceAgent { target: h, agent: agent.clone(), mode }));
+                    out.push((end, Command::FenceAgent { target: h, agent, mode: AgentMode::Works }));
                 }
                 out.push((t + 1000, Command::PowerOff(h)));
                 out.push((t + rng.range(60_000, 150_000), Command::PowerOn(h)));
@@ -219,7 +221,7 @@ fn heal(out: &mut Vec<(u64, Command)>, at: u64, hosts: &[HostId], setup: &SimSet
         out.push((at, Command::PowerOn(*h)));
         out.push((at + 10_000, Command::DaemonStart(*h)));
         for agent in setup.spec.host(*h).map(|s| s.fence_agents.clone()).unwrap_or_default() {
-            out.push((at, Command::FenceAgentFails { target: *h, agent, fails: false }));
+            out.push((at, Command::FenceAgent { target: *h, agent, mode: AgentMode::Works }));
         }
     }
 }

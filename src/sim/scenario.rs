@@ -30,6 +30,7 @@
 //! daemon crash H
 //! daemon start H
 //! fence fail H AGENT            the agent (named in H's `fence`) fails
+//! fence hang H AGENT            the agent never answers (fence_timeout)
 //! fence ok H AGENT
 //! domain crash D                its qemu dies wherever it runs
 //! domain break D                every start of D fails from now on
@@ -39,7 +40,7 @@
 //! ```
 
 use super::SimSetup;
-use super::faults::{Command, StorageFault};
+use super::faults::{AgentMode, Command, StorageFault};
 use crate::engine::config::{
     ClusterSpec, DomainId, DomainPolicy, DomainSpec, HostId, HostSpec, IsolationResponse, Priority, Profile, Readiness,
 };
@@ -630,11 +631,12 @@ impl Line<'_> {
     }
 
     fn fence(&self, args: &[&str]) -> Result<Command, ScenarioError> {
-        const EXPECTED: &str = "'fail HOST AGENT' or 'ok HOST AGENT'";
+        const EXPECTED: &str = "'fail HOST AGENT', 'hang HOST AGENT' or 'ok HOST AGENT'";
         let [verb, h, agent] = self.args::<3>("fence", EXPECTED, args)?;
-        let fails = match verb {
-            "fail" => true,
-            "ok" => false,
+        let mode = match verb {
+            "fail" => AgentMode::Fails,
+            "hang" => AgentMode::Hangs,
+            "ok" => AgentMode::Works,
             _ => return Err(self.bad_args("fence", EXPECTED, args)),
         };
         let target = self.host(h)?;
@@ -649,7 +651,7 @@ impl Line<'_> {
                 known,
             });
         }
-        Ok(Command::FenceAgentFails { target, agent: agent.to_string(), fails })
+        Ok(Command::FenceAgent { target, agent: agent.to_string(), mode })
     }
 
     fn domain_command(&self, args: &[&str]) -> Result<Command, ScenarioError> {
@@ -809,8 +811,8 @@ max_restarts = 2
             (8000, C::Resume(h2)),
             (9000, C::DaemonCrash(h2)),
             (9000, C::DaemonStart(h2)),
-            (10_000, C::FenceAgentFails { target: h2, agent: "pdu".into(), fails: true }),
-            (10_000, C::FenceAgentFails { target: h2, agent: "pdu".into(), fails: false }),
+            (10_000, C::FenceAgent { target: h2, agent: "pdu".into(), mode: AgentMode::Fails }),
+            (10_000, C::FenceAgent { target: h2, agent: "pdu".into(), mode: AgentMode::Works }),
             (11_000, C::DomainCrash(DomainId(1))),
             (11_000, C::DomainBroken { domain: DomainId(2), broken: true }),
             (11_000, C::DomainBroken { domain: DomainId(2), broken: false }),

@@ -5,7 +5,7 @@
 
 use super::SimSetup;
 use super::checker::Checker;
-use super::faults::{Command, StorageFault};
+use super::faults::{AgentMode, Command, StorageFault};
 use crate::engine::config::{ClusterSpec, DomainId, HostId};
 use crate::engine::io::*;
 use crate::engine::node::{Node, NodeConfig};
@@ -19,6 +19,9 @@ use std::sync::Arc;
 pub struct WorldParams {
     pub net_latency_ms: (u64, u64),
     pub storage_latency_ms: (u64, u64),
+    /// Each host's storage path is slower by up to this much (its own
+    /// distance to the NFS server), drawn per host.
+    pub storage_host_skew_ms: u64,
     pub start_ms: (u64, u64),
     pub destroy_ms: (u64, u64),
     pub guest_shutdown_ms: (u64, u64),
@@ -42,6 +45,7 @@ impl Default for WorldParams {
         WorldParams {
             net_latency_ms: (1, 3),
             storage_latency_ms: (1, 8),
+            storage_host_skew_ms: 0,
             start_ms: (350, 550),
             destroy_ms: (100, 300),
             guest_shutdown_ms: (2000, 8000),
@@ -86,6 +90,8 @@ pub struct SimHost {
     /// Virtual time at which the watchdog resets the host, once armed.
     pub watchdog_deadline: Option<u64>,
     pub storage_fault: Option<StorageFault>,
+    /// Extra latency of this host's storage path.
+    pub storage_skew_ms: u64,
     /// Storage requests blocked by a hang or a stall.
     pub held_ops: Vec<(u64, Action)>,
     /// Events that reached the host while it was paused.
@@ -204,7 +210,8 @@ pub struct World {
     pub partitions: Vec<Vec<HostId>>,
     pub one_way: BTreeSet<(HostId, HostId)>,
     pub loss_percent: u8,
-    pub fence_failing: BTreeSet<(HostId, String)>,
+    /// Fence agents that do not work against a target, and how.
+    pub fence_agents: BTreeMap<(HostId, String), AgentMode>,
     pub broken_domains: BTreeSet<DomainId>,
     pub log: Vec<String>,
     /// Keep only about this many log lines (random runs); None keeps all.
@@ -213,6 +220,8 @@ pub struct World {
     pub events_processed: u64,
 }
 
+/// Events at one virtual instant before the run counts as a livelock.
+pub const MAX_EVENTS_PER_INSTANT: u64 = 100_000;
 /// A host reset by its watchdog is back (booting) after this long.
 pub const WATCHDOG_REBOOT_MS: u64 = 30_000;
 /// Period of the ground-truth invariant checks.
@@ -226,6 +235,7 @@ impl World {
         for hs in &spec.hosts {
             let boot = rng.next_u64() >> 16;
             let clock_offset = rng.range(1_000_000, 1_000_000_000);
+            let storage_skew_ms = rng.range(0, params.storage_host_skew_ms);
             hosts.insert(
                 hs.id,
                 SimHost {
@@ -240,6 +250,7 @@ impl World {
                     qemu: BTreeMap::new(),
                     watchdog_deadline: None,
                     storage_fault: None,
+                    storage_skew_ms,
                     held_ops: Vec::new(),
                     held_events: Vec::new(),
                     isolated: false,
@@ -265,7 +276,7 @@ impl World {
             partitions: Vec::new(),
             one_way: BTreeSet::new(),
             loss_percent: 0,
-            fence_failing: BTreeSet::new(),
+            fence_agents: BTreeMap::new(),
             broken_domains: BTreeSet::new(),
             log: Vec::new(),
             log_cap: None,
@@ -327,9 +338,17 @@ impl World {
 
     /// Run every event up to and including `until` (virtual ms).
     pub fn run_until(&mut self, until: u64) {
-        while let Some(Reverse((Key(at, _), idx))) = self.queue.peek().map(|r| Reverse((Key(r.0.0.0, r.0.0.1), r.0.1)))
-        {
+        let mut same_instant = 0u64;
+        while let Some(Reverse((Key(at, _), idx))) = self.queue.peek() {
+            let (at, idx) = (*at, *idx);
             if at > until {
+                break;
+            }
+            same_instant = if at == self.now { same_instant + 1 } else { 0 };
+            if same_instant > MAX_EVENTS_PER_INSTANT {
+                // Time must move: an engine that keeps asking for work at
+                // the same instant is a livelock.
+                self.livelock();
                 break;
             }
             self.queue.pop();
@@ -614,11 +633,15 @@ impl World {
                 }
             }
             None => {
-                let (lo, hi) = self.params.storage_latency_ms;
-                let delay = self.rng.range(lo, hi);
+                let delay = self.storage_delay(h);
                 self.schedule(delay, Ev::StorageDo { host: h, epoch, issued, action: a });
             }
         }
+    }
+
+    fn storage_delay(&mut self, h: HostId) -> u64 {
+        let (lo, hi) = self.params.storage_latency_ms;
+        self.rng.range(lo, hi) + self.hosts.get(&h).map_or(0, |x| x.storage_skew_ms)
     }
 
     /// Release storage requests held by a hang or a stall, in issue order.
@@ -626,8 +649,7 @@ impl World {
         let held = self.hosts.get_mut(&h).map(|x| std::mem::take(&mut x.held_ops)).unwrap_or_default();
         let epoch = self.hosts[&h].daemon_epoch;
         for (issued, a) in held {
-            let (lo, hi) = self.params.storage_latency_ms;
-            let delay = self.rng.range(lo, hi);
+            let delay = self.storage_delay(h);
             self.schedule(delay, Ev::StorageDo { host: h, epoch, issued, action: a });
         }
     }
@@ -772,10 +794,15 @@ impl World {
     fn fence(&mut self, from: HostId, op: OpId, target: HostId, agent: String) {
         let epoch = self.hosts[&from].daemon_epoch;
         self.checker_on_fence(from, target);
-        if self.fence_failing.contains(&(target, agent.clone())) {
-            let delay = self.rng.range(500, 1500);
-            self.schedule(delay, Ev::FenceDone { host: from, epoch, op, target, outcome: FenceOutcome::Failed });
-            return;
+        match self.fence_agents.get(&(target, agent.clone())) {
+            Some(AgentMode::Fails) => {
+                let delay = self.rng.range(500, 1500);
+                self.schedule(delay, Ev::FenceDone { host: from, epoch, op, target, outcome: FenceOutcome::Failed });
+                return;
+            }
+            // No answer ever: the engine's fence_timeout ends the attempt.
+            Some(AgentMode::Hangs) => return,
+            _ => {}
         }
         let (lo, hi) = self.params.fence_ms;
         let delay = self.rng.range(lo, hi);
