@@ -133,9 +133,11 @@ impl Node {
             Some(o) if o == self.me() => Some(LeaseReason::Renewed),
             Some(o) => self.takeover_reason(now, o, LeaseKey::Master, lease.generation),
         };
-        let Some(reason) = reason else { return };
-        if reason != LeaseReason::Renewed {
-            self.try_take_master(now, lease, reason);
+        let Some(reason) = reason else {
+            self.master_takeable_since = None;
+            return;
+        };
+        if reason != LeaseReason::Renewed && !self.my_turn_for_master(now) {
             return;
         }
         let op = self.new_op(now, OpKind::MasterCas);
@@ -148,25 +150,17 @@ impl Node {
         });
     }
 
-    /// Take a free or dead master's lease: the lowest live host first.
-    fn try_take_master(&mut self, now: Instant, lease: Lease, reason: LeaseReason) {
+    /// A free or dead master's lease goes to the lowest live host first; the
+    /// others wait MASTER_TAKE_DELAY_PER_RANK per lower live host (in case it
+    /// cannot), counted from when they first saw the lease takeable.
+    fn my_turn_for_master(&mut self, now: Instant) -> bool {
         if now.since(self.observing_since) < self.t.suspect_after.max(self.t.storage_silent_after) {
-            // Know who is alive first, so that the lowest live host takes it.
-            return;
+            // Know who is alive first.
+            return false;
         }
-        let rank = self.live_rank(now);
-        let free_for = now.since(self.started);
-        if rank > 0 && free_for < MASTER_TAKE_DELAY_PER_RANK.saturating_mul(rank as u64 + 1) {
-            return;
-        }
-        let op = self.new_op(now, OpKind::MasterCas);
-        let new = Lease { owner: Some(self.me()), generation: lease.generation + 1, reason };
-        self.actions.push_back(Action::CasLease {
-            op,
-            key: LeaseKey::Master,
-            expect_generation: lease.generation,
-            new,
-        });
+        let since = *self.master_takeable_since.get_or_insert(now);
+        let rank = self.live_rank(now) as u64;
+        rank == 0 || now.since(since) >= MASTER_TAKE_DELAY_PER_RANK.saturating_mul(rank)
     }
 
     /// How many live hosts have a lower id than us.
@@ -177,6 +171,7 @@ impl Node {
 
     fn become_master(&mut self, now: Instant, how: &str) {
         self.emit(now, "master", format!("became master ({how})"));
+        self.master_takeable_since = None;
         let load_queue: Vec<DomainId> = self.cfg.spec.domains.keys().rev().copied().collect();
         self.master = Some(Master {
             leases: BTreeMap::new(),

@@ -179,6 +179,8 @@ pub struct Node {
     audit_cursor: Option<DomainId>,
     pub(super) next_master_check: Instant,
     pub(super) master_lease: Option<Lease>,
+    /// When we first saw the master lease free or its owner dead.
+    pub(super) master_takeable_since: Option<Instant>,
     pub(super) master: Option<Master>,
     pub(super) fence_jobs: BTreeMap<HostId, FenceJob>,
     /// Verdicts last logged (by the master).
@@ -223,6 +225,7 @@ impl Node {
             audit_cursor: None,
             next_master_check: now,
             master_lease: None,
+            master_takeable_since: None,
             master: None,
             fence_jobs: BTreeMap::new(),
             verdicts: BTreeMap::new(),
