@@ -187,7 +187,15 @@ impl World {
         }
         let x = &self.hosts[&from.host];
         let same_boot_up = x.powered && x.boot == from.boot;
-        if same_boot_up && x.running() && x.qemu.contains_key(&d) {
+        // S3(b) assumes a watchdog that keeps counting. A VM-style pause
+        // freezes the guest's watchdog too, so a host just resumed from one
+        // may still run qemu when host_dead_timeout frees its leases. Then
+        // only qemu's disk locks keep S1 (checked on every start); without
+        // them this stays an S3 violation (see disk_locks_cover_the_paused_host).
+        let window = self.spec.timings.host_dead_timeout.as_millis() + 1000;
+        let watchdog_was_frozen = x.last_resume.is_some_and(|r| self.now.saturating_sub(r) <= window);
+        let premise_broken = watchdog_was_frozen && self.params.disk_locks;
+        if same_boot_up && x.running() && x.qemu.contains_key(&d) && !premise_broken {
             let detail = format!(
                 "{by} moves the lease of {} from {} ({:?}) while it still runs there",
                 self.spec.domain_name(d),
