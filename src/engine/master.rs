@@ -540,7 +540,7 @@ impl Node {
         let reports = self.domain_reports();
         self.follow_reported_generations();
         self.track_starting(now, &reports);
-        let orphans = self.find_orphans(now, &reports);
+        let orphans = self.find_orphans(now);
         let calm = orphans.is_empty();
         self.place(now, orphans, &reports);
         self.write_assignments(now, &reports);
@@ -653,7 +653,7 @@ impl Node {
         }
     }
 
-    fn find_orphans(&mut self, now: Instant, reports: &BTreeMap<DomainId, (HostId, DomainReport)>) -> Vec<Orphan> {
+    fn find_orphans(&mut self, now: Instant) -> Vec<Orphan> {
         let Some(m) = self.master.as_ref() else {
             return Vec::new();
         };
@@ -666,18 +666,12 @@ impl Node {
             let Some(lease) = m.leases.get(d).copied() else {
                 continue;
             };
-            // A dead owner's slot is stale: its reports do not count.
+            // Judged by the lease alone: a dead owner's slot still lists the
+            // domain as running, so reports do not count here.
             let reason = match lease.owner {
                 None => Some(LeaseReason::Acquired),
                 Some(o) => self.takeover_reason(now, o, LeaseKey::Domain(*d), lease.generation),
             };
-            if reason.is_none()
-                || reports.get(d).is_some_and(|(h, _)| {
-                    lease.owner.is_some_and(|o| o.host == *h) && reason == Some(LeaseReason::Acquired)
-                })
-            {
-                continue;
-            }
             if let Some(reason) = reason {
                 out.push(Orphan { domain: *d, lease, reason });
             }
