@@ -9,3 +9,4 @@ pub mod node;
 pub mod peers;
 pub mod planner;
 pub mod time;
+#[cfg(test)] mod tests;

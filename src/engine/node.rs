@@ -93,10 +93,13 @@ pub struct Local {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SelfFence {
     Healthy,
-    /// S4 triggered: destroying everything; stop petting the watchdog at
-    /// `give_up_at` if qemu still runs.
+    /// S4 triggered at `since`: destroying everything (killing qemu after
+    /// io_timeout). The watchdog is no longer petted, so if qemu cannot be
+    /// confirmed gone the host resets within watchdog_timeout of the last
+    /// pet, which came before renew_timeout ran out: the S3(b) budget is
+    /// renew + watchdog + io + margin (DESIGN.md §1), with nothing else added.
     Fencing {
-        give_up_at: Instant,
+        since: Instant,
     },
     /// Every protected domain confirmed gone and every lease released, since.
     Fenced {
@@ -856,7 +859,7 @@ impl Node {
     fn may_pet(&self, now: Instant) -> bool {
         let runs_domains = !self.local.is_empty();
         match self.self_fence {
-            SelfFence::Fencing { give_up_at } => now < give_up_at,
+            SelfFence::Fencing { .. } => false,
             SelfFence::Fenced { .. } => !runs_domains,
             SelfFence::Healthy => !runs_domains || self.storage_healthy(now) || self.exempt(now),
         }
@@ -923,8 +926,7 @@ impl Node {
                         now.since(anchor)
                     ),
                 );
-                let give_up_at = now + self.t.io_timeout + self.t.io_timeout;
-                self.self_fence = SelfFence::Fencing { give_up_at };
+                self.self_fence = SelfFence::Fencing { since: now };
                 self.release_master(now);
                 if let Some(l) = self.master_lease
                     && l.owner == Some(self.me())
@@ -938,10 +940,10 @@ impl Node {
                 }
                 self.check_fence_done(now);
             }
-            SelfFence::Fencing { give_up_at } => {
-                // may_pet() stops petting from give_up_at: the watchdog resets us.
-                if now >= give_up_at && now < give_up_at + TICK {
-                    self.emit(now, "node", "self-fence: domains still not gone; leaving it to the watchdog".into());
+            SelfFence::Fencing { since } => {
+                let stuck_at = since + self.t.io_timeout + self.t.io_timeout;
+                if now >= stuck_at && now < stuck_at + TICK {
+                    self.emit(now, "node", "self-fence: domains still not gone; the watchdog will reset this host".into());
                 }
             }
             SelfFence::Fenced { .. } => {}

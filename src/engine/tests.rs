@@ -1,0 +1,559 @@
+//! Unit tests of one `Node`, driven directly on a virtual clock in the manner
+//! of quinn-proto's `Pair`: `step()` jumps to the node's next wakeup and
+//! `drive_bounded()` stops after `MAX_STEPS`. The harness plays the rest of
+//! the world with zero latency: storage (a lease table with real
+//! compare-and-swap), two peers (network heartbeats and slots, each
+//! switchable), the hypervisor and the fence agent. `src/sim` is the N-host
+//! version; these tests pin single-node rules of DESIGN.md §1.
+
+use super::config::{ClusterSpec, DomainId, DomainPolicy, DomainSpec, HostId, HostSpec, Profile, S3B_MARGIN, Timings};
+use super::io::*;
+use super::node::{Node, NodeConfig, SelfFence, TICK};
+use super::peers::Verdict;
+use super::time::{Duration, Instant};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// Steps one `drive_bounded` call may take: 60 simulated seconds need about
+/// 1100 (ticks, heartbeats, slot writes and reads), so this only catches a
+/// node that stops moving time forward.
+const MAX_STEPS: usize = 5_000;
+/// Actions one step may produce, answers included: more means the node and
+/// the harness feed each other in a loop.
+const MAX_ACTIONS_PER_STEP: usize = 1_000;
+
+/// The node under test; the lowest id, so it takes a free master lease first.
+const ME: HostId = HostId(1);
+const H2: HostId = HostId(2);
+const H3: HostId = HostId(3);
+/// Leased by ME, H2 and H3 respectively unless a test says otherwise.
+const D1: DomainId = DomainId(1);
+const D2: DomainId = DomainId(2);
+const D3: DomainId = DomainId(3);
+
+fn boot_of(h: HostId) -> BootId {
+    1000 + u64::from(h.0)
+}
+
+fn owner(h: HostId) -> Owner {
+    Owner { host: h, boot: boot_of(h) }
+}
+
+fn lease(h: HostId, generation: u64) -> Lease {
+    Lease { owner: Some(owner(h)), generation, reason: LeaseReason::Acquired }
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn spec() -> ClusterSpec {
+    let hosts = [ME, H2, H3]
+        .into_iter()
+        .map(|id| HostSpec {
+            id,
+            name: id.to_string(),
+            fence_agents: vec!["ipmi".into()],
+            watchdog: true,
+            fault_domain: None,
+            memory_mib: 16_384,
+            vcpus: 8,
+            max_concurrent_starts: 4,
+        })
+        .collect();
+    let domains = [D1, D2, D3]
+        .into_iter()
+        .map(|id| {
+            let name = format!("vm{}", id.0);
+            (id, DomainSpec { id, name, memory_mib: 1024, vcpus: 1, policy: DomainPolicy::default() })
+        })
+        .collect();
+    ClusterSpec {
+        name: "unit".into(),
+        timings: Profile::Default.timings(),
+        hosts,
+        domains,
+        memory_overcommit: 1.0,
+        vcpu_overcommit: 4.0,
+    }
+}
+
+/// A peer as the node sees it: network heartbeats and a storage slot.
+struct FakePeer {
+    /// Sends network heartbeats.
+    net: bool,
+    /// Writes its slot (the seq advances every write interval).
+    storage: bool,
+    /// What its heartbeats say about its own storage.
+    storage_lost: bool,
+    hb_seq: u64,
+    slot: Slot,
+}
+
+struct Harness {
+    node: Node,
+    t: Timings,
+    now: Instant,
+    /// Every storage request of the node succeeds (else: `StorageError::Io`).
+    storage_ok: bool,
+    /// `DestroyDomain` is answered with `DomainEvent::Stopped`.
+    stop_works: bool,
+    /// How `Action::Fence` is answered (None: never).
+    fence_outcome: Option<FenceOutcome>,
+    /// Shared storage: absent keys are free leases at generation 0.
+    leases: BTreeMap<LeaseKey, Lease>,
+    fenced: BTreeMap<HostId, FencedRecord>,
+    my_assignments: Assignments,
+    peers: BTreeMap<HostId, FakePeer>,
+    next_peer_hb: Instant,
+    next_peer_write: Instant,
+    /// Issue time of the node's last slot write answered Ok (the S4 anchor).
+    last_good_write: Option<Instant>,
+    log: Vec<(Instant, Action)>,
+}
+
+impl Harness {
+    /// Three healthy hosts; the master lease belongs to H2 (alive), so ME
+    /// is not master unless a test frees it.
+    fn new() -> Harness {
+        let spec = Arc::new(spec());
+        let t = spec.timings;
+        let cfg = NodeConfig { host: ME, boot: boot_of(ME), incarnation: 1, spec, rng_seed: 7, broken_skip_s3: false };
+        let mut leases = BTreeMap::new();
+        leases.insert(LeaseKey::Master, lease(H2, 1));
+        for (d, h) in [(D1, ME), (D2, H2), (D3, H3)] {
+            leases.insert(LeaseKey::Domain(d), lease(h, 1));
+        }
+        let peers = [H2, H3].into_iter().map(|h| (h, fake_peer(h))).collect();
+        let mut h = Harness {
+            node: Node::new(cfg, Instant::ZERO),
+            t,
+            now: Instant::ZERO,
+            storage_ok: true,
+            stop_works: true,
+            fence_outcome: None,
+            leases,
+            fenced: BTreeMap::new(),
+            my_assignments: Assignments::default(),
+            peers,
+            next_peer_hb: Instant::ZERO,
+            next_peer_write: Instant::ZERO,
+            last_good_write: None,
+            log: Vec::new(),
+        };
+        h.drain();
+        h
+    }
+
+    fn peer(&mut self, h: HostId) -> &mut FakePeer {
+        self.peers.get_mut(&h).expect("a configured peer")
+    }
+
+    fn input(&mut self, input: Input) {
+        self.node.handle_input(self.now, input);
+        self.drain();
+    }
+
+    /// Jump to the node's next wakeup; the peers act first.
+    fn step(&mut self) {
+        self.now = self.node.poll_timeout().max(self.now);
+        self.peers_act();
+        self.node.handle_timeout(self.now);
+        self.drain();
+    }
+
+    fn drive_bounded(&mut self, until: Instant) {
+        let mut steps = 0;
+        while self.now < until {
+            steps += 1;
+            assert!(steps <= MAX_STEPS, "node did not reach {until} in {MAX_STEPS} steps (at {})", self.now);
+            self.step();
+        }
+    }
+
+    /// Execute every action the node asks for, feeding back the answers.
+    fn drain(&mut self) {
+        let mut n = 0;
+        while let Some(a) = self.node.poll_action() {
+            n += 1;
+            assert!(n <= MAX_ACTIONS_PER_STEP, "action loop at {}:\n{}", self.now, self.events());
+            if let Some(answer) = self.answer(&a) {
+                self.node.handle_input(self.now, answer);
+            }
+            self.log.push((self.now, a));
+        }
+    }
+
+    fn answer(&mut self, a: &Action) -> Option<Input> {
+        let ok = self.storage_ok;
+        let fail = StorageError::Io;
+        let input = match a.clone() {
+            Action::WriteSlot { op, .. } => {
+                if ok {
+                    self.last_good_write = Some(self.now);
+                }
+                Input::SlotWritten { op, result: if ok { Ok(()) } else { Err(fail) } }
+            }
+            Action::ReadStorage { op } => {
+                Input::StorageRead { op, result: if ok { Ok(self.snapshot()) } else { Err(fail) } }
+            }
+            Action::ReadLease { op, key } => {
+                Input::LeaseRead { op, key, result: if ok { Ok(self.lease(key)) } else { Err(fail) } }
+            }
+            Action::CasLease { op, key, expect_generation, new } => {
+                let result = if ok { Ok(self.cas(key, expect_generation, new)) } else { Err(fail) };
+                Input::LeaseCas { op, key, result }
+            }
+            Action::WriteFenced { op, record } => {
+                if ok {
+                    self.fenced.insert(record.host, record);
+                }
+                Input::RecordWritten { op, result: if ok { Ok(()) } else { Err(fail) } }
+            }
+            Action::WriteAssignments { op, host, assignments } => {
+                if ok && host == ME {
+                    self.my_assignments = assignments;
+                }
+                Input::RecordWritten { op, result: if ok { Ok(()) } else { Err(fail) } }
+            }
+            Action::StartDomain { domain } => Input::Domain { domain, event: DomainEvent::Started },
+            Action::DestroyDomain { domain, .. } if self.stop_works => {
+                Input::Domain { domain, event: DomainEvent::Stopped }
+            }
+            Action::Fence { op, target, .. } => Input::Fence { op, target, outcome: self.fence_outcome? },
+            Action::ProbeIsolation => Input::IsolationProbe { reachable: true },
+            _ => return None,
+        };
+        Some(input)
+    }
+
+    fn lease(&self, key: LeaseKey) -> Lease {
+        let free = Lease { owner: None, generation: 0, reason: LeaseReason::Acquired };
+        self.leases.get(&key).copied().unwrap_or(free)
+    }
+
+    /// Compare-and-swap as the storage backend does it under its file lock.
+    fn cas(&mut self, key: LeaseKey, expect_generation: u64, new: Lease) -> CasOutcome {
+        let current = self.lease(key);
+        if current.generation != expect_generation {
+            return CasOutcome::Conflict(current);
+        }
+        self.leases.insert(key, new);
+        CasOutcome::Done(new)
+    }
+
+    fn snapshot(&self) -> StorageSnapshot {
+        StorageSnapshot {
+            slots: self.peers.iter().map(|(h, p)| (*h, p.slot.clone())).collect(),
+            fenced: self.fenced.clone(),
+            assignments: self.my_assignments.clone(),
+            rejected_records: 0,
+        }
+    }
+
+    /// Peers write their slots (reporting the domains they own) and send
+    /// heartbeats, each every interval, while they are able to.
+    fn peers_act(&mut self) {
+        if self.now >= self.next_peer_write {
+            self.next_peer_write = self.now + self.t.storage_write_interval;
+            for (h, p) in self.peers.iter_mut().filter(|(_, p)| p.storage) {
+                p.slot.seq += 1;
+                p.slot.domains = self
+                    .leases
+                    .iter()
+                    .filter_map(|(k, l)| match k {
+                        LeaseKey::Domain(d) if l.owner == Some(owner(*h)) => Some((*d, running(l.generation))),
+                        _ => None,
+                    })
+                    .collect();
+            }
+        }
+        if self.now >= self.next_peer_hb {
+            self.next_peer_hb = self.now + self.t.net_heartbeat_interval;
+            let mut hbs = Vec::new();
+            for (h, p) in self.peers.iter_mut().filter(|(_, p)| p.net) {
+                p.hb_seq += 1;
+                hbs.push(peer_heartbeat(*h, p));
+            }
+            for hb in hbs {
+                self.node.handle_input(self.now, Input::Net(NetMessage::Heartbeat(hb)));
+            }
+        }
+    }
+
+    /// When the node asked for each action that matches.
+    fn times(&self, f: impl Fn(&Action) -> bool) -> Vec<Instant> {
+        self.log.iter().filter(|(_, a)| f(a)).map(|(at, _)| *at).collect()
+    }
+
+    fn destroys(&self, d: DomainId) -> Vec<Instant> {
+        self.times(|a| matches!(a, Action::DestroyDomain { domain, .. } if *domain == d))
+    }
+
+    fn pets(&self) -> Vec<Instant> {
+        self.times(|a| matches!(a, Action::PetWatchdog))
+    }
+
+    /// The node's event log, for assertion messages.
+    fn events(&self) -> String {
+        let lines = self.log.iter().filter_map(|(_, a)| match a {
+            Action::Emit(e) => Some(format!("{:>9} {}/{} {}", e.at.to_string(), e.host, e.role, e.text)),
+            _ => None,
+        });
+        lines.collect::<Vec<_>>().join("\n")
+    }
+}
+
+fn fake_peer(h: HostId) -> FakePeer {
+    let slot = Slot {
+        host: h,
+        boot: boot_of(h),
+        incarnation: 1,
+        seq: 0,
+        isolated: false,
+        self_fenced: false,
+        released_master: None,
+        used_memory_mib: 0,
+        used_vcpus: 0,
+        domains: BTreeMap::new(),
+    };
+    FakePeer { net: true, storage: true, storage_lost: false, hb_seq: 0, slot }
+}
+
+fn peer_heartbeat(h: HostId, p: &FakePeer) -> Heartbeat {
+    Heartbeat {
+        host: h,
+        boot: boot_of(h),
+        incarnation: 1,
+        seq: p.hb_seq,
+        storage_lost: p.storage_lost,
+        exempt: p.storage_lost,
+        self_fenced: false,
+        released: Vec::new(),
+    }
+}
+
+fn running(generation: u64) -> DomainReport {
+    DomainReport { state: DomainState::Running, generation }
+}
+
+/// ME runs D1 (adopted at start, lease ours), storage fine for 5 s, then
+/// every storage request fails. Returns the S4 anchor: the start of the
+/// last slot write that succeeded.
+fn run_d1_then_lose_storage(h: &mut Harness) -> Instant {
+    h.input(Input::DomainsAtStart(vec![D1]));
+    h.drive_bounded(Instant(5_000));
+    assert!(h.destroys(D1).is_empty(), "destroyed while storage worked:\n{}", h.events());
+    assert!(h.node.local_domains().contains_key(&D1), "D1 was not adopted:\n{}", h.events());
+    h.storage_ok = false;
+    h.last_good_write.expect("slot writes succeeded during the first 5 s")
+}
+
+/// S4: with every slot write failing, D1 is destroyed no earlier than
+/// renew_timeout after the start of the last good write (so in particular
+/// not at renew_timeout - TICK, nor counted from its completion), and no
+/// later than one tick after it.
+#[test]
+fn s4_destroys_after_renew_timeout_from_last_good_write_start() {
+    let mut h = Harness::new();
+    let anchor = run_d1_then_lose_storage(&mut h);
+    let renew = h.t.renew_timeout;
+    h.drive_bounded(anchor + renew + ms(1_000));
+    let destroys = h.destroys(D1);
+    let first = *destroys.first().unwrap_or_else(|| panic!("no self-fence by renew_timeout + 1 s:\n{}", h.events()));
+    assert!(first >= anchor + renew, "destroyed at {first}, before {anchor} + renew_timeout:\n{}", h.events());
+    assert!(first <= anchor + renew + TICK, "destroyed at {first}, later than renew_timeout + TICK");
+    assert!(!matches!(h.node.self_fence_state(), SelfFence::Healthy));
+}
+
+/// S4 watchdog: pets arrive every heartbeat interval while healthy; once
+/// the self-fence starts and D1 is never confirmed stopped, the node kills
+/// qemu after io_timeout and stops petting by 2 x io_timeout after the
+/// fence, so the watchdog resets the host.
+#[test]
+fn s4_watchdog_stops_being_petted_when_destroy_is_never_confirmed() {
+    let mut h = Harness::new();
+    h.stop_works = false;
+    let anchor = run_d1_then_lose_storage(&mut h);
+    let (io, watchdog) = (h.t.io_timeout, h.t.watchdog_timeout);
+    h.drive_bounded(anchor + h.t.renew_timeout + io + io + watchdog);
+    let pets = h.pets();
+    let healthy: Vec<Instant> = pets.iter().copied().filter(|p| *p <= anchor).collect();
+    assert!(healthy.len() >= 8, "too few pets while healthy: {healthy:?}");
+    for w in healthy.windows(2) {
+        assert!(w[1].since(w[0]) <= h.t.net_heartbeat_interval, "pet gap {w:?} while healthy");
+    }
+    let fence = h.destroys(D1)[0];
+    let kills = h.times(|a| matches!(a, Action::DestroyDomain { domain: D1, kill: true }));
+    assert!(kills.first().is_some_and(|k| *k >= fence + io && *k <= fence + io + TICK), "kill {kills:?}");
+    assert!(pets.iter().all(|p| *p < fence + io + io), "petted at or after fence + 2 io: {pets:?}");
+    assert!(matches!(h.node.self_fence_state(), SelfFence::Fencing { .. }), "{:?}", h.node.self_fence_state());
+}
+
+/// DESIGN.md §1: S3(b) is safe only if the watchdog resets a host that
+/// could not stop its domains within renew_timeout + io_timeout +
+/// watchdog_timeout of its last good write start, which is what
+/// `Timings::validate` checks against host_dead_timeout (with S3B_MARGIN).
+/// Here: the reset (last pet + watchdog_timeout) plus the margin must come
+/// before a taker's S3(b) clock (started no earlier than the anchor) runs out.
+#[test]
+fn s4_watchdog_reset_lands_within_the_s3b_budget() {
+    let mut h = Harness::new();
+    h.stop_works = false;
+    let anchor = run_d1_then_lose_storage(&mut h);
+    h.drive_bounded(anchor + h.t.host_dead_timeout);
+    let last_pet = *h.pets().last().expect("pets");
+    let reset = last_pet + h.t.watchdog_timeout;
+    assert!(
+        reset + S3B_MARGIN <= anchor + h.t.host_dead_timeout,
+        "last pet {last_pet}, reset {reset} + margin {S3B_MARGIN} is past anchor {anchor} + host_dead_timeout"
+    );
+}
+
+/// DESIGN.md §3: when every member lost storage but all still hear each
+/// other, nobody self-fences (and the watchdog keeps being petted); once one
+/// peer reports its storage back, S4 applies within a heartbeat and a tick.
+#[test]
+fn all_hosts_lost_storage_exempts_from_s4_until_one_peer_recovers() {
+    let mut h = Harness::new();
+    let anchor = run_d1_then_lose_storage(&mut h);
+    for p in [H2, H3] {
+        h.peer(p).storage_lost = true;
+        h.peer(p).storage = false;
+    }
+    let recovered_at = anchor + h.t.renew_timeout + ms(10_000);
+    h.drive_bounded(recovered_at);
+    assert!(h.destroys(D1).is_empty(), "self-fenced although every member lost storage:\n{}", h.events());
+    let late_pets = h.pets().into_iter().filter(|p| *p >= anchor + h.t.renew_timeout + TICK).count();
+    assert!(late_pets >= 10, "watchdog not petted during the exemption ({late_pets} pets)");
+    h.peer(H3).storage_lost = false;
+    h.drive_bounded(recovered_at + ms(2_000));
+    let first = *h.destroys(D1).first().unwrap_or_else(|| panic!("no self-fence after H3 recovered:\n{}", h.events()));
+    assert!(first >= recovered_at, "destroyed at {first} before H3 recovered");
+    let promptly = recovered_at + h.t.net_heartbeat_interval + TICK;
+    assert!(first <= promptly, "destroyed at {first}, later than {promptly}");
+}
+
+/// S5 at daemon start: a running domain whose lease names another host (D2)
+/// or another boot of this host (D3) is destroyed as soon as the lease read
+/// answers; the one whose lease is ours (D1) is adopted and left alone.
+#[test]
+fn s5_domains_found_at_start_without_our_lease_are_destroyed() {
+    let mut h = Harness::new();
+    let old_boot = Owner { host: ME, boot: boot_of(ME) - 1 };
+    h.leases
+        .insert(LeaseKey::Domain(D3), Lease { owner: Some(old_boot), generation: 4, reason: LeaseReason::Acquired });
+    h.input(Input::DomainsAtStart(vec![D1, D2, D3]));
+    assert_eq!(h.destroys(D2), vec![Instant::ZERO], "D2 (lease of H2):\n{}", h.events());
+    assert_eq!(h.destroys(D3), vec![Instant::ZERO], "D3 (lease of our old boot):\n{}", h.events());
+    h.drive_bounded(Instant(10_000));
+    assert!(h.destroys(D1).is_empty(), "D1 has our lease:\n{}", h.events());
+    assert!(h.times(|a| matches!(a, Action::StartDomain { .. })).is_empty(), "nothing may start");
+    assert!(h.node.local_domains().contains_key(&D1) && h.node.local_domains().len() == 1);
+}
+
+/// Give ME an assignment of D1 at `generation` once storage is healthy.
+fn assign_d1(h: &mut Harness, generation: u64) {
+    h.drive_bounded(Instant(3_000));
+    h.input(Input::Net(NetMessage::Assign { from: H2, domains: vec![(D1, generation)] }));
+    h.drive_bounded(Instant(30_000));
+}
+
+/// S2: an assignment at generation g leads to our own CAS g -> g + 1 naming
+/// this host and boot, and StartDomain only after that CAS succeeded.
+#[test]
+fn s2_assignment_is_renewed_by_cas_before_the_start() {
+    let mut h = Harness::new();
+    h.leases.insert(LeaseKey::Domain(D1), Lease { reason: LeaseReason::FenceConfirmed, ..lease(ME, 5) });
+    assign_d1(&mut h, 5);
+    let renew = h.log.iter().position(|(_, a)| {
+        matches!(a, Action::CasLease { key: LeaseKey::Domain(D1), expect_generation: 5, new, .. }
+            if new.generation == 6 && new.owner == Some(owner(ME)))
+    });
+    let start = h.log.iter().position(|(_, a)| matches!(a, Action::StartDomain { domain: D1 }));
+    let (Some(renew), Some(start)) = (renew, start) else {
+        panic!("renew {renew:?}, start {start:?}:\n{}", h.events());
+    };
+    assert!(renew < start, "StartDomain before the lease CAS");
+    assert_eq!(h.lease(LeaseKey::Domain(D1)).owner, Some(owner(ME)));
+    assert_eq!(h.times(|a| matches!(a, Action::StartDomain { .. })).len(), 1, "started more than once");
+}
+
+/// S2: if the renew CAS finds the lease moved on to another host, the
+/// domain is never started here.
+#[test]
+fn s2_assignment_whose_cas_conflicts_is_never_started() {
+    let mut h = Harness::new();
+    h.leases.insert(LeaseKey::Domain(D1), lease(H3, 6));
+    assign_d1(&mut h, 5);
+    let cas = h.times(|a| matches!(a, Action::CasLease { key: LeaseKey::Domain(D1), expect_generation: 5, .. }));
+    assert_eq!(cas.len(), 1, "expected one renew attempt:\n{}", h.events());
+    assert!(h.times(|a| matches!(a, Action::StartDomain { .. })).is_empty(), "started:\n{}", h.events());
+    assert_eq!(h.lease(LeaseKey::Domain(D1)), lease(H3, 6), "lease changed");
+    assert!(h.node.local_domains().is_empty());
+}
+
+/// ME becomes master (free master lease), runs D1; H2 owns D2 and is
+/// silent on the network from the start while its slot keeps advancing.
+/// `prepare` adjusts the world before the node starts acting.
+fn master_with_partitioned_h2(prepare: impl FnOnce(&mut Harness)) -> Harness {
+    let mut h = Harness::new();
+    h.leases.remove(&LeaseKey::Master);
+    h.fence_outcome = Some(FenceOutcome::Confirmed);
+    h.peer(H2).net = false;
+    prepare(&mut h);
+    h.input(Input::DomainsAtStart(vec![D1]));
+    h.drive_bounded(Instant(5_000));
+    assert!(h.node.is_master(), "ME did not become master:\n{}", h.events());
+    h
+}
+
+fn fences(h: &Harness, target: HostId) -> Vec<Instant> {
+    h.times(|a| matches!(a, Action::Fence { target: t, .. } if *t == target))
+}
+
+/// L2: a peer silent on the network but alive on storage is never fenced
+/// by the master; a peer silent on both (H3 from 20 s) is fenced once it
+/// has been silent for suspect_after, not before.
+#[test]
+fn l2_master_fences_the_silent_host_never_the_partitioned_one() {
+    let mut h = master_with_partitioned_h2(|_| {});
+    let dies_at = Instant(20_000);
+    h.drive_bounded(dies_at);
+    assert!(fences(&h, H3).is_empty(), "H3 fenced while alive:\n{}", h.events());
+    h.peer(H3).net = false;
+    h.peer(H3).storage = false;
+    h.drive_bounded(Instant(60_000));
+    assert!(h.node.is_master(), "lost the master role:\n{}", h.events());
+    assert!(fences(&h, H2).is_empty(), "partitioned H2 fenced:\n{}", h.events());
+    assert_eq!(h.node.verdicts.get(&H2), Some(&Verdict::Partitioned), "H2 not seen as partitioned");
+    let f = fences(&h, H3);
+    let first = *f.first().unwrap_or_else(|| panic!("silent H3 never fenced:\n{}", h.events()));
+    let silent = h.t.suspect_after.max(h.t.storage_silent_after);
+    assert!(first >= dies_at + silent, "H3 fenced at {first}, before {silent} of silence");
+    assert!(first <= dies_at + silent + ms(1_000), "H3 fenced late, at {first}");
+}
+
+/// S3: over 60 s the master never moves the lease of D2 away from H2, which
+/// is only partitioned (net silent, slot advancing). Control: the lease of
+/// D3, whose owner H3 is dead from the start and fenced, does move.
+#[test]
+fn s3_master_never_takes_a_lease_from_a_partitioned_host() {
+    let mut h = master_with_partitioned_h2(|h| {
+        let h3 = h.peer(H3);
+        h3.net = false;
+        h3.storage = false;
+        h3.slot.domains.insert(D3, running(1));
+    });
+    h.drive_bounded(Instant(60_000));
+    assert!(h.node.is_master(), "ME is not master:\n{}", h.events());
+    let moved_d2 = h.times(|a| matches!(a, Action::CasLease { key: LeaseKey::Domain(D2), .. }));
+    assert!(moved_d2.is_empty(), "CAS on partitioned H2's lease at {moved_d2:?}:\n{}", h.events());
+    assert_eq!(h.lease(LeaseKey::Domain(D2)), lease(H2, 1));
+    let took_d3 = h.times(|a| {
+        matches!(a, Action::CasLease { key: LeaseKey::Domain(D3), expect_generation: 1, new, .. }
+            if new.reason == LeaseReason::FenceConfirmed && new.owner.is_some_and(|o| o.host != H3))
+    });
+    assert_eq!(took_d3.len(), 1, "dead, fenced H3's lease not moved once:\n{}", h.events());
+    assert!(h.lease(LeaseKey::Domain(D3)).owner.is_some_and(|o| o.host != H3));
+}
