@@ -8,5 +8,6 @@ pub mod master;
 pub mod node;
 pub mod peers;
 pub mod planner;
+#[cfg(test)]
+mod tests;
 pub mod time;
-#[cfg(test)] mod tests;

@@ -31,8 +31,12 @@ pub const AUDIT_INTERVAL: Duration = Duration::from_secs(1);
 /// A gap this long between two `handle_timeout` calls means the host or
 /// the daemon was frozen: what it heard before is stale.
 pub const FROZEN_GAP: Duration = Duration::from_secs(1);
-/// Released leases listed in one network heartbeat (keeps it one packet).
-pub const MAX_RELEASED_PER_HEARTBEAT: usize = 64;
+/// Released leases listed in one network heartbeat: it must fit one UDP
+/// packet (net::wire allows 10 at most). The newest go in every heartbeat,
+/// the others take turns, so a burst of releases all get out.
+pub const MAX_RELEASED_PER_HEARTBEAT: usize = 10;
+/// Of those, how many are always the newest.
+pub const NEWEST_RELEASED_PER_HEARTBEAT: usize = 5;
 /// How often readiness conditions of running domains are probed.
 pub const READINESS_POLL: Duration = Duration::from_secs(1);
 /// How often a non-master reads the master lease.
@@ -396,9 +400,7 @@ impl Node {
         let Some(peer) = self.peers.get_mut(&hb.host) else {
             return;
         };
-        let news = peer.heartbeat.as_ref().is_none_or(|old| old.released != hb.released) && !hb.released.is_empty();
-        peer.observe_heartbeat(now, hb);
-        if news {
+        if peer.observe_heartbeat(now, hb) == Some(true) {
             // A release over the network (S3(c)): place it now.
             self.master_round(now);
         }
@@ -846,13 +848,19 @@ impl Node {
             })
             .collect();
         v.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.key.cmp(&b.1.key)));
-        let mut out: Vec<Release> = Vec::new();
+        let mut all: Vec<Release> = Vec::new();
         if let Some(g) = self.released_master {
-            out.push(Release { key: LeaseKey::Master, generation: g, failed_start: false });
+            all.push(Release { key: LeaseKey::Master, generation: g, failed_start: false });
         }
-        out.extend(v.into_iter().map(|(_, r)| r));
-        out.truncate(MAX_RELEASED_PER_HEARTBEAT);
-        out
+        all.extend(v.into_iter().map(|(_, r)| r));
+        if all.len() <= MAX_RELEASED_PER_HEARTBEAT {
+            return all;
+        }
+        let older = all.split_off(NEWEST_RELEASED_PER_HEARTBEAT);
+        let turn = MAX_RELEASED_PER_HEARTBEAT - NEWEST_RELEASED_PER_HEARTBEAT;
+        let start = usize::try_from(self.hb_seq).unwrap_or(0).wrapping_mul(turn) % older.len();
+        all.extend(older.iter().cycle().skip(start).take(turn.min(older.len())).copied());
+        all
     }
 
     /// The watchdog is petted only while S4 holds (DESIGN.md §1).
@@ -943,7 +951,11 @@ impl Node {
             SelfFence::Fencing { since } => {
                 let stuck_at = since + self.t.io_timeout + self.t.io_timeout;
                 if now >= stuck_at && now < stuck_at + TICK {
-                    self.emit(now, "node", "self-fence: domains still not gone; the watchdog will reset this host".into());
+                    self.emit(
+                        now,
+                        "node",
+                        "self-fence: domains still not gone; the watchdog will reset this host".into(),
+                    );
                 }
             }
             SelfFence::Fenced { .. } => {}

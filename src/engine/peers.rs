@@ -4,7 +4,7 @@
 use super::config::{HostId, Timings};
 use super::io::{BootId, DomainReport, DomainState, Heartbeat, LeaseKey, Slot};
 use super::time::Instant;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -26,6 +26,10 @@ pub enum Verdict {
 pub struct Peer {
     /// Latest authenticated heartbeat and when we received it.
     pub heartbeat: Option<Heartbeat>,
+    /// Every release heard over the network from the current boot: each is
+    /// a permanent fact, and a heartbeat carries only some of them.
+    net_released: BTreeMap<LeaseKey, (u64, bool)>,
+    net_released_boot: Option<BootId>,
     pub heard_at: Option<Instant>,
     /// When we last heard it claim the all-lost exemption (restarts S3(b)).
     pub exempt_heard_at: Option<Instant>,
@@ -44,20 +48,33 @@ pub struct Peer {
 
 impl Peer {
     /// Record a heartbeat unless it is older than one we already have.
-    pub fn observe_heartbeat(&mut self, now: Instant, hb: Heartbeat) -> bool {
+    /// Returns None for a stale one, else whether it taught us a release.
+    pub fn observe_heartbeat(&mut self, now: Instant, hb: Heartbeat) -> Option<bool> {
         if let Some(old) = &self.heartbeat
             && old.boot == hb.boot
             && old.incarnation == hb.incarnation
             && hb.seq <= old.seq
         {
-            return false;
+            return None;
         }
         if hb.exempt {
             self.exempt_heard_at = Some(now);
         }
+        if self.net_released_boot != Some(hb.boot) {
+            self.net_released.clear();
+            self.net_released_boot = Some(hb.boot);
+        }
+        let mut learned = false;
+        for r in &hb.released {
+            let known = self.net_released.get(&r.key);
+            if known.is_none_or(|(g, _)| r.generation > *g) {
+                self.net_released.insert(r.key, (r.generation, r.failed_start));
+                learned = true;
+            }
+        }
         self.heartbeat = Some(hb);
         self.heard_at = Some(now);
-        true
+        Some(learned)
     }
 
     /// Record what one storage read showed. `prev_read_done` is when our
@@ -126,11 +143,7 @@ impl Peer {
     /// and released (slot or heartbeat), and whether because its start
     /// failed: S3(c).
     pub fn released(&self, boot: BootId, key: LeaseKey) -> Option<(u64, bool)> {
-        let by_net = self
-            .heartbeat
-            .as_ref()
-            .filter(|h| h.boot == boot)
-            .and_then(|h| h.released.iter().filter(|r| r.key == key).map(|r| (r.generation, r.failed_start)).max());
+        let by_net = self.net_released.get(&key).copied().filter(|_| self.net_released_boot == Some(boot));
         let by_slot = self.slot.as_ref().filter(|s| s.boot == boot).and_then(|s| match key {
             LeaseKey::Master => s.released_master.map(|g| (g, false)),
             LeaseKey::Domain(d) => match s.domains.get(&d) {
@@ -209,7 +222,7 @@ mod tests {
             self_fenced: false,
             released: Vec::new(),
         };
-        assert!(p.observe_heartbeat(Instant(20_000), hb));
+        assert!(p.observe_heartbeat(Instant(20_000), hb).is_some());
         assert!(!p.dead_by_timeout(Instant(30_000), &t));
         assert!(p.dead_by_timeout(Instant(42_000), &t));
     }
@@ -239,8 +252,36 @@ mod tests {
             self_fenced: false,
             released: Vec::new(),
         };
-        assert!(p.observe_heartbeat(Instant(1), hb.clone()));
-        assert!(!p.observe_heartbeat(Instant(2), hb));
+        assert!(p.observe_heartbeat(Instant(1), hb.clone()).is_some());
+        assert!(p.observe_heartbeat(Instant(2), hb).is_none());
         assert_eq!(p.heard_at, Some(Instant(1)));
+    }
+
+    #[test]
+    fn releases_heard_in_turns_add_up() {
+        use crate::engine::io::Release;
+        let mut p = Peer::default();
+        let hb = |seq: u64, doms: std::ops::Range<u128>| Heartbeat {
+            host: HostId(2),
+            boot: 7,
+            incarnation: 1,
+            seq,
+            storage_lost: true,
+            exempt: false,
+            self_fenced: true,
+            released: doms
+                .map(|d| Release {
+                    key: LeaseKey::Domain(crate::engine::config::DomainId(d)),
+                    generation: 3,
+                    failed_start: false,
+                })
+                .collect(),
+        };
+        assert_eq!(p.observe_heartbeat(Instant(1), hb(1, 0..10)), Some(true));
+        assert_eq!(p.observe_heartbeat(Instant(2), hb(2, 10..20)), Some(true));
+        assert_eq!(p.observe_heartbeat(Instant(3), hb(3, 10..20)), Some(false), "nothing new");
+        let key = LeaseKey::Domain(crate::engine::config::DomainId(4));
+        assert_eq!(p.released(7, key), Some((3, false)), "an earlier heartbeat's release still counts");
+        assert_eq!(p.released(8, key), None, "but only for the boot that said it");
     }
 }
