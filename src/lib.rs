@@ -1,4 +1,7 @@
 //! havirt: high availability for KVM/libvirt hosts.
 
+pub mod config;
 pub mod engine;
+pub mod net;
 pub mod sim;
+pub mod store;

@@ -136,7 +136,7 @@ impl Profile {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TimingsError {
     #[error(
-        "unsafe timings: host_dead_timeout ({host_dead}) must exceed renew_timeout ({renew}) + watchdog_timeout ({watchdog}) + io_timeout ({io}) + 1s margin = {needed}; raise host_dead_timeout to at least {needed} or lower the others (DESIGN.md S3(b))"
+        "unsafe timings: host_dead_timeout ({host_dead}) must exceed renew_timeout ({renew}) + watchdog_timeout ({watchdog}) + io_timeout ({io}) + 1s margin = {needed}; raise host_dead_timeout above {needed} or lower the others (DESIGN.md S3(b))"
     )]
     HostDeadTooShort { host_dead: Duration, renew: Duration, watchdog: Duration, io: Duration, needed: Duration },
     #[error(
