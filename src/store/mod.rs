@@ -1,7 +1,7 @@
 //! Shared-storage records and backends (DESIGN.md §4).
 //!
 //! - `record`: the 4096-byte on-disk record format (header, cluster id,
-//!   serde_json payload, crc32c) and why a record is rejected.
+//!   postcard payload, crc32c) and why a record is rejected.
 //! - `dir`: records as files in a datastore directory (NFS export), with
 //!   lease compare-and-swap under a file lock.
 //! - `block`: the same records in fixed 4 KiB slots on a shared block device

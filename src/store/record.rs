@@ -13,10 +13,15 @@
 //!                                4 assignments, 5 poison, 6 device header)
 //!     12    16  cluster id       first 16 bytes of SHA-256("havirt-cluster-id\0" ++ name)
 //!     28     4  payload length   u32, at most MAX_PAYLOAD_BYTES (= 4060)
-//!     32     n  payload          serde_json of the record
+//!     32     n  payload          postcard (compact serde binary) of the record
 //!   32+n     …  zero padding
 //!   4092     4  crc32c           over bytes 0..4092 (header, payload and padding)
 //! ```
+//!
+//! The payload is postcard (compact binary serde) rather than JSON so that a
+//! heartbeat slot holds the reports of 134 domains in one block even in the
+//! worst case (JSON: about 40); the slot capacity test in tests/store.rs
+//! measures the figure.
 //!
 //! The magic, the version field and the checksum position are fixed for all
 //! format versions; a later version may change everything else. Decoding
@@ -197,7 +202,7 @@ impl RejectCounters {
 
 /// Encodes `value` as one record block.
 pub fn encode<T: Serialize>(kind: RecordKind, cluster: ClusterId, value: &T) -> Result<Block, RecordError> {
-    let payload = serde_json::to_vec(value).map_err(|e| RecordError::Malformed(e.to_string()))?;
+    let payload = postcard::to_allocvec(value).map_err(|e| RecordError::Malformed(e.to_string()))?;
     let len = u32::try_from(payload.len())
         .ok()
         .filter(|l| *l as usize <= MAX_PAYLOAD_BYTES)
@@ -232,7 +237,7 @@ pub fn decode<T: DeserializeOwned>(
         return Ok(None);
     }
     let payload = check_header(kind, cluster, block)?;
-    serde_json::from_slice(payload).map(Some).map_err(|e| RecordError::Malformed(e.to_string()))
+    postcard::from_bytes(payload).map(Some).map_err(|e| RecordError::Malformed(e.to_string()))
 }
 
 /// `decode`, then `check_subject`: the record must be the one for `want`.
@@ -332,8 +337,8 @@ mod tests {
         assert_eq!(u16::from_le_bytes([b[10], b[11]]), 3);
         assert_eq!(b[12..28], cluster().0);
         let len = u32::from_le_bytes([b[28], b[29], b[30], b[31]]) as usize;
-        let json = serde_json::to_vec(&fenced()).expect("serializes");
-        assert_eq!(&b[32..32 + len], json.as_slice());
+        let payload = postcard::to_allocvec(&fenced()).expect("serializes");
+        assert_eq!(&b[32..32 + len], payload.as_slice());
         assert!(b[32 + len..4092].iter().all(|x| *x == 0));
         assert_eq!(u32::from_le_bytes([b[4092], b[4093], b[4094], b[4095]]), crc32c::crc32c(&b[..4092]));
         assert_eq!(MAX_PAYLOAD_BYTES, 4060);
@@ -366,7 +371,7 @@ mod tests {
 
     #[test]
     fn payload_limit_is_exact() {
-        // A JSON string of n bytes serializes to n + 2 bytes.
+        // A postcard string of n bytes (n < 16384) is a 2-byte varint length + n.
         let fits = "x".repeat(MAX_PAYLOAD_BYTES - 2);
         let b = encode(RecordKind::Poison, cluster(), &fits).expect("fits exactly");
         assert_eq!(decode::<String>(RecordKind::Poison, cluster(), &b), Ok(Some(fits)));
