@@ -119,6 +119,10 @@ pub struct StorageSnapshot {
     pub fenced: BTreeMap<HostId, FencedRecord>,
     /// The reading host's own assignment record.
     pub assignments: Assignments,
+    /// A fence request (poison, SBD-style) aimed at the reading host: the
+    /// boot it targets. The target obeys by self-fencing; for the requester it
+    /// counts as confirmed only by S3(b).
+    pub poison: Option<BootId>,
     /// Records that failed their checksum or belong to another cluster.
     pub rejected_records: u32,
 }

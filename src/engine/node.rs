@@ -188,6 +188,8 @@ pub struct Node {
     pub(super) master_lease: Option<Lease>,
     /// When we first saw the master lease free or its owner dead.
     pub(super) master_takeable_since: Option<Instant>,
+    /// A poison request for this boot was obeyed (one self-fence per boot).
+    poison_obeyed: bool,
     pub(super) master: Option<Master>,
     pub(super) fence_jobs: BTreeMap<HostId, FenceJob>,
     /// Verdicts last logged (by the master).
@@ -233,6 +235,7 @@ impl Node {
             next_master_check: now,
             master_lease: None,
             master_takeable_since: None,
+            poison_obeyed: false,
             master: None,
             fence_jobs: BTreeMap::new(),
             verdicts: BTreeMap::new(),
@@ -454,10 +457,17 @@ impl Node {
                 peer.fenced_boots.insert(f.boot);
             }
         }
+        if snap.poison == Some(self.cfg.boot) && !self.poison_obeyed {
+            // Someone asked us to fence ourselves (storage fence agent): do
+            // it now, once per boot, through the S4 path.
+            self.poison_obeyed = true;
+            self.emit(now, "node", "poison request found on storage: self-fencing".into());
+            self.start_self_fence(now);
+            return;
+        }
         for (d, g) in snap.assignments.domains.clone() {
             self.handle_assignment(now, d, g);
         }
-        // Forget released reports once a newer generation was assigned anywhere.
         self.master_round(now);
     }
 
@@ -934,19 +944,7 @@ impl Node {
                         now.since(anchor)
                     ),
                 );
-                self.self_fence = SelfFence::Fencing { since: now };
-                self.release_master(now);
-                if let Some(l) = self.master_lease
-                    && l.owner == Some(self.me())
-                {
-                    // We stopped acting as master: that generation is given up.
-                    self.released_master = Some(l.generation);
-                }
-                let doms: Vec<DomainId> = self.local.keys().copied().collect();
-                for d in doms {
-                    self.force_stop(now, d);
-                }
-                self.check_fence_done(now);
+                self.start_self_fence(now);
             }
             SelfFence::Fencing { since } => {
                 let stuck_at = since + self.t.io_timeout + self.t.io_timeout;
@@ -960,6 +958,27 @@ impl Node {
             }
             SelfFence::Fenced { .. } => {}
         }
+    }
+
+    /// S4 (or a poison request): destroy every protected domain, stop
+    /// petting the watchdog (may_pet), give up the master lease.
+    fn start_self_fence(&mut self, now: Instant) {
+        if self.self_fence != SelfFence::Healthy {
+            return;
+        }
+        self.self_fence = SelfFence::Fencing { since: now };
+        self.release_master(now);
+        if let Some(l) = self.master_lease
+            && l.owner == Some(self.me())
+        {
+            // We stopped acting as master: that generation is given up.
+            self.released_master = Some(l.generation);
+        }
+        let doms: Vec<DomainId> = self.local.keys().copied().collect();
+        for d in doms {
+            self.force_stop(now, d);
+        }
+        self.check_fence_done(now);
     }
 
     /// Self-fence one domain. Its lease is published as released only once

@@ -247,6 +247,7 @@ impl Harness {
             slots: self.peers.iter().map(|(h, p)| (*h, p.slot.clone())).collect(),
             fenced: self.fenced.clone(),
             assignments: self.my_assignments.clone(),
+            poison: None,
             rejected_records: 0,
         }
     }

@@ -160,7 +160,12 @@ fn describe(c: &Command, w: &World) -> String {
         Command::Unisolate(h) => format!("unisolate {h}"),
         Command::NetLoss(p) => format!("packet loss {p}%"),
         Command::StorageFault { host, fault } => {
-            format!("storage {} on {host}", if *fault == StorageFault::Fail { "fails" } else { "hangs" })
+            let what = match fault {
+                StorageFault::Fail => "fails",
+                StorageFault::Hang => "hangs",
+                StorageFault::ReadOnly => "turns read-only",
+            };
+            format!("storage {what} on {host}")
         }
         Command::StorageRestore(h) => format!("storage restored on {h}"),
         Command::StorageStall { millis } => format!("storage stalls for {millis} ms"),

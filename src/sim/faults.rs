@@ -21,6 +21,8 @@ pub enum StorageFault {
     Fail,
     /// Every I/O blocks until the fault is cleared, then completes (NFS hard mount).
     Hang,
+    /// Writes fail with EIO, reads work (an export gone read-only, a full quota).
+    ReadOnly,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -31,6 +31,7 @@ pub fn random_setup(seed: u64, o: &RandomOptions) -> SimSetup {
             let fence_agents = match rng.range(0, 9) {
                 0 => vec![],
                 1 | 2 => vec!["ipmi".to_string(), "pdu".to_string()],
+                3 => vec!["ipmi".to_string(), "storage".to_string()],
                 _ => vec!["ipmi".to_string()],
             };
             HostSpec {
@@ -141,7 +142,7 @@ pub fn random_faults(seed: u64, o: &RandomOptions, setup: &SimSetup) -> Vec<(u64
                 out.push((t + rng.range(60_000, 150_000), Command::PowerOn(h)));
             }
             2 => {
-                let fault = if rng.chance(50) { StorageFault::Fail } else { StorageFault::Hang };
+                let fault = rng.pick(&[StorageFault::Fail, StorageFault::Hang, StorageFault::ReadOnly]);
                 out.push((t, Command::StorageFault { host: h, fault }));
                 out.push((end, Command::StorageRestore(h)));
             }

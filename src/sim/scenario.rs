@@ -23,6 +23,7 @@
 //! loss PERCENT                  random loss on every link, 0-100
 //! storage fail H|all            every I/O fails with EIO (`all`: each host)
 //! storage hang H|all            every I/O blocks until restored
+//! storage readonly H|all        writes fail with EIO, reads work
 //! storage restore H|all
 //! storage stall SECONDS         all storage I/O blocks this long
 //! pause H
@@ -597,11 +598,13 @@ impl Line<'_> {
     }
 
     fn storage(&self, args: &[&str]) -> Result<Vec<Command>, ScenarioError> {
-        const EXPECTED: &str = "'fail HOST|all', 'hang HOST|all', 'restore HOST|all' or 'stall SECONDS'";
+        const EXPECTED: &str =
+            "'fail HOST|all', 'hang HOST|all', 'readonly HOST|all', 'restore HOST|all' or 'stall SECONDS'";
         let [verb, target] = self.args::<2>("storage", EXPECTED, args)?;
         let make: fn(HostId) -> Command = match verb {
             "fail" => |host| Command::StorageFault { host, fault: StorageFault::Fail },
             "hang" => |host| Command::StorageFault { host, fault: StorageFault::Hang },
+            "readonly" => |host| Command::StorageFault { host, fault: StorageFault::ReadOnly },
             "restore" => Command::StorageRestore,
             "stall" => {
                 let millis = seconds_to_ms(target).ok_or_else(|| ScenarioError::BadNumber {

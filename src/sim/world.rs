@@ -117,6 +117,8 @@ pub struct Storage {
     pub slots: BTreeMap<HostId, Slot>,
     pub fenced: BTreeMap<HostId, FencedRecord>,
     pub assignments: BTreeMap<HostId, Assignments>,
+    /// Fence requests (poison): target host -> the boot it targets.
+    pub poison: BTreeMap<HostId, BootId>,
     pub leases: BTreeMap<LeaseKey, Lease>,
     pub stall_until: u64,
 }
@@ -220,6 +222,8 @@ pub struct World {
     pub events_processed: u64,
 }
 
+/// The fence agent name that means a storage poison request.
+pub const STORAGE_FENCE_AGENT: &str = "storage";
 /// Events at one virtual instant before the run counts as a livelock.
 pub const MAX_EVENTS_PER_INSTANT: u64 = 100_000;
 /// A host reset by its watchdog is back (booting) after this long.
@@ -616,6 +620,12 @@ impl World {
         let epoch = host.daemon_epoch;
         let issued = self.now;
         match host.storage_fault {
+            Some(StorageFault::ReadOnly) if !is_storage_read(&a) => {
+                let delay = self.rng.range(1, 5);
+                if let Some(input) = failed_result(&a) {
+                    self.schedule(delay, Ev::StorageResult { host: h, epoch, input });
+                }
+            }
             Some(StorageFault::Fail) => {
                 let delay = self.rng.range(1, 5);
                 if let Some(input) = failed_result(&a) {
@@ -627,12 +637,12 @@ impl World {
                     x.held_ops.push((issued, a));
                 }
             }
-            None if self.storage.stall_until > self.now => {
+            Some(StorageFault::ReadOnly) | None if self.storage.stall_until > self.now => {
                 if let Some(x) = self.hosts.get_mut(&h) {
                     x.held_ops.push((issued, a));
                 }
             }
-            None => {
+            Some(StorageFault::ReadOnly) | None => {
                 let delay = self.storage_delay(h);
                 self.schedule(delay, Ev::StorageDo { host: h, epoch, issued, action: a });
             }
@@ -694,6 +704,7 @@ impl World {
                     slots: self.storage.slots.iter().filter(|(k, _)| **k != h).map(|(k, v)| (*k, v.clone())).collect(),
                     fenced: self.storage.fenced.clone(),
                     assignments: self.storage.assignments.get(&h).cloned().unwrap_or_default(),
+                    poison: self.storage.poison.get(&h).copied(),
                     rejected_records: 0,
                 };
                 Some(Input::StorageRead { op, result: Ok(snap) })
@@ -794,6 +805,14 @@ impl World {
     fn fence(&mut self, from: HostId, op: OpId, target: HostId, agent: String) {
         let epoch = self.hosts[&from].daemon_epoch;
         self.checker_on_fence(from, target);
+        if agent == STORAGE_FENCE_AGENT {
+            // Poison: written to storage for the target to obey; never a
+            // confirmation (only S3(b) confirms it), as the daemon's agent.
+            let boot = self.hosts[&target].boot;
+            self.storage.poison.insert(target, boot);
+            self.schedule(5, Ev::FenceDone { host: from, epoch, op, target, outcome: FenceOutcome::Failed });
+            return;
+        }
         match self.fence_agents.get(&(target, agent.clone())) {
             Some(AgentMode::Fails) => {
                 let delay = self.rng.range(500, 1500);
@@ -976,6 +995,10 @@ fn ev_host(ev: &Ev) -> Option<HostId> {
         Ev::Deliver { to, .. } => Some(*to),
         _ => None,
     }
+}
+
+fn is_storage_read(a: &Action) -> bool {
+    matches!(a, Action::ReadStorage { .. } | Action::ReadLease { .. })
 }
 
 /// The answer to a storage request that failed with EIO.

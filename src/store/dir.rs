@@ -265,7 +265,8 @@ impl DirStore {
             }
         }
         let assignments = absent_if_rejected(self.read_assignments(me), &mut rejected)?.unwrap_or_default();
-        Ok(StorageSnapshot { slots, fenced, assignments, rejected_records: rejected })
+        let poison = absent_if_rejected(self.read_poison(me), &mut rejected)?.map(|p| p.boot);
+        Ok(StorageSnapshot { slots, fenced, assignments, poison, rejected_records: rejected })
     }
 }
 
