@@ -2,6 +2,8 @@
 
 pub mod config;
 pub mod engine;
+pub mod fence;
+pub mod hypervisor;
 pub mod net;
 pub mod sim;
 pub mod store;
