@@ -858,12 +858,7 @@ impl Node {
                 let Some(ds) = spec.domains.get(d) else {
                     continue;
                 };
-                room.memory_free_mib -= ds.memory_mib as i64;
-                room.vcpus_free -= ds.vcpus as i64;
-                room.domain_count += 1;
-                if let Some(g) = &ds.policy.anti_affinity {
-                    room.anti_groups.insert(g.clone());
-                }
+                room.occupy(ds);
                 if r.state == DomainState::Starting {
                     room.starts_free = room.starts_free.saturating_sub(1);
                 }
@@ -876,13 +871,8 @@ impl Node {
                 let Some(ds) = spec.domains.get(d) else {
                     continue;
                 };
-                room.memory_free_mib -= ds.memory_mib as i64;
-                room.vcpus_free -= ds.vcpus as i64;
-                room.domain_count += 1;
+                room.occupy(ds);
                 room.starts_free = room.starts_free.saturating_sub(1);
-                if let Some(g) = &ds.policy.anti_affinity {
-                    room.anti_groups.insert(g.clone());
-                }
             }
             rooms.push(room);
         }

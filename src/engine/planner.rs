@@ -306,6 +306,18 @@ fn scaled(units: u64, factor: f64) -> i64 {
     (units as f64 * factor).floor() as i64
 }
 
+impl HostRoom {
+    /// Account for a domain that runs (or is being started) on this host.
+    pub fn occupy(&mut self, d: &DomainSpec) {
+        self.memory_free_mib = self.memory_free_mib.saturating_sub(mib(d.memory_mib));
+        self.vcpus_free = self.vcpus_free.saturating_sub(i64::from(d.vcpus));
+        self.domain_count = self.domain_count.saturating_add(1);
+        if let Some(g) = &d.policy.anti_affinity {
+            self.anti_groups.insert(g.clone());
+        }
+    }
+}
+
 /// The room of an empty host: its size times the cluster's overcommit, its
 /// own start cap.
 pub fn empty_room(h: &HostSpec, spec: &ClusterSpec) -> HostRoom {
@@ -330,13 +342,7 @@ impl<'a> Survey<'a> {
             let (Some(d), Some(&at)) = (spec.domains.get(id), index.get(host)) else {
                 continue;
             };
-            let r = &mut rooms[at];
-            r.memory_free_mib = r.memory_free_mib.saturating_sub(mib(d.memory_mib));
-            r.vcpus_free = r.vcpus_free.saturating_sub(i64::from(d.vcpus));
-            r.domain_count = r.domain_count.saturating_add(1);
-            if let Some(g) = &d.policy.anti_affinity {
-                r.anti_groups.insert(g.clone());
-            }
+            rooms[at].occupy(d);
             if d.policy.priority != Priority::Disabled {
                 protected[at].push(d);
             }
