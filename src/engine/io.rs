@@ -201,6 +201,10 @@ pub enum FenceOutcome {
     /// The agent saw the host powered off.
     Confirmed,
     Failed,
+    /// A poison request was written (storage agent): the target fences
+    /// itself if it can still read it. Never a confirmation: the lease moves
+    /// only by S3(b), so this agent is not asked again for this outage.
+    Requested,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

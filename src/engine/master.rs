@@ -71,6 +71,14 @@ pub struct FenceJob {
     round: u32,
     op: Option<OpId>,
     next_try: Instant,
+    /// Agents of the chain that wrote a poison request in this job.
+    requested: BTreeSet<usize>,
+}
+
+impl FenceJob {
+    fn new(boot: BootId, next_try: Instant) -> FenceJob {
+        FenceJob { boot, agent: 0, round: 0, op: None, next_try, requested: BTreeSet::new() }
+    }
 }
 
 /// One domain that needs a new home this round.
@@ -402,11 +410,7 @@ impl Node {
         for (h, boot) in targets {
             let agents = self.cfg.spec.host(h).map(|s| s.fence_agents.len()).unwrap_or(0);
             if agents == 0 {
-                if self
-                    .fence_jobs
-                    .insert(h, FenceJob { boot, agent: 0, round: 0, op: None, next_try: Instant(u64::MAX) })
-                    .is_none()
-                {
+                if self.fence_jobs.insert(h, FenceJob::new(boot, Instant(u64::MAX))).is_none() {
                     let how = if self.cfg.spec.host(h).is_some_and(|s| s.watchdog) {
                         "waiting for host_dead_timeout"
                     } else {
@@ -416,7 +420,7 @@ impl Node {
                 }
                 continue;
             }
-            self.fence_jobs.insert(h, FenceJob { boot, agent: 0, round: 0, op: None, next_try: now });
+            self.fence_jobs.insert(h, FenceJob::new(boot, now));
         }
     }
 
@@ -468,6 +472,14 @@ impl Node {
         match outcome {
             FenceOutcome::Confirmed => self.fence_confirmed(now, target, job.boot, "fence agent"),
             FenceOutcome::Failed => self.fence_attempt_failed(now, target, "failed"),
+            FenceOutcome::Requested => {
+                let text = format!("poison request written for {target}; it counts only after host_dead_timeout");
+                self.emit(now, "fence", text);
+                if let Some(j) = self.fence_jobs.get_mut(&target) {
+                    j.requested.insert(j.agent);
+                }
+                self.advance_fence_chain(now, target);
+            }
         }
     }
 
@@ -479,30 +491,42 @@ impl Node {
     }
 
     fn fence_attempt_failed(&mut self, now: Instant, target: HostId, how: &str) {
+        let agent = self.fence_jobs.get(&target).map(|j| j.agent);
+        let name = agent.and_then(|i| self.cfg.spec.host(target)?.fence_agents.get(i).cloned()).unwrap_or_default();
+        self.emit(now, "fence", format!("fencing {target} with {name} {how}"));
+        self.advance_fence_chain(now, target);
+    }
+
+    /// Move to the next agent that can still confirm; after the whole chain,
+    /// wait fence_retry_backoff; after MAX_FENCE_ROUNDS, or when only poison
+    /// agents are left, wait for S3(b) or the operator.
+    fn advance_fence_chain(&mut self, now: Instant, target: HostId) {
         let agents = self.cfg.spec.host(target).map_or(0, |s| s.fence_agents.len());
         let backoff = self.t.fence_retry_backoff;
         let Some(job) = self.fence_jobs.get_mut(&target) else {
             return;
         };
-        let agent = self.cfg.spec.host(target).and_then(|s| s.fence_agents.get(job.agent)).cloned().unwrap_or_default();
         job.op = None;
-        job.agent += 1;
-        if job.agent >= agents {
-            job.agent = 0;
-            job.round += 1;
-            job.next_try = now + backoff;
+        for _ in 0..agents {
+            job.agent += 1;
+            if job.agent >= agents {
+                job.agent = 0;
+                job.round += 1;
+                job.next_try = now + backoff;
+            }
+            if !job.requested.contains(&job.agent) {
+                break;
+            }
         }
-        let gave_up = job.round >= MAX_FENCE_ROUNDS;
+        let only_poison = job.requested.len() >= agents;
+        let gave_up = job.round >= MAX_FENCE_ROUNDS || only_poison;
         if gave_up {
             job.next_try = Instant(u64::MAX);
         }
-        self.emit(now, "fence", format!("fencing {target} with {agent} {how}"));
         if gave_up {
-            self.emit(
-                now,
-                "fence",
-                format!("giving up fencing {target}; waiting for host_dead_timeout or the operator"),
-            );
+            let why = if only_poison { "only poison requests are left" } else { "giving up fencing" };
+            let text = format!("{why} for {target}; waiting for host_dead_timeout or the operator");
+            self.emit(now, "fence", text);
         }
     }
 

@@ -127,6 +127,10 @@ pub trait FenceAgent: Send + Sync + fmt::Debug {
 pub fn outcome(result: &Result<FenceOutcome, FenceError>) -> FenceOutcome {
     match result {
         Ok(o) => *o,
+        // The storage agent: the daemon wrote the poison record before
+        // asking, so the engine learns that a request is out (not a
+        // confirmation: only S3(b) confirms poison).
+        Err(FenceError::NotPowerAgent { .. }) => FenceOutcome::Requested,
         Err(_) => FenceOutcome::Failed,
     }
 }
@@ -312,10 +316,10 @@ mod tests {
     use std::cell::Cell;
 
     #[test]
-    fn storage_agent_fails_with_its_reason() {
+    fn storage_agent_is_a_request_never_a_confirmation() {
         let a = StorageAgent { name: "poison".into() };
         let r = a.off(Duration::from_secs(5));
-        assert_eq!(outcome(&r), FenceOutcome::Failed);
+        assert_eq!(outcome(&r), FenceOutcome::Requested);
         let msg = r.expect_err("storage never confirms").to_string();
         assert!(msg.contains("poison is confirmed only by host_dead_timeout"), "{msg}");
     }

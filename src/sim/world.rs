@@ -810,7 +810,7 @@ impl World {
             // confirmation (only S3(b) confirms it), as the daemon's agent.
             let boot = self.hosts[&target].boot;
             self.storage.poison.insert(target, boot);
-            self.schedule(5, Ev::FenceDone { host: from, epoch, op, target, outcome: FenceOutcome::Failed });
+            self.schedule(5, Ev::FenceDone { host: from, epoch, op, target, outcome: FenceOutcome::Requested });
             return;
         }
         match self.fence_agents.get(&(target, agent.clone())) {
