@@ -257,6 +257,11 @@ fn dir_snapshot_reads_slots_fenced_and_my_assignments() {
     assert_eq!(snap.assignments, assignments());
     assert_eq!(snap.rejected_records, 1, "host 3's slot is garbage: no heartbeat, counted once");
     assert_eq!(st.rejects().bad_magic, 1);
+    assert_eq!(snap.poison, None);
+    st.write_poison(&PoisonRequest { target: HostId(1), boot: 77, by: HostId(2) }).expect("w");
+    st.write_poison(&PoisonRequest { target: HostId(2), boot: 78, by: HostId(1) }).expect("w");
+    let snap = st.read_snapshot(HostId(1), &hosts).expect("snapshot");
+    assert_eq!(snap.poison, Some(77), "my own poison request, with the boot it targets");
 }
 
 #[test]

@@ -31,7 +31,6 @@ use crate::engine::config::HostId;
 use crate::engine::io::{Assignments, FencedRecord, Slot, StorageError, StorageSnapshot};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::FileTypeExt;
@@ -268,19 +267,7 @@ impl BlockStore {
     /// As `DirStore::read_snapshot`: a rejected record reads as absent and
     /// is counted; an I/O error (or a host without a slot) fails the read.
     pub fn read_snapshot(&self, me: HostId, hosts: &[HostId]) -> Result<StorageSnapshot, BlockError> {
-        let mut rejected = 0u32;
-        let (mut slots, mut fenced) = (BTreeMap::new(), BTreeMap::new());
-        for h in hosts.iter().copied().collect::<BTreeSet<_>>() {
-            if let Some(s) = absent_if_rejected(self.read_slot(h), &mut rejected)? {
-                slots.insert(h, s);
-            }
-            if let Some(f) = absent_if_rejected(self.read_fenced(h), &mut rejected)? {
-                fenced.insert(h, f);
-            }
-        }
-        let assignments = absent_if_rejected(self.read_assignments(me), &mut rejected)?.unwrap_or_default();
-        let poison = absent_if_rejected(self.read_poison(me), &mut rejected)?.map(|p| p.boot);
-        Ok(StorageSnapshot { slots, fenced, assignments, poison, rejected_records: rejected })
+        super::read_snapshot(self, me, hosts)
     }
 
     fn write_record<T: Serialize>(
@@ -314,13 +301,21 @@ impl BlockStore {
     }
 }
 
-/// A rejected record counts and reads as absent; other errors pass through.
-fn absent_if_rejected<T>(r: ReadResult<T>, rejected: &mut u32) -> ReadResult<T> {
-    match r {
-        Err(BlockError::Rejected { .. }) => {
-            *rejected = rejected.saturating_add(1);
-            Ok(None)
-        }
-        other => other,
+impl super::SnapshotSource for BlockStore {
+    type Error = BlockError;
+    fn slot(&self, host: HostId) -> Result<Option<Slot>, BlockError> {
+        self.read_slot(host)
+    }
+    fn fenced(&self, host: HostId) -> Result<Option<FencedRecord>, BlockError> {
+        self.read_fenced(host)
+    }
+    fn assignments(&self, host: HostId) -> Result<Option<Assignments>, BlockError> {
+        self.read_assignments(host)
+    }
+    fn poison(&self, host: HostId) -> Result<Option<PoisonRequest>, BlockError> {
+        self.read_poison(host)
+    }
+    fn is_rejected(e: &BlockError) -> bool {
+        matches!(e, BlockError::Rejected { .. })
     }
 }

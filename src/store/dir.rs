@@ -35,7 +35,7 @@ use crate::engine::io::{Assignments, CasOutcome, FencedRecord, Lease, LeaseKey, 
 use crate::engine::io::{StorageError, StorageSnapshot};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::fs::{self, DirBuilder, File, OpenOptions, TryLockError};
 use std::io::{self, Read, Write};
@@ -254,30 +254,7 @@ impl DirStore {
     /// reads as absent ("no heartbeat", DESIGN.md §8) and is counted in
     /// `rejected_records`; an I/O error fails the whole read.
     pub fn read_snapshot(&self, me: HostId, hosts: &[HostId]) -> Result<StorageSnapshot, DirError> {
-        let mut rejected = 0u32;
-        let (mut slots, mut fenced) = (BTreeMap::new(), BTreeMap::new());
-        for h in hosts.iter().copied().collect::<BTreeSet<_>>() {
-            if let Some(s) = absent_if_rejected(self.read_slot(h), &mut rejected)? {
-                slots.insert(h, s);
-            }
-            if let Some(f) = absent_if_rejected(self.read_fenced(h), &mut rejected)? {
-                fenced.insert(h, f);
-            }
-        }
-        let assignments = absent_if_rejected(self.read_assignments(me), &mut rejected)?.unwrap_or_default();
-        let poison = absent_if_rejected(self.read_poison(me), &mut rejected)?.map(|p| p.boot);
-        Ok(StorageSnapshot { slots, fenced, assignments, poison, rejected_records: rejected })
-    }
-}
-
-/// A rejected record counts and reads as absent; other errors pass through.
-fn absent_if_rejected<T>(r: Result<Option<T>, DirError>, rejected: &mut u32) -> Result<Option<T>, DirError> {
-    match r {
-        Err(DirError::Rejected { .. }) => {
-            *rejected = rejected.saturating_add(1);
-            Ok(None)
-        }
-        other => other,
+        super::read_snapshot(self, me, hosts)
     }
 }
 
@@ -498,4 +475,23 @@ fn file_len(file: &File, path: &Path) -> Result<u64, DirError> {
 
 fn sync_parent(path: &Path) -> Result<(), DirError> {
     Ok(direct::sync_dir(path.parent().unwrap_or(Path::new(".")))?)
+}
+
+impl super::SnapshotSource for DirStore {
+    type Error = DirError;
+    fn slot(&self, host: HostId) -> Result<Option<Slot>, DirError> {
+        self.read_slot(host)
+    }
+    fn fenced(&self, host: HostId) -> Result<Option<FencedRecord>, DirError> {
+        self.read_fenced(host)
+    }
+    fn assignments(&self, host: HostId) -> Result<Option<Assignments>, DirError> {
+        self.read_assignments(host)
+    }
+    fn poison(&self, host: HostId) -> Result<Option<PoisonRequest>, DirError> {
+        self.read_poison(host)
+    }
+    fn is_rejected(e: &DirError) -> bool {
+        matches!(e, DirError::Rejected { .. })
+    }
 }
