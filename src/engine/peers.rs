@@ -1,7 +1,7 @@
 //! What one host knows about another, and the verdict it draws (DESIGN.md §3).
 //! Only the observer's own monotonic clock is used; the peer's clock never is.
 
-use super::config::{HostId, Timings};
+use super::config::Timings;
 use super::io::{BootId, DomainReport, DomainState, Heartbeat, LeaseKey, Slot};
 use super::time::Instant;
 use std::collections::{BTreeMap, BTreeSet};
@@ -169,14 +169,10 @@ pub fn verdict_name(v: Verdict) -> &'static str {
     }
 }
 
-pub fn all_hosts_except(hosts: &[HostId], me: HostId) -> impl Iterator<Item = HostId> + '_ {
-    hosts.iter().copied().filter(move |h| *h != me)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::config::Profile;
+    use crate::engine::config::{HostId, Profile};
     use crate::engine::time::Duration;
 
     fn slot(seq: u64) -> Slot {
