@@ -925,15 +925,14 @@ impl Node {
                 want.entry(o.host).or_default().insert(*d, l.generation);
             }
         }
-        let mine = want.remove(&self.cfg.host).unwrap_or_default();
+        let mine = want.get(&self.cfg.host).cloned().unwrap_or_default();
         let mut writes = Vec::new();
+        // Every host's record, ours too, is written once when we become
+        // master: a record left by an earlier master may be stale.
         for hs in &self.cfg.spec.hosts {
-            if hs.id == self.cfg.host {
-                continue;
-            }
             let domains = want.remove(&hs.id).unwrap_or_default();
             let old = m.written.get(&hs.id);
-            if old.map(|a| &a.domains) == Some(&domains) || (old.is_none() && domains.is_empty()) {
+            if old.map(|a| &a.domains) == Some(&domains) {
                 continue;
             }
             let seq = old.map_or(1, |a| a.seq + 1);

@@ -539,8 +539,10 @@ impl Node {
                 self.renew_before_start(now, d, l.generation);
             }
             Ok(_) => {
+                // Not ours: this generation is dead for us (assignments_seen
+                // keeps it), so a stale assignment record is not retried.
                 self.emit(now, "node", format!("not starting {}: lease is not ours", self.domain_name(d)));
-                self.abandon_verify(d);
+                self.local.remove(&d);
             }
             // Failed: perhaps applied; the master lists it again.
             Err(_) => self.abandon_verify(d),
