@@ -76,6 +76,12 @@ impl World {
                 self.resume(h);
                 self.clear_fault_later(h);
             }
+            Command::Hypervisor { host, hung, qemu_stuck } => {
+                if let Some(x) = self.hosts.get_mut(&host) {
+                    x.libvirt_hung = hung;
+                    x.qemu_stuck = qemu_stuck;
+                }
+            }
             Command::DaemonCrash(h) => self.crash_daemon(h),
             Command::DaemonStart(h) => {
                 self.start_daemon(h);
@@ -142,6 +148,7 @@ fn is_fault(c: &Command) -> bool {
             | Command::StorageRestore(_)
             | Command::Resume(_)
             | Command::DaemonStart(_)
+            | Command::Hypervisor { hung: false, .. }
             | Command::FenceAgent { mode: AgentMode::Works, .. }
             | Command::DomainBroken { broken: false, .. }
             | Command::OperatorFenceConfirm(_)
@@ -171,6 +178,11 @@ fn describe(c: &Command, w: &World) -> String {
         Command::StorageStall { millis } => format!("storage stalls for {millis} ms"),
         Command::Pause(h) => format!("pause {h}"),
         Command::Resume(h) => format!("resume {h}"),
+        Command::Hypervisor { host, hung, qemu_stuck } => match (hung, qemu_stuck) {
+            (false, _) => format!("libvirtd answers again on {host}"),
+            (true, false) => format!("libvirtd hangs on {host}"),
+            (true, true) => format!("libvirtd hangs on {host} and its qemu cannot be killed"),
+        },
         Command::DaemonCrash(h) => format!("daemon crash on {h}"),
         Command::DaemonStart(h) => format!("daemon start on {h}"),
         Command::FenceAgent { target, agent, mode } => format!("fence agent {agent} for {target}: {mode:?}"),

@@ -58,6 +58,14 @@ pub enum Command {
     /// Freeze the whole host (daemon, qemu and its watchdog), as a paused VM.
     Pause(HostId),
     Resume(HostId),
+    /// libvirtd on the host stops answering (start, destroy, shutdown hang);
+    /// killing qemu directly still works unless `qemu_stuck`, when qemu sits
+    /// in uninterruptible sleep and only a reset ends it.
+    Hypervisor {
+        host: HostId,
+        hung: bool,
+        qemu_stuck: bool,
+    },
     /// The havirt daemon dies; qemu keeps running; the watchdog keeps counting.
     DaemonCrash(HostId),
     DaemonStart(HostId),

@@ -143,6 +143,12 @@ pub fn random_faults(seed: u64, o: &RandomOptions, setup: &SimSetup) -> Vec<(u64
             }
             2 => {
                 let fault = rng.pick(&[StorageFault::Fail, StorageFault::Hang, StorageFault::ReadOnly]);
+                if rng.chance(25) {
+                    // The S4 kill path: libvirtd hangs too, sometimes qemu with it.
+                    let qemu_stuck = rng.chance(40);
+                    out.push((t, Command::Hypervisor { host: h, hung: true, qemu_stuck }));
+                    out.push((end, Command::Hypervisor { host: h, hung: false, qemu_stuck: false }));
+                }
                 out.push((t, Command::StorageFault { host: h, fault }));
                 out.push((end, Command::StorageRestore(h)));
             }
@@ -217,6 +223,7 @@ fn heal(out: &mut Vec<(u64, Command)>, at: u64, hosts: &[HostId], setup: &SimSet
     out.push((at, Command::HealNetwork));
     for h in hosts {
         out.push((at, Command::Unisolate(*h)));
+        out.push((at, Command::Hypervisor { host: *h, hung: false, qemu_stuck: false }));
         out.push((at, Command::StorageRestore(*h)));
         out.push((at, Command::Resume(*h)));
         out.push((at, Command::PowerOn(*h)));

@@ -28,6 +28,9 @@
 //! storage stall SECONDS         all storage I/O blocks this long
 //! pause H
 //! resume H
+//! libvirt hang H               libvirtd stops answering; killing qemu works
+//! libvirt stuck H              libvirtd hangs and qemu cannot be killed
+//! libvirt ok H
 //! daemon crash H
 //! daemon start H
 //! fence fail H AGENT            the agent (named in H's `fence`) fails
@@ -473,6 +476,7 @@ impl Line<'_> {
             "pause" => one(Command::Pause(self.one_host(word, args)?)),
             "resume" => one(Command::Resume(self.one_host(word, args)?)),
             "daemon" => one(self.daemon(args)?),
+            "libvirt" => one(self.libvirt(args)?),
             "fence" => one(self.fence(args)?),
             "domain" => one(self.domain_command(args)?),
             "confirm" => one(Command::OperatorFenceConfirm(self.one_host(word, args)?)),
@@ -622,6 +626,17 @@ impl Line<'_> {
             return Ok(self.spec.hosts.iter().map(|h| make(h.id)).collect());
         }
         Ok(vec![make(self.host(target)?)])
+    }
+
+    fn libvirt(&self, args: &[&str]) -> Result<Command, ScenarioError> {
+        const EXPECTED: &str = "'hang HOST', 'stuck HOST' or 'ok HOST'";
+        let (hung, qemu_stuck) = match self.args::<2>("libvirt", EXPECTED, args)? {
+            ["hang", _] => (true, false),
+            ["stuck", _] => (true, true),
+            ["ok", _] => (false, false),
+            _ => return Err(self.bad_args("libvirt", EXPECTED, args)),
+        };
+        Ok(Command::Hypervisor { host: self.host(args[1])?, hung, qemu_stuck })
     }
 
     fn daemon(&self, args: &[&str]) -> Result<Command, ScenarioError> {

@@ -97,6 +97,9 @@ pub struct SimHost {
     /// Events that reached the host while it was paused.
     pub held_events: Vec<Ev>,
     pub isolated: bool,
+    /// libvirtd does not answer; and qemu cannot even be killed.
+    pub libvirt_hung: bool,
+    pub qemu_stuck: bool,
     /// Issue time of the last slot write that succeeded (ground truth for S4).
     pub last_good_write_issue: Option<u64>,
     pub last_resume: Option<u64>,
@@ -258,6 +261,8 @@ impl World {
                     held_ops: Vec::new(),
                     held_events: Vec::new(),
                     isolated: false,
+                    libvirt_hung: false,
+                    qemu_stuck: false,
                     last_good_write_issue: None,
                     last_resume: None,
                     daemon_started_at: 0,
@@ -513,9 +518,21 @@ impl World {
             | Action::CasLease { .. }
             | Action::WriteFenced { .. }
             | Action::WriteAssignments { .. } => self.storage_submit(h, a),
+            Action::StartDomain { domain } if self.hosts[&h].libvirt_hung => {
+                // The adapter bounds the call and reports a failed start.
+                let epoch = self.hosts[&h].daemon_epoch;
+                let after = self.spec.timings.io_timeout.as_millis();
+                self.schedule(after, Ev::StartRefused { host: h, epoch, domain, disk_locked: false });
+            }
             Action::StartDomain { domain } => self.qemu_start(h, domain),
             Action::DestroyDomain { domain, kill } => {
                 self.checker_on_stop(h, domain);
+                let x = &self.hosts[&h];
+                if (!kill && x.libvirt_hung) || (kill && x.qemu_stuck) {
+                    // No answer: the engine's own timeouts take over (kill
+                    // after io_timeout, then the watchdog).
+                    return;
+                }
                 let (lo, hi) = if kill { (5, 20) } else { self.params.destroy_ms };
                 let delay = self.rng.range(lo, hi);
                 if let Some(serial) = self.qemu_serial(h, domain) {
@@ -527,6 +544,9 @@ impl World {
             }
             Action::ShutdownDomain { domain, .. } => {
                 self.checker_on_stop(h, domain);
+                if self.hosts[&h].libvirt_hung {
+                    return;
+                }
                 let (lo, hi) = self.params.guest_shutdown_ms;
                 let delay = self.rng.range(lo, hi);
                 if let Some(serial) = self.qemu_serial(h, domain) {
@@ -886,6 +906,8 @@ impl World {
         host.clock_offset = offset;
         host.active_fault = None;
         host.last_good_write_issue = None;
+        host.libvirt_hung = false;
+        host.qemu_stuck = false;
         self.log_sim(&format!("{h} boots"));
         let delay = self.params.boot_ms;
         self.schedule(delay, Ev::DaemonStart { host: h });
