@@ -1,6 +1,7 @@
 //! havirt: high availability for KVM/libvirt hosts.
 
 pub mod config;
+pub mod control;
 pub mod engine;
 pub mod fence;
 pub mod hypervisor;

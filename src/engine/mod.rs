@@ -11,3 +11,4 @@ pub mod planner;
 #[cfg(test)]
 mod tests;
 pub mod time;
+pub mod view;
