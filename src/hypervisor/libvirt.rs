@@ -239,6 +239,31 @@ impl Hypervisor for LibvirtHypervisor {
         let dom = self.lookup(id)?;
         dom.get_xml_desc(sys::VIR_DOMAIN_XML_INACTIVE).map_err(|e| domain_error("get xml", id, e))
     }
+
+    fn addresses(&self, id: DomainId) -> Result<Vec<std::net::IpAddr>, HypervisorError> {
+        let dom = self.lookup(id)?;
+        let lease = dom.interface_addresses(sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, 0);
+        if let Ok(ifaces) = &lease {
+            let ips = interface_ips(ifaces);
+            if !ips.is_empty() {
+                return Ok(ips);
+            }
+        }
+        let agent = dom
+            .interface_addresses(sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT, 0)
+            .map_err(|e| domain_error("interface addresses", id, e))?;
+        Ok(interface_ips(&agent))
+    }
+}
+
+/// Parses the addresses of `virDomainInterfaceAddresses`, skipping loopback.
+fn interface_ips(ifaces: &[virt::domain::Interface]) -> Vec<std::net::IpAddr> {
+    ifaces
+        .iter()
+        .flat_map(|i| i.addrs.iter())
+        .filter_map(|a| a.addr.parse::<std::net::IpAddr>().ok())
+        .filter(|ip| !ip.is_loopback())
+        .collect()
 }
 
 /// The policy element as libvirt returns it, `None` when there is none.

@@ -66,6 +66,9 @@ pub trait Hypervisor: Send + Sync {
     fn ping_guest_agent(&self, id: DomainId) -> Result<bool, HypervisorError>;
     /// The persistent definition (what another host needs to define it).
     fn xml(&self, id: DomainId) -> Result<String, HypervisorError>;
+    /// The guest's IP addresses libvirt knows: from the DHCP leases of its
+    /// libvirt networks, else from the guest agent (`tcp:PORT` readiness).
+    fn addresses(&self, id: DomainId) -> Result<Vec<std::net::IpAddr>, HypervisorError>;
 }
 
 /// One domain as `list` reports it.
