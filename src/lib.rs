@@ -1,7 +1,9 @@
 //! havirt: high availability for KVM/libvirt hosts.
 
+pub mod cli;
 pub mod config;
 pub mod control;
+pub mod daemon;
 pub mod engine;
 pub mod fence;
 pub mod hypervisor;

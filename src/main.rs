@@ -9,14 +9,101 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "havirt", version, about = "High availability for KVM/libvirt hosts")]
+#[command(
+    name = "havirt",
+    version,
+    about = "High availability for KVM/libvirt hosts",
+    long_about = "High availability for KVM/libvirt hosts: a daemon on every host watches its peers by \
+network and shared-storage heartbeats, fences hosts that died and restarts their protected domains on \
+the survivors, with leases so that no domain ever runs twice.\n\n\
+Set up: havirt init, write /etc/havirt/havirt.toml, havirt check, systemctl enable --now havirt, \
+then havirt protect DOMAIN on the host that runs it."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
 }
 
+/// Where the operator commands find the daemon.
+#[derive(clap::Args)]
+struct SocketArg {
+    /// The daemon's control socket.
+    #[arg(long, value_name = "PATH", default_value = havirt::control::DEFAULT_SOCKET)]
+    socket: PathBuf,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
+    /// Create a cluster's datastore directory and its cluster key.
+    Init {
+        /// The cluster's name (1 to 32 characters from a-z, 0-9 and -).
+        #[arg(long)]
+        cluster: String,
+        /// The cluster's directory on the shared filesystem, e.g.
+        /// /mnt/nfs/.havirt/prod (the config's datastore path).
+        #[arg(long, value_name = "PATH")]
+        datastore: PathBuf,
+        /// Where to write the cluster key (kept if it exists).
+        #[arg(long, value_name = "PATH", default_value = "/etc/havirt/cluster.key")]
+        key_file: PathBuf,
+    },
+    /// Run the HA daemon in the foreground (systemd runs it as havirt.service).
+    Daemon {
+        #[arg(long, value_name = "PATH", default_value = havirt::config::DEFAULT_PATH)]
+        config: PathBuf,
+        /// The [[host]] to run as (default: this machine's host name).
+        #[arg(long)]
+        host: Option<String>,
+        /// The local libvirt.
+        #[arg(long, value_name = "URI", default_value = "qemu:///system")]
+        libvirt_uri: String,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Show hosts (verdict, heartbeat ages, capacity) and protected domains
+    /// (host, state, priority, lease generation) as this host's daemon sees them.
+    Status {
+        /// One JSON object instead of tables.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// The daemon's event timeline: detections, fencing, lease moves, restarts.
+    Events {
+        /// Keep printing new events.
+        #[arg(long, short)]
+        follow: bool,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Protect a domain running on this host (or change its policy): if its
+    /// host dies, havirt restarts it on a survivor. Options not given keep
+    /// their current value.
+    Protect(ProtectArgs),
+    /// Stop protecting a domain; it keeps running where it runs.
+    Unprotect {
+        /// Domain name or UUID.
+        domain: String,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Fencing by hand, for hosts with neither watchdog nor fence agent.
+    Fence {
+        #[command(subcommand)]
+        what: FenceCmd,
+    },
+    /// Preflight: configuration, datastore (O_DIRECT, locks), key, watchdog,
+    /// fence agents, libvirt, and every protected domain's disks and bridges.
+    Check {
+        #[arg(long, value_name = "PATH", default_value = havirt::config::DEFAULT_PATH)]
+        config: PathBuf,
+        /// The [[host]] to check as (default: this machine's host name).
+        #[arg(long)]
+        host: Option<String>,
+        #[arg(long, value_name = "URI", default_value = "qemu:///system")]
+        libvirt_uri: String,
+    },
     /// Run the deterministic cluster simulator.
     Simulate(SimulateArgs),
     /// The built-in demo: one power loss step by step on a 5-host, 40-domain
@@ -27,6 +114,47 @@ enum Cmd {
         /// What to measure: planner
         what: String,
     },
+}
+
+#[derive(Subcommand)]
+enum FenceCmd {
+    /// Swear that HOST is powered off, so that its domains are restarted
+    /// elsewhere. Wrong here means domains running twice: check first.
+    Confirm {
+        /// The host's name in the config.
+        host: String,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+}
+
+#[derive(clap::Args)]
+struct ProtectArgs {
+    /// Domain name or UUID.
+    domain: String,
+    /// Restart priority: disabled, lowest, low, medium, high, highest.
+    #[arg(long, value_parser = havirt::cli::parse_priority)]
+    priority: Option<havirt::engine::config::Priority>,
+    /// What to do with it when this host is isolated: keep, shutdown, poweroff.
+    #[arg(long, value_parser = havirt::cli::parse_isolation_response)]
+    isolation_response: Option<havirt::engine::config::IsolationResponse>,
+    /// Hosts it may run on, comma-separated ("" for any host).
+    #[arg(long, value_name = "HOSTS")]
+    affinity: Option<String>,
+    /// Domains of one group never share a host ("" to leave the group).
+    #[arg(long, value_name = "GROUP")]
+    anti_affinity: Option<String>,
+    /// When it counts as up after a restart: started, guest-agent, tcp:PORT.
+    #[arg(long, value_parser = havirt::cli::parse_readiness)]
+    readiness: Option<havirt::engine::config::Readiness>,
+    /// Seconds to wait for readiness before starting lower priorities anyway.
+    #[arg(long, value_name = "SECONDS")]
+    readiness_timeout: Option<u64>,
+    /// Failed starts before havirt gives up on it.
+    #[arg(long)]
+    max_restarts: Option<u32>,
+    #[command(flatten)]
+    socket: SocketArg,
 }
 
 #[derive(clap::Args)]
@@ -66,6 +194,16 @@ fn main() -> ExitCode {
         Cmd::Simulate(a) => simulate(a),
         Cmd::Bench { what } => bench(&what),
         Cmd::Demo => demo(),
+        Cmd::Daemon { config, host, libvirt_uri, socket } => daemon(config, host, libvirt_uri, socket.socket),
+        Cmd::Check { config, host, libvirt_uri } => check(config, host, libvirt_uri),
+        Cmd::Init { cluster, datastore, key_file } => print(havirt::cli::init(&cluster, &datastore, &key_file)),
+        Cmd::Status { json, socket } => print(havirt::cli::status(&socket.socket, json)),
+        Cmd::Events { follow, socket } => print(havirt::cli::events(&socket.socket, follow)),
+        Cmd::Protect(a) => protect(a),
+        Cmd::Unprotect { domain, socket } => print(havirt::cli::unprotect(&socket.socket, &domain)),
+        Cmd::Fence { what: FenceCmd::Confirm { host, socket } } => {
+            print(havirt::cli::fence_confirm(&socket.socket, &host))
+        }
     };
     match result {
         Ok(code) => code,
@@ -74,6 +212,64 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// An operator command's answer: printed, exit 0; a refusal: stderr, exit 1.
+fn print(outcome: havirt::cli::Outcome) -> Result<ExitCode, String> {
+    match outcome {
+        Ok(text) => {
+            if !text.is_empty() {
+                println!("{text}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("havirt: {e}");
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+fn protect(a: ProtectArgs) -> Result<ExitCode, String> {
+    let list = |s: String| s.split(',').map(str::trim).filter(|h| !h.is_empty()).map(String::from).collect();
+    let changes = havirt::control::PolicyChanges {
+        priority: a.priority,
+        isolation_response: a.isolation_response,
+        affinity: a.affinity.map(list),
+        anti_affinity: a.anti_affinity,
+        readiness: a.readiness,
+        readiness_timeout_s: a.readiness_timeout,
+        max_restarts: a.max_restarts,
+    };
+    print(havirt::cli::protect(&a.socket.socket, &a.domain, changes))
+}
+
+fn daemon(config: PathBuf, host: Option<String>, libvirt_uri: String, socket: PathBuf) -> Result<ExitCode, String> {
+    // journald adds its own timestamps.
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HAVIRT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr);
+    if journal {
+        builder.without_time().with_ansi(false).init();
+    } else {
+        builder.init();
+    }
+    let opts = havirt::daemon::DaemonOptions { config, host, libvirt_uri, socket };
+    match havirt::daemon::run(opts) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            tracing::error!("{e}");
+            Err(e.to_string())
+        }
+    }
+}
+
+fn check(config: PathBuf, host: Option<String>, libvirt_uri: String) -> Result<ExitCode, String> {
+    let findings = havirt::check::run(&havirt::check::CheckOptions { config_path: config, host, libvirt_uri });
+    print!("{}", havirt::check::render(&findings));
+    let errors = findings.iter().any(|f| matches!(f.level, havirt::check::Level::Error));
+    Ok(if errors { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
 
 fn parse_duration(s: &str) -> Result<u64, String> {

@@ -1,0 +1,177 @@
+//! The operator commands of `havirt` (`init`, `status`, `events`, `protect`,
+//! `unprotect`, `fence confirm`): each turns its arguments into a control
+//! request or a datastore change and prints the answer. Argument parsing
+//! is clap's, in `main.rs`.
+
+use crate::control::{self, PolicyChanges, Request, Response};
+use crate::engine::config::{IsolationResponse, Priority, Readiness};
+use crate::store::dir::DirStore;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::Path;
+use std::time::Duration;
+
+/// How long a command waits for the daemon (protect does libvirt calls and
+/// a lease CAS on the datastore).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bytes of a new cluster key.
+pub const NEW_KEY_BYTES: usize = 64;
+/// How often `events --follow` asks for new events.
+pub const FOLLOW_INTERVAL: Duration = Duration::from_millis(500);
+
+/// What a command prints and how it exits.
+pub type Outcome = Result<String, String>;
+
+/// `havirt init`: the datastore layout and a cluster key. Idempotent: an
+/// existing datastore keeps its records, an existing key is checked and
+/// kept.
+pub fn init(cluster: &str, datastore: &Path, key_file: &Path) -> Outcome {
+    DirStore::init(datastore, cluster).map_err(|e| format!("datastore {}: {e}", datastore.display()))?;
+    let key_note = if key_file.exists() {
+        crate::config::check_key_file(key_file).map_err(|e| e.to_string())?;
+        format!("kept the existing cluster key {}", key_file.display())
+    } else {
+        write_new_key(key_file)?;
+        format!("wrote a new cluster key {} (mode 0600)", key_file.display())
+    };
+    Ok(format!(
+        "initialized datastore {} for cluster {cluster:?}\n{key_note}\n\nnext:\n  \
+         1. copy {} to every host (same path, root-only)\n  \
+         2. write /etc/havirt/havirt.toml on every host (cluster name {cluster:?}, datastore path {})\n  \
+         3. havirt check\n  \
+         4. systemctl enable --now havirt",
+        datastore.display(),
+        key_file.display(),
+        datastore.display()
+    ))
+}
+
+fn write_new_key(path: &Path) -> Result<(), String> {
+    use std::io::Read;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    }
+    let mut key = [0u8; NEW_KEY_BYTES];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut key))
+        .map_err(|e| format!("reading /dev/urandom: {e}"))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("creating {}: {e}", path.display()))?;
+    f.write_all(&key).and_then(|()| f.sync_all()).map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+fn ask(socket: &Path, req: &Request) -> Result<Response, String> {
+    match control::request(socket, req, REQUEST_TIMEOUT).map_err(|e| e.to_string())? {
+        Response::Error(e) => Err(e),
+        r => Ok(r),
+    }
+}
+
+pub fn status(socket: &Path, json: bool) -> Outcome {
+    match ask(socket, &Request::Status)? {
+        Response::Status(r) if json => Ok(control::status_json(&r)),
+        Response::Status(r) => Ok(control::render_status(&r)),
+        other => Err(unexpected(&other)),
+    }
+}
+
+pub fn events(socket: &Path, follow: bool) -> Outcome {
+    let mut after = 0;
+    loop {
+        match ask(socket, &Request::Events { after })? {
+            Response::Events(list) => {
+                if let Some(last) = list.last() {
+                    after = last.seq;
+                }
+                if !follow {
+                    return Ok(control::render_events(&list).trim_end().to_string());
+                }
+                let text = control::render_events(&list);
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+            }
+            other => return Err(unexpected(&other)),
+        }
+        std::thread::sleep(FOLLOW_INTERVAL);
+    }
+}
+
+pub fn protect(socket: &Path, domain: &str, changes: PolicyChanges) -> Outcome {
+    done(ask(socket, &Request::Protect { domain: domain.to_string(), changes })?)
+}
+
+pub fn unprotect(socket: &Path, domain: &str) -> Outcome {
+    done(ask(socket, &Request::Unprotect { domain: domain.to_string() })?)
+}
+
+pub fn fence_confirm(socket: &Path, host: &str) -> Outcome {
+    done(ask(socket, &Request::FenceConfirm { host: host.to_string() })?)
+}
+
+fn done(r: Response) -> Outcome {
+    match r {
+        Response::Done(text) => Ok(text),
+        other => Err(unexpected(&other)),
+    }
+}
+
+fn unexpected(r: &Response) -> String {
+    format!("unexpected answer from the daemon: {r:?}")
+}
+
+// ---------------------------------------------------------------- values
+
+pub fn parse_priority(s: &str) -> Result<Priority, String> {
+    Ok(match s {
+        "disabled" => Priority::Disabled,
+        "lowest" => Priority::Lowest,
+        "low" => Priority::Low,
+        "medium" => Priority::Medium,
+        "high" => Priority::High,
+        "highest" => Priority::Highest,
+        _ => return Err(format!("{s:?}: use disabled, lowest, low, medium, high or highest")),
+    })
+}
+
+pub fn parse_isolation_response(s: &str) -> Result<IsolationResponse, String> {
+    Ok(match s {
+        "keep" => IsolationResponse::Keep,
+        "shutdown" => IsolationResponse::Shutdown,
+        "poweroff" => IsolationResponse::Poweroff,
+        _ => return Err(format!("{s:?}: use keep, shutdown or poweroff")),
+    })
+}
+
+pub fn parse_readiness(s: &str) -> Result<Readiness, String> {
+    match s {
+        "started" => Ok(Readiness::Started),
+        "guest-agent" => Ok(Readiness::GuestAgent),
+        _ => match s.strip_prefix("tcp:").map(str::parse::<u16>) {
+            Some(Ok(port)) if port > 0 => Ok(Readiness::TcpPort(port)),
+            _ => Err(format!("{s:?}: use started, guest-agent or tcp:PORT (PORT 1-65535)")),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_parse_and_refuse_with_the_choices() {
+        assert_eq!(parse_priority("high"), Ok(Priority::High));
+        assert!(parse_priority("hi").unwrap_err().contains("highest"));
+        assert_eq!(parse_isolation_response("poweroff"), Ok(IsolationResponse::Poweroff));
+        assert_eq!(parse_readiness("tcp:22"), Ok(Readiness::TcpPort(22)));
+        assert!(parse_readiness("tcp:0").is_err());
+        assert!(parse_readiness("tcp:x").unwrap_err().contains("tcp:PORT"));
+    }
+}

@@ -1,0 +1,1345 @@
+//! `havirt daemon`: the tokio runtime that drives the engine with real time
+//! and executes its actions on real adapters (DESIGN.md §7).
+//!
+//! One task owns the `Node` and runs the loop: take whatever happened (a
+//! worker's result, a network heartbeat, a libvirt event, an operator
+//! request, the registry of protected domains), feed it to the engine with
+//! the monotonic time, call `handle_timeout` when due, then execute every
+//! action. Nothing in the loop blocks: storage, libvirt and fence calls run
+//! on tokio's blocking pool, and their results come back as inputs. A call
+//! that hangs (a dead NFS server, a hung libvirtd) only occupies its worker
+//! thread; the engine times it out by itself and the loop goes on, so S4's
+//! self-fence and the watchdog's silence happen on time.
+//!
+//! The daemon decides nothing; where it must choose (how to run a start,
+//! what a libvirt error means) the choice is written next to the code.
+
+mod registry;
+
+use crate::config::{Config, ConfigError, Datastore, HostConfig, Watchdog as WatchdogConfig};
+use crate::control::{self, Counters, EventRecord, PolicyChanges, Request, Response, StatusReport};
+use crate::engine::config::{ClusterSpec, DomainId, DomainPolicy, DomainSpec, HostId, Readiness};
+use crate::engine::io::{
+    Action, BootId, CasOutcome, DomainEvent, Event, FenceOutcome, Input, Lease, LeaseKey, LeaseReason,
+    OperatorCommand, Owner, StorageError,
+};
+use crate::engine::node::{LocalState, Node, NodeConfig};
+use crate::engine::time::{Duration, Instant};
+use crate::fence::watchdog::{self, Watchdog};
+use crate::fence::{self, AgentEnv, Fencers};
+use crate::hypervisor::metadata::render_policy;
+use crate::hypervisor::{DomainInfo, Hypervisor, HypervisorError, HypervisorEvent, LibvirtHypervisor, LibvirtOptions};
+use crate::hypervisor::{parse_uuid, uuid_string};
+use crate::net::udp::{Bound, Identity, Transport};
+use crate::net::wire::{ClusterId as WireClusterId, ClusterKey};
+use crate::store::dir::{DirError, DirStore};
+use crate::store::record::PoisonRequest;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{error, info, warn};
+
+/// How often the registry of protected domains is re-read.
+pub const REGISTRY_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+/// Events kept for `havirt events`.
+pub const EVENTS_KEPT: usize = 10_000;
+/// libvirt calls (start, destroy, shutdown, list, agent ping) running at
+/// once; more wait. Killing qemu directly is never gated: it is S4's last
+/// resort when libvirt calls hang.
+pub const MAX_LIBVIRT_CALLS: usize = 16;
+/// How long the daemon waits for libvirtd at start before giving up (systemd
+/// restarts it).
+pub const LIBVIRT_CONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Pause between reconnection attempts after libvirtd went away.
+pub const LIBVIRT_RECONNECT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// How often the daemon tells systemd what it is doing (STATUS=).
+pub const STATUS_NOTIFY_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How to run one daemon.
+#[derive(Clone, Debug)]
+pub struct DaemonOptions {
+    pub config: PathBuf,
+    /// The `[[host]]` to be; default: this machine's host name.
+    pub host: Option<String>,
+    pub libvirt_uri: String,
+    pub socket: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("datastore: {0}")]
+    Store(#[from] DirError),
+    #[error(
+        "datastore {0}: a block datastore carries heartbeats and fence requests but no leases; the daemon needs a dir datastore (kind = \"dir\") for domain leases"
+    )]
+    BlockDatastore(PathBuf),
+    #[error("libvirt at {uri} is not reachable after {waited_s} s: {source}; is libvirtd running (systemctl status libvirtd)?")]
+    Libvirt {
+        uri: String,
+        waited_s: u64,
+        #[source]
+        source: HypervisorError,
+    },
+    #[error("network: {0}")]
+    Net(#[from] crate::net::udp::UdpError),
+    #[error("control socket: {0}")]
+    Control(#[from] control::ControlError),
+    #[error("watchdog {device}: {reason}; fix the [[host]] watchdog setting or the device")]
+    Watchdog { device: String, reason: String },
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
+    let (config, warnings) = Config::load(&opts.config)?;
+    for w in &warnings {
+        warn!("{w}");
+    }
+    let host_name = match &opts.host {
+        Some(h) => h.clone(),
+        None => crate::config::machine_hostname()?,
+    };
+    let me = config.local_host(&host_name)?.clone();
+    let key = crate::config::check_key_file(&config.cluster.key_file)?;
+    let Datastore::Dir { path } = &config.cluster.datastore else {
+        let Datastore::Block { device } = &config.cluster.datastore else { unreachable!() };
+        return Err(DaemonError::BlockDatastore(device.clone()));
+    };
+    let store = Arc::new(DirStore::open(path, &config.cluster.name)?);
+    check_watchdog_present(&me.watchdog)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| DaemonError::Io { what: "starting the tokio runtime", source })?;
+    runtime.block_on(async move {
+        let mut daemon = Daemon::start(opts, config, me, key, store).await?;
+        daemon.run().await
+    })
+}
+
+/// Refuse to start when the configured watchdog cannot exist. The device is
+/// not opened here: opening arms (and pets) it, which the daemon may do only
+/// once S4 holds (see `Daemon::pet`).
+fn check_watchdog_present(w: &WatchdogConfig) -> Result<(), DaemonError> {
+    use std::os::unix::fs::FileTypeExt;
+    match w {
+        WatchdogConfig::Device { device } => match std::fs::metadata(device) {
+            Ok(m) if m.file_type().is_char_device() => Ok(()),
+            Ok(_) => Err(DaemonError::Watchdog {
+                device: device.display().to_string(),
+                reason: "not a character device".into(),
+            }),
+            Err(e) => Err(DaemonError::Watchdog {
+                device: device.display().to_string(),
+                reason: format!("{e} (load a watchdog driver, e.g. modprobe softdog)"),
+            }),
+        },
+        _ => Ok(()),
+    }
+}
+
+// ---------------------------------------------------------------- pieces
+
+/// The engine's clock: milliseconds since the daemon started, monotonic.
+struct Clock {
+    start: tokio::time::Instant,
+}
+
+impl Clock {
+    fn now(&self) -> Instant {
+        Instant(u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX))
+    }
+
+    fn deadline(&self, at: Instant) -> tokio::time::Instant {
+        self.start + std::time::Duration::from_millis(at.0)
+    }
+}
+
+/// Everything that reaches the loop besides network messages and operator
+/// requests.
+enum Internal {
+    Engine(Input),
+    Hypervisor(HypervisorEvent),
+    /// libvirt came back after its connection closed: re-list.
+    Reconnected,
+    Listed(Vec<DomainInfo>),
+    /// The registry as read when `epoch` was current.
+    Registry {
+        epoch: u64,
+        entries: BTreeMap<DomainId, registry::Entry>,
+    },
+    Protected {
+        result: Result<(DomainId, registry::Entry, String), String>,
+        reply: oneshot::Sender<Response>,
+    },
+    Unprotected {
+        result: Result<(DomainId, String), String>,
+        reply: oneshot::Sender<Response>,
+    },
+    /// A destroy or kill finished: `stopped` when qemu is gone.
+    Destroyed {
+        domain: DomainId,
+        stopped: bool,
+    },
+    /// A worker failed to run something that has no engine input.
+    Problem(String),
+    StorageFailure(StorageError),
+}
+
+type ControlMsg = (Request, oneshot::Sender<Response>);
+
+/// The current libvirt connection; replaced when libvirtd comes back.
+struct HvSlot(Mutex<Arc<LibvirtHypervisor>>);
+
+impl HvSlot {
+    fn get(&self) -> Arc<LibvirtHypervisor> {
+        Arc::clone(&self.0.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn set(&self, hv: LibvirtHypervisor) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Arc::new(hv);
+    }
+}
+
+/// Shared by the loop and its workers.
+struct Shared {
+    me: HostId,
+    hosts: Vec<HostId>,
+    store: Arc<DirStore>,
+    hv: HvSlot,
+    libvirt_uri: String,
+    fencers: Fencers,
+    fence_timeout: std::time::Duration,
+    isolation_addresses: Vec<std::net::IpAddr>,
+    /// Boots seen in slots, for aiming poison requests.
+    boots: Mutex<BTreeMap<HostId, BootId>>,
+    libvirt_gate: tokio::sync::Semaphore,
+    /// Bumped by every protect and unprotect: a registry read that began
+    /// before one is stale and ignored.
+    registry_epoch: AtomicU64,
+    /// One isolation probe at a time (each may wait a second per address).
+    probing: AtomicBool,
+    tx: mpsc::UnboundedSender<Internal>,
+}
+
+impl Shared {
+    fn send(&self, msg: Internal) {
+        // The loop is gone only while the daemon exits.
+        let _ = self.tx.send(msg);
+    }
+
+    fn engine(&self, input: Input) {
+        self.send(Internal::Engine(input));
+    }
+}
+
+struct Daemon {
+    node: Node,
+    clock: Clock,
+    config: Config,
+    host_name: String,
+    owner: Owner,
+    shared: Arc<Shared>,
+    net: Arc<Transport>,
+    net_rx: mpsc::Receiver<crate::net::udp::Delivery>,
+    rx: mpsc::UnboundedReceiver<Internal>,
+    control_rx: mpsc::Receiver<ControlMsg>,
+    spec: ClusterSpec,
+    protected: BTreeMap<DomainId, registry::Entry>,
+    /// Destroys and kills in flight: their Stopped comes from the call's
+    /// result, not from libvirt's event (which may never come).
+    destroying: BTreeSet<DomainId>,
+    watchdog_config: WatchdogConfig,
+    watchdog: Option<Box<dyn Watchdog>>,
+    watchdog_error_logged: bool,
+    /// systemd's service watchdog is on (WatchdogSec): ping it with every pet.
+    systemd_watchdog: bool,
+    events: VecDeque<EventRecord>,
+    event_seq: u64,
+    counters: Counters,
+    next_status_notify: Instant,
+    /// A protect or unprotect is running (one at a time).
+    registry_busy: bool,
+}
+
+impl Daemon {
+    async fn start(
+        opts: DaemonOptions,
+        config: Config,
+        me: HostConfig,
+        key: Vec<u8>,
+        store: Arc<DirStore>,
+    ) -> Result<Daemon, DaemonError> {
+        let clock = Clock { start: tokio::time::Instant::now() };
+        let boot = boot_id();
+        let incarnation = random_u64();
+        let owner = Owner { host: me.id, boot };
+        info!(host = %me.name, id = me.id.0, boot = format!("{boot:x}"), "havirt daemon starting");
+
+        let hv = connect_libvirt(&opts.libvirt_uri).await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let env = AgentEnv::default();
+        let shared = Arc::new(Shared {
+            me: me.id,
+            hosts: config.hosts.iter().map(|h| h.id).collect(),
+            store: Arc::clone(&store),
+            hv: HvSlot(Mutex::new(Arc::new(hv))),
+            libvirt_uri: opts.libvirt_uri.clone(),
+            fencers: Fencers::from_config(&config, &env),
+            fence_timeout: std::time::Duration::from_millis(config.cluster.timings.fence_timeout.as_millis()),
+            isolation_addresses: config.cluster.isolation_addresses.clone(),
+            boots: Mutex::new(BTreeMap::new()),
+            libvirt_gate: tokio::sync::Semaphore::new(MAX_LIBVIRT_CALLS),
+            registry_epoch: AtomicU64::new(0),
+            probing: AtomicBool::new(false),
+            tx,
+        });
+
+        // The protected domains, then what runs here: the engine adopts
+        // each protected one by reading its lease (S5 for those not ours).
+        let protected = {
+            let store = Arc::clone(&store);
+            let cached = BTreeMap::new();
+            tokio::task::spawn_blocking(move || read_registry(&store, &cached))
+                .await
+                .map_err(|e| DaemonError::Io { what: "reading the registry", source: std::io::Error::other(e) })??
+        };
+        let running = {
+            let hv = shared.hv.get();
+            tokio::task::spawn_blocking(move || hv.list())
+                .await
+                .map_err(|e| DaemonError::Io { what: "listing domains", source: std::io::Error::other(e) })?
+                .map_err(|source| DaemonError::Libvirt { uri: opts.libvirt_uri.clone(), waited_s: 0, source })?
+        };
+
+        let mut spec = config.cluster_spec();
+        let (memory_mib, vcpus) = host_size();
+        if let Some(h) = spec.hosts.iter_mut().find(|h| h.id == me.id) {
+            h.memory_mib = memory_mib;
+            h.vcpus = vcpus;
+        }
+        spec.domains = protected.iter().map(|(d, e)| (*d, e.spec.clone())).collect();
+        for (d, e) in &protected {
+            if let Some(p) = &e.problem {
+                warn!(domain = %e.spec.name, uuid = %uuid_string(*d), "stored definition: {p}");
+            }
+        }
+
+        // Network: one socket per ring on our addresses.
+        let port = config.cluster.net_port;
+        let local: Vec<SocketAddr> = me.addresses.iter().map(|ip| SocketAddr::new(*ip, port)).collect();
+        let peers: BTreeMap<HostId, Vec<SocketAddr>> = config
+            .hosts
+            .iter()
+            .filter(|h| h.id != me.id)
+            .map(|h| (h.id, h.addresses.iter().map(|ip| SocketAddr::new(*ip, port)).collect()))
+            .collect();
+        let identity = Identity {
+            key: ClusterKey::new(&key),
+            cluster: WireClusterId::from_name(&config.cluster.name),
+            host: me.id,
+            boot,
+            nonce: random_u64(),
+        };
+        let (net, net_rx) = Bound::bind(&local).await?.start(identity, peers)?;
+
+        let listener = control::bind(&opts.socket)?;
+        let (control_tx, control_rx) = mpsc::channel(64);
+        tokio::spawn(control::serve(listener, control_tx));
+
+        let node_cfg = NodeConfig {
+            host: me.id,
+            boot,
+            incarnation,
+            spec: Arc::new(spec.clone()),
+            rng_seed: random_u64(),
+            #[cfg(test)]
+            broken_skip_s3: false,
+        };
+        let now = clock.now();
+        let mut node = Node::new(node_cfg, now);
+        let here: Vec<DomainId> =
+            running.iter().filter(|i| i.state.has_qemu() && protected.contains_key(&i.id)).map(|i| i.id).collect();
+        info!("{} protected domain(s), {} of them running here", protected.len(), here.len());
+        node.handle_input(now, Input::DomainsAtStart(here));
+        for i in running.iter().filter(|i| i.autostart && protected.contains_key(&i.id)) {
+            // A protected domain must start only where havirt starts it (S5).
+            let (hv, id) = (shared.hv.get(), i.id);
+            tokio::task::spawn_blocking(move || hv.set_autostart(id, false));
+        }
+
+        spawn_event_thread(Arc::clone(&shared));
+        spawn_registry_poller(Arc::clone(&shared));
+        let systemd_watchdog = std::env::var_os("WATCHDOG_USEC").is_some();
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        Ok(Daemon {
+            node,
+            clock,
+            host_name: me.name.clone(),
+            owner,
+            shared,
+            net: Arc::new(net),
+            net_rx,
+            rx,
+            control_rx,
+            spec,
+            protected,
+            destroying: BTreeSet::new(),
+            watchdog_config: me.watchdog.clone(),
+            watchdog: None,
+            watchdog_error_logged: false,
+            systemd_watchdog,
+            events: VecDeque::new(),
+            event_seq: 0,
+            counters: Counters::default(),
+            next_status_notify: now,
+            registry_busy: false,
+            config,
+        })
+    }
+
+    async fn run(&mut self) -> Result<(), DaemonError> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).map_err(|source| DaemonError::Io { what: "SIGTERM", source })?;
+        let mut int = signal(SignalKind::interrupt()).map_err(|source| DaemonError::Io { what: "SIGINT", source })?;
+        loop {
+            let deadline = self.clock.deadline(self.node.poll_timeout());
+            tokio::select! {
+                Some(msg) = self.rx.recv() => self.internal(msg),
+                Some((_, msg)) = self.net_rx.recv() => {
+                    let now = self.clock.now();
+                    self.node.handle_input(now, Input::Net(msg));
+                }
+                Some((req, reply)) = self.control_rx.recv() => self.control(req, reply),
+                _ = tokio::time::sleep_until(deadline) => {}
+                _ = term.recv() => return self.stop("SIGTERM"),
+                _ = int.recv() => return self.stop("SIGINT"),
+            }
+            let now = self.clock.now();
+            if now >= self.node.poll_timeout() {
+                self.node.handle_timeout(now);
+            }
+            self.execute_actions().await;
+            if now >= self.next_status_notify {
+                self.next_status_notify = now + STATUS_NOTIFY_INTERVAL;
+                let status = self.status_line();
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status)]);
+            }
+        }
+    }
+
+    /// A clean stop. Protected domains keep running, so the watchdog stays
+    /// armed: a restart (upgrade) pets it again in time; a stop with
+    /// domains running ends in a reset, as S4 demands of a host that no
+    /// longer renews its heartbeat (the others would restart its domains).
+    fn stop(&mut self, why: &str) -> Result<(), DaemonError> {
+        let running = self.node.local_domains().len();
+        if running == 0 {
+            if let Some(w) = self.watchdog.as_mut()
+                && let Err(e) = w.disarm()
+            {
+                warn!("watchdog disarm: {e}");
+            }
+            info!("{why}: stopping; no protected domain runs here, watchdog disarmed");
+        } else if self.watchdog.is_some() {
+            warn!(
+                "{why}: stopping with {running} protected domain(s) running here; the watchdog stays armed: \
+                 start havirt again within {} or this host is reset (S4). To stop havirt on a host for good, \
+                 unprotect or move its domains first",
+                self.config.cluster.timings.watchdog_timeout
+            );
+        } else {
+            warn!("{why}: stopping with {running} protected domain(s) running here and no watchdog armed");
+        }
+        Ok(())
+    }
+
+    fn status_line(&self) -> String {
+        let v = self.node.view(self.clock.now());
+        let alive = v.hosts.iter().filter(|h| h.verdict == "alive" || h.verdict == "self").count();
+        format!(
+            "{}; {alive}/{} hosts alive; {} domain(s) here; {}",
+            if v.is_master { "master" } else { "member" },
+            v.hosts.len(),
+            self.node.local_domains().len(),
+            v.self_fence
+        )
+    }
+
+    // ------------------------------------------------------------ inputs
+
+    fn internal(&mut self, msg: Internal) {
+        let now = self.clock.now();
+        match msg {
+            Internal::Engine(input) => self.node.handle_input(now, input),
+            Internal::Hypervisor(ev) => self.hypervisor_event(now, ev),
+            Internal::Reconnected => {
+                info!("libvirt connection is back; re-listing domains");
+                self.relist();
+            }
+            Internal::Listed(list) => self.reconcile(now, &list),
+            Internal::Registry { epoch, entries } => {
+                if epoch == self.shared.registry_epoch.load(Ordering::SeqCst) {
+                    self.registry_changed(now, entries);
+                }
+            }
+            Internal::Destroyed { domain, stopped } => {
+                if stopped {
+                    self.destroying.remove(&domain);
+                    self.node.handle_input(now, Input::Domain { domain, event: DomainEvent::Stopped });
+                }
+            }
+            Internal::Protected { result, reply } => {
+                self.registry_busy = false;
+                self.shared.registry_epoch.fetch_add(1, Ordering::SeqCst);
+                let response = match result {
+                    Ok((id, entry, message)) => {
+                        let mut entries = self.protected.clone();
+                        entries.insert(id, entry);
+                        self.registry_changed(now, entries);
+                        self.node.handle_input(now, Input::DomainsAtStart(vec![id]));
+                        info!("{message}");
+                        Response::Done(message)
+                    }
+                    Err(e) => Response::Error(e),
+                };
+                let _ = reply.send(response);
+            }
+            Internal::Unprotected { result, reply } => {
+                self.registry_busy = false;
+                self.shared.registry_epoch.fetch_add(1, Ordering::SeqCst);
+                let response = match result {
+                    Ok((id, message)) => {
+                        let mut entries = self.protected.clone();
+                        entries.remove(&id);
+                        self.registry_changed(now, entries);
+                        info!("{message}");
+                        Response::Done(message)
+                    }
+                    Err(e) => Response::Error(e),
+                };
+                let _ = reply.send(response);
+            }
+            Internal::Problem(text) => warn!("{text}"),
+            Internal::StorageFailure(e) => match e {
+                StorageError::Io => self.counters.storage_errors += 1,
+                StorageError::Timeout => self.counters.storage_timeouts += 1,
+            },
+        }
+    }
+
+    fn registry_changed(&mut self, now: Instant, entries: BTreeMap<DomainId, registry::Entry>) {
+        if entries == self.protected {
+            return;
+        }
+        for (d, e) in &entries {
+            if self.protected.get(d) != Some(e)
+                && let Some(p) = &e.problem
+            {
+                warn!(domain = %e.spec.name, uuid = %uuid_string(*d), "stored definition: {p}");
+            }
+        }
+        self.protected = entries;
+        self.spec.domains = self.protected.iter().map(|(d, e)| (*d, e.spec.clone())).collect();
+        self.node.handle_input(now, Input::ProtectedDomains(self.spec.domains.clone()));
+    }
+
+    fn hypervisor_event(&mut self, now: Instant, ev: HypervisorEvent) {
+        match ev {
+            HypervisorEvent::Domain { domain, event } => {
+                let local = self.node.local_domains().contains_key(&domain);
+                match event {
+                    DomainEvent::Started if !local && self.protected.contains_key(&domain) => {
+                        // Started behind havirt's back (virsh start): adopt
+                        // it, which destroys it unless its lease is ours (S5).
+                        warn!(domain = %self.domain_name(domain), "protected domain started outside havirt; checking its lease");
+                        self.node.handle_input(now, Input::DomainsAtStart(vec![domain]));
+                    }
+                    DomainEvent::Stopped | DomainEvent::Crashed if self.destroying.contains(&domain) => {}
+                    _ if local => self.node.handle_input(now, Input::Domain { domain, event }),
+                    _ => {}
+                }
+            }
+            HypervisorEvent::Defined { domain } => {
+                // DESIGN.md §4: the lease owner keeps the stored definition
+                // current, so a survivor defines what ran here.
+                if self.protected.contains_key(&domain) && self.node.local_domains().contains_key(&domain) {
+                    let shared = Arc::clone(&self.shared);
+                    tokio::task::spawn_blocking(move || {
+                        let hv = shared.hv.get();
+                        let r = hv.xml(domain).map_err(|e| e.to_string()).and_then(|xml| {
+                            shared.store.write_domain_xml(domain, &xml).map_err(|e| e.to_string())
+                        });
+                        if let Err(e) = r {
+                            shared.send(Internal::Problem(format!(
+                                "domain {} was redefined but its stored definition was not updated: {e}",
+                                uuid_string(domain)
+                            )));
+                        }
+                    });
+                }
+            }
+            HypervisorEvent::Undefined { domain } => {
+                if self.protected.contains_key(&domain) {
+                    warn!(domain = %self.domain_name(domain), "protected domain undefined here; its stored definition stays (havirt unprotect to drop it)");
+                }
+            }
+            HypervisorEvent::ConnectionClosed { reason } => {
+                warn!("libvirt connection closed ({reason:?}); reconnecting");
+            }
+            HypervisorEvent::Lagged { dropped } => {
+                warn!("{dropped} libvirt event(s) dropped; re-listing domains");
+                self.relist();
+            }
+        }
+    }
+
+    fn relist(&self) {
+        let shared = Arc::clone(&self.shared);
+        tokio::spawn(async move {
+            let Ok(_permit) = shared.libvirt_gate.acquire().await else { return };
+            let hv = shared.hv.get();
+            match tokio::task::spawn_blocking(move || hv.list()).await {
+                Ok(Ok(list)) => shared.send(Internal::Listed(list)),
+                Ok(Err(e)) => shared.send(Internal::Problem(format!("listing domains: {e}"))),
+                Err(e) => shared.send(Internal::Problem(format!("listing domains: {e}"))),
+            }
+        });
+    }
+
+    /// After missed events: a local domain whose qemu is gone crashed; a
+    /// protected domain running here that the engine does not know is
+    /// adopted (and destroyed unless its lease is ours).
+    fn reconcile(&mut self, now: Instant, list: &[DomainInfo]) {
+        let running: BTreeSet<DomainId> = list.iter().filter(|i| i.state.has_qemu()).map(|i| i.id).collect();
+        let gone: Vec<DomainId> = self
+            .node
+            .local_domains()
+            .iter()
+            .filter(|(d, l)| {
+                matches!(l.state, LocalState::Running | LocalState::Ready)
+                    && !running.contains(d)
+                    && !self.destroying.contains(d)
+            })
+            .map(|(d, _)| *d)
+            .collect();
+        for d in gone {
+            self.node.handle_input(now, Input::Domain { domain: d, event: DomainEvent::Crashed });
+        }
+        let unknown: Vec<DomainId> = running
+            .iter()
+            .filter(|d| self.protected.contains_key(d) && !self.node.local_domains().contains_key(d))
+            .copied()
+            .collect();
+        if !unknown.is_empty() {
+            self.node.handle_input(now, Input::DomainsAtStart(unknown));
+        }
+    }
+
+    fn domain_name(&self, d: DomainId) -> String {
+        self.protected.get(&d).map_or_else(|| uuid_string(d), |e| e.spec.name.clone())
+    }
+
+    // ------------------------------------------------------------ control
+
+    fn control(&mut self, req: Request, reply: oneshot::Sender<Response>) {
+        let now = self.clock.now();
+        match req {
+            Request::Status => {
+                let net = self.net.counters();
+                let mut counters = self.counters;
+                counters.packets_accepted = net.accepted;
+                counters.packets_rejected = net.drops.total();
+                counters.records_rejected = self.shared.store.rejects().total();
+                let report = StatusReport {
+                    cluster: self.config.cluster.name.clone(),
+                    host_name: self.host_name.clone(),
+                    uptime_ms: now.0,
+                    view: self.node.view(now),
+                    counters,
+                };
+                let _ = reply.send(Response::Status(Box::new(report)));
+            }
+            Request::Events { after } => {
+                let list = self.events.iter().filter(|e| e.seq > after).cloned().collect();
+                let _ = reply.send(Response::Events(list));
+            }
+            Request::FenceConfirm { host } => {
+                let response = match self.config.hosts.iter().find(|h| h.name == host) {
+                    None => Response::Error(format!(
+                        "no host named {host:?} in {}; known: {}",
+                        self.config.path.display(),
+                        self.config.hosts.iter().map(|h| h.name.as_str()).collect::<Vec<_>>().join(", ")
+                    )),
+                    Some(h) if h.id == self.shared.me => Response::Error(format!(
+                        "{host} is this host: confirm a host's power-off from another host"
+                    )),
+                    Some(h) => {
+                        warn!(host = %host, "operator confirmed that {host} is powered off");
+                        self.node.handle_input(now, Input::Operator(OperatorCommand::FenceConfirm(h.id)));
+                        Response::Done(format!(
+                            "recorded: {host} is powered off (operator). The master takes over its leases; \
+                             follow with havirt events"
+                        ))
+                    }
+                };
+                let _ = reply.send(response);
+            }
+            Request::Protect { domain, changes } => {
+                if self.registry_busy {
+                    let _ = reply.send(Response::Error("another protect or unprotect is running; try again".into()));
+                    return;
+                }
+                self.registry_busy = true;
+                let shared = Arc::clone(&self.shared);
+                let (owner, hosts) = (self.owner, self.config.hosts.clone());
+                let protected = self.protected.keys().copied().collect();
+                tokio::spawn(async move {
+                    let _permit = shared.libvirt_gate.acquire().await;
+                    let s = Arc::clone(&shared);
+                    let result = tokio::task::spawn_blocking(move || {
+                        protect(&s, owner, &hosts, &protected, &domain, &changes)
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(format!("protect failed: {e}")));
+                    shared.send(Internal::Protected { result, reply });
+                });
+            }
+            Request::Unprotect { domain } => {
+                if self.registry_busy {
+                    let _ = reply.send(Response::Error("another protect or unprotect is running; try again".into()));
+                    return;
+                }
+                let found = self.protected.iter().find(|(d, e)| {
+                    e.spec.name == domain || parse_uuid(&domain) == Some(**d)
+                });
+                let Some((&id, entry)) = found else {
+                    let _ = reply.send(Response::Error(format!(
+                        "{domain:?} is not a protected domain (havirt status lists them)"
+                    )));
+                    return;
+                };
+                self.registry_busy = true;
+                let name = entry.spec.name.clone();
+                let shared = Arc::clone(&self.shared);
+                tokio::task::spawn_blocking(move || {
+                    let result = shared
+                        .store
+                        .remove_domain_xml(id)
+                        .map(|()| {
+                            (id, format!("{name} is no longer protected: it keeps running, havirt will not restart it"))
+                        })
+                        .map_err(|e| format!("unprotect {name}: {e}"));
+                    shared.send(Internal::Unprotected { result, reply });
+                });
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ actions
+
+    async fn execute_actions(&mut self) {
+        while let Some(action) = self.node.poll_action() {
+            self.execute(action).await;
+        }
+    }
+
+    async fn execute(&mut self, action: Action) {
+        let shared = Arc::clone(&self.shared);
+        match action {
+            Action::Send { to, msg } => {
+                let r = match to {
+                    None => self.net.send(&msg).await,
+                    Some(h) => self.net.send_to(h, &msg).await,
+                };
+                if let Err(e) = r {
+                    warn!("heartbeat not sent: {e}");
+                }
+            }
+            Action::WriteSlot { op, slot } => blocking(move || {
+                let result = shared.store.write_slot(&slot).map_err(|e| storage_failed(&shared, &e));
+                shared.engine(Input::SlotWritten { op, result });
+            }),
+            Action::ReadStorage { op } => blocking(move || {
+                let result = shared.store.read_snapshot(shared.me, &shared.hosts);
+                if let Ok(snap) = &result {
+                    let mut boots = shared.boots.lock().unwrap_or_else(PoisonError::into_inner);
+                    boots.extend(snap.slots.iter().map(|(h, s)| (*h, s.boot)));
+                }
+                let result = result.map_err(|e| storage_failed(&shared, &e));
+                shared.engine(Input::StorageRead { op, result });
+            }),
+            Action::ReadLease { op, key } => blocking(move || {
+                let result = shared.store.read_lease(key).map_err(|e| storage_failed(&shared, &e));
+                shared.engine(Input::LeaseRead { op, key, result });
+            }),
+            Action::CasLease { op, key, expect_generation, new } => blocking(move || {
+                let result =
+                    shared.store.cas_lease(key, expect_generation, new).map_err(|e| storage_failed(&shared, &e));
+                shared.engine(Input::LeaseCas { op, key, result });
+            }),
+            Action::WriteFenced { op, record } => blocking(move || {
+                let result = shared.store.write_fenced(&record).map_err(|e| storage_failed(&shared, &e));
+                shared.engine(Input::RecordWritten { op, result });
+            }),
+            Action::WriteAssignments { op, host, assignments } => blocking(move || {
+                let result =
+                    shared.store.write_assignments(host, &assignments).map_err(|e| storage_failed(&shared, &e));
+                shared.engine(Input::RecordWritten { op, result });
+            }),
+            Action::StartDomain { domain } => {
+                self.destroying.remove(&domain);
+                libvirt_call(shared, move |s| {
+                    let event = start_domain(s, domain);
+                    s.engine(Input::Domain { domain, event });
+                });
+            }
+            Action::DestroyDomain { domain, kill } => {
+                self.destroying.insert(domain);
+                let name = self.domain_name(domain);
+                let work = move |s: &Shared| {
+                    let hv = s.hv.get();
+                    let result = if kill { hv.kill_qemu(domain).map(|_| ()) } else { hv.destroy(domain) };
+                    match result {
+                        Ok(()) | Err(HypervisorError::NoSuchDomain(_)) => {
+                            s.send(Internal::Destroyed { domain, stopped: true });
+                        }
+                        Err(e) => {
+                            s.send(Internal::Problem(format!(
+                                "{} of {name} failed: {e}",
+                                if kill { "killing qemu" } else { "destroy" }
+                            )));
+                            s.send(Internal::Destroyed { domain, stopped: false });
+                        }
+                    }
+                };
+                if kill {
+                    // Not gated: libvirt calls may all be hung (S4).
+                    blocking(move || work(&shared));
+                } else {
+                    libvirt_call(shared, work);
+                }
+            }
+            Action::ShutdownDomain { domain, timeout: _ } => {
+                // The engine destroys after its own timeout; the Stopped
+                // event ends it earlier.
+                let name = self.domain_name(domain);
+                libvirt_call(shared, move |s| match s.hv.get().shutdown(domain) {
+                    Ok(()) => {}
+                    Err(HypervisorError::NoSuchDomain(_)) => {
+                        s.engine(Input::Domain { domain, event: DomainEvent::Stopped });
+                    }
+                    Err(e) => s.send(Internal::Problem(format!("shutdown of {name} failed: {e}"))),
+                });
+            }
+            Action::Fence { op, target, agent } => blocking(move || {
+                let outcome = fence_host(&shared, target, &agent);
+                shared.engine(Input::Fence { op, target, outcome });
+            }),
+            Action::ProbeIsolation => {
+                if shared.probing.swap(true, Ordering::SeqCst) {
+                    return;
+                }
+                blocking(move || {
+                    let reachable = shared.isolation_addresses.iter().any(ping);
+                    shared.probing.store(false, Ordering::SeqCst);
+                    shared.engine(Input::IsolationProbe { reachable });
+                });
+            }
+            Action::ProbeReadiness { domain, readiness } => match readiness {
+                Readiness::Started => {
+                    let now = self.clock.now();
+                    self.node.handle_input(now, Input::Domain { domain, event: DomainEvent::Ready });
+                }
+                Readiness::GuestAgent => libvirt_call(shared, move |s| {
+                    if matches!(s.hv.get().ping_guest_agent(domain), Ok(true)) {
+                        s.engine(Input::Domain { domain, event: DomainEvent::Ready });
+                    }
+                }),
+                Readiness::TcpPort(port) => blocking(move || {
+                    if tcp_ready(&shared, domain, port) {
+                        shared.engine(Input::Domain { domain, event: DomainEvent::Ready });
+                    }
+                }),
+            },
+            Action::PetWatchdog => self.pet(),
+            Action::Emit(event) => self.log_event(event),
+        }
+    }
+
+    /// The engine pets only while S4 holds. The watchdog is opened at the
+    /// first pet, not at start: opening arms and pets it, and a daemon that
+    /// restarts after losing storage must not put its own reset off.
+    fn pet(&mut self) {
+        if self.systemd_watchdog && !matches!(self.watchdog_config, WatchdogConfig::Systemd) {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+        }
+        if self.watchdog.is_none() {
+            match watchdog::open(&self.watchdog_config, self.config.cluster.timings.watchdog_timeout.into()) {
+                Ok(w) => {
+                    info!("watchdog armed ({:?})", self.watchdog_config);
+                    self.watchdog = Some(w);
+                    self.watchdog_error_logged = false;
+                }
+                Err(e) => {
+                    if !self.watchdog_error_logged {
+                        error!("cannot open the watchdog ({:?}): {e}; retrying at every pet", self.watchdog_config);
+                        self.watchdog_error_logged = true;
+                    }
+                    return;
+                }
+            }
+        }
+        if let Some(w) = self.watchdog.as_mut()
+            && let Err(e) = w.pet()
+        {
+            error!("watchdog pet failed: {e}");
+            self.watchdog = None;
+        }
+    }
+
+    fn log_event(&mut self, event: Event) {
+        info!(role = %event.role, "{}", event.text);
+        self.event_seq += 1;
+        self.events.push_back(EventRecord { seq: self.event_seq, unix_ms: unix_ms(), event });
+        while self.events.len() > EVENTS_KEPT {
+            self.events.pop_front();
+        }
+    }
+}
+
+// ---------------------------------------------------------------- workers
+
+fn blocking(f: impl FnOnce() + Send + 'static) {
+    tokio::task::spawn_blocking(f);
+}
+
+/// A libvirt call on the blocking pool, at most MAX_LIBVIRT_CALLS at once.
+fn libvirt_call(shared: Arc<Shared>, f: impl FnOnce(&Shared) + Send + 'static) {
+    tokio::spawn(async move {
+        let Ok(_permit) = shared.libvirt_gate.acquire().await else { return };
+        let s = Arc::clone(&shared);
+        let _ = tokio::task::spawn_blocking(move || f(&s)).await;
+    });
+}
+
+fn storage_failed(shared: &Shared, e: &DirError) -> StorageError {
+    let kind = e.storage_error();
+    shared.send(Internal::StorageFailure(kind));
+    kind
+}
+
+/// Define from the stored definition (the cluster's copy: what ran on the
+/// dead host), keep autostart off, start. A domain already running counts
+/// as started: the engine verified its lease first.
+fn start_domain(s: &Shared, d: DomainId) -> DomainEvent {
+    let hv = s.hv.get();
+    match s.store.read_domain_xml(d) {
+        Ok(Some(xml)) => {
+            if let Err(e) = hv.define(&xml) {
+                s.send(Internal::Problem(format!("defining {} from the datastore failed: {e}", uuid_string(d))));
+                return DomainEvent::StartFailed { disk_locked: false };
+            }
+        }
+        Ok(None) => {}
+        Err(e) => {
+            s.send(Internal::Problem(format!("reading the definition of {}: {e}", uuid_string(d))));
+            return DomainEvent::StartFailed { disk_locked: false };
+        }
+    }
+    if let Err(e) = hv.set_autostart(d, false) {
+        s.send(Internal::Problem(format!("autostart off for {}: {e}", uuid_string(d))));
+    }
+    match hv.start(d) {
+        Ok(()) | Err(HypervisorError::AlreadyRunning(_)) => DomainEvent::Started,
+        Err(e) => {
+            let text = e.to_string();
+            // qemu's image locking: another qemu still holds the disks.
+            let disk_locked = text.contains("Failed to get \"write\" lock") || text.contains("Is another process using");
+            s.send(Internal::Problem(format!("start of {} failed: {text}", uuid_string(d))));
+            DomainEvent::StartFailed { disk_locked }
+        }
+    }
+}
+
+/// One fence agent. The storage agent writes the poison request for the
+/// target's current boot (as last read from its slot) itself.
+fn fence_host(s: &Shared, target: HostId, agent: &str) -> FenceOutcome {
+    let a = match s.fencers.agent(target, agent) {
+        Ok(a) => a,
+        Err(e) => {
+            s.send(Internal::Problem(format!("fence {target} with {agent}: {e}")));
+            return FenceOutcome::Failed;
+        }
+    };
+    let result = a.off(s.fence_timeout);
+    if matches!(result, Err(fence::FenceError::NotPowerAgent { .. })) {
+        let boot = s.boots.lock().unwrap_or_else(PoisonError::into_inner).get(&target).copied();
+        let Some(boot) = boot else {
+            s.send(Internal::Problem(format!("poison for {target}: its boot is unknown (no slot read yet)")));
+            return FenceOutcome::Failed;
+        };
+        if let Err(e) = s.store.write_poison(&PoisonRequest { target, boot, by: s.me }) {
+            s.send(Internal::Problem(format!("poison for {target}: {e}")));
+            return FenceOutcome::Failed;
+        }
+    } else if let Err(e) = &result {
+        s.send(Internal::Problem(format!("fence {target} with {agent}: {e}")));
+    }
+    fence::outcome(&result)
+}
+
+/// One ICMP echo through the system's `ping` (no raw sockets in havirt).
+fn ping(addr: &std::net::IpAddr) -> bool {
+    std::process::Command::new("ping")
+        .args(["-n", "-q", "-c", "1", "-W", "1", &addr.to_string()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// `tcp:PORT` readiness: a TCP connect to the guest's addresses that
+/// libvirt knows (DHCP lease or guest agent).
+fn tcp_ready(s: &Shared, d: DomainId, port: u16) -> bool {
+    let Ok(addrs) = s.hv.get().addresses(d) else { return false };
+    addrs.iter().any(|ip| {
+        std::net::TcpStream::connect_timeout(&SocketAddr::new(*ip, port), std::time::Duration::from_secs(1)).is_ok()
+    })
+}
+
+/// `havirt protect` on the host that runs the domain: the lease first
+/// (owned by us), then the policy, then the stored definition that makes
+/// it protected. A registry entry therefore never appears with a free
+/// lease the master could hand to another host.
+fn protect(
+    s: &Shared,
+    owner: Owner,
+    hosts: &[HostConfig],
+    protected: &BTreeSet<DomainId>,
+    domain: &str,
+    changes: &PolicyChanges,
+) -> Result<(DomainId, registry::Entry, String), String> {
+    let hv = s.hv.get();
+    let list = hv.list().map_err(|e| format!("listing domains: {e}"))?;
+    let info = list
+        .iter()
+        .find(|i| i.name == domain || parse_uuid(domain) == Some(i.id))
+        .ok_or_else(|| format!("no domain {domain:?} on this host (virsh list --all); protect it on the host that runs it"))?;
+    let name = info.name.clone();
+    if !info.persistent {
+        return Err(format!(
+            "{name} is transient: protect needs a persistent definition (virsh define) that other hosts can define"
+        ));
+    }
+    if !info.state.has_qemu() {
+        return Err(format!(
+            "{name} is not running here: start it first (havirt restarts running domains where their host died)"
+        ));
+    }
+    let current = match &info.policy {
+        Ok(Some(p)) => p.clone(),
+        Ok(None) => DomainPolicy::default(),
+        Err(e) => return Err(format!("{name} has an unreadable havirt policy ({e}); fix or remove it first")),
+    };
+    let policy = apply_changes(current, changes, hosts)?;
+    let key = LeaseKey::Domain(info.id);
+    let lease = s.store.read_lease(key).map_err(|e| format!("reading the lease of {name}: {e}"))?;
+    let generation = match lease.owner {
+        Some(o) if o == owner => lease.generation,
+        Some(o) if protected.contains(&info.id) => {
+            let holder = hosts.iter().find(|h| h.id == o.host).map_or(o.host.to_string(), |h| h.name.clone());
+            return Err(format!(
+                "{name} is protected and its lease is held by {holder} (boot {:x}): it must not run here; \
+                 havirt destroys it here unless the lease is ours",
+                o.boot
+            ));
+        }
+        _ => {
+            let new = Lease { owner: Some(owner), generation: lease.generation + 1, reason: LeaseReason::Acquired };
+            match s.store.cas_lease(key, lease.generation, new) {
+                Ok(CasOutcome::Done(l)) => l.generation,
+                Ok(CasOutcome::Conflict(l)) => {
+                    return Err(format!("the lease of {name} changed meanwhile (now {l:?}); try again"));
+                }
+                Err(e) => return Err(format!("taking the lease of {name}: {e}")),
+            }
+        }
+    };
+    hv.set_policy(info.id, &policy).map_err(|e| format!("writing the policy of {name}: {e}"))?;
+    hv.set_autostart(info.id, false).map_err(|e| format!("turning autostart off for {name}: {e}"))?;
+    let xml = hv.xml(info.id).map_err(|e| format!("reading the definition of {name}: {e}"))?;
+    s.store.write_domain_xml(info.id, &xml).map_err(|e| format!("storing the definition of {name}: {e}"))?;
+    let entry = registry::entry(info.id, &xml);
+    let message = format!("{name} is protected ({}), lease generation {generation}", render_policy(&policy));
+    Ok((info.id, entry, message))
+}
+
+fn apply_changes(mut p: DomainPolicy, c: &PolicyChanges, hosts: &[HostConfig]) -> Result<DomainPolicy, String> {
+    if let Some(v) = c.priority {
+        p.priority = v;
+    }
+    if let Some(v) = c.isolation_response {
+        p.isolation_response = v;
+    }
+    if let Some(names) = &c.affinity {
+        p.affinity = names
+            .iter()
+            .map(|n| {
+                hosts.iter().find(|h| &h.name == n).map(|h| h.id).ok_or_else(|| {
+                    let known: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
+                    format!("affinity: no host named {n:?}; known: {}", known.join(", "))
+                })
+            })
+            .collect::<Result<_, _>>()?;
+    }
+    if let Some(g) = &c.anti_affinity {
+        p.anti_affinity = (!g.is_empty()).then(|| g.clone());
+    }
+    if let Some(r) = c.readiness {
+        p.readiness = r;
+    }
+    if let Some(s) = c.readiness_timeout_s {
+        p.readiness_timeout = Duration::from_secs(s);
+    }
+    if let Some(m) = c.max_restarts {
+        p.max_restarts = m;
+    }
+    Ok(p)
+}
+
+/// Reads every stored definition; `cached` skips unchanged files.
+fn read_registry(
+    store: &DirStore,
+    cached: &BTreeMap<DomainId, (std::time::SystemTime, u64, registry::Entry)>,
+) -> Result<BTreeMap<DomainId, registry::Entry>, DirError> {
+    Ok(read_registry_cached(store, cached)?.into_iter().map(|(d, (_, _, e))| (d, e)).collect())
+}
+
+type RegistryCache = BTreeMap<DomainId, (std::time::SystemTime, u64, registry::Entry)>;
+
+fn read_registry_cached(store: &DirStore, cached: &RegistryCache) -> Result<RegistryCache, DirError> {
+    let mut out = BTreeMap::new();
+    for d in store.list_domain_xml()? {
+        let path = store.domain_xml_path(d);
+        let Ok(meta) = std::fs::metadata(&path) else { continue };
+        let stamp = (meta.modified().unwrap_or(std::time::UNIX_EPOCH), meta.len());
+        if let Some((m, l, e)) = cached.get(&d)
+            && (*m, *l) == stamp
+        {
+            out.insert(d, (*m, *l, e.clone()));
+            continue;
+        }
+        if let Some(xml) = store.read_domain_xml(d)? {
+            out.insert(d, (stamp.0, stamp.1, registry::entry(d, &xml)));
+        }
+    }
+    Ok(out)
+}
+
+/// Re-reads the registry every REGISTRY_POLL and reports changes. One read
+/// at a time: a hung datastore holds one thread, not one per poll.
+fn spawn_registry_poller(shared: Arc<Shared>) {
+    tokio::spawn(async move {
+        let mut cache = RegistryCache::new();
+        let mut last: Option<BTreeMap<DomainId, registry::Entry>> = None;
+        let mut last_epoch = 0;
+        loop {
+            tokio::time::sleep(REGISTRY_POLL).await;
+            let epoch = shared.registry_epoch.load(Ordering::SeqCst);
+            let store = Arc::clone(&shared.store);
+            let old = cache.clone();
+            match tokio::task::spawn_blocking(move || read_registry_cached(&store, &old)).await {
+                Ok(Ok(new)) => {
+                    cache = new;
+                    let entries: BTreeMap<_, _> = cache.iter().map(|(d, (_, _, e))| (*d, e.clone())).collect();
+                    if last.as_ref() != Some(&entries) || epoch != last_epoch {
+                        last = Some(entries.clone());
+                        last_epoch = epoch;
+                        shared.send(Internal::Registry { epoch, entries });
+                    }
+                }
+                Ok(Err(e)) => shared.send(Internal::Problem(format!("reading the protected domains: {e}"))),
+                Err(e) => shared.send(Internal::Problem(format!("reading the protected domains: {e}"))),
+            }
+        }
+    });
+}
+
+/// libvirt's events on a thread of their own (the stream blocks); on a
+/// closed connection it reconnects and asks the loop to re-list.
+fn spawn_event_thread(shared: Arc<Shared>) {
+    let spawned = std::thread::Builder::new().name("libvirt-events".into()).spawn(move || {
+        loop {
+            let hv = shared.hv.get();
+            let stream = match hv.events() {
+                Ok(s) => s,
+                Err(e) => {
+                    shared.send(Internal::Problem(format!("libvirt events: {e}")));
+                    std::thread::sleep(LIBVIRT_RECONNECT_INTERVAL);
+                    reconnect(&shared);
+                    continue;
+                }
+            };
+            drop(hv);
+            loop {
+                let Some(ev) = stream.recv_timeout(std::time::Duration::from_secs(1)) else {
+                    if shared.tx.is_closed() {
+                        return;
+                    }
+                    continue;
+                };
+                let closed = matches!(ev, HypervisorEvent::ConnectionClosed { .. });
+                shared.send(Internal::Hypervisor(ev));
+                if closed {
+                    break;
+                }
+            }
+            drop(stream);
+            reconnect(&shared);
+        }
+    });
+    if let Err(e) = spawned {
+        error!("cannot start the libvirt event thread: {e}");
+    }
+}
+
+fn reconnect(shared: &Shared) {
+    loop {
+        if shared.tx.is_closed() {
+            return;
+        }
+        match LibvirtHypervisor::open(LibvirtOptions::new(&shared.libvirt_uri)) {
+            Ok(hv) => {
+                shared.hv.set(hv);
+                shared.send(Internal::Reconnected);
+                return;
+            }
+            Err(_) => std::thread::sleep(LIBVIRT_RECONNECT_INTERVAL),
+        }
+    }
+}
+
+async fn connect_libvirt(uri: &str) -> Result<LibvirtHypervisor, DaemonError> {
+    let started = tokio::time::Instant::now();
+    loop {
+        let u = uri.to_string();
+        let r = tokio::task::spawn_blocking(move || LibvirtHypervisor::open(LibvirtOptions::new(&u)))
+            .await
+            .map_err(|e| DaemonError::Io { what: "connecting to libvirt", source: std::io::Error::other(e) })?;
+        match r {
+            Ok(hv) => return Ok(hv),
+            Err(source) if started.elapsed() >= LIBVIRT_CONNECT_WAIT => {
+                return Err(DaemonError::Libvirt {
+                    uri: uri.to_string(),
+                    waited_s: LIBVIRT_CONNECT_WAIT.as_secs(),
+                    source,
+                });
+            }
+            Err(e) => {
+                warn!("libvirt at {uri} not reachable yet: {e}");
+                tokio::time::sleep(LIBVIRT_RECONNECT_INTERVAL).await;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- host facts
+
+/// The kernel's boot id, folded to 64 bits: changes on every boot.
+fn boot_id() -> BootId {
+    let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    match parse_uuid(text.trim()) {
+        Some(DomainId(v)) => {
+            // Truncation intended: the halves are folded together.
+            #[allow(clippy::cast_possible_truncation)]
+            let folded = (v as u64) ^ ((v >> 64) as u64);
+            folded
+        }
+        None => random_u64(),
+    }
+}
+
+/// 64 random bits from the kernel (incarnations, nonces, the engine's seed).
+fn random_u64() -> u64 {
+    use std::io::Read;
+    let mut b = [0u8; 8];
+    match std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)) {
+        Ok(()) => u64::from_le_bytes(b),
+        // No /dev/urandom: the clock's nanoseconds still differ per start.
+        Err(_) => {
+            #[allow(clippy::disallowed_methods, reason = "fallback entropy, not engine time")]
+            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            u64::try_from(t.as_nanos() & u128::from(u64::MAX)).unwrap_or(0) ^ u64::from(std::process::id())
+        }
+    }
+}
+
+fn unix_ms() -> u64 {
+    #[allow(clippy::disallowed_methods, reason = "wall-clock time of an event for the operator, not engine time")]
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    u64::try_from(t.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// This host's memory (MiB) and logical CPUs, for the planner.
+fn host_size() -> (u64, u32) {
+    let mut sys = sysinfo::System::new();
+    sys.refresh_memory();
+    sys.refresh_cpu_list(sysinfo::CpuRefreshKind::nothing());
+    let cpus = u32::try_from(sys.cpus().len()).unwrap_or(u32::MAX).max(1);
+    (sys.total_memory() / (1024 * 1024), cpus)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::config::{IsolationResponse, Priority};
+
+    fn hosts() -> Vec<HostConfig> {
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/havirt.toml")).expect("example");
+        Config::parse("havirt.toml", &text).expect("example parses").0.hosts
+    }
+
+    #[test]
+    fn policy_changes_keep_what_is_not_given() {
+        let start = DomainPolicy { priority: Priority::High, max_restarts: 7, ..DomainPolicy::default() };
+        let c = PolicyChanges {
+            isolation_response: Some(IsolationResponse::Shutdown),
+            affinity: Some(vec!["hv2".into()]),
+            ..PolicyChanges::default()
+        };
+        let p = apply_changes(start, &c, &hosts()).expect("applies");
+        assert_eq!(p.priority, Priority::High);
+        assert_eq!(p.max_restarts, 7);
+        assert_eq!(p.isolation_response, IsolationResponse::Shutdown);
+        assert_eq!(p.affinity, vec![HostId(2)]);
+        let clear = PolicyChanges { affinity: Some(vec![]), anti_affinity: Some(String::new()), ..Default::default() };
+        let p = apply_changes(p, &clear, &hosts()).expect("applies");
+        assert!(p.affinity.is_empty());
+        assert_eq!(p.anti_affinity, None);
+    }
+
+    #[test]
+    fn affinity_to_an_unknown_host_is_refused_with_the_known_ones() {
+        let c = PolicyChanges { affinity: Some(vec!["hv9".into()]), ..PolicyChanges::default() };
+        let e = apply_changes(DomainPolicy::default(), &c, &hosts()).unwrap_err();
+        assert!(e.contains("hv9") && e.contains("hv1, hv2, hv3"), "{e}");
+    }
+
+    #[test]
+    fn boot_id_is_stable_within_a_boot() {
+        assert_eq!(boot_id(), boot_id());
+        assert_ne!(random_u64(), random_u64());
+    }
+}

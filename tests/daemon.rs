@@ -1,0 +1,315 @@
+//! Two real `havirt daemon` processes on one machine: one datastore
+//! directory, real UDP heartbeats on loopback (127.0.0.1 and 127.0.0.2),
+//! each with its own libvirt (`test:///` driver, private to the process, so
+//! a killed daemon is a host whose domains died with it).
+//!
+//! A domain protected on host a is taken over by host b when a is killed
+//! with SIGKILL: through a fence agent that confirms a is gone (S3(a)),
+//! through the watchdog rule after host_dead_timeout (S3(b)), and, for a
+//! host with neither, only after `havirt fence confirm`.
+
+use havirt::control::{self, Request, Response, StatusReport};
+use havirt::engine::config::HostId;
+use havirt::engine::io::DomainState;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const HAVIRT: &str = env!("CARGO_BIN_EXE_havirt");
+const VM_UUID: &str = "1ea5a7e0-0000-4000-8000-000000000001";
+/// The fast profile's host_dead_timeout.
+const HOST_DEAD: Duration = Duration::from_secs(10);
+
+/// How host a can be taken over once it dies.
+#[derive(Clone, Copy, PartialEq)]
+enum TakeOver {
+    /// A fence agent that kills its process and confirms it is gone.
+    FenceAgent,
+    /// A watchdog (the lab kind; the test drains its pets): S3(b).
+    Watchdog,
+    /// Neither: only the operator can confirm.
+    Operator,
+}
+
+struct Pair {
+    dir: PathBuf,
+    children: Vec<(String, Child)>,
+    _supervisor: Option<UnixDatagram>,
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            for name in ["a", "b"] {
+                let log = std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
+                eprintln!("---- daemon {name} log ----\n{log}");
+            }
+        }
+    }
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("daemon").join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+fn free_port() -> u16 {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    s.local_addr().expect("addr").port()
+}
+
+fn node_xml(with_vm: bool) -> String {
+    let vm = format!(
+        "<domain type='test'><name>vm1</name><uuid>{VM_UUID}</uuid><memory unit='KiB'>262144</memory>\
+         <vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os></domain>"
+    );
+    format!(
+        "<node><cpu><mhz>2000</mhz><model>test</model><nodes>1</nodes><sockets>1</sockets><cores>2</cores>\
+         <threads>1</threads></cpu><memory>4194304</memory>{}</node>",
+        if with_vm { vm.as_str() } else { "" }
+    )
+}
+
+fn config_text(dir: &Path, port: u16, how: TakeOver) -> String {
+    let fence_agent = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/daemon/fence_pid");
+    let a_extra = match how {
+        TakeOver::FenceAgent => format!(
+            "watchdog = \"none\"\n\n[[host.fence]]\nkind = \"command\"\nagent = \"{}\"\noptions = {{ pidfile = \"{}\" }}\n",
+            fence_agent.display(),
+            dir.join("a.pid").display()
+        ),
+        TakeOver::Watchdog => format!(
+            "watchdog = {{ kind = \"lab\", lab_socket = \"{}\" }}\n",
+            dir.join("a-watchdog.sock").display()
+        ),
+        TakeOver::Operator => "watchdog = \"none\"\n".to_string(),
+    };
+    format!(
+        r#"[cluster]
+name = "pair"
+key_file = "{key}"
+profile = "fast"
+isolation_addresses = ["127.0.0.1"]
+net_port = {port}
+
+[cluster.datastore]
+kind = "dir"
+path = "{ds}"
+
+[[host]]
+name = "a"
+id = 1
+addresses = ["127.0.0.1"]
+{a_extra}
+[[host]]
+name = "b"
+id = 2
+addresses = ["127.0.0.2"]
+watchdog = "none"
+"#,
+        key = dir.join("cluster.key").display(),
+        ds = dir.join("ds").display(),
+    )
+}
+
+fn havirt(args: &[&str]) -> (bool, String) {
+    let out = Command::new(HAVIRT).args(args).stdin(Stdio::null()).output().expect("run havirt");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+impl Pair {
+    fn start(name: &str, how: TakeOver) -> Pair {
+        let dir = scratch(name);
+        let port = free_port();
+        let (ds, key) = (dir.join("ds"), dir.join("cluster.key"));
+        let (ok, out) = havirt(&[
+            "init",
+            "--cluster",
+            "pair",
+            "--datastore",
+            ds.to_str().expect("utf-8"),
+            "--key-file",
+            key.to_str().expect("utf-8"),
+        ]);
+        assert!(ok, "havirt init: {out}");
+        std::fs::write(dir.join("havirt.toml"), config_text(&dir, port, how)).expect("config");
+        std::fs::write(dir.join("a.xml"), node_xml(true)).expect("node a");
+        std::fs::write(dir.join("b.xml"), node_xml(false)).expect("node b");
+        // The lab watchdog's supervisor: receive (and ignore) the pets.
+        let supervisor = (how == TakeOver::Watchdog).then(|| {
+            let s = UnixDatagram::bind(dir.join("a-watchdog.sock")).expect("supervisor socket");
+            let r = s.try_clone().expect("clone");
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                while r.recv(&mut buf).is_ok() {}
+            });
+            s
+        });
+        let mut pair = Pair { dir, children: Vec::new(), _supervisor: supervisor };
+        for host in ["a", "b"] {
+            pair.spawn(host);
+        }
+        pair
+    }
+
+    fn spawn(&mut self, host: &str) {
+        let log = std::fs::File::create(self.dir.join(format!("{host}.log"))).expect("log");
+        let uri = format!("test://{}", self.dir.join(format!("{host}.xml")).display());
+        let child = Command::new(HAVIRT)
+            .args(["daemon", "--config", self.path("havirt.toml").as_str(), "--host", host])
+            .args(["--libvirt-uri", &uri, "--socket", self.socket(host).as_str()])
+            .env("HAVIRT_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn daemon");
+        std::fs::write(self.dir.join(format!("{host}.pid")), child.id().to_string()).expect("pidfile");
+        self.children.push((host.to_string(), child));
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+
+    fn socket(&self, host: &str) -> String {
+        self.path(&format!("{host}.sock"))
+    }
+
+    /// SIGKILL, and reap it (a zombie would still "exist" for kill -0).
+    fn kill(&mut self, host: &str) {
+        let i = self.children.iter().position(|(h, _)| h == host).expect("running");
+        let (_, mut c) = self.children.remove(i);
+        c.kill().expect("SIGKILL");
+        c.wait().expect("reap");
+    }
+
+    fn status(&self, host: &str) -> Option<StatusReport> {
+        let sock = self.socket(host);
+        match control::request(Path::new(&sock), &Request::Status, Duration::from_secs(5)) {
+            Ok(Response::Status(r)) => Some(*r),
+            _ => None,
+        }
+    }
+
+    fn events(&self, host: &str) -> String {
+        havirt(&["events", "--socket", self.socket(host).as_str()]).1
+    }
+
+    fn wait_for(&self, what: &str, limit: Duration, mut ok: impl FnMut() -> bool) -> Duration {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if ok() {
+                return start.elapsed();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("{what}: not within {limit:?}\nb's events:\n{}", self.events("b"));
+    }
+}
+
+fn verdict(r: &StatusReport, host: u16) -> String {
+    r.view.hosts.iter().find(|h| h.id == HostId(host)).map(|h| h.verdict.clone()).unwrap_or_default()
+}
+
+/// (host, state) of vm1 in a status report.
+fn vm1(r: &StatusReport) -> (Option<HostId>, Option<DomainState>) {
+    r.view.domains.iter().find(|d| d.name == "vm1").map_or((None, None), |d| (d.host, d.state))
+}
+
+fn running(s: Option<DomainState>) -> bool {
+    matches!(s, Some(DomainState::Running | DomainState::Ready))
+}
+
+/// Both daemons up and alive to each other, vm1 protected on a, b sees it there.
+fn protected_pair(name: &str, how: TakeOver) -> Pair {
+    let pair = Pair::start(name, how);
+    pair.wait_for("a and b see each other alive", Duration::from_secs(30), || {
+        pair.status("a").is_some_and(|r| verdict(&r, 2) == "alive")
+            && pair.status("b").is_some_and(|r| verdict(&r, 1) == "alive")
+    });
+    let (ok, out) = havirt(&["protect", "vm9", "--socket", pair.socket("a").as_str()]);
+    assert!(!ok && out.contains("no domain \"vm9\" on this host"), "{out}");
+    let (ok, out) = havirt(&["protect", "vm1", "--priority", "high", "--socket", pair.socket("a").as_str()]);
+    assert!(ok, "protect: {out}");
+    assert!(out.contains("vm1 is protected"), "{out}");
+    pair.wait_for("b sees vm1 running on a", Duration::from_secs(15), || {
+        pair.status("b").is_some_and(|r| {
+            let (h, s) = vm1(&r);
+            h == Some(HostId(1)) && running(s)
+        })
+    });
+    let (ok, table) = havirt(&["status", "--socket", pair.socket("b").as_str()]);
+    assert!(ok && table.contains("vm1") && table.contains("alive"), "{table}");
+    pair
+}
+
+fn taken_over_by_b(pair: &Pair) -> bool {
+    pair.status("b").is_some_and(|r| {
+        let (h, s) = vm1(&r);
+        h == Some(HostId(2)) && running(s)
+    })
+}
+
+#[test]
+fn sigkilled_host_is_fenced_and_its_domain_restarted_on_the_survivor() {
+    let mut pair = protected_pair("fence_agent", TakeOver::FenceAgent);
+    pair.kill("a");
+    let took = pair.wait_for("vm1 running on b after a was killed", HOST_DEAD + Duration::from_secs(10), || {
+        taken_over_by_b(&pair)
+    });
+    println!("SIGKILL of a -> vm1 running on b: {:.2} s (fence agent, fast profile)", took.as_secs_f64());
+    let r = pair.status("b").expect("b answers");
+    assert_ne!(verdict(&r, 1), "alive", "b must report a dead");
+    assert!(r.view.is_master, "b took the master lease");
+    let events = pair.events("b");
+    assert!(events.contains("fence"), "{events}");
+    // Confirmed fencing does not wait for host_dead_timeout.
+    assert!(took < HOST_DEAD, "fenced takeover took {took:?}");
+}
+
+#[test]
+fn sigkilled_host_with_a_watchdog_is_taken_over_after_host_dead_timeout() {
+    let mut pair = protected_pair("watchdog", TakeOver::Watchdog);
+    pair.kill("a");
+    let took = pair.wait_for("vm1 running on b after a was killed", HOST_DEAD + Duration::from_secs(10), || {
+        taken_over_by_b(&pair)
+    });
+    println!("SIGKILL of a -> vm1 running on b: {:.2} s (watchdog rule, fast profile)", took.as_secs_f64());
+    // S3(b): never before a's slot has been still for host_dead_timeout.
+    assert!(took >= HOST_DEAD, "took over after {took:?}, before host_dead_timeout");
+}
+
+#[test]
+fn host_without_watchdog_or_fence_agent_waits_for_the_operator() {
+    let mut pair = protected_pair("operator", TakeOver::Operator);
+    pair.kill("a");
+    // Well past every timeout: nothing may move without proof a is off.
+    std::thread::sleep(HOST_DEAD + Duration::from_secs(3));
+    let r = pair.status("b").expect("b answers");
+    assert_eq!(vm1(&r).0, Some(HostId(1)), "vm1 moved without a confirmed fence");
+    assert_ne!(verdict(&r, 1), "alive");
+    let (ok, out) = havirt(&["fence", "confirm", "a", "--socket", pair.socket("b").as_str()]);
+    assert!(ok, "fence confirm: {out}");
+    let took = pair.wait_for("vm1 running on b after the confirmation", Duration::from_secs(10), || {
+        taken_over_by_b(&pair)
+    });
+    println!("fence confirm -> vm1 running on b: {:.2} s", took.as_secs_f64());
+}
+
+#[test]
+fn control_commands_explain_what_is_wrong() {
+    let dir = scratch("no_daemon");
+    let sock = dir.join("none.sock");
+    let (ok, out) = havirt(&["status", "--socket", sock.to_str().expect("utf-8")]);
+    assert!(!ok);
+    assert!(out.contains(sock.to_str().expect("utf-8")), "{out}");
+}
