@@ -418,7 +418,9 @@ fn encode_response(response: &Response) -> Vec<u8> {
 /// `timeout` in all for its answer. Errors say what to do.
 pub fn request(path: &Path, req: &Request, timeout: std::time::Duration) -> Result<Response, ControlError> {
     #[allow(clippy::disallowed_methods)] // client, not engine: the operator's timeout is wall time
-    let deadline = std::time::Instant::now() + timeout;
+    let now = std::time::Instant::now();
+    // A timeout too large to add is as good as none: wait about a year.
+    let deadline = now.checked_add(timeout).unwrap_or_else(|| now + std::time::Duration::from_secs(365 * 86_400));
     let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
     let mut stream = connect_nonblocking(path).map_err(|e| connect_error(path, &e))?;
     let mut line = serde_json::to_vec(req).expect("a Request always encodes");
