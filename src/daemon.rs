@@ -18,7 +18,7 @@ mod registry;
 
 use crate::config::{Config, ConfigError, Datastore, HostConfig, Watchdog as WatchdogConfig};
 use crate::control::{self, Counters, EventRecord, PolicyChanges, Request, Response, StatusReport};
-use crate::engine::config::{ClusterSpec, DomainId, DomainPolicy, DomainSpec, HostId, Readiness};
+use crate::engine::config::{ClusterSpec, DomainId, DomainPolicy, HostId, Readiness};
 use crate::engine::io::{
     Action, BootId, CasOutcome, DomainEvent, Event, FenceOutcome, Input, Lease, LeaseKey, LeaseReason,
     OperatorCommand, Owner, StorageError,
@@ -296,7 +296,7 @@ impl Daemon {
             hv: HvSlot(Mutex::new(Arc::new(hv))),
             libvirt_uri: opts.libvirt_uri.clone(),
             fencers: Fencers::from_config(&config, &env),
-            fence_timeout: std::time::Duration::from_millis(config.cluster.timings.fence_timeout.as_millis()),
+            fence_timeout: std_duration(config.cluster.timings.fence_timeout),
             isolation_addresses: config.cluster.isolation_addresses.clone(),
             boots: Mutex::new(BTreeMap::new()),
             libvirt_gate: tokio::sync::Semaphore::new(MAX_LIBVIRT_CALLS),
@@ -346,7 +346,8 @@ impl Daemon {
             .collect();
         let identity = Identity {
             key: ClusterKey::new(&key),
-            cluster: WireClusterId::from_name(&config.cluster.name),
+            // One cluster id for storage records and packets.
+            cluster: WireClusterId(crate::store::record::ClusterId::from_name(&config.cluster.name).0),
             host: me.id,
             boot,
             nonce: random_u64(),
@@ -885,7 +886,7 @@ impl Daemon {
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
         }
         if self.watchdog.is_none() {
-            match watchdog::open(&self.watchdog_config, self.config.cluster.timings.watchdog_timeout.into()) {
+            match watchdog::open(&self.watchdog_config, std_duration(self.config.cluster.timings.watchdog_timeout)) {
                 Ok(w) => {
                     info!("watchdog armed ({:?})", self.watchdog_config);
                     self.watchdog = Some(w);
@@ -1292,12 +1293,20 @@ fn unix_ms() -> u64 {
     u64::try_from(t.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// This host's memory (MiB) and logical CPUs, for the planner.
+fn std_duration(d: Duration) -> std::time::Duration {
+    std::time::Duration::from_millis(d.as_millis())
+}
+
+/// This host's memory (MiB) and logical CPUs, for the planner; (0, 0) when
+/// unknown (the planner then places nothing here, and says so).
 fn host_size() -> (u64, u32) {
-    let mut sys = sysinfo::System::new();
+    let Ok(mut sys) = sysinfo::System::new() else {
+        warn!("cannot read this host's memory and CPUs; it takes no restarts");
+        return (0, 0);
+    };
     sys.refresh_memory();
     sys.refresh_cpu_list(sysinfo::CpuRefreshKind::nothing());
-    let cpus = u32::try_from(sys.cpus().len()).unwrap_or(u32::MAX).max(1);
+    let cpus = u32::try_from(sys.cpus().len()).unwrap_or(u32::MAX);
     (sys.total_memory() / (1024 * 1024), cpus)
 }
 
