@@ -813,15 +813,13 @@ fn check_domain(d: &DomainFacts, xml: &str, datastore_dev: Option<u64>, mounts: 
     if !problems.is_empty() {
         return problems;
     }
-    let bridges: Vec<&str> = devices.interfaces.iter().map(|i| i.device.as_str()).collect();
-    vec![ok(
-        "domain",
-        format!(
-            "{name}: {} disk(s) on shared storage, network devices present here ({}); the hosts it may move to need the same bridges",
-            devices.disks.len(),
-            if bridges.is_empty() { "none".to_owned() } else { bridges.join(", ") }
-        ),
-    )]
+    let devices_here: Vec<&str> = devices.interfaces.iter().map(|i| i.device.as_str()).collect();
+    let net = if devices_here.is_empty() {
+        String::new()
+    } else {
+        format!("; {} present here (every host it may move to needs them too)", devices_here.join(", "))
+    };
+    vec![ok("domain", format!("{name}: {} disk(s), all on shared storage{net}", devices.disks.len()))]
 }
 
 fn check_disk(domain: &str, disk: &DiskSource, datastore_dev: Option<u64>, mounts: &[Mount]) -> Option<Finding> {
@@ -847,7 +845,7 @@ fn check_disk(domain: &str, disk: &DiskSource, datastore_dev: Option<u64>, mount
             return Some(error(
                 "domain",
                 format!(
-                    "{domain}: disk {path}: {e}: the domain cannot start on this host; put the disk on the shared datastore mount"
+                    "{domain}: disk {path}: {e}: the domain cannot start on this host; mount its storage here, or move the disk to the shared datastore mount"
                 ),
             ));
         }
