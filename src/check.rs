@@ -23,7 +23,7 @@
 //! Other hosts' watchdogs, mounts, bridges and libvirt cannot be seen from
 //! here: run `havirt check` on every host.
 
-use crate::config::{self, Config, ConfigWarning, Datastore, HostConfig, Watchdog};
+use crate::config::{self, Config, ConfigWarning, Datastore, FenceMethod, HostConfig, Watchdog};
 use crate::engine::config::{HostId, Profile, Timings};
 use crate::engine::time::Duration as EngineDuration;
 use crate::fence::watchdog::{SystemdWatchdog, WatchdogError};
@@ -35,7 +35,7 @@ use crate::store::direct::{self, Access, AlignedBlock};
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::fs::{self, OpenOptions, TryLockError};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -471,7 +471,10 @@ fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
 /// the scratch file and release it.
 fn check_lock(scratch: &Path) -> Finding {
     let shown = scratch.display();
-    let file = match OpenOptions::new().read(true).write(true).open(scratch) {
+    // Created if the O_DIRECT check could not create it.
+    let mut options = OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false).mode(direct::FILE_MODE);
+    let file = match options.open(scratch) {
         Ok(f) => f,
         Err(e) => return error("lock", format!("{shown}: cannot open for locking: {e}")),
     };
@@ -633,13 +636,8 @@ fn check_fencing(config: &Config, local: Option<&HostConfig>, out: &mut Vec<Find
         let is_local = local.is_some_and(|l| l.id == host.id);
         let chain = FenceChain::from_host(host, &env);
         for ((name, result), entry) in chain.preflight().into_iter().zip(&host.fence) {
-            let kind = entry.method.kind();
             out.push(match result {
-                Ok(()) if kind == "storage" => ok(
-                    "fence",
-                    format!("{}: \"{name}\" (storage poison): needs nothing local; counts only after host_dead_timeout", host.name),
-                ),
-                Ok(()) => ok("fence", format!("{}: \"{name}\" ({kind}): its program and password file are ready here", host.name)),
+                Ok(()) => ok("fence", format!("{}: \"{name}\" ({}): {}", host.name, entry.method.kind(), ready(&entry.method))),
                 Err(e) if is_local => warning(
                     "fence",
                     format!("{}: {e} (this host never fences itself, its peers run this agent: run havirt check on every host)", host.name),
@@ -648,6 +646,17 @@ fn check_fencing(config: &Config, local: Option<&HostConfig>, out: &mut Vec<Find
             });
         }
         out.push(takeover(host, &config.cluster.timings));
+    }
+}
+
+/// What a passed preflight of `method` means.
+fn ready(method: &FenceMethod) -> &'static str {
+    match method {
+        FenceMethod::Ipmi { .. } => "ipmitool and the password file are ready here",
+        FenceMethod::Command { password_file: Some(_), .. } => "the agent program and the password file are ready here",
+        FenceMethod::Command { password_file: None, .. } => "the agent program is ready here",
+        FenceMethod::Libvirt { .. } => "virsh is ready here (the hypervisor itself is reached only when fencing)",
+        FenceMethod::Storage => "poison on the datastore, nothing to run; counts only after host_dead_timeout",
     }
 }
 

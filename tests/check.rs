@@ -29,7 +29,7 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 /// A key file with `mode`, a config naming it and `datastore`; returns the
-/// config path and the key path.
+/// config path and the key path. h2's IPMI password file does not exist.
 fn setup(dir: &Path, datastore: &Path, key_mode: u32) -> (PathBuf, PathBuf) {
     let key = dir.join("cluster.key");
     fs::write(&key, [7u8; KEY_BYTES]).expect("write key");
@@ -54,8 +54,15 @@ name = "h2"
 id = 2
 addresses = ["192.0.2.12"]
 watchdog = "device"
+
+[[host.fence]]
+kind = "ipmi"
+address = "192.0.2.21"
+username = "havirt"
+password_file = "{password}"
 "#,
         key = key.display(),
+        password = dir.join("h2-ipmi.pw").display(),
         datastore = datastore.display()
     );
     let config = dir.join("havirt.toml");
@@ -109,6 +116,8 @@ fn a_healthy_datastore_and_key_check_ok() {
     let warned: Vec<_> = takeover.iter().filter(|f| f.level == Level::Warning).collect();
     assert!(warned.len() == 1 && warned[0].detail.contains("havirt fence confirm h1"), "{}", check::render(&findings));
     assert!(about(&findings, "watchdog").iter().all(|f| f.level == Level::Warning));
+    // This host fences h2: its missing password file is an error here.
+    has_error(&findings, "fence", "h2-ipmi.pw");
     // The scratch file is gone: the datastore holds havirt's layout only.
     let left: Vec<_> = fs::read_dir(&datastore).expect("list").flatten().map(|e| e.file_name()).collect();
     assert!(left.iter().all(|n| !n.to_string_lossy().starts_with(".havirt-check")), "{left:?}");
