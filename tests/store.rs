@@ -142,14 +142,14 @@ fn dir_layout_and_paths() {
     let root = scratch("dir_layout");
     let st = DirStore::init(&root, CLUSTER).expect("init");
     for sub in ["hosts", "leases", "fenced", "assign", "poison", "domains"] {
-        assert!(root.join(CLUSTER).join(sub).is_dir(), "{sub}");
+        assert!(root.join(sub).is_dir(), "{sub}");
     }
     assert_eq!(
         domain_uuid(DomainId(0x0011_2233_4455_6677_8899_aabb_ccdd_eeff)),
         "00112233-4455-6677-8899-aabbccddeeff"
     );
-    assert_eq!(st.slot_path(HostId(3)), root.join("lab/hosts/3.hb"));
-    assert_eq!(st.lease_path(LeaseKey::Master), root.join("lab/master.lease"));
+    assert_eq!(st.slot_path(HostId(3)), root.join("hosts/3.hb"));
+    assert_eq!(st.lease_path(LeaseKey::Master), root.join("master.lease"));
     assert!(st.lease_path(LeaseKey::Domain(dom(0))).ends_with("leases/12345678-9abc-def0-1122-334455660000.lease"));
     // init is idempotent and keeps data.
     st.write_slot(&slot(3, 1, 0)).expect("write");
@@ -165,7 +165,7 @@ fn dir_refuses_uninitialized_or_unmounted_datastore() {
         assert!(matches!(DirStore::init(&root, bad), Err(DirError::InvalidClusterName { .. })), "{bad:?}");
     }
     let st = DirStore::init(&root, CLUSTER).expect("init");
-    fs::remove_dir_all(root.join(CLUSTER).join("leases")).expect("rm");
+    fs::remove_dir_all(root.join("leases")).expect("rm");
     // Not "every lease is free": the datastore is gone.
     assert!(matches!(st.read_lease(LeaseKey::Domain(dom(1))), Err(DirError::NotInitialized { .. })));
     let cas = st.cas_lease(LeaseKey::Domain(dom(1)), 0, owned(1, 1));

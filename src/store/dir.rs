@@ -2,7 +2,7 @@
 //! hosts (an NFS export, DESIGN.md §4).
 //!
 //! ```text
-//! <root>/<cluster>/
+//! <datastore>/                the cluster's own directory (config `datastore.path`)
 //!   hosts/<id>.hb            heartbeat slot (Slot), written by host <id>
 //!   master.lease             LeaseRecord for LeaseKey::Master
 //!   leases/<uuid>.lease      LeaseRecord for LeaseKey::Domain
@@ -44,7 +44,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError as GateBusy};
 use std::time::Duration;
 
-/// The subdirectories of `<root>/<cluster>/`.
+/// The subdirectories of a datastore directory.
 pub const SUBDIRS: [&str; 6] = ["hosts", "leases", "fenced", "assign", "poison", "domains"];
 pub const MAX_CLUSTER_NAME_BYTES: usize = 64;
 /// Domain definitions larger than this are refused (libvirt's are a few KiB).
@@ -132,31 +132,37 @@ fn check_cluster_name(name: &str) -> Result<(), DirError> {
 }
 
 impl DirStore {
-    /// Creates `<root>/<cluster>/` and its subdirectories where missing
-    /// (idempotent), then opens it. For `havirt init`; the daemon uses
-    /// `open`, so that an unmounted export is an error, not a new datastore.
-    pub fn init(root: &Path, cluster: &str) -> Result<DirStore, DirError> {
+    /// Creates the cluster's datastore directory `dir` and its
+    /// subdirectories where missing (idempotent), then opens it. For `havirt
+    /// init`; the daemon uses `open`, so that an unmounted export is an
+    /// error, not a new datastore. `cluster` goes into every record.
+    pub fn init(dir: &Path, cluster: &str) -> Result<DirStore, DirError> {
         check_cluster_name(cluster)?;
-        let base = root.join(cluster);
         let mut b = DirBuilder::new();
         b.recursive(true).mode(DIR_MODE);
         for sub in SUBDIRS {
-            let p = base.join(sub);
+            let p = dir.join(sub);
             b.create(&p).map_err(DirError::io("create directory", &p))?;
         }
-        direct::sync_dir(&base)?;
-        DirStore::open(root, cluster)
+        direct::sync_dir(dir)?;
+        DirStore::open(dir, cluster)
     }
 
-    /// Opens an initialized datastore directory.
-    pub fn open(root: &Path, cluster: &str) -> Result<DirStore, DirError> {
+    /// Opens an initialized datastore directory (the config's
+    /// `datastore.path`, used as is).
+    pub fn open(dir: &Path, cluster: &str) -> Result<DirStore, DirError> {
         check_cluster_name(cluster)?;
-        let base = root.join(cluster);
-        if let Some(p) = SUBDIRS.iter().map(|s| base.join(s)).find(|p| !p.is_dir()) {
+        if let Some(p) = SUBDIRS.iter().map(|s| dir.join(s)).find(|p| !p.is_dir()) {
             return Err(DirError::NotInitialized { path: p });
         }
         let cluster = ClusterId::from_name(cluster);
-        Ok(DirStore { base, cluster, lock_wait: DEFAULT_LOCK_WAIT, rejects: Mutex::default(), gates: Mutex::default() })
+        Ok(DirStore {
+            base: dir.to_path_buf(),
+            cluster,
+            lock_wait: DEFAULT_LOCK_WAIT,
+            rejects: Mutex::default(),
+            gates: Mutex::default(),
+        })
     }
 
     /// How long a lease CAS waits for a lock held by another host.
@@ -369,6 +375,35 @@ impl DirStore {
         f.write_all(xml.as_bytes()).map_err(DirError::io("write", &tmp))?;
         f.sync_all().map_err(DirError::io("fsync", &tmp))?;
         fs::rename(&tmp, &path).map_err(DirError::io("rename", &tmp))?;
+        sync_parent(&path)
+    }
+
+    /// Every domain with a stored definition: the protected domains.
+    /// Files that are not `<uuid>.xml` (temporaries) are skipped.
+    pub fn list_domain_xml(&self) -> Result<Vec<DomainId>, DirError> {
+        let dir = self.base.join("domains");
+        let mut ids = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(DirError::io("list", &dir))? {
+            let entry = entry.map_err(DirError::io("list", &dir))?;
+            let name = entry.file_name();
+            let Some(uuid) = name.to_str().and_then(|n| n.strip_suffix(".xml")) else {
+                continue;
+            };
+            if let Some(id) = crate::hypervisor::parse_uuid(uuid).filter(|id| domain_uuid(*id) == uuid) {
+                ids.push(id);
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Removes a stored definition (unprotect); absent is fine.
+    pub fn remove_domain_xml(&self, d: DomainId) -> Result<(), DirError> {
+        let path = self.domain_xml_path(d);
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            r => r.map_err(DirError::io("remove", &path)),
+        }?;
         sync_parent(&path)
     }
 
