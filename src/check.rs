@@ -312,7 +312,7 @@ fn check_dir(input: &StorageInput, path: &Path) -> Vec<Finding> {
         }
         Ok(_) => {}
     }
-    out.extend(check_dir_layout(path, &input.cluster));
+    out.push(check_dir_layout(path, &input.cluster));
     out.extend(check_mount(path));
     let scratch = path.join(format!("{SCRATCH_PREFIX}{}-{}", input.host_label, std::process::id()));
     out.extend(check_direct_io(&scratch, input.io_timeout));
@@ -328,36 +328,15 @@ fn check_dir(input: &StorageInput, path: &Path) -> Vec<Finding> {
     out
 }
 
-/// `path` is the cluster's own directory ("used as is"): `DirStore` opens
-/// `<parent>/<name>`, so the layout is checked there.
-fn check_dir_layout(path: &Path, cluster: &str) -> Vec<Finding> {
-    let (Some(parent), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
-        return vec![error(
-            "datastore",
-            format!(
-                "{}: not a directory below a mount; use the cluster's own directory on the shared mount, e.g. /mnt/nfs/.havirt/{cluster}",
-                path.display()
-            ),
-        )];
-    };
-    let mut out = Vec::new();
-    match DirStore::open(parent, name) {
-        Ok(_) => out.push(ok(
+/// `path` is the cluster's own directory, used as is (as the daemon opens it).
+fn check_dir_layout(path: &Path, cluster: &str) -> Finding {
+    match DirStore::open(path, cluster) {
+        Ok(_) => ok(
             "datastore",
             format!("{}: havirt's layout is there (hosts, leases, fenced, assign, poison, domains)", path.display()),
-        )),
-        Err(e) => out.push(error("datastore", e.to_string())),
+        ),
+        Err(e) => error("datastore", e.to_string()),
     }
-    if name != cluster {
-        out.push(warning(
-            "datastore",
-            format!(
-                "{}: the directory is named \"{name}\", not after the cluster \"{cluster}\"; the convention is <shared mount>/.havirt/{cluster}, so that two clusters on one export never share a directory",
-                path.display()
-            ),
-        ));
-    }
-    out
 }
 
 /// The filesystem under the datastore: shared, and with locks that reach
@@ -516,6 +495,11 @@ fn check_block(input: &StorageInput, device: &Path) -> Vec<Finding> {
             return out;
         }
     };
+    // Leases need file locks, which a raw LUN does not have (store::block).
+    out.push(error(
+        "datastore",
+        format!("{shown}: a block datastore carries heartbeats and fence requests but no leases; the daemon needs a dir datastore (kind = \"dir\") for domain leases"),
+    ));
     let layout = store.layout();
     out.push(ok(
         "datastore",

@@ -99,8 +99,8 @@ fn has_error(findings: &[Finding], what: &str, says: &str) {
 #[test]
 fn a_healthy_datastore_and_key_check_ok() {
     let dir = scratch("healthy");
-    DirStore::init(&dir, CLUSTER).expect("init datastore");
     let datastore = dir.join(CLUSTER);
+    DirStore::init(&datastore, CLUSTER).expect("init datastore");
     let (config, _) = setup(&dir, &datastore, 0o600);
     let findings = check::run(&options(&config));
     for what in ["config", "host", "timings", "datastore", "o_direct", "lock", "libvirt"] {
@@ -128,7 +128,7 @@ fn a_healthy_datastore_and_key_check_ok() {
 #[test]
 fn a_world_readable_key_is_an_error_naming_it() {
     let dir = scratch("world_readable_key");
-    DirStore::init(&dir, CLUSTER).expect("init datastore");
+    DirStore::init(&dir.join(CLUSTER), CLUSTER).expect("init datastore");
     let (config, key) = setup(&dir, &dir.join(CLUSTER), 0o644);
     let findings = check::run(&options(&config));
     has_error(&findings, "key", &key.display().to_string());
@@ -184,8 +184,8 @@ fn define(hv: &LibvirtHypervisor, name: &str, id: u128, metadata: &str, devices:
 #[test]
 fn protected_domains_need_shared_disks_and_their_bridges() {
     let dir = scratch("domains");
-    DirStore::init(&dir, CLUSTER).expect("init datastore");
     let datastore = dir.join(CLUSTER);
+    DirStore::init(&datastore, CLUSTER).expect("init datastore");
     let (config, _) = setup(&dir, &datastore, 0o600);
     let shared = dir.join("good.qcow2");
     fs::write(&shared, b"disk").expect("disk image");
