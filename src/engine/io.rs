@@ -90,9 +90,15 @@ pub struct Slot {
     pub self_fenced: bool,
     /// S3(c) for the master lease: it gave up this generation.
     pub released_master: Option<u64>,
+    /// What the protected domains running here use.
     pub used_memory_mib: u64,
     pub used_vcpus: u32,
     pub domains: BTreeMap<DomainId, DomainReport>,
+    /// This host's size (capacity summary, DESIGN.md §4): the daemon knows
+    /// its own from the host itself, and the master plans with it; 0 means
+    /// not known (the master then uses the size in its own spec).
+    pub memory_mib: u64,
+    pub vcpus: u32,
 }
 
 /// `fenced/<host>`: which boot of a host was confirmed off, so that any host

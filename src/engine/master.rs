@@ -3,7 +3,7 @@
 //! chosen by the planner. Every move is a compare-and-swap whose reason is
 //! one of S3 (a), (b) or (c); the assignee verifies the lease before it starts.
 
-use super::config::{ClusterSpec, DomainId, HostId, Priority, Readiness};
+use super::config::{ClusterSpec, DomainId, HostId, HostSpec, Priority, Readiness};
 use super::io::*;
 use super::node::{Node, OpKind, PendingOp, ReadPurpose, SelfFence};
 use super::peers::{Verdict, verdict_name};
@@ -582,7 +582,7 @@ impl Node {
         }
         let rooms: BTreeSet<HostId> = self.host_rooms(now, reports).iter().map(|r| r.id).collect();
         let mut live = (*self.cfg.spec).clone();
-        live.hosts.retain(|h| rooms.contains(&h.id));
+        live.hosts = live.hosts.iter().filter(|h| rooms.contains(&h.id)).map(|h| self.sized(h)).collect();
         let Some(m) = self.master.as_mut() else { return };
         let mut placement: BTreeMap<DomainId, HostId> = reports.iter().map(|(d, (h, _))| (*d, *h)).collect();
         placement.extend(m.starting.iter().map(|(d, s)| (*d, s.host)));
@@ -853,6 +853,22 @@ impl Node {
         });
     }
 
+    /// A host as the master plans with it: its size from its latest slot
+    /// (each daemon knows its own host), else from the spec.
+    pub(super) fn sized(&self, hs: &HostSpec) -> HostSpec {
+        let (memory_mib, vcpus) = self.host_size(hs);
+        HostSpec { memory_mib, vcpus, ..hs.clone() }
+    }
+
+    /// Memory and vCPUs of a host: per field, its latest slot's figure when
+    /// not 0, else the spec's.
+    pub(super) fn host_size(&self, hs: &HostSpec) -> (u64, u32) {
+        let slot = self.peers.get(&hs.id).and_then(|p| p.slot.as_ref());
+        let memory = slot.map_or(0, |s| s.memory_mib);
+        let vcpus = slot.map_or(0, |s| s.vcpus);
+        (if memory > 0 { memory } else { hs.memory_mib }, if vcpus > 0 { vcpus } else { hs.vcpus })
+    }
+
     /// Hosts that may receive restarts: alive on storage, not isolated, not
     /// self-fenced (network silence alone does not matter: assignments travel
     /// through storage).
@@ -873,7 +889,7 @@ impl Node {
             if !ok {
                 continue;
             }
-            let mut room = planner::empty_room(hs, spec);
+            let mut room = planner::empty_room(&self.sized(hs), spec);
             let m = self.master.as_ref();
             for (d, (h, r)) in reports {
                 if *h != hs.id {

@@ -895,26 +895,28 @@ impl Node {
         self.actions.push_back(Action::WriteSlot { op, slot });
     }
 
+    /// Memory and vCPUs our protected domains use (what the slot reports).
+    pub(super) fn used(&self) -> (u64, u32) {
+        let (mut mem, mut cpu) = (0u64, 0u32);
+        for s in self.local.keys().filter_map(|d| self.cfg.spec.domains.get(d)) {
+            mem = mem.saturating_add(s.memory_mib);
+            cpu = cpu.saturating_add(s.vcpus);
+        }
+        (mem, cpu)
+    }
+
     fn build_slot(&self, _now: Instant) -> Slot {
         let mut domains = BTreeMap::new();
-        let (mut mem, mut cpu) = (0u64, 0u32);
         for (d, l) in &self.local {
-            let state = match l.state {
-                LocalState::Verifying | LocalState::Starting | LocalState::Backoff { .. } => DomainState::Starting,
-                LocalState::Adopting | LocalState::Running | LocalState::Stopping { .. } => DomainState::Running,
-                LocalState::Ready => DomainState::Ready,
-            };
-            let report = DomainReport { state, generation: l.generation.unwrap_or(0) };
-            if let Some(s) = self.cfg.spec.domains.get(d) {
-                mem += s.memory_mib;
-                cpu += s.vcpus;
-            }
+            let report = DomainReport { state: reported_state(l.state), generation: l.generation.unwrap_or(0) };
             domains.insert(*d, report);
         }
         for (d, (g, failed_start, _)) in &self.released {
             let state = DomainState::Released { failed_start: *failed_start };
             domains.entry(*d).or_insert(DomainReport { state, generation: *g });
         }
+        let (mem, cpu) = self.used();
+        let size = self.cfg.spec.host(self.cfg.host);
         Slot {
             host: self.cfg.host,
             boot: self.cfg.boot,
@@ -926,6 +928,8 @@ impl Node {
             used_memory_mib: mem,
             used_vcpus: cpu,
             domains,
+            memory_mib: size.map_or(0, |h| h.memory_mib),
+            vcpus: size.map_or(0, |h| h.vcpus),
         }
     }
 
@@ -1135,5 +1139,27 @@ impl Node {
             let op = self.new_op(now, OpKind::LeaseRead { purpose: ReadPurpose::Audit });
             self.actions.push_back(Action::ReadLease { op, key: LeaseKey::Domain(d) });
         }
+    }
+}
+
+/// What our slot says about a domain in this local state.
+pub(super) fn reported_state(s: LocalState) -> DomainState {
+    match s {
+        LocalState::Verifying | LocalState::Starting | LocalState::Backoff { .. } => DomainState::Starting,
+        LocalState::Adopting | LocalState::Running | LocalState::Stopping { .. } => DomainState::Running,
+        LocalState::Ready => DomainState::Ready,
+    }
+}
+
+/// A short lowercase word for a local state (`havirt status`).
+pub fn local_word(s: LocalState) -> &'static str {
+    match s {
+        LocalState::Adopting => "adopting",
+        LocalState::Verifying => "verifying",
+        LocalState::Starting => "starting",
+        LocalState::Running => "running",
+        LocalState::Ready => "ready",
+        LocalState::Stopping { .. } => "stopping",
+        LocalState::Backoff { .. } => "backoff",
     }
 }

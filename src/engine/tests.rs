@@ -317,6 +317,8 @@ fn fake_peer(h: HostId) -> FakePeer {
         used_memory_mib: 0,
         used_vcpus: 0,
         domains: BTreeMap::new(),
+        memory_mib: 16_384,
+        vcpus: 8,
     };
     FakePeer { net: true, storage: true, storage_lost: false, hb_seq: 0, slot }
 }
@@ -557,4 +559,35 @@ fn s3_master_never_takes_a_lease_from_a_partitioned_host() {
     });
     assert_eq!(took_d3.len(), 1, "dead, fenced H3's lease not moved once:\n{}", h.events());
     assert!(h.lease(LeaseKey::Domain(D3)).owner.is_some_and(|o| o.host != H3));
+}
+
+/// ME is master (free master lease) and runs D1; H3, owner of D3, is dead
+/// from the start (silent everywhere) and its fence agent confirms.
+/// `prepare` adjusts the world before the node starts acting.
+fn master_with_dead_h3(prepare: impl FnOnce(&mut Harness)) -> Harness {
+    let mut h = Harness::new();
+    h.leases.remove(&LeaseKey::Master);
+    h.fence_outcome = Some(FenceOutcome::Confirmed);
+    let h3 = h.peer(H3);
+    h3.net = false;
+    h3.storage = false;
+    h3.slot.domains.insert(D3, running(1));
+    prepare(&mut h);
+    h.input(Input::DomainsAtStart(vec![D1]));
+    h
+}
+
+/// DESIGN.md §4: the master plans with the size a host's slot reports (each
+/// daemon knows its own host; other hosts' sizes in its spec may be 0), and
+/// with its spec's size when the slot says 0. ME and H2 each run one domain;
+/// the roomier host gets D3, the lower id on a tie.
+#[test]
+fn master_plans_with_the_host_size_in_the_slot() {
+    for (h2_memory_mib, expected) in [(65_536, H2), (0, ME)] {
+        let mut h = master_with_dead_h3(|h| h.peer(H2).slot.memory_mib = h2_memory_mib);
+        h.drive_bounded(Instant(30_000));
+        assert!(h.node.is_master(), "ME is not master:\n{}", h.events());
+        let to = h.lease(LeaseKey::Domain(D3)).owner.map(|o| o.host);
+        assert_eq!(to, Some(expected), "H2 reports {h2_memory_mib} MiB:\n{}", h.events());
+    }
 }
