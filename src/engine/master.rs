@@ -40,7 +40,8 @@ struct Retry {
 pub struct Master {
     leases: BTreeMap<DomainId, Lease>,
     load_queue: Vec<DomainId>,
-    loading: usize,
+    /// Lease reads of the load in flight (at most MAX_LOAD_INFLIGHT).
+    loading: BTreeMap<OpId, DomainId>,
     cas_inflight: BTreeMap<OpId, (DomainId, HostId)>,
     starting: BTreeMap<DomainId, Starting>,
     retries: BTreeMap<DomainId, Retry>,
@@ -60,7 +61,7 @@ impl Master {
     }
 
     fn loaded(&self) -> bool {
-        self.load_queue.is_empty() && self.loading == 0
+        self.load_queue.is_empty() && self.loading.is_empty()
     }
 }
 
@@ -184,7 +185,7 @@ impl Node {
         self.master = Some(Master {
             leases: BTreeMap::new(),
             load_queue,
-            loading: 0,
+            loading: BTreeMap::new(),
             cas_inflight: BTreeMap::new(),
             starting: BTreeMap::new(),
             retries: BTreeMap::new(),
@@ -202,23 +203,37 @@ impl Node {
     fn master_load(&mut self, now: Instant) {
         let mut reads = Vec::new();
         if let Some(m) = self.master.as_mut() {
-            while m.loading < MAX_LOAD_INFLIGHT {
-                let Some(d) = m.load_queue.pop() else { break };
-                m.loading += 1;
-                reads.push(d);
-            }
+            let room = MAX_LOAD_INFLIGHT.saturating_sub(m.loading.len());
+            reads.extend(std::iter::from_fn(|| m.load_queue.pop()).take(room));
         }
         for d in reads {
             let op = self.new_op(now, OpKind::LeaseRead { purpose: ReadPurpose::MasterLoad });
             self.actions.push_back(Action::ReadLease { op, key: LeaseKey::Domain(d) });
+            if let Some(m) = self.master.as_mut() {
+                m.loading.insert(op, d);
+            }
         }
     }
 
-    pub(super) fn master_loaded(&mut self, now: Instant, d: DomainId, result: Result<Lease, StorageError>) {
+    /// A load read that timed out is read again (its late answer, if any,
+    /// is ignored): without this the master would wait for it forever.
+    pub(super) fn master_load_expired(&mut self, op: OpId) {
         let Some(m) = self.master.as_mut() else {
             return;
         };
-        m.loading = m.loading.saturating_sub(1);
+        if let Some(d) = m.loading.remove(&op) {
+            m.load_queue.push(d);
+        }
+    }
+
+    pub(super) fn master_loaded(&mut self, now: Instant, op: OpId, d: DomainId, result: Result<Lease, StorageError>) {
+        let Some(m) = self.master.as_mut() else {
+            return;
+        };
+        if m.loading.remove(&op).is_none() {
+            // Asked by an earlier term of ours as master.
+            return;
+        }
         match result {
             Ok(l) => {
                 m.leases.insert(d, l);

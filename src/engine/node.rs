@@ -567,7 +567,7 @@ impl Node {
                     self.consider_master(now);
                 }
             }
-            (ReadPurpose::MasterLoad, LeaseKey::Domain(d)) => self.master_loaded(now, d, result),
+            (ReadPurpose::MasterLoad, LeaseKey::Domain(d)) => self.master_loaded(now, op, d, result),
             (ReadPurpose::Verify, LeaseKey::Domain(d)) => self.verified(now, d, result),
             (ReadPurpose::Audit, LeaseKey::Domain(d)) => {
                 if let Ok(l) = result {
@@ -830,6 +830,7 @@ impl Node {
             match kind {
                 OpKind::Fence => self.fence_timed_out(now, op),
                 OpKind::Renew(d) => self.abandon_verify(d),
+                OpKind::LeaseRead { purpose: ReadPurpose::MasterLoad } => self.master_load_expired(op),
                 _ => {}
             }
         }

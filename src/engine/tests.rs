@@ -78,6 +78,9 @@ fn spec() -> ClusterSpec {
     }
 }
 
+/// Which requests the harness holds back instead of answering.
+type Hold = Box<dyn FnMut(&Action) -> bool>;
+
 /// A peer as the node sees it: network heartbeats and a storage slot.
 struct FakePeer {
     /// Sends network heartbeats.
@@ -110,6 +113,10 @@ struct Harness {
     /// Issue time of the node's last slot write answered Ok (the S4 anchor).
     last_good_write: Option<Instant>,
     log: Vec<(Instant, Action)>,
+    /// Requests it matches are not answered but kept in `held` (a slow or
+    /// hung storage request), until `answer_held`.
+    hold: Option<Hold>,
+    held: Vec<Action>,
 }
 
 impl Harness {
@@ -140,6 +147,8 @@ impl Harness {
             next_peer_write: Instant::ZERO,
             last_good_write: None,
             log: Vec::new(),
+            hold: None,
+            held: Vec::new(),
         };
         h.drain();
         h
@@ -162,6 +171,16 @@ impl Harness {
         self.drain();
     }
 
+    /// Answer every held request now (late), in the order asked.
+    fn answer_held(&mut self) {
+        for a in std::mem::take(&mut self.held) {
+            if let Some(answer) = self.answer(&a) {
+                self.node.handle_input(self.now, answer);
+            }
+        }
+        self.drain();
+    }
+
     fn drive_bounded(&mut self, until: Instant) {
         let mut steps = 0;
         while self.now < until {
@@ -177,7 +196,9 @@ impl Harness {
         while let Some(a) = self.node.poll_action() {
             n += 1;
             assert!(n <= MAX_ACTIONS_PER_STEP, "action loop at {}:\n{}", self.now, self.events());
-            if let Some(answer) = self.answer(&a) {
+            if self.hold.as_mut().is_some_and(|f| f(&a)) {
+                self.held.push(a.clone());
+            } else if let Some(answer) = self.answer(&a) {
                 self.node.handle_input(self.now, answer);
             }
             self.log.push((self.now, a));
@@ -590,4 +611,29 @@ fn master_plans_with_the_host_size_in_the_slot() {
         let to = h.lease(LeaseKey::Domain(D3)).owner.map(|o| o.host);
         assert_eq!(to, Some(expected), "H2 reports {h2_memory_mib} MiB:\n{}", h.events());
     }
+}
+
+/// A new master's lease load read that times out is read again: the late
+/// answer is ignored and the master does not wait for it forever (it then
+/// never planned again). D3's first load read hangs until 10 s; D3 (its
+/// owner H3 dead and fenced) is still restarted.
+#[test]
+fn a_master_load_read_that_times_out_is_read_again() {
+    let mut first = true;
+    let mut h = master_with_dead_h3(|h| {
+        h.hold = Some(Box::new(move |a| {
+            let hold = first && matches!(a, Action::ReadLease { key: LeaseKey::Domain(D3), .. });
+            first &= !hold;
+            hold
+        }));
+    });
+    h.drive_bounded(Instant(10_000));
+    assert_eq!(h.held.len(), 1, "the first read of D3 was not held:\n{}", h.events());
+    h.answer_held();
+    h.drive_bounded(Instant(30_000));
+    let reads = h.times(|a| matches!(a, Action::ReadLease { key: LeaseKey::Domain(D3), .. }));
+    assert!(reads.len() >= 2, "D3's lease was not read again: {reads:?}");
+    assert!(reads[1] < reads[0] + h.t.io_timeout + TICK + TICK, "read again late: {reads:?}");
+    let owner = h.lease(LeaseKey::Domain(D3)).owner;
+    assert!(owner.is_some_and(|o| o.host != H3), "D3 not restarted ({owner:?}):\n{}", h.events());
 }
