@@ -14,13 +14,22 @@ pub const DEFAULT_SOCKET: &str = "/run/havirt/control.sock";
 pub enum Request {
     Status,
     /// Events with a sequence number above `after` (0: all kept).
-    Events { after: u64 },
+    Events {
+        after: u64,
+    },
     /// Protect a domain running on this host, or change its policy: only
     /// the fields given change, the others keep their value.
-    Protect { domain: String, changes: PolicyChanges },
-    Unprotect { domain: String },
+    Protect {
+        domain: String,
+        changes: PolicyChanges,
+    },
+    Unprotect {
+        domain: String,
+    },
     /// The operator swears the host is powered off.
-    FenceConfirm { host: String },
+    FenceConfirm {
+        host: String,
+    },
 }
 
 /// Policy fields to set; `None` keeps the current value (or the default for
