@@ -63,6 +63,16 @@ impl Master {
     fn loaded(&self) -> bool {
         self.load_queue.is_empty() && self.loading.is_empty()
     }
+
+    /// The lease generation in our cache, if read.
+    pub(super) fn lease_generation(&self, d: DomainId) -> Option<u64> {
+        self.leases.get(&d).map(|l| l.generation)
+    }
+
+    /// Admission control: (host, fault-domain) failures absorbable, once computed.
+    pub(super) fn tolerance(&self) -> Option<(u32, u32)> {
+        self.tolerance.map(|t| (t.host_failures, t.fault_domain_failures))
+    }
 }
 
 #[derive(Clone, Debug)]

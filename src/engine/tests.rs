@@ -637,3 +637,49 @@ fn a_master_load_read_that_times_out_is_read_again() {
     let owner = h.lease(LeaseKey::Domain(D3)).owner;
     assert!(owner.is_some_and(|o| o.host != H3), "D3 not restarted ({owner:?}):\n{}", h.events());
 }
+
+/// `Node::view`: what the master knows, for `havirt status`.
+#[test]
+fn view_shows_hosts_domains_and_the_master() {
+    let mut h = master_with_partitioned_h2(|_| {});
+    h.drive_bounded(Instant(40_000));
+    let v = h.node.view(h.now);
+    assert_eq!((v.host, v.boot, v.is_master, v.master), (ME, boot_of(ME), true, Some(ME)));
+    assert_eq!((v.self_fence.as_str(), v.isolated, v.storage_healthy), ("healthy", false, true));
+    assert!(v.last_good_write_age.is_some_and(|a| a <= h.t.storage_write_interval), "{v:?}");
+    let verdicts: Vec<(HostId, &str)> = v.hosts.iter().map(|x| (x.id, x.verdict.as_str())).collect();
+    assert_eq!(verdicts, [(ME, "self"), (H2, "partitioned"), (H3, "alive")]);
+    let [me, h2, h3] = &v.hosts[..] else { panic!("three hosts: {v:?}") };
+    assert_eq!((me.used_memory_mib, me.used_vcpus, me.memory_mib, me.vcpus), (1024, 1, 16_384, 8));
+    assert_eq!((me.net_age, me.slot_age, me.boot), (None, None, Some(boot_of(ME))));
+    assert_eq!(h2.net_age, None, "H2 was never heard on the network");
+    assert!(h3.net_age.is_some_and(|a| a <= h.t.net_heartbeat_interval), "{h3:?}");
+    for x in [h2, h3] {
+        assert!(x.slot_age.is_some_and(|a| a < h.t.storage_silent_after), "{x:?}");
+        assert_eq!((x.boot, x.memory_mib, x.vcpus), (Some(boot_of(x.id)), 16_384, 8));
+    }
+    let domains: Vec<_> = v.domains.iter().map(|d| (d.id, d.host, d.state, d.generation, d.local.as_deref())).collect();
+    let run = Some(DomainState::Running);
+    assert_eq!(
+        domains,
+        [
+            (D1, Some(ME), run, Some(1), Some("running")),
+            (D2, Some(H2), run, Some(1), None),
+            (D3, Some(H3), run, Some(1), None)
+        ]
+    );
+    assert!(v.tolerance.is_some(), "the master computes the admission figure: {v:?}");
+}
+
+/// A non-master's view: the master is whoever holds the lease; a domain no
+/// slot reports has no host, and no generation without a master's cache.
+#[test]
+fn view_of_a_non_master() {
+    let mut h = Harness::new();
+    h.drive_bounded(Instant(10_000));
+    let v = h.node.view(h.now);
+    assert_eq!((v.is_master, v.master, v.tolerance), (false, Some(H2), None));
+    let d1 = &v.domains[0];
+    assert_eq!((d1.id, d1.host, d1.state, d1.generation, d1.local.clone()), (D1, None, None, None, None));
+    assert_eq!(v.domains[1].host, Some(H2));
+}
