@@ -42,6 +42,7 @@ pub struct Master {
     load_queue: Vec<DomainId>,
     /// Lease reads of the load in flight (at most MAX_LOAD_INFLIGHT).
     loading: BTreeMap<OpId, DomainId>,
+    initial_load_done: bool,
     cas_inflight: BTreeMap<OpId, (DomainId, HostId)>,
     starting: BTreeMap<DomainId, Starting>,
     retries: BTreeMap<DomainId, Retry>,
@@ -60,8 +61,35 @@ impl Master {
         }
     }
 
-    fn loaded(&self) -> bool {
-        self.load_queue.is_empty() && self.loading.is_empty()
+    /// The first load (every lease, at become_master) is complete. Later
+    /// reads (a newly protected domain, a CAS that timed out) hold back
+    /// only their own domain: find_orphans skips a lease not in the cache,
+    /// so one slow lease file does not stop every other restart.
+    fn loaded(&mut self) -> bool {
+        self.initial_load_done |= self.load_queue.is_empty() && self.loading.is_empty();
+        self.initial_load_done
+    }
+
+    /// A newly protected domain: read its lease before acting on it (an
+    /// unread lease is never free).
+    pub(super) fn learn(&mut self, d: DomainId) {
+        self.leases.remove(&d);
+        if !self.load_queue.contains(&d) {
+            self.load_queue.push(d);
+        }
+    }
+
+    /// An unprotected domain: forget it entirely. A CAS in flight may still
+    /// land (the lease then names its assignee), but nobody is told to start
+    /// it: `domain_cas_done` ignores unprotected domains.
+    pub(super) fn forget(&mut self, d: DomainId) {
+        self.leases.remove(&d);
+        self.load_queue.retain(|x| *x != d);
+        self.cas_inflight.retain(|_, (x, _)| *x != d);
+        self.starting.remove(&d);
+        self.retries.remove(&d);
+        self.given_up.remove(&d);
+        self.waiting_logged.remove(&d);
     }
 
     /// The lease generation in our cache, if read.
@@ -196,6 +224,7 @@ impl Node {
             leases: BTreeMap::new(),
             load_queue,
             loading: BTreeMap::new(),
+            initial_load_done: false,
             cas_inflight: BTreeMap::new(),
             starting: BTreeMap::new(),
             retries: BTreeMap::new(),
@@ -210,7 +239,7 @@ impl Node {
 
     /// A new master reads every domain lease once; after that its cache is
     /// kept by its own CAS results (a conflict returns the current lease).
-    fn master_load(&mut self, now: Instant) {
+    pub(super) fn master_load(&mut self, now: Instant) {
         let mut reads = Vec::new();
         if let Some(m) = self.master.as_mut() {
             let room = MAX_LOAD_INFLIGHT.saturating_sub(m.loading.len());
@@ -228,15 +257,19 @@ impl Node {
     /// A load read that timed out is read again (its late answer, if any,
     /// is ignored): without this the master would wait for it forever.
     pub(super) fn master_load_expired(&mut self, op: OpId) {
+        let spec = self.cfg.spec.clone();
         let Some(m) = self.master.as_mut() else {
             return;
         };
-        if let Some(d) = m.loading.remove(&op) {
+        if let Some(d) = m.loading.remove(&op)
+            && spec.domains.contains_key(&d)
+        {
             m.load_queue.push(d);
         }
     }
 
     pub(super) fn master_loaded(&mut self, now: Instant, op: OpId, d: DomainId, result: Result<Lease, StorageError>) {
+        let protected = self.cfg.spec.domains.contains_key(&d);
         let Some(m) = self.master.as_mut() else {
             return;
         };
@@ -245,10 +278,12 @@ impl Node {
             return;
         }
         match result {
-            Ok(l) => {
-                m.leases.insert(d, l);
-            }
-            Err(_) => m.load_queue.push(d),
+            // The newest of two reads in flight wins (unprotected and
+            // protected again while the first was out).
+            Ok(l) if protected => m.note_lease(d, l),
+            Err(_) if protected => m.load_queue.push(d),
+            // Unprotected while the read was out.
+            _ => {}
         }
         self.master_load(now);
     }
@@ -268,7 +303,10 @@ impl Node {
         let inflight = self.master.as_mut().and_then(|m| m.cas_inflight.remove(&op));
         let Some(_) = pending else {
             // Timed out: the CAS may or may not have happened; re-read.
-            if let (LeaseKey::Domain(d), Some(m)) = (key, self.master.as_mut()) {
+            if let LeaseKey::Domain(d) = key
+                && self.cfg.spec.domains.contains_key(&d)
+                && let Some(m) = self.master.as_mut()
+            {
                 m.leases.remove(&d);
                 m.load_queue.push(d);
             }
@@ -302,6 +340,11 @@ impl Node {
         to: Option<HostId>,
         result: Result<CasOutcome, StorageError>,
     ) {
+        if !self.cfg.spec.domains.contains_key(&d) {
+            // Unprotected while the CAS was out: the lease may name the
+            // assignee now, but nobody is asked to start the domain.
+            return;
+        }
         let Some(m) = self.master.as_mut() else {
             return;
         };
@@ -582,7 +625,7 @@ impl Node {
 
     /// One planning round, after every storage read.
     pub(super) fn master_round(&mut self, now: Instant) {
-        let ready = self.master.as_ref().is_some_and(|m| m.loaded());
+        let ready = self.master.as_mut().is_some_and(|m| m.loaded());
         if !ready || !self.storage_healthy(now) || !self.reads_fresh(now) {
             return;
         }
@@ -659,6 +702,11 @@ impl Node {
         for (h, p) in &self.peers {
             let Some(slot) = &p.slot else { continue };
             for (d, r) in &slot.domains {
+                // Only protected domains: a peer with another registry view
+                // may report one we do not manage.
+                if !self.cfg.spec.domains.contains_key(d) {
+                    continue;
+                }
                 if r.generation > 0 && !matches!(r.state, DomainState::Released { .. }) {
                     let owner = Owner { host: *h, boot: slot.boot };
                     seen.push((

@@ -683,3 +683,153 @@ fn view_of_a_non_master() {
     assert_eq!((d1.id, d1.host, d1.state, d1.generation, d1.local.clone()), (D1, None, None, None, None));
     assert_eq!(v.domains[1].host, Some(H2));
 }
+
+/// The spec's protected domains without `gone`, plus `extra`.
+fn protected(gone: &[DomainId], extra: &[DomainSpec]) -> BTreeMap<DomainId, DomainSpec> {
+    let mut all = spec().domains;
+    all.retain(|d, _| !gone.contains(d));
+    all.extend(extra.iter().map(|d| (d.id, d.clone())));
+    all
+}
+
+fn emitted(h: &Harness, text: &str) -> Vec<Instant> {
+    h.times(|a| matches!(a, Action::Emit(e) if e.text.contains(text)))
+}
+
+/// Unprotect: D1 is forgotten, neither destroyed nor released; its lease
+/// stays ours untouched, even when storage is lost later (S4 covers
+/// protected domains only).
+#[test]
+fn unprotect_forgets_a_domain_without_destroying_it_or_touching_its_lease() {
+    let mut h = Harness::new();
+    h.input(Input::DomainsAtStart(vec![D1]));
+    h.drive_bounded(Instant(5_000));
+    assert!(h.node.local_domains().contains_key(&D1), "D1 not adopted:\n{}", h.events());
+    h.input(Input::ProtectedDomains(protected(&[D1], &[])));
+    assert_eq!(emitted(&h, "vm1 unprotected: no longer managed"), [Instant(5_000)], "{}", h.events());
+    assert!(h.node.local_domains().is_empty());
+    assert!(h.node.view(h.now).domains.iter().all(|d| d.id != D1));
+    h.drive_bounded(Instant(20_000));
+    h.storage_ok = false;
+    h.drive_bounded(Instant(40_000));
+    assert!(h.destroys(D1).is_empty(), "D1 destroyed:\n{}", h.events());
+    let touched = h.times(|a| matches!(a, Action::CasLease { key: LeaseKey::Domain(D1), .. }));
+    assert!(touched.is_empty(), "D1's lease CAS at {touched:?}");
+    assert!(h.times(|a| matches!(a, Action::StartDomain { .. })).is_empty());
+    assert_eq!(h.lease(LeaseKey::Domain(D1)), lease(ME, 1));
+}
+
+/// Unprotect while the master moves the lease of an orphan: the CAS in
+/// flight lands, but nobody is asked to start the domain (no Assign, no
+/// assignment record, no local start) and its lease is not touched again.
+#[test]
+fn unprotect_while_the_master_places_it_starts_it_nowhere() {
+    let mut h = master_with_dead_h3(|h| {
+        h.hold = Some(Box::new(|a| {
+            matches!(a, Action::CasLease { key: LeaseKey::Domain(D3), new, .. }
+                if new.owner.is_some_and(|o| o.host != H3))
+        }));
+    });
+    while h.held.is_empty() {
+        assert!(h.now < Instant(30_000), "D3 never placed:\n{}", h.events());
+        h.step();
+    }
+    let placing = h.now;
+    h.input(Input::ProtectedDomains(protected(&[D3], &[])));
+    h.answer_held();
+    assert!(h.lease(LeaseKey::Domain(D3)).owner.is_some_and(|o| o.host != H3), "the CAS did land");
+    h.drive_bounded(placing + ms(30_000));
+    let after = |a: &Action| match a {
+        Action::StartDomain { domain } => *domain == D3,
+        Action::Send { msg: NetMessage::Assign { domains, .. }, .. } => domains.iter().any(|(d, _)| *d == D3),
+        Action::WriteAssignments { assignments, .. } => assignments.domains.contains_key(&D3),
+        Action::CasLease { key, .. } => *key == LeaseKey::Domain(D3),
+        _ => false,
+    };
+    let late: Vec<Instant> = h.times(after).into_iter().filter(|t| *t > placing).collect();
+    assert!(late.is_empty(), "D3 acted on after its unprotect at {late:?}:\n{}", h.events());
+    assert!(!h.node.local_domains().contains_key(&D3));
+}
+
+/// Protect, as the daemon does it: the lease moves to the host that runs
+/// the domain, then the registry, then DomainsAtStart there. The domain is
+/// adopted (not started, not destroyed), and the master reads its lease.
+#[test]
+fn protect_adopts_the_running_domain_and_the_master_reads_its_lease() {
+    let mut h = master_with_partitioned_h2(|_| {});
+    h.input(Input::ProtectedDomains(protected(&[D1], &[])));
+    h.drive_bounded(Instant(10_000));
+    assert!(h.node.local_domains().is_empty());
+    let at = h.now;
+    h.leases.insert(LeaseKey::Domain(D1), lease(ME, 2));
+    h.input(Input::ProtectedDomains(protected(&[], &[])));
+    h.input(Input::DomainsAtStart(vec![D1]));
+    h.drive_bounded(Instant(30_000));
+    assert_eq!(emitted(&h, "vm1 protected"), [at], "{}", h.events());
+    assert_eq!(emitted(&h, "adopted running domain vm1").last(), Some(&at), "{}", h.events());
+    let local = h.node.local_domains().get(&D1).cloned();
+    assert!(local.is_some_and(|l| l.generation == Some(2)), "D1 not adopted at generation 2:\n{}", h.events());
+    assert!(h.destroys(D1).is_empty() && h.times(|a| matches!(a, Action::StartDomain { .. })).is_empty());
+    let reads = h.times(|a| matches!(a, Action::ReadLease { key: LeaseKey::Domain(D1), .. }));
+    assert!(reads.iter().filter(|t| **t == at).count() >= 2, "verify and master load at {at}: {reads:?}");
+    // A second DomainsAtStart for a domain we already run changes nothing.
+    h.input(Input::DomainsAtStart(vec![D1]));
+    assert_eq!(h.node.local_domains().get(&D1).map(|l| l.state), Some(super::node::LocalState::Running));
+}
+
+/// A newly protected domain is never placed on an unread lease: D4's lease
+/// is free, but while its read hangs the master does not touch it (and the
+/// rest of the master goes on); once the read answers, D4 is started.
+#[test]
+fn a_newly_protected_domain_is_not_placed_before_its_lease_is_read() {
+    let d4 = DomainId(4);
+    let spec4 = DomainSpec { id: d4, name: "vm4".into(), memory_mib: 1024, vcpus: 1, policy: DomainPolicy::default() };
+    let mut h = master_with_dead_h3(|h| {
+        h.hold = Some(Box::new(move |a| matches!(a, Action::ReadLease { key: LeaseKey::Domain(d), .. } if *d == d4)));
+    });
+    h.drive_bounded(Instant(10_000));
+    h.input(Input::ProtectedDomains(protected(&[], &[spec4])));
+    h.drive_bounded(Instant(30_000));
+    assert!(h.held.len() >= 2, "D4's read was not retried after io_timeout: {:?}", h.held);
+    let cas = |h: &Harness| h.times(|a| matches!(a, Action::CasLease { key: LeaseKey::Domain(d), .. } if *d == d4));
+    assert!(cas(&h).is_empty(), "D4 placed on an unread lease:\n{}", h.events());
+    let d3 = h.lease(LeaseKey::Domain(D3)).owner;
+    assert!(d3.is_some_and(|o| o.host != H3), "other restarts stopped ({d3:?}):\n{}", h.events());
+    h.hold = None;
+    h.answer_held();
+    h.drive_bounded(Instant(40_000));
+    assert_eq!(cas(&h).len(), 1, "D4 not placed once its lease was read:\n{}", h.events());
+}
+
+/// S4 for a domain protected while the host self-fences: it is destroyed
+/// at once instead of being adopted.
+#[test]
+fn a_domain_protected_during_a_self_fence_is_destroyed() {
+    let mut h = Harness::new();
+    let anchor = run_d1_then_lose_storage(&mut h);
+    h.drive_bounded(anchor + h.t.renew_timeout + ms(2_000));
+    assert!(matches!(h.node.self_fence_state(), SelfFence::Fenced { .. }), "{}", h.events());
+    h.input(Input::DomainsAtStart(vec![D2]));
+    assert_eq!(h.destroys(D2), [h.now], "{}", h.events());
+    assert!(h.node.local_domains().is_empty(), "D2 still local");
+    assert!(matches!(h.node.self_fence_state(), SelfFence::Fenced { .. }));
+}
+
+/// S5: a domain started behind havirt's back after we released its lease
+/// is a zombie, even while the lease still names us (the master may be
+/// moving it right now).
+#[test]
+fn a_domain_we_released_is_not_adopted_again() {
+    let mut h = Harness::new();
+    h.input(Input::DomainsAtStart(vec![D1]));
+    h.drive_bounded(Instant(5_000));
+    for _ in 0..=DomainPolicy::default().max_restarts {
+        h.input(Input::Domain { domain: D1, event: DomainEvent::Crashed });
+        let until = h.now + h.t.restart_backoff_max;
+        h.drive_bounded(until);
+    }
+    assert!(emitted(&h, "local restarts exhausted").len() == 1, "{}", h.events());
+    assert_eq!(h.lease(LeaseKey::Domain(D1)).owner, Some(owner(ME)), "nobody moved it yet");
+    h.input(Input::DomainsAtStart(vec![D1]));
+    assert_eq!(h.destroys(D1), [h.now], "{}", h.events());
+}
