@@ -2,7 +2,7 @@
 //! for, and the records those carry. Kept in one file (as Proxmox's `$haenv`)
 //! so that a driver author reads exactly what must be implemented.
 
-use super::config::{DomainId, HostId};
+use super::config::{DomainId, DomainSpec, HostId};
 use super::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -90,9 +90,15 @@ pub struct Slot {
     pub self_fenced: bool,
     /// S3(c) for the master lease: it gave up this generation.
     pub released_master: Option<u64>,
+    /// What the protected domains running here use.
     pub used_memory_mib: u64,
     pub used_vcpus: u32,
     pub domains: BTreeMap<DomainId, DomainReport>,
+    /// This host's size (capacity summary, DESIGN.md §4): the daemon knows
+    /// its own from the host itself, and the master plans with it; 0 means
+    /// not known (the master then uses the size in its own spec).
+    pub memory_mib: u64,
+    pub vcpus: u32,
 }
 
 /// `fenced/<host>`: which boot of a host was confirmed off, so that any host
@@ -216,8 +222,30 @@ pub enum OperatorCommand {
 /// Everything that happens to a node, except the passing of time.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Input {
-    /// Protected domains the hypervisor runs at daemon start.
+    /// Protected domains the hypervisor runs here: every one at daemon start,
+    /// and later the domains newly protected (after the `ProtectedDomains`
+    /// that adds them) that run on this host. Each is adopted if its lease is
+    /// ours, destroyed as a zombie (S5) if it is not. Domains not in the
+    /// protected set, and domains this node already handles, are ignored.
+    ///
+    /// Give it right after that `ProtectedDomains`, with no other input in
+    /// between: an assignment handled in the gap would start a domain that
+    /// already runs here (see `Action::StartDomain`).
     DomainsAtStart(Vec<DomainId>),
+    /// The whole set of protected domains now (the datastore registry
+    /// `domains/*.xml`, read periodically and on change); it replaces the
+    /// set this node works with.
+    ///
+    /// - Added: the master reads its lease before acting on it. Protect a
+    ///   domain by first moving its lease to the host that runs it (CAS to
+    ///   that host and boot, reason `Acquired`, generation + 1), then writing
+    ///   the registry entry. (A protected domain whose lease is free is
+    ///   started by the master wherever it fits.)
+    /// - Removed: forgotten everywhere, neither destroyed nor released: its
+    ///   lease stays where it is (a freed lease of a domain that a node with
+    ///   a stale registry still protects could be placed elsewhere).
+    /// - Changed policy or size: taken as is.
+    ProtectedDomains(BTreeMap<DomainId, DomainSpec>),
     Net(NetMessage),
     SlotWritten {
         op: OpId,
@@ -294,6 +322,12 @@ pub enum Action {
         host: HostId,
         assignments: Assignments,
     },
+    /// Start a domain whose lease this node has just taken. If libvirt says
+    /// it runs already (a domain newly protected here, assigned before its
+    /// `DomainsAtStart`), answer `DomainEvent::Started`: the lease is ours,
+    /// so that qemu is legitimately ours. Never `StartFailed`: that releases
+    /// the lease (S3(c)) while qemu still runs, and the master would start
+    /// the domain a second time.
     StartDomain {
         domain: DomainId,
     },

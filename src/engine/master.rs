@@ -3,7 +3,7 @@
 //! chosen by the planner. Every move is a compare-and-swap whose reason is
 //! one of S3 (a), (b) or (c); the assignee verifies the lease before it starts.
 
-use super::config::{ClusterSpec, DomainId, HostId, Priority, Readiness};
+use super::config::{ClusterSpec, DomainId, HostId, HostSpec, Priority, Readiness};
 use super::io::*;
 use super::node::{Node, OpKind, PendingOp, ReadPurpose, SelfFence};
 use super::peers::{Verdict, verdict_name};
@@ -40,7 +40,9 @@ struct Retry {
 pub struct Master {
     leases: BTreeMap<DomainId, Lease>,
     load_queue: Vec<DomainId>,
-    loading: usize,
+    /// Lease reads of the load in flight (at most MAX_LOAD_INFLIGHT).
+    loading: BTreeMap<OpId, DomainId>,
+    initial_load_done: bool,
     cas_inflight: BTreeMap<OpId, (DomainId, HostId)>,
     starting: BTreeMap<DomainId, Starting>,
     retries: BTreeMap<DomainId, Retry>,
@@ -59,8 +61,45 @@ impl Master {
         }
     }
 
-    fn loaded(&self) -> bool {
-        self.load_queue.is_empty() && self.loading == 0
+    /// The first load (every lease, at become_master) is complete. Later
+    /// reads (a newly protected domain, a CAS that timed out) hold back
+    /// only their own domain: find_orphans skips a lease not in the cache,
+    /// so one slow lease file does not stop every other restart.
+    fn loaded(&mut self) -> bool {
+        self.initial_load_done |= self.load_queue.is_empty() && self.loading.is_empty();
+        self.initial_load_done
+    }
+
+    /// A newly protected domain: read its lease before acting on it (an
+    /// unread lease is never free).
+    pub(super) fn learn(&mut self, d: DomainId) {
+        self.leases.remove(&d);
+        if !self.load_queue.contains(&d) {
+            self.load_queue.push(d);
+        }
+    }
+
+    /// An unprotected domain: forget it entirely. A CAS in flight may still
+    /// land (the lease then names its assignee), but nobody is told to start
+    /// it: `domain_cas_done` ignores unprotected domains.
+    pub(super) fn forget(&mut self, d: DomainId) {
+        self.leases.remove(&d);
+        self.load_queue.retain(|x| *x != d);
+        self.cas_inflight.retain(|_, (x, _)| *x != d);
+        self.starting.remove(&d);
+        self.retries.remove(&d);
+        self.given_up.remove(&d);
+        self.waiting_logged.remove(&d);
+    }
+
+    /// The lease generation in our cache, if read.
+    pub(super) fn lease_generation(&self, d: DomainId) -> Option<u64> {
+        self.leases.get(&d).map(|l| l.generation)
+    }
+
+    /// Admission control: (host, fault-domain) failures absorbable, once computed.
+    pub(super) fn tolerance(&self) -> Option<(u32, u32)> {
+        self.tolerance.map(|t| (t.host_failures, t.fault_domain_failures))
     }
 }
 
@@ -184,7 +223,8 @@ impl Node {
         self.master = Some(Master {
             leases: BTreeMap::new(),
             load_queue,
-            loading: 0,
+            loading: BTreeMap::new(),
+            initial_load_done: false,
             cas_inflight: BTreeMap::new(),
             starting: BTreeMap::new(),
             retries: BTreeMap::new(),
@@ -199,31 +239,51 @@ impl Node {
 
     /// A new master reads every domain lease once; after that its cache is
     /// kept by its own CAS results (a conflict returns the current lease).
-    fn master_load(&mut self, now: Instant) {
+    pub(super) fn master_load(&mut self, now: Instant) {
         let mut reads = Vec::new();
         if let Some(m) = self.master.as_mut() {
-            while m.loading < MAX_LOAD_INFLIGHT {
-                let Some(d) = m.load_queue.pop() else { break };
-                m.loading += 1;
-                reads.push(d);
-            }
+            let room = MAX_LOAD_INFLIGHT.saturating_sub(m.loading.len());
+            reads.extend(std::iter::from_fn(|| m.load_queue.pop()).take(room));
         }
         for d in reads {
             let op = self.new_op(now, OpKind::LeaseRead { purpose: ReadPurpose::MasterLoad });
             self.actions.push_back(Action::ReadLease { op, key: LeaseKey::Domain(d) });
+            if let Some(m) = self.master.as_mut() {
+                m.loading.insert(op, d);
+            }
         }
     }
 
-    pub(super) fn master_loaded(&mut self, now: Instant, d: DomainId, result: Result<Lease, StorageError>) {
+    /// A load read that timed out is read again (its late answer, if any,
+    /// is ignored): without this the master would wait for it forever.
+    pub(super) fn master_load_expired(&mut self, op: OpId) {
+        let spec = self.cfg.spec.clone();
         let Some(m) = self.master.as_mut() else {
             return;
         };
-        m.loading = m.loading.saturating_sub(1);
+        if let Some(d) = m.loading.remove(&op)
+            && spec.domains.contains_key(&d)
+        {
+            m.load_queue.push(d);
+        }
+    }
+
+    pub(super) fn master_loaded(&mut self, now: Instant, op: OpId, d: DomainId, result: Result<Lease, StorageError>) {
+        let protected = self.cfg.spec.domains.contains_key(&d);
+        let Some(m) = self.master.as_mut() else {
+            return;
+        };
+        if m.loading.remove(&op).is_none() {
+            // Asked by an earlier term of ours as master.
+            return;
+        }
         match result {
-            Ok(l) => {
-                m.leases.insert(d, l);
-            }
-            Err(_) => m.load_queue.push(d),
+            // The newest of two reads in flight wins (unprotected and
+            // protected again while the first was out).
+            Ok(l) if protected => m.note_lease(d, l),
+            Err(_) if protected => m.load_queue.push(d),
+            // Unprotected while the read was out.
+            _ => {}
         }
         self.master_load(now);
     }
@@ -243,7 +303,10 @@ impl Node {
         let inflight = self.master.as_mut().and_then(|m| m.cas_inflight.remove(&op));
         let Some(_) = pending else {
             // Timed out: the CAS may or may not have happened; re-read.
-            if let (LeaseKey::Domain(d), Some(m)) = (key, self.master.as_mut()) {
+            if let LeaseKey::Domain(d) = key
+                && self.cfg.spec.domains.contains_key(&d)
+                && let Some(m) = self.master.as_mut()
+            {
                 m.leases.remove(&d);
                 m.load_queue.push(d);
             }
@@ -277,6 +340,11 @@ impl Node {
         to: Option<HostId>,
         result: Result<CasOutcome, StorageError>,
     ) {
+        if !self.cfg.spec.domains.contains_key(&d) {
+            // Unprotected while the CAS was out: the lease may name the
+            // assignee now, but nobody is asked to start the domain.
+            return;
+        }
         let Some(m) = self.master.as_mut() else {
             return;
         };
@@ -557,7 +625,7 @@ impl Node {
 
     /// One planning round, after every storage read.
     pub(super) fn master_round(&mut self, now: Instant) {
-        let ready = self.master.as_ref().is_some_and(|m| m.loaded());
+        let ready = self.master.as_mut().is_some_and(|m| m.loaded());
         if !ready || !self.storage_healthy(now) || !self.reads_fresh(now) {
             return;
         }
@@ -582,7 +650,7 @@ impl Node {
         }
         let rooms: BTreeSet<HostId> = self.host_rooms(now, reports).iter().map(|r| r.id).collect();
         let mut live = (*self.cfg.spec).clone();
-        live.hosts.retain(|h| rooms.contains(&h.id));
+        live.hosts = live.hosts.iter().filter(|h| rooms.contains(&h.id)).map(|h| self.sized(h)).collect();
         let Some(m) = self.master.as_mut() else { return };
         let mut placement: BTreeMap<DomainId, HostId> = reports.iter().map(|(d, (h, _))| (*d, *h)).collect();
         placement.extend(m.starting.iter().map(|(d, s)| (*d, s.host)));
@@ -634,6 +702,11 @@ impl Node {
         for (h, p) in &self.peers {
             let Some(slot) = &p.slot else { continue };
             for (d, r) in &slot.domains {
+                // Only protected domains: a peer with another registry view
+                // may report one we do not manage.
+                if !self.cfg.spec.domains.contains_key(d) {
+                    continue;
+                }
                 if r.generation > 0 && !matches!(r.state, DomainState::Released { .. }) {
                     let owner = Owner { host: *h, boot: slot.boot };
                     seen.push((
@@ -853,6 +926,22 @@ impl Node {
         });
     }
 
+    /// A host as the master plans with it: its size from its latest slot
+    /// (each daemon knows its own host), else from the spec.
+    pub(super) fn sized(&self, hs: &HostSpec) -> HostSpec {
+        let (memory_mib, vcpus) = self.host_size(hs);
+        HostSpec { memory_mib, vcpus, ..hs.clone() }
+    }
+
+    /// Memory and vCPUs of a host: per field, its latest slot's figure when
+    /// not 0, else the spec's.
+    pub(super) fn host_size(&self, hs: &HostSpec) -> (u64, u32) {
+        let slot = self.peers.get(&hs.id).and_then(|p| p.slot.as_ref());
+        let memory = slot.map_or(0, |s| s.memory_mib);
+        let vcpus = slot.map_or(0, |s| s.vcpus);
+        (if memory > 0 { memory } else { hs.memory_mib }, if vcpus > 0 { vcpus } else { hs.vcpus })
+    }
+
     /// Hosts that may receive restarts: alive on storage, not isolated, not
     /// self-fenced (network silence alone does not matter: assignments travel
     /// through storage).
@@ -873,7 +962,7 @@ impl Node {
             if !ok {
                 continue;
             }
-            let mut room = planner::empty_room(hs, spec);
+            let mut room = planner::empty_room(&self.sized(hs), spec);
             let m = self.master.as_ref();
             for (d, (h, r)) in reports {
                 if *h != hs.id {

@@ -8,6 +8,7 @@ pub mod master;
 pub mod node;
 pub mod peers;
 pub mod planner;
+mod protect;
 #[cfg(test)]
 mod tests;
 pub mod time;

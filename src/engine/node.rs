@@ -180,7 +180,7 @@ pub struct Node {
     /// Master lease generation we gave up when we self-fenced.
     released_master: Option<u64>,
     /// Assignments we saw, so each is verified once.
-    assignments_seen: BTreeMap<DomainId, u64>,
+    pub(super) assignments_seen: BTreeMap<DomainId, u64>,
     next_audit: Instant,
     next_readiness_poll: Instant,
     audit_cursor: Option<DomainId>,
@@ -358,6 +358,7 @@ impl Node {
         }
         match input {
             Input::DomainsAtStart(list) => self.handle_domains_at_start(now, list),
+            Input::ProtectedDomains(domains) => self.handle_protected_domains(now, domains),
             Input::Net(NetMessage::Heartbeat(hb)) => self.handle_heartbeat(now, hb),
             Input::Net(NetMessage::Assign { from, domains }) => {
                 let _ = from;
@@ -385,9 +386,12 @@ impl Node {
         }
     }
 
+    /// At daemon start, and later for newly protected domains: adopt what
+    /// runs here once its lease is read. A domain we already handle (local,
+    /// or assigned and starting) is left alone.
     fn handle_domains_at_start(&mut self, now: Instant, list: Vec<DomainId>) {
         for d in list {
-            if !self.cfg.spec.domains.contains_key(&d) {
+            if !self.cfg.spec.domains.contains_key(&d) || self.local.contains_key(&d) {
                 continue;
             }
             self.local.insert(
@@ -396,6 +400,13 @@ impl Node {
             );
             let op = self.new_op(now, OpKind::LeaseRead { purpose: ReadPurpose::Verify });
             self.actions.push_back(Action::ReadLease { op, key: LeaseKey::Domain(d) });
+            if self.self_fence != SelfFence::Healthy {
+                // Protected while we self-fence (S4): it goes too.
+                if matches!(self.self_fence, SelfFence::Fenced { .. }) {
+                    self.self_fence = SelfFence::Fencing { since: now };
+                }
+                self.force_stop(now, d);
+            }
         }
     }
 
@@ -505,7 +516,10 @@ impl Node {
 
     /// Our renew CAS came back: start if the lease is ours now.
     pub(super) fn renewed(&mut self, now: Instant, d: DomainId, result: Result<CasOutcome, StorageError>) {
-        if let (Some(m), Ok(CasOutcome::Done(l) | CasOutcome::Conflict(l))) = (self.master.as_mut(), &result) {
+        let protected = self.cfg.spec.domains.contains_key(&d);
+        if let (Some(m), Ok(CasOutcome::Done(l) | CasOutcome::Conflict(l)), true) =
+            (self.master.as_mut(), &result, protected)
+        {
             // We are master: keep the cache where storage really is.
             m.note_lease(d, *l);
         }
@@ -567,7 +581,7 @@ impl Node {
                     self.consider_master(now);
                 }
             }
-            (ReadPurpose::MasterLoad, LeaseKey::Domain(d)) => self.master_loaded(now, d, result),
+            (ReadPurpose::MasterLoad, LeaseKey::Domain(d)) => self.master_loaded(now, op, d, result),
             (ReadPurpose::Verify, LeaseKey::Domain(d)) => self.verified(now, d, result),
             (ReadPurpose::Audit, LeaseKey::Domain(d)) => {
                 if let Ok(l) = result {
@@ -599,7 +613,10 @@ impl Node {
             }
             return;
         };
-        let ours = lease.owner == Some(me);
+        // A generation we released is not ours any more, even while the
+        // lease still names us (the master may be moving it right now).
+        let released = self.released.get(&d).is_some_and(|r| r.0 >= lease.generation);
+        let ours = lease.owner == Some(me) && !released;
         match local.state {
             LocalState::Adopting if ours => {
                 self.emit(now, "node", format!("adopted running domain {}", self.domain_name(d)));
@@ -830,6 +847,7 @@ impl Node {
             match kind {
                 OpKind::Fence => self.fence_timed_out(now, op),
                 OpKind::Renew(d) => self.abandon_verify(d),
+                OpKind::LeaseRead { purpose: ReadPurpose::MasterLoad } => self.master_load_expired(op),
                 _ => {}
             }
         }
@@ -895,26 +913,28 @@ impl Node {
         self.actions.push_back(Action::WriteSlot { op, slot });
     }
 
+    /// Memory and vCPUs our protected domains use (what the slot reports).
+    pub(super) fn used(&self) -> (u64, u32) {
+        let (mut mem, mut cpu) = (0u64, 0u32);
+        for s in self.local.keys().filter_map(|d| self.cfg.spec.domains.get(d)) {
+            mem = mem.saturating_add(s.memory_mib);
+            cpu = cpu.saturating_add(s.vcpus);
+        }
+        (mem, cpu)
+    }
+
     fn build_slot(&self, _now: Instant) -> Slot {
         let mut domains = BTreeMap::new();
-        let (mut mem, mut cpu) = (0u64, 0u32);
         for (d, l) in &self.local {
-            let state = match l.state {
-                LocalState::Verifying | LocalState::Starting | LocalState::Backoff { .. } => DomainState::Starting,
-                LocalState::Adopting | LocalState::Running | LocalState::Stopping { .. } => DomainState::Running,
-                LocalState::Ready => DomainState::Ready,
-            };
-            let report = DomainReport { state, generation: l.generation.unwrap_or(0) };
-            if let Some(s) = self.cfg.spec.domains.get(d) {
-                mem += s.memory_mib;
-                cpu += s.vcpus;
-            }
+            let report = DomainReport { state: reported_state(l.state), generation: l.generation.unwrap_or(0) };
             domains.insert(*d, report);
         }
         for (d, (g, failed_start, _)) in &self.released {
             let state = DomainState::Released { failed_start: *failed_start };
             domains.entry(*d).or_insert(DomainReport { state, generation: *g });
         }
+        let (mem, cpu) = self.used();
+        let size = self.cfg.spec.host(self.cfg.host);
         Slot {
             host: self.cfg.host,
             boot: self.cfg.boot,
@@ -926,6 +946,8 @@ impl Node {
             used_memory_mib: mem,
             used_vcpus: cpu,
             domains,
+            memory_mib: size.map_or(0, |h| h.memory_mib),
+            vcpus: size.map_or(0, |h| h.vcpus),
         }
     }
 
@@ -1009,7 +1031,7 @@ impl Node {
         }
     }
 
-    fn check_fence_done(&mut self, now: Instant) {
+    pub(super) fn check_fence_done(&mut self, now: Instant) {
         if matches!(self.self_fence, SelfFence::Fencing { .. }) && self.local.is_empty() {
             self.self_fence = SelfFence::Fenced { since: now };
             self.assignments_seen.clear();
@@ -1135,5 +1157,27 @@ impl Node {
             let op = self.new_op(now, OpKind::LeaseRead { purpose: ReadPurpose::Audit });
             self.actions.push_back(Action::ReadLease { op, key: LeaseKey::Domain(d) });
         }
+    }
+}
+
+/// What our slot says about a domain in this local state.
+pub(super) fn reported_state(s: LocalState) -> DomainState {
+    match s {
+        LocalState::Verifying | LocalState::Starting | LocalState::Backoff { .. } => DomainState::Starting,
+        LocalState::Adopting | LocalState::Running | LocalState::Stopping { .. } => DomainState::Running,
+        LocalState::Ready => DomainState::Ready,
+    }
+}
+
+/// A short lowercase word for a local state (`havirt status`).
+pub fn local_word(s: LocalState) -> &'static str {
+    match s {
+        LocalState::Adopting => "adopting",
+        LocalState::Verifying => "verifying",
+        LocalState::Starting => "starting",
+        LocalState::Running => "running",
+        LocalState::Ready => "ready",
+        LocalState::Stopping { .. } => "stopping",
+        LocalState::Backoff { .. } => "backoff",
     }
 }

@@ -187,6 +187,8 @@ mod tests {
             used_memory_mib: 0,
             used_vcpus: 0,
             domains: Default::default(),
+            memory_mib: 0,
+            vcpus: 0,
         }
     }
 

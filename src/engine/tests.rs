@@ -78,6 +78,9 @@ fn spec() -> ClusterSpec {
     }
 }
 
+/// Which requests the harness holds back instead of answering.
+type Hold = Box<dyn FnMut(&Action) -> bool>;
+
 /// A peer as the node sees it: network heartbeats and a storage slot.
 struct FakePeer {
     /// Sends network heartbeats.
@@ -110,6 +113,10 @@ struct Harness {
     /// Issue time of the node's last slot write answered Ok (the S4 anchor).
     last_good_write: Option<Instant>,
     log: Vec<(Instant, Action)>,
+    /// Requests it matches are not answered but kept in `held` (a slow or
+    /// hung storage request), until `answer_held`.
+    hold: Option<Hold>,
+    held: Vec<Action>,
 }
 
 impl Harness {
@@ -140,6 +147,8 @@ impl Harness {
             next_peer_write: Instant::ZERO,
             last_good_write: None,
             log: Vec::new(),
+            hold: None,
+            held: Vec::new(),
         };
         h.drain();
         h
@@ -162,6 +171,16 @@ impl Harness {
         self.drain();
     }
 
+    /// Answer every held request now (late), in the order asked.
+    fn answer_held(&mut self) {
+        for a in std::mem::take(&mut self.held) {
+            if let Some(answer) = self.answer(&a) {
+                self.node.handle_input(self.now, answer);
+            }
+        }
+        self.drain();
+    }
+
     fn drive_bounded(&mut self, until: Instant) {
         let mut steps = 0;
         while self.now < until {
@@ -177,7 +196,9 @@ impl Harness {
         while let Some(a) = self.node.poll_action() {
             n += 1;
             assert!(n <= MAX_ACTIONS_PER_STEP, "action loop at {}:\n{}", self.now, self.events());
-            if let Some(answer) = self.answer(&a) {
+            if self.hold.as_mut().is_some_and(|f| f(&a)) {
+                self.held.push(a.clone());
+            } else if let Some(answer) = self.answer(&a) {
                 self.node.handle_input(self.now, answer);
             }
             self.log.push((self.now, a));
@@ -317,6 +338,8 @@ fn fake_peer(h: HostId) -> FakePeer {
         used_memory_mib: 0,
         used_vcpus: 0,
         domains: BTreeMap::new(),
+        memory_mib: 16_384,
+        vcpus: 8,
     };
     FakePeer { net: true, storage: true, storage_lost: false, hb_seq: 0, slot }
 }
@@ -557,4 +580,256 @@ fn s3_master_never_takes_a_lease_from_a_partitioned_host() {
     });
     assert_eq!(took_d3.len(), 1, "dead, fenced H3's lease not moved once:\n{}", h.events());
     assert!(h.lease(LeaseKey::Domain(D3)).owner.is_some_and(|o| o.host != H3));
+}
+
+/// ME is master (free master lease) and runs D1; H3, owner of D3, is dead
+/// from the start (silent everywhere) and its fence agent confirms.
+/// `prepare` adjusts the world before the node starts acting.
+fn master_with_dead_h3(prepare: impl FnOnce(&mut Harness)) -> Harness {
+    let mut h = Harness::new();
+    h.leases.remove(&LeaseKey::Master);
+    h.fence_outcome = Some(FenceOutcome::Confirmed);
+    let h3 = h.peer(H3);
+    h3.net = false;
+    h3.storage = false;
+    h3.slot.domains.insert(D3, running(1));
+    prepare(&mut h);
+    h.input(Input::DomainsAtStart(vec![D1]));
+    h
+}
+
+/// DESIGN.md §4: the master plans with the size a host's slot reports (each
+/// daemon knows its own host; other hosts' sizes in its spec may be 0), and
+/// with its spec's size when the slot says 0. ME and H2 each run one domain;
+/// the roomier host gets D3, the lower id on a tie.
+#[test]
+fn master_plans_with_the_host_size_in_the_slot() {
+    for (h2_memory_mib, expected) in [(65_536, H2), (0, ME)] {
+        let mut h = master_with_dead_h3(|h| h.peer(H2).slot.memory_mib = h2_memory_mib);
+        h.drive_bounded(Instant(30_000));
+        assert!(h.node.is_master(), "ME is not master:\n{}", h.events());
+        let to = h.lease(LeaseKey::Domain(D3)).owner.map(|o| o.host);
+        assert_eq!(to, Some(expected), "H2 reports {h2_memory_mib} MiB:\n{}", h.events());
+    }
+}
+
+/// A new master's lease load read that times out is read again: the late
+/// answer is ignored and the master does not wait for it forever (it then
+/// never planned again). D3's first load read hangs until 10 s; D3 (its
+/// owner H3 dead and fenced) is still restarted.
+#[test]
+fn a_master_load_read_that_times_out_is_read_again() {
+    let mut first = true;
+    let mut h = master_with_dead_h3(|h| {
+        h.hold = Some(Box::new(move |a| {
+            let hold = first && matches!(a, Action::ReadLease { key: LeaseKey::Domain(D3), .. });
+            first &= !hold;
+            hold
+        }));
+    });
+    h.drive_bounded(Instant(10_000));
+    assert_eq!(h.held.len(), 1, "the first read of D3 was not held:\n{}", h.events());
+    h.answer_held();
+    h.drive_bounded(Instant(30_000));
+    let reads = h.times(|a| matches!(a, Action::ReadLease { key: LeaseKey::Domain(D3), .. }));
+    assert!(reads.len() >= 2, "D3's lease was not read again: {reads:?}");
+    assert!(reads[1] < reads[0] + h.t.io_timeout + TICK + TICK, "read again late: {reads:?}");
+    let owner = h.lease(LeaseKey::Domain(D3)).owner;
+    assert!(owner.is_some_and(|o| o.host != H3), "D3 not restarted ({owner:?}):\n{}", h.events());
+}
+
+/// `Node::view`: what the master knows, for `havirt status`.
+#[test]
+fn view_shows_hosts_domains_and_the_master() {
+    let mut h = master_with_partitioned_h2(|_| {});
+    h.drive_bounded(Instant(40_000));
+    let v = h.node.view(h.now);
+    assert_eq!((v.host, v.boot, v.is_master, v.master), (ME, boot_of(ME), true, Some(ME)));
+    assert_eq!((v.self_fence.as_str(), v.isolated, v.storage_healthy), ("healthy", false, true));
+    assert!(v.last_good_write_age.is_some_and(|a| a <= h.t.storage_write_interval), "{v:?}");
+    let verdicts: Vec<(HostId, &str)> = v.hosts.iter().map(|x| (x.id, x.verdict.as_str())).collect();
+    assert_eq!(verdicts, [(ME, "self"), (H2, "partitioned"), (H3, "alive")]);
+    let [me, h2, h3] = &v.hosts[..] else { panic!("three hosts: {v:?}") };
+    assert_eq!((me.used_memory_mib, me.used_vcpus, me.memory_mib, me.vcpus), (1024, 1, 16_384, 8));
+    assert_eq!((me.net_age, me.slot_age, me.boot), (None, None, Some(boot_of(ME))));
+    assert_eq!(h2.net_age, None, "H2 was never heard on the network");
+    assert!(h3.net_age.is_some_and(|a| a <= h.t.net_heartbeat_interval), "{h3:?}");
+    for x in [h2, h3] {
+        assert!(x.slot_age.is_some_and(|a| a < h.t.storage_silent_after), "{x:?}");
+        assert_eq!((x.boot, x.memory_mib, x.vcpus), (Some(boot_of(x.id)), 16_384, 8));
+    }
+    let domains: Vec<_> = v.domains.iter().map(|d| (d.id, d.host, d.state, d.generation, d.local.as_deref())).collect();
+    let run = Some(DomainState::Running);
+    assert_eq!(
+        domains,
+        [
+            (D1, Some(ME), run, Some(1), Some("running")),
+            (D2, Some(H2), run, Some(1), None),
+            (D3, Some(H3), run, Some(1), None)
+        ]
+    );
+    assert!(v.tolerance.is_some(), "the master computes the admission figure: {v:?}");
+}
+
+/// A non-master's view: the master is whoever holds the lease; a domain no
+/// slot reports has no host, and no generation without a master's cache.
+#[test]
+fn view_of_a_non_master() {
+    let mut h = Harness::new();
+    h.drive_bounded(Instant(10_000));
+    let v = h.node.view(h.now);
+    assert_eq!((v.is_master, v.master, v.tolerance), (false, Some(H2), None));
+    let d1 = &v.domains[0];
+    assert_eq!((d1.id, d1.host, d1.state, d1.generation, d1.local.clone()), (D1, None, None, None, None));
+    assert_eq!(v.domains[1].host, Some(H2));
+}
+
+/// The spec's protected domains without `gone`, plus `extra`.
+fn protected(gone: &[DomainId], extra: &[DomainSpec]) -> BTreeMap<DomainId, DomainSpec> {
+    let mut all = spec().domains;
+    all.retain(|d, _| !gone.contains(d));
+    all.extend(extra.iter().map(|d| (d.id, d.clone())));
+    all
+}
+
+fn emitted(h: &Harness, text: &str) -> Vec<Instant> {
+    h.times(|a| matches!(a, Action::Emit(e) if e.text.contains(text)))
+}
+
+/// Unprotect: D1 is forgotten, neither destroyed nor released; its lease
+/// stays ours untouched, even when storage is lost later (S4 covers
+/// protected domains only).
+#[test]
+fn unprotect_forgets_a_domain_without_destroying_it_or_touching_its_lease() {
+    let mut h = Harness::new();
+    h.input(Input::DomainsAtStart(vec![D1]));
+    h.drive_bounded(Instant(5_000));
+    assert!(h.node.local_domains().contains_key(&D1), "D1 not adopted:\n{}", h.events());
+    h.input(Input::ProtectedDomains(protected(&[D1], &[])));
+    assert_eq!(emitted(&h, "vm1 unprotected: no longer managed"), [Instant(5_000)], "{}", h.events());
+    assert!(h.node.local_domains().is_empty());
+    assert!(h.node.view(h.now).domains.iter().all(|d| d.id != D1));
+    h.drive_bounded(Instant(20_000));
+    h.storage_ok = false;
+    h.drive_bounded(Instant(40_000));
+    assert!(h.destroys(D1).is_empty(), "D1 destroyed:\n{}", h.events());
+    let touched = h.times(|a| matches!(a, Action::CasLease { key: LeaseKey::Domain(D1), .. }));
+    assert!(touched.is_empty(), "D1's lease CAS at {touched:?}");
+    assert!(h.times(|a| matches!(a, Action::StartDomain { .. })).is_empty());
+    assert_eq!(h.lease(LeaseKey::Domain(D1)), lease(ME, 1));
+}
+
+/// Unprotect while the master moves the lease of an orphan: the CAS in
+/// flight lands, but nobody is asked to start the domain (no Assign, no
+/// assignment record, no local start) and its lease is not touched again.
+#[test]
+fn unprotect_while_the_master_places_it_starts_it_nowhere() {
+    let mut h = master_with_dead_h3(|h| {
+        h.hold = Some(Box::new(|a| {
+            matches!(a, Action::CasLease { key: LeaseKey::Domain(D3), new, .. }
+                if new.owner.is_some_and(|o| o.host != H3))
+        }));
+    });
+    while h.held.is_empty() {
+        assert!(h.now < Instant(30_000), "D3 never placed:\n{}", h.events());
+        h.step();
+    }
+    let placing = h.now;
+    h.input(Input::ProtectedDomains(protected(&[D3], &[])));
+    h.answer_held();
+    assert!(h.lease(LeaseKey::Domain(D3)).owner.is_some_and(|o| o.host != H3), "the CAS did land");
+    h.drive_bounded(placing + ms(30_000));
+    let after = |a: &Action| match a {
+        Action::StartDomain { domain } => *domain == D3,
+        Action::Send { msg: NetMessage::Assign { domains, .. }, .. } => domains.iter().any(|(d, _)| *d == D3),
+        Action::WriteAssignments { assignments, .. } => assignments.domains.contains_key(&D3),
+        Action::CasLease { key, .. } => *key == LeaseKey::Domain(D3),
+        _ => false,
+    };
+    let late: Vec<Instant> = h.times(after).into_iter().filter(|t| *t > placing).collect();
+    assert!(late.is_empty(), "D3 acted on after its unprotect at {late:?}:\n{}", h.events());
+    assert!(!h.node.local_domains().contains_key(&D3));
+}
+
+/// Protect, as the daemon does it: the lease moves to the host that runs
+/// the domain, then the registry, then DomainsAtStart there. The domain is
+/// adopted (not started, not destroyed), and the master reads its lease.
+#[test]
+fn protect_adopts_the_running_domain_and_the_master_reads_its_lease() {
+    let mut h = master_with_partitioned_h2(|_| {});
+    h.input(Input::ProtectedDomains(protected(&[D1], &[])));
+    h.drive_bounded(Instant(10_000));
+    assert!(h.node.local_domains().is_empty());
+    let at = h.now;
+    h.leases.insert(LeaseKey::Domain(D1), lease(ME, 2));
+    h.input(Input::ProtectedDomains(protected(&[], &[])));
+    h.input(Input::DomainsAtStart(vec![D1]));
+    h.drive_bounded(Instant(30_000));
+    assert_eq!(emitted(&h, "vm1 protected"), [at], "{}", h.events());
+    assert_eq!(emitted(&h, "adopted running domain vm1").last(), Some(&at), "{}", h.events());
+    let local = h.node.local_domains().get(&D1).cloned();
+    assert!(local.is_some_and(|l| l.generation == Some(2)), "D1 not adopted at generation 2:\n{}", h.events());
+    assert!(h.destroys(D1).is_empty() && h.times(|a| matches!(a, Action::StartDomain { .. })).is_empty());
+    let reads = h.times(|a| matches!(a, Action::ReadLease { key: LeaseKey::Domain(D1), .. }));
+    assert!(reads.iter().filter(|t| **t == at).count() >= 2, "verify and master load at {at}: {reads:?}");
+    // A second DomainsAtStart for a domain we already run changes nothing.
+    h.input(Input::DomainsAtStart(vec![D1]));
+    assert_eq!(h.node.local_domains().get(&D1).map(|l| l.state), Some(super::node::LocalState::Running));
+}
+
+/// A newly protected domain is never placed on an unread lease: D4's lease
+/// is free, but while its read hangs the master does not touch it (and the
+/// rest of the master goes on); once the read answers, D4 is started.
+#[test]
+fn a_newly_protected_domain_is_not_placed_before_its_lease_is_read() {
+    let d4 = DomainId(4);
+    let spec4 = DomainSpec { id: d4, name: "vm4".into(), memory_mib: 1024, vcpus: 1, policy: DomainPolicy::default() };
+    let mut h = master_with_dead_h3(|h| {
+        h.hold = Some(Box::new(move |a| matches!(a, Action::ReadLease { key: LeaseKey::Domain(d), .. } if *d == d4)));
+    });
+    h.drive_bounded(Instant(10_000));
+    h.input(Input::ProtectedDomains(protected(&[], &[spec4])));
+    h.drive_bounded(Instant(30_000));
+    assert!(h.held.len() >= 2, "D4's read was not retried after io_timeout: {:?}", h.held);
+    let cas = |h: &Harness| h.times(|a| matches!(a, Action::CasLease { key: LeaseKey::Domain(d), .. } if *d == d4));
+    assert!(cas(&h).is_empty(), "D4 placed on an unread lease:\n{}", h.events());
+    let d3 = h.lease(LeaseKey::Domain(D3)).owner;
+    assert!(d3.is_some_and(|o| o.host != H3), "other restarts stopped ({d3:?}):\n{}", h.events());
+    h.hold = None;
+    h.answer_held();
+    h.drive_bounded(Instant(40_000));
+    assert_eq!(cas(&h).len(), 1, "D4 not placed once its lease was read:\n{}", h.events());
+}
+
+/// S4 for a domain protected while the host self-fences: it is destroyed
+/// at once instead of being adopted.
+#[test]
+fn a_domain_protected_during_a_self_fence_is_destroyed() {
+    let mut h = Harness::new();
+    let anchor = run_d1_then_lose_storage(&mut h);
+    h.drive_bounded(anchor + h.t.renew_timeout + ms(2_000));
+    assert!(matches!(h.node.self_fence_state(), SelfFence::Fenced { .. }), "{}", h.events());
+    h.input(Input::DomainsAtStart(vec![D2]));
+    assert_eq!(h.destroys(D2), [h.now], "{}", h.events());
+    assert!(h.node.local_domains().is_empty(), "D2 still local");
+    assert!(matches!(h.node.self_fence_state(), SelfFence::Fenced { .. }));
+}
+
+/// S5: a domain started behind havirt's back after we released its lease
+/// is a zombie, even while the lease still names us (the master may be
+/// moving it right now).
+#[test]
+fn a_domain_we_released_is_not_adopted_again() {
+    let mut h = Harness::new();
+    h.input(Input::DomainsAtStart(vec![D1]));
+    h.drive_bounded(Instant(5_000));
+    for _ in 0..=DomainPolicy::default().max_restarts {
+        h.input(Input::Domain { domain: D1, event: DomainEvent::Crashed });
+        let until = h.now + h.t.restart_backoff_max;
+        h.drive_bounded(until);
+    }
+    assert!(emitted(&h, "local restarts exhausted").len() == 1, "{}", h.events());
+    assert_eq!(h.lease(LeaseKey::Domain(D1)).owner, Some(owner(ME)), "nobody moved it yet");
+    h.input(Input::DomainsAtStart(vec![D1]));
+    assert_eq!(h.destroys(D1), [h.now], "{}", h.events());
 }

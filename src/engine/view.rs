@@ -2,9 +2,11 @@
 //! control socket show it. Built by `Node::view(now)`; reading it changes
 //! nothing.
 
-use super::config::{DomainId, HostId, Priority};
-use super::io::{BootId, DomainState};
-use super::time::Duration;
+use super::config::{DomainId, DomainSpec, HostId, HostSpec, Priority};
+use super::io::{BootId, DomainReport, DomainState};
+use super::node::{Node, SelfFence, local_word, reported_state};
+use super::peers::verdict_name;
+use super::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -45,7 +47,8 @@ pub struct HostView {
     pub boot: Option<BootId>,
     pub isolated: bool,
     pub self_fenced: bool,
-    /// Size (0 when not known yet) and what its protected domains use.
+    /// Size (its latest slot's, else our spec's; 0 when neither knows) and
+    /// what its protected domains use.
     pub memory_mib: u64,
     pub vcpus: u32,
     pub used_memory_mib: u64,
@@ -66,4 +69,108 @@ pub struct DomainView {
     /// What this node is doing with it, when it is local ("running",
     /// "starting", "backoff", ...).
     pub local: Option<String>,
+}
+
+impl Node {
+    /// What this node knows now, for `havirt status` and the control socket.
+    /// Reading it changes nothing.
+    pub fn view(&self, now: Instant) -> NodeView {
+        let self_fence = match self.self_fence {
+            SelfFence::Healthy => "healthy",
+            SelfFence::Fencing { .. } => "fencing",
+            SelfFence::Fenced { .. } => "fenced",
+        };
+        let mut hosts: Vec<HostView> = self.cfg.spec.hosts.iter().map(|h| self.host_view(now, h)).collect();
+        hosts.sort_by_key(|h| h.id);
+        NodeView {
+            host: self.cfg.host,
+            boot: self.cfg.boot,
+            is_master: self.master.is_some(),
+            master: self.master_lease.and_then(|l| l.owner).map(|o| o.host),
+            self_fence: self_fence.to_string(),
+            isolated: self.isolated,
+            storage_healthy: self.storage_healthy(now),
+            last_good_write_age: self.last_good_write.map(|l| now.since(l)),
+            hosts,
+            domains: self.cfg.spec.domains.values().map(|d| self.domain_view(d)).collect(),
+            tolerance: self.master.as_ref().and_then(|m| m.tolerance()),
+        }
+    }
+
+    fn host_view(&self, now: Instant, h: &HostSpec) -> HostView {
+        if h.id == self.cfg.host {
+            let (used_memory_mib, used_vcpus) = self.used();
+            return HostView {
+                id: h.id,
+                name: h.name.clone(),
+                verdict: "self".into(),
+                net_age: None,
+                slot_age: None,
+                boot: Some(self.cfg.boot),
+                isolated: self.isolated,
+                self_fenced: matches!(self.self_fence, SelfFence::Fenced { .. }),
+                memory_mib: h.memory_mib,
+                vcpus: h.vcpus,
+                used_memory_mib,
+                used_vcpus,
+            };
+        }
+        let peer = self.peers.get(&h.id);
+        let slot = peer.and_then(|p| p.slot.as_ref());
+        let (memory_mib, vcpus) = self.host_size(h);
+        HostView {
+            id: h.id,
+            name: h.name.clone(),
+            verdict: peer.map_or("unknown", |p| verdict_name(self.verdict_of(now, p))).to_string(),
+            net_age: peer.and_then(|p| p.heard_at).map(|t| now.since(t)),
+            slot_age: peer.and_then(|p| p.slot_seen_at).map(|t| now.since(t)),
+            boot: slot.map(|s| s.boot).or_else(|| peer.and_then(|p| p.heartbeat.as_ref()).map(|hb| hb.boot)),
+            isolated: slot.is_some_and(|s| s.isolated),
+            self_fenced: slot.is_some_and(|s| s.self_fenced),
+            memory_mib,
+            vcpus,
+            used_memory_mib: slot.map_or(0, |s| s.used_memory_mib),
+            used_vcpus: slot.map_or(0, |s| s.used_vcpus),
+        }
+    }
+
+    /// Where a domain is, by the newest knowledge: our own state when it is
+    /// local, else the report with the highest lease generation among the
+    /// latest slots (a slot of a host's current boot first), then our own
+    /// release. The master's lease cache fills a generation nobody reports.
+    fn domain_view(&self, d: &DomainSpec) -> DomainView {
+        let mut best: Option<((bool, u64, bool), HostId, DomainReport)> = None;
+        let mut consider = |rank: (bool, u64, bool), h: HostId, r: DomainReport| {
+            if best.as_ref().is_none_or(|(b, _, _)| rank > *b) {
+                best = Some((rank, h, r));
+            }
+        };
+        for (h, p) in &self.peers {
+            let Some(slot) = &p.slot else { continue };
+            if let Some(r) = slot.domains.get(&d.id) {
+                let released = matches!(r.state, DomainState::Released { .. });
+                consider((p.current_boot() == Some(slot.boot), r.generation, !released), *h, *r);
+            }
+        }
+        if let Some((g, failed_start, _)) = self.released.get(&d.id) {
+            let state = DomainState::Released { failed_start: *failed_start };
+            consider((true, *g, false), self.cfg.host, DomainReport { state, generation: *g });
+        }
+        let local = self.local.get(&d.id);
+        let (host, state, generation) = match (local, best) {
+            (Some(l), _) => (Some(self.cfg.host), Some(reported_state(l.state)), l.generation),
+            (None, Some((_, h, r))) => (Some(h), Some(r.state), Some(r.generation)),
+            (None, None) => (None, None, None),
+        };
+        let cached = self.master.as_ref().and_then(|m| m.lease_generation(d.id));
+        DomainView {
+            id: d.id,
+            name: d.name.clone(),
+            priority: d.policy.priority,
+            host,
+            state,
+            generation: generation.or(cached),
+            local: local.map(|l| local_word(l.state).to_string()),
+        }
+    }
 }
