@@ -20,8 +20,8 @@ use crate::config::{Config, ConfigError, Datastore, HostConfig, Watchdog as Watc
 use crate::control::{self, Counters, EventRecord, PolicyChanges, Request, Response, StatusReport};
 use crate::engine::config::{ClusterSpec, DomainId, DomainPolicy, HostId, Readiness};
 use crate::engine::io::{
-    Action, BootId, CasOutcome, DomainEvent, Event, FenceOutcome, Input, Lease, LeaseKey, LeaseReason,
-    OperatorCommand, Owner, StorageError,
+    Action, BootId, CasOutcome, DomainEvent, Event, FenceOutcome, Input, Lease, LeaseKey, LeaseReason, OperatorCommand,
+    Owner, StorageError,
 };
 use crate::engine::node::{LocalState, Node, NodeConfig};
 use crate::engine::time::{Duration, Instant};
@@ -78,7 +78,9 @@ pub enum DaemonError {
         "datastore {0}: a block datastore carries heartbeats and fence requests but no leases; the daemon needs a dir datastore (kind = \"dir\") for domain leases"
     )]
     BlockDatastore(PathBuf),
-    #[error("libvirt at {uri} is not reachable after {waited_s} s: {source}; is libvirtd running (systemctl status libvirtd)?")]
+    #[error(
+        "libvirt at {uri} is not reachable after {waited_s} s: {source}; is libvirtd running (systemctl status libvirtd)?"
+    )]
     Libvirt {
         uri: String,
         waited_s: u64,
@@ -578,9 +580,10 @@ impl Daemon {
                     let shared = Arc::clone(&self.shared);
                     tokio::task::spawn_blocking(move || {
                         let hv = shared.hv.get();
-                        let r = hv.xml(domain).map_err(|e| e.to_string()).and_then(|xml| {
-                            shared.store.write_domain_xml(domain, &xml).map_err(|e| e.to_string())
-                        });
+                        let r = hv
+                            .xml(domain)
+                            .map_err(|e| e.to_string())
+                            .and_then(|xml| shared.store.write_domain_xml(domain, &xml).map_err(|e| e.to_string()));
                         if let Err(e) = r {
                             shared.send(Internal::Problem(format!(
                                 "domain {} was redefined but its stored definition was not updated: {e}",
@@ -682,9 +685,9 @@ impl Daemon {
                         self.config.path.display(),
                         self.config.hosts.iter().map(|h| h.name.as_str()).collect::<Vec<_>>().join(", ")
                     )),
-                    Some(h) if h.id == self.shared.me => Response::Error(format!(
-                        "{host} is this host: confirm a host's power-off from another host"
-                    )),
+                    Some(h) if h.id == self.shared.me => {
+                        Response::Error(format!("{host} is this host: confirm a host's power-off from another host"))
+                    }
                     Some(h) => {
                         warn!(host = %host, "operator confirmed that {host} is powered off");
                         self.node.handle_input(now, Input::Operator(OperatorCommand::FenceConfirm(h.id)));
@@ -708,11 +711,10 @@ impl Daemon {
                 tokio::spawn(async move {
                     let _permit = shared.libvirt_gate.acquire().await;
                     let s = Arc::clone(&shared);
-                    let result = tokio::task::spawn_blocking(move || {
-                        protect(&s, owner, &hosts, &protected, &domain, &changes)
-                    })
-                    .await
-                    .unwrap_or_else(|e| Err(format!("protect failed: {e}")));
+                    let result =
+                        tokio::task::spawn_blocking(move || protect(&s, owner, &hosts, &protected, &domain, &changes))
+                            .await
+                            .unwrap_or_else(|e| Err(format!("protect failed: {e}")));
                     shared.send(Internal::Protected { result, reply });
                 });
             }
@@ -721,9 +723,8 @@ impl Daemon {
                     let _ = reply.send(Response::Error("another protect or unprotect is running; try again".into()));
                     return;
                 }
-                let found = self.protected.iter().find(|(d, e)| {
-                    e.spec.name == domain || parse_uuid(&domain) == Some(**d)
-                });
+                let found =
+                    self.protected.iter().find(|(d, e)| e.spec.name == domain || parse_uuid(&domain) == Some(**d));
                 let Some((&id, entry)) = found else {
                     let _ = reply.send(Response::Error(format!(
                         "{domain:?} is not a protected domain (havirt status lists them)"
@@ -966,7 +967,8 @@ fn start_domain(s: &Shared, d: DomainId) -> DomainEvent {
         Err(e) => {
             let text = e.to_string();
             // qemu's image locking: another qemu still holds the disks.
-            let disk_locked = text.contains("Failed to get \"write\" lock") || text.contains("Is another process using");
+            let disk_locked =
+                text.contains("Failed to get \"write\" lock") || text.contains("Is another process using");
             s.send(Internal::Problem(format!("start of {} failed: {text}", uuid_string(d))));
             DomainEvent::StartFailed { disk_locked }
         }
@@ -1034,10 +1036,9 @@ fn protect(
 ) -> Result<(DomainId, registry::Entry, String), String> {
     let hv = s.hv.get();
     let list = hv.list().map_err(|e| format!("listing domains: {e}"))?;
-    let info = list
-        .iter()
-        .find(|i| i.name == domain || parse_uuid(domain) == Some(i.id))
-        .ok_or_else(|| format!("no domain {domain:?} on this host (virsh list --all); protect it on the host that runs it"))?;
+    let info = list.iter().find(|i| i.name == domain || parse_uuid(domain) == Some(i.id)).ok_or_else(|| {
+        format!("no domain {domain:?} on this host (virsh list --all); protect it on the host that runs it")
+    })?;
     let name = info.name.clone();
     if !info.persistent {
         return Err(format!(
@@ -1316,7 +1317,8 @@ mod tests {
     use crate::engine::config::{IsolationResponse, Priority};
 
     fn hosts() -> Vec<HostConfig> {
-        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/havirt.toml")).expect("example");
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/havirt.toml")).expect("example");
         Config::parse("havirt.toml", &text).expect("example parses").0.hosts
     }
 

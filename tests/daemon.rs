@@ -85,10 +85,9 @@ fn config_text(dir: &Path, port: u16, how: TakeOver) -> String {
             fence_agent.display(),
             dir.join("a.pid").display()
         ),
-        TakeOver::Watchdog => format!(
-            "watchdog = {{ kind = \"lab\", lab_socket = \"{}\" }}\n",
-            dir.join("a-watchdog.sock").display()
-        ),
+        TakeOver::Watchdog => {
+            format!("watchdog = {{ kind = \"lab\", lab_socket = \"{}\" }}\n", dir.join("a-watchdog.sock").display())
+        }
         TakeOver::Operator => "watchdog = \"none\"\n".to_string(),
     };
     format!(
@@ -205,6 +204,7 @@ impl Pair {
     }
 
     fn wait_for(&self, what: &str, limit: Duration, mut ok: impl FnMut() -> bool) -> Duration {
+        #[allow(clippy::disallowed_methods, reason = "a test against real processes waits in wall time")]
         let start = Instant::now();
         while start.elapsed() < limit {
             if ok() {
@@ -299,9 +299,8 @@ fn host_without_watchdog_or_fence_agent_waits_for_the_operator() {
     assert_ne!(verdict(&r, 1), "alive");
     let (ok, out) = havirt(&["fence", "confirm", "a", "--socket", pair.socket("b").as_str()]);
     assert!(ok, "fence confirm: {out}");
-    let took = pair.wait_for("vm1 running on b after the confirmation", Duration::from_secs(10), || {
-        taken_over_by_b(&pair)
-    });
+    let took =
+        pair.wait_for("vm1 running on b after the confirmation", Duration::from_secs(10), || taken_over_by_b(&pair));
     println!("fence confirm -> vm1 running on b: {:.2} s", took.as_secs_f64());
 }
 

@@ -144,10 +144,8 @@ mod tests {
 
     #[test]
     fn policy_with_children_is_read_whole() {
-        let xml = XML.replace(
-            r#"max-restarts="2"/>"#,
-            r#"max-restarts="2"><havirt:affinity host="h1"/></havirt:policy>"#,
-        );
+        let xml =
+            XML.replace(r#"max-restarts="2"/>"#, r#"max-restarts="2"><havirt:affinity host="h1"/></havirt:policy>"#);
         let e = entry(DomainId(7), &xml);
         assert_eq!(e.problem, None, "{xml}");
         assert_eq!(e.spec.policy.affinity.len(), 1);
