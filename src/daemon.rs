@@ -886,6 +886,9 @@ impl Daemon {
         if self.systemd_watchdog && !matches!(self.watchdog_config, WatchdogConfig::Systemd) {
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
         }
+        if matches!(self.watchdog_config, WatchdogConfig::None) {
+            return;
+        }
         if self.watchdog.is_none() {
             match watchdog::open(&self.watchdog_config, std_duration(self.config.cluster.timings.watchdog_timeout)) {
                 Ok(w) => {

@@ -16,6 +16,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::libvirtd::{self, Daemons, REAL_URI};
+use havirt::hypervisor::{Hypervisor, LibvirtHypervisor, LibvirtOptions, parse_uuid};
+
 const HAVIRT: &str = env!("CARGO_BIN_EXE_havirt");
 const VM_UUID: &str = "1ea5a7e0-0000-4000-8000-000000000001";
 /// The fast profile's host_dead_timeout.
@@ -34,6 +39,8 @@ enum TakeOver {
 
 struct Pair {
     dir: PathBuf,
+    /// Host a's libvirt when not its own test driver (a real libvirtd).
+    a_uri: Option<String>,
     children: Vec<(String, Child)>,
     _supervisor: Option<UnixDatagram>,
 }
@@ -125,7 +132,7 @@ fn havirt(args: &[&str]) -> (bool, String) {
 }
 
 impl Pair {
-    fn start(name: &str, how: TakeOver) -> Pair {
+    fn start_with(name: &str, how: TakeOver, a_uri: Option<String>) -> Pair {
         let dir = scratch(name);
         let port = free_port();
         let (ds, key) = (dir.join("ds"), dir.join("cluster.key"));
@@ -152,7 +159,7 @@ impl Pair {
             });
             s
         });
-        let mut pair = Pair { dir, children: Vec::new(), _supervisor: supervisor };
+        let mut pair = Pair { dir, a_uri, children: Vec::new(), _supervisor: supervisor };
         for host in ["a", "b"] {
             pair.spawn(host);
         }
@@ -161,7 +168,10 @@ impl Pair {
 
     fn spawn(&mut self, host: &str) {
         let log = std::fs::File::create(self.dir.join(format!("{host}.log"))).expect("log");
-        let uri = format!("test://{}", self.dir.join(format!("{host}.xml")).display());
+        let uri = match (&self.a_uri, host) {
+            (Some(uri), "a") => uri.clone(),
+            _ => format!("test://{}", self.dir.join(format!("{host}.xml")).display()),
+        };
         let child = Command::new(HAVIRT)
             .args(["daemon", "--config", self.path("havirt.toml").as_str(), "--host", host])
             .args(["--libvirt-uri", &uri, "--socket", self.socket(host).as_str()])
@@ -231,7 +241,11 @@ fn running(s: Option<DomainState>) -> bool {
 
 /// Both daemons up and alive to each other, vm1 protected on a, b sees it there.
 fn protected_pair(name: &str, how: TakeOver) -> Pair {
-    let pair = Pair::start(name, how);
+    protected_pair_with(name, how, None)
+}
+
+fn protected_pair_with(name: &str, how: TakeOver, a_uri: Option<String>) -> Pair {
+    let pair = Pair::start_with(name, how, a_uri);
     pair.wait_for("a and b see each other alive", Duration::from_secs(30), || {
         pair.status("a").is_some_and(|r| verdict(&r, 2) == "alive")
             && pair.status("b").is_some_and(|r| verdict(&r, 1) == "alive")
@@ -311,4 +325,57 @@ fn control_commands_explain_what_is_wrong() {
     let (ok, out) = havirt(&["status", "--socket", sock.to_str().expect("utf-8")]);
     assert!(!ok);
     assert!(out.contains(sock.to_str().expect("utf-8")), "{out}");
+}
+
+/// A daemon killed and started again on a host whose domain runs on a real
+/// libvirtd: it adopts the running domain (its lease is still its own), the
+/// qemu process is never touched, and the peer moves nothing.
+#[test]
+fn restarted_daemon_adopts_its_running_domain_and_nothing_moves() {
+    if let Some(why) = libvirtd::unavailable() {
+        println!("SKIPPED restarted_daemon_adopts_its_running_domain: {why}");
+        return;
+    }
+    let daemons = match Daemons::ensure() {
+        Ok(d) => d,
+        Err(why) => {
+            println!("SKIPPED restarted_daemon_adopts_its_running_domain: {why}");
+            return;
+        }
+    };
+    let id = parse_uuid(VM_UUID).expect("uuid");
+    libvirtd::remove_domain(id);
+    let result = std::panic::catch_unwind(|| {
+        let hv = LibvirtHypervisor::open(LibvirtOptions::new(REAL_URI)).expect("open");
+        hv.define(&libvirtd::tiny_domain_xml("vm1", id)).expect("define vm1");
+        hv.start(id).expect("start vm1");
+        let qemu =
+            |hv: &LibvirtHypervisor| hv.list().expect("list").into_iter().find(|d| d.id == id).and_then(|d| d.qemu_pid);
+        let pid = qemu(&hv).expect("qemu pid");
+
+        let mut pair = protected_pair_with("restart", TakeOver::FenceAgent, Some(REAL_URI.into()));
+        pair.kill("a");
+        pair.spawn("a");
+        pair.wait_for("a adopts vm1 again", Duration::from_secs(15), || {
+            pair.status("a").is_some_and(|r| {
+                r.view
+                    .domains
+                    .iter()
+                    .any(|d| d.name == "vm1" && d.local.as_deref().is_some_and(|l| l == "running" || l == "ready"))
+            })
+        });
+        // Past suspect_after, storage_silent_after and a fence round.
+        std::thread::sleep(Duration::from_secs(5));
+        assert_eq!(qemu(&hv), Some(pid), "vm1's qemu was touched by the daemon restart");
+        let r = pair.status("b").expect("b answers");
+        assert_eq!(vm1(&r).0, Some(HostId(1)), "vm1 moved");
+        assert_eq!(verdict(&r, 1), "alive");
+        let events = pair.events("b");
+        assert!(!events.contains("fencing"), "b fenced a over a daemon restart:\n{events}");
+    });
+    libvirtd::remove_domain(id);
+    daemons.stop_what_we_started();
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
 }

@@ -10,6 +10,9 @@
 //!   missing or libvirtd cannot start; the whole run is bounded by
 //!   `REAL_TEST_MAX_S` so it cannot hang CI.
 
+mod common;
+
+use common::libvirtd::*;
 use havirt::engine::config::{DomainId, DomainPolicy, HostId, IsolationResponse, Priority, Readiness};
 use havirt::engine::io::DomainEvent;
 use havirt::engine::time::Duration as EngineDuration;
@@ -17,9 +20,7 @@ use havirt::hypervisor::{
     CloseReason, EventStream, Hypervisor, HypervisorError, HypervisorEvent, LibvirtHypervisor, LibvirtOptions,
     POLICY_NS, PowerState, uuid_string,
 };
-use std::cell::Cell;
 use std::path::Path;
-use std::process::Command;
 use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
@@ -28,13 +29,9 @@ use std::time::Duration;
 const REAL_TEST_MAX_S: u64 = 180;
 /// One lifecycle event must arrive within this.
 const EVENT_WAIT_S: u64 = 30;
-/// libvirtd must answer within this after `libvirtd -d`.
-const LIBVIRTD_START_WAIT_MS: u64 = 15_000;
-const LIBVIRTD_POLL_MS: u64 = 100;
 /// S4: killing qemu with libvirtd frozen must take less than this.
 const KILL_MAX_MS: u128 = 3000;
 
-const REAL_URI: &str = "qemu:///system";
 const REAL_NAME: &str = "havirt-it-tiny";
 const REAL_ID: DomainId = DomainId(0x5ca1ab1e_0000_4000_8000_00000000e2e0);
 
@@ -127,15 +124,8 @@ fn skip(why: &str) {
 
 fn real_libvirtd_body() {
     // The effective uid, from /proc/self/status.
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let euid = status.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|l| l.split_whitespace().nth(1));
-    if euid != Some("0") {
-        return skip("needs root (qemu:///system)");
-    }
-    for tool in ["libvirtd", "virtlogd", "qemu-system-x86_64", "kill"] {
-        if which(tool).is_none() {
-            return skip(&format!("{tool} is not installed (see LAB-NOTES.md, or .ci/run)"));
-        }
+    if let Some(why) = unavailable() {
+        return skip(&why);
     }
     let daemons = match Daemons::ensure() {
         Ok(d) => d,
@@ -150,111 +140,15 @@ fn real_libvirtd_body() {
     }
 }
 
-fn which(tool: &str) -> Option<std::path::PathBuf> {
-    let path = std::env::var("PATH").unwrap_or_default();
-    let dirs = path.split(':').chain(["/usr/sbin", "/sbin", "/usr/bin"]);
-    dirs.map(|d| Path::new(d).join(tool)).find(|p| p.is_file())
-}
-
-/// The libvirt daemons, and which of them this test started.
-struct Daemons {
-    /// Taken when stopped, so a pid is never signalled after it may be reused.
-    started_libvirtd: Cell<Option<u32>>,
-    started_virtlogd: Cell<Option<u32>>,
-}
-
-impl Daemons {
-    fn ensure() -> Result<Daemons, String> {
-        if let Ok(hv) = LibvirtHypervisor::open(LibvirtOptions::new(REAL_URI)) {
-            drop(hv);
-            return Ok(Daemons { started_libvirtd: Cell::new(None), started_virtlogd: Cell::new(None) });
-        }
-        let d = Daemons { started_libvirtd: Cell::new(None), started_virtlogd: Cell::new(None) };
-        // virtlogd -d fails harmlessly when one already runs (pidfile lock).
-        if run_ok("virtlogd", &["-d"]) {
-            d.started_virtlogd.set(read_pid("/run/virtlogd.pid"));
-        }
-        if !run_ok("libvirtd", &["-d"]) {
-            d.stop_what_we_started();
-            return Err("libvirtd -d failed to start".into());
-        }
-        d.started_libvirtd.set(read_pid("/run/libvirtd.pid"));
-        for _ in 0..LIBVIRTD_START_WAIT_MS / LIBVIRTD_POLL_MS {
-            if LibvirtHypervisor::open(LibvirtOptions::new(REAL_URI)).is_ok() {
-                return Ok(d);
-            }
-            thread::sleep(Duration::from_millis(LIBVIRTD_POLL_MS));
-        }
-        d.stop_what_we_started();
-        Err(format!("libvirtd did not answer on {REAL_URI} within {LIBVIRTD_START_WAIT_MS} ms"))
-    }
-
-    fn stop_what_we_started(&self) {
-        for pid in [self.started_libvirtd.take(), self.started_virtlogd.take()].into_iter().flatten() {
-            signal(pid, "-TERM");
-        }
-    }
-}
-
-/// Runs a daemon by its resolved path: root's PATH may lack /usr/sbin.
-fn run_ok(cmd: &str, args: &[&str]) -> bool {
-    let Some(path) = which(cmd) else {
-        return false;
-    };
-    Command::new(path).args(args).status().is_ok_and(|s| s.success())
-}
-
-fn read_pid(path: &str) -> Option<u32> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
-/// Through kill(1): no unsafe code in tests.
-fn signal(pid: u32, sig: &str) {
-    let kill = which("kill").unwrap_or_else(|| "kill".into());
-    let _ = Command::new(kill).args([sig, &pid.to_string()]).status();
-}
-
-fn tiny_domain_xml() -> String {
-    // KVM when the device exists, TCG otherwise (LAB-NOTES.md).
-    let kind = if Path::new("/dev/kvm").exists() { "kvm" } else { "qemu" };
-    format!(
-        "<domain type='{kind}'>
-  <name>{REAL_NAME}</name>
-  <uuid>{}</uuid>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type></os>
-  <devices>
-    <serial type='pty'/>
-    <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
-    <memballoon model='none'/>
-  </devices>
-</domain>",
-        uuid_string(REAL_ID)
-    )
-}
-
-/// Removes a leftover of an interrupted earlier run.
-fn remove_leftover() {
-    let Ok(mut conn) = virt::connect::Connect::open(Some(REAL_URI)) else {
-        return;
-    };
-    if let Ok(dom) = virt::domain::Domain::lookup_by_uuid_string(&conn, &uuid_string(REAL_ID)) {
-        let _ = dom.destroy();
-        let _ = dom.undefine();
-    }
-    let _ = conn.close();
-}
-
 fn run_tiny_domain(daemons: &Daemons) {
-    remove_leftover();
+    remove_domain(REAL_ID);
     let hv = LibvirtHypervisor::open(LibvirtOptions::new(REAL_URI)).expect("open qemu:///system");
     let events = hv.events().expect("subscribe");
     assert!(events.reports_close(), "libvirtd supports the close callback");
     let id = REAL_ID;
     let domain = |event| Some(HypervisorEvent::Domain { domain: id, event });
 
-    assert_eq!(hv.define(&tiny_domain_xml()), Ok(id));
+    assert_eq!(hv.define(&tiny_domain_xml(REAL_NAME, REAL_ID)), Ok(id));
     assert_eq!(next_event(&events, id), Some(HypervisorEvent::Defined { domain: id }));
     hv.set_autostart(id, false).expect("autostart off");
     hv.set_policy(id, &policy()).expect("set policy");
@@ -308,7 +202,7 @@ fn run_tiny_domain(daemons: &Daemons) {
     hv.shutdown(id).expect("shutdown request");
     hv.destroy(id).expect("destroy after the caller's timeout");
     assert_eq!(next_lifecycle(&events, id), domain(DomainEvent::Stopped));
-    remove_leftover();
+    remove_domain(REAL_ID);
 
     // The close callback: a libvirtd that exits is reported (ours only).
     if let Some(libvirtd) = daemons.started_libvirtd.take() {
