@@ -190,6 +190,17 @@ struct SimulateArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Cmd::Daemon { .. }) {
+        // Like any Unix tool, `havirt status | head` ends quietly when the
+        // reader goes away, instead of panicking on EPIPE. Not the daemon:
+        // a client closing the control socket must never kill it.
+        // SAFETY: restores the default disposition of one signal before any
+        // thread exists; no handler is installed.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let result = match cli.command {
         Cmd::Simulate(a) => simulate(a),
         Cmd::Bench { what } => bench(&what),
