@@ -27,6 +27,11 @@
 //!   therefore never faulted; havirt opens a lease file before locking it,
 //!   and the open is.
 //!
+//! Run it in the root PID namespace with /run/netns visible: the FUSE header
+//! names the caller by its pid in faultfs's namespace, and a caller it
+//! cannot see (pid 0) or whose /proc entry is gone meets only the global
+//! fault. Lab hosts in PID namespaces of their own are seen (tested).
+//!
 //! Threads: `SESSION_THREADS` read FUSE requests (each with its own cloned
 //! /dev/fuse descriptor), one timer thread serves delays, one thread serves
 //! the control socket. A hung request holds no thread (`gate`).
@@ -119,6 +124,9 @@ pub fn control(socket: &Path, command: &str) -> Result<String, FaultFsError> {
 /// SIGINT arrives, then clears every fault (releasing hung callers) and
 /// unmounts lazily (a busy mount is detached at once and ends when its last
 /// file closes). The control socket exists while `run` runs.
+///
+/// After an outside lazy unmount of a busy mount, `run` goes on serving the
+/// open files until they close (or a signal stops it).
 pub fn run(opts: FaultFsOptions) -> Result<(), FaultFsError> {
     let (backing, mountpoint) = check_paths(&opts)?;
     let signals = StopSignals::register()?;
@@ -133,7 +141,8 @@ pub fn run(opts: FaultFsOptions) -> Result<(), FaultFsError> {
     let fs = FaultFs { gate: Arc::clone(&gate) };
     let session = fuser::Session::new(fs, &mountpoint, &mount_config())
         .map_err(|source| FaultFsError::Mount { mountpoint: mountpoint.clone(), source })?;
-    let mounted = Unmount { gate: Arc::clone(&gate), mountpoint };
+    let device = mounted_device(&mountpoint);
+    let mounted = Unmount { gate: Arc::clone(&gate), mountpoint, device };
     let worker = std::thread::Builder::new()
         .name("faultfs-session".into())
         .spawn(move || session.run())
@@ -200,14 +209,43 @@ fn finish(worker: JoinHandle<io::Result<()>>) -> Result<(), FaultFsError> {
 struct Unmount {
     gate: Arc<Gate>,
     mountpoint: PathBuf,
+    /// Ours, as mountinfo showed it after mounting.
+    device: Option<String>,
 }
 
 impl Drop for Unmount {
     fn drop(&mut self) {
         self.gate.stop();
-        // EINVAL: not mounted any more (unmounted from outside).
-        let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+        // Only our own mount: once unmounted from outside, the path may
+        // already hold the next one (a lab restarting faultfs).
+        if self.device.is_none() || mounted_device(&self.mountpoint) == self.device {
+            let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+        }
     }
+}
+
+/// The device (`major:minor`) of the topmost mount at `mountpoint`, read
+/// from /proc/self/mountinfo: asking the mount itself could hang.
+fn mounted_device(mountpoint: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = mountinfo_escape(mountpoint.to_str()?);
+    let line = info.lines().rfind(|l| l.split(' ').nth(4) == Some(want.as_str()))?;
+    line.split(' ').nth(2).map(str::to_string)
+}
+
+/// How mountinfo writes a path: space, tab, newline and backslash in octal.
+fn mountinfo_escape(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for c in path.chars() {
+        match c {
+            ' ' => out.push_str("\\040"),
+            '\t' => out.push_str("\\011"),
+            '\n' => out.push_str("\\012"),
+            '\\' => out.push_str("\\134"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Stops the gate and joins its timer thread.
@@ -634,5 +672,18 @@ impl Filesystem for FaultFs {
         reply: ReplyEmpty,
     ) {
         self.submit(req, Access::Modifies, reply, move |b| b.fallocate(fh.0, offset, length, mode));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_paths_are_escaped_as_the_kernel_does() {
+        assert_eq!(mountinfo_escape("/mnt/ds"), "/mnt/ds");
+        assert_eq!(mountinfo_escape("/mnt/a b\\c"), "/mnt/a\\040b\\134c");
+        assert_eq!(mounted_device(Path::new("/")).map(|d| d.contains(':')), Some(true));
+        assert_eq!(mounted_device(Path::new("/havirt/not/a/mount")), None);
     }
 }
