@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod engine;
 pub mod fence;
 pub mod hypervisor;
+pub mod lab;
 pub mod net;
 pub mod sim;
 pub mod store;
