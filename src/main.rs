@@ -104,6 +104,11 @@ enum Cmd {
         #[arg(long, value_name = "URI", default_value = "qemu:///system")]
         libvirt_uri: String,
     },
+    /// The test lab's tools.
+    Lab {
+        #[command(subcommand)]
+        what: LabCmd,
+    },
     /// Run the deterministic cluster simulator.
     Simulate(SimulateArgs),
     /// The built-in demo: one power loss step by step on a 5-host, 40-domain
@@ -113,6 +118,32 @@ enum Cmd {
     Bench {
         /// What to measure: planner
         what: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabCmd {
+    /// Serve a directory through a FUSE mount that can inject storage faults
+    /// (a datastore that hangs, fails or is slow); runs until SIGTERM.
+    Faultfs {
+        /// The directory mirrored (the "NFS export").
+        #[arg(long, value_name = "DIR")]
+        backing: PathBuf,
+        /// Where to mount it.
+        #[arg(long, value_name = "DIR")]
+        mountpoint: PathBuf,
+        /// The control socket for `havirt lab storage-fault`.
+        #[arg(long, value_name = "PATH")]
+        control: PathBuf,
+    },
+    /// Set a fault of a running faultfs: hang, eio, delay MS, readonly, ok
+    /// (each optionally `netns=NAME`), or ask for its status.
+    StorageFault {
+        #[arg(long, value_name = "PATH")]
+        control: PathBuf,
+        /// The command words, e.g. `hang netns=h1`.
+        #[arg(required = true, num_args = 1..)]
+        command: Vec<String>,
     },
 }
 
@@ -212,6 +243,14 @@ fn main() -> ExitCode {
         Cmd::Events { follow, socket } => print(havirt::cli::events(&socket.socket, follow)),
         Cmd::Protect(a) => protect(a),
         Cmd::Unprotect { domain, socket } => print(havirt::cli::unprotect(&socket.socket, &domain)),
+        Cmd::Lab { what: LabCmd::Faultfs { backing, mountpoint, control } } => {
+            havirt::lab::faultfs::run(havirt::lab::faultfs::FaultFsOptions { backing, mountpoint, control })
+                .map(|()| ExitCode::SUCCESS)
+                .map_err(|e| e.to_string())
+        }
+        Cmd::Lab { what: LabCmd::StorageFault { control, command } } => {
+            print(havirt::lab::faultfs::control(&control, &command.join(" ")).map_err(|e| e.to_string()))
+        }
         Cmd::Fence { what: FenceCmd::Confirm { host, socket } } => {
             print(havirt::cli::fence_confirm(&socket.socket, &host))
         }
