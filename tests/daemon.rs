@@ -14,6 +14,7 @@ use havirt::engine::io::DomainState;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 mod common;
@@ -43,6 +44,8 @@ struct Pair {
     a_uri: Option<String>,
     children: Vec<(String, Child)>,
     _supervisor: Option<UnixDatagram>,
+    /// When host a's lab watchdog was petted.
+    pets: Arc<Mutex<Vec<Instant>>>,
 }
 
 impl Drop for Pair {
@@ -84,7 +87,7 @@ fn node_xml(with_vm: bool) -> String {
     )
 }
 
-fn config_text(dir: &Path, port: u16, how: TakeOver) -> String {
+fn config_text(dir: &Path, ds: &Path, port: u16, how: TakeOver) -> String {
     let fence_agent = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/daemon/fence_pid");
     let a_extra = match how {
         TakeOver::FenceAgent => format!(
@@ -121,7 +124,7 @@ addresses = ["127.0.0.2"]
 watchdog = "none"
 "#,
         key = dir.join("cluster.key").display(),
-        ds = dir.join("ds").display(),
+        ds = ds.display(),
     )
 }
 
@@ -134,8 +137,15 @@ fn havirt(args: &[&str]) -> (bool, String) {
 impl Pair {
     fn start_with(name: &str, how: TakeOver, a_uri: Option<String>) -> Pair {
         let dir = scratch(name);
+        let pair = Pair::prepare(&dir, &dir.join("ds"), how, a_uri);
+        pair.spawn_both()
+    }
+
+    /// Datastore, key, config and node files; no daemon yet.
+    fn prepare(dir: &Path, ds: &Path, how: TakeOver, a_uri: Option<String>) -> Pair {
+        let dir = dir.to_path_buf();
         let port = free_port();
-        let (ds, key) = (dir.join("ds"), dir.join("cluster.key"));
+        let key = dir.join("cluster.key");
         let (ok, out) = havirt(&[
             "init",
             "--cluster",
@@ -146,24 +156,34 @@ impl Pair {
             key.to_str().expect("utf-8"),
         ]);
         assert!(ok, "havirt init: {out}");
-        std::fs::write(dir.join("havirt.toml"), config_text(&dir, port, how)).expect("config");
+        std::fs::write(dir.join("havirt.toml"), config_text(&dir, ds, port, how)).expect("config");
         std::fs::write(dir.join("a.xml"), node_xml(true)).expect("node a");
         std::fs::write(dir.join("b.xml"), node_xml(false)).expect("node b");
-        // The lab watchdog's supervisor: receive (and ignore) the pets.
+        // The lab watchdog's supervisor: record when it is petted.
+        let pets = Arc::new(Mutex::new(Vec::new()));
         let supervisor = (how == TakeOver::Watchdog).then(|| {
             let s = UnixDatagram::bind(dir.join("a-watchdog.sock")).expect("supervisor socket");
             let r = s.try_clone().expect("clone");
+            let pets = Arc::clone(&pets);
             std::thread::spawn(move || {
                 let mut buf = [0u8; 64];
-                while r.recv(&mut buf).is_ok() {}
+                while let Ok(n) = r.recv(&mut buf) {
+                    if buf[..n].starts_with(b"pet") {
+                        #[allow(clippy::disallowed_methods, reason = "the supervisor stamps pets in wall time")]
+                        pets.lock().expect("pets").push(Instant::now());
+                    }
+                }
             });
             s
         });
-        let mut pair = Pair { dir, a_uri, children: Vec::new(), _supervisor: supervisor };
+        Pair { dir, a_uri, children: Vec::new(), _supervisor: supervisor, pets }
+    }
+
+    fn spawn_both(mut self) -> Pair {
         for host in ["a", "b"] {
-            pair.spawn(host);
+            self.spawn(host);
         }
-        pair
+        self
     }
 
     fn spawn(&mut self, host: &str) {
@@ -378,4 +398,131 @@ fn restarted_daemon_adopts_its_running_domain_and_nothing_moves() {
     if let Err(panic) = result {
         std::panic::resume_unwind(panic);
     }
+}
+
+/// faultfs, the fault-injecting FUSE datastore, as a child process.
+struct FaultFs {
+    child: Child,
+    mountpoint: PathBuf,
+    control: PathBuf,
+}
+
+impl FaultFs {
+    fn start(dir: &Path) -> Result<FaultFs, String> {
+        if !Path::new("/dev/fuse").exists() {
+            return Err("/dev/fuse is missing".into());
+        }
+        let (backing, mountpoint, control) = (dir.join("backing"), dir.join("mnt"), dir.join("faultfs.sock"));
+        for d in [&backing, &mountpoint] {
+            std::fs::create_dir_all(d).map_err(|e| e.to_string())?;
+        }
+        let log = std::fs::File::create(dir.join("faultfs.log")).map_err(|e| e.to_string())?;
+        let child = Command::new(HAVIRT)
+            .args(["lab", "faultfs", "--backing", &backing.display().to_string()])
+            .args(["--mountpoint", &mountpoint.display().to_string(), "--control", &control.display().to_string()])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let fs = FaultFs { child, mountpoint, control };
+        for _ in 0..100 {
+            if fs.fault("status").is_ok_and(|r| r.starts_with("ok")) {
+                return Ok(fs);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err("faultfs did not come up".into())
+    }
+
+    fn fault(&self, command: &str) -> Result<String, String> {
+        havirt::lab::faultfs::control(&self.control, command).map_err(|e| e.to_string())
+    }
+}
+
+impl Drop for FaultFs {
+    fn drop(&mut self) {
+        // Clear faults first: processes blocked in the mount must finish.
+        let _ = self.fault("ok");
+        libvirtd::signal(self.child.id(), "-TERM");
+        let _ = self.child.wait();
+    }
+}
+
+/// S4 with a datastore that hangs (a dead NFS server): the daemon's loop
+/// keeps answering, the host stops petting its watchdog and destroys its
+/// protected domain within renew_timeout of its last good write, and once
+/// the datastore answers again it runs the domain again.
+#[test]
+fn hung_datastore_makes_the_host_self_fence_on_time() {
+    const RENEW: Duration = Duration::from_secs(3); // the fast profile's renew_timeout
+    let dir = scratch("hung_storage");
+    let fs = match FaultFs::start(&dir) {
+        Ok(fs) => fs,
+        Err(why) => {
+            println!("SKIPPED hung_datastore_makes_the_host_self_fence_on_time: {why}");
+            return;
+        }
+    };
+    // Host a alone (b stays down): with a peer that also lost storage and
+    // still hears a, the all-lost exemption would rightly keep both running.
+    let mut pair = Pair::prepare(&dir, &fs.mountpoint.join("ds"), TakeOver::Watchdog, None);
+    pair.spawn("a");
+    pair.wait_for("a runs with a healthy datastore", Duration::from_secs(15), || {
+        pair.status("a").is_some_and(|r| r.view.storage_healthy)
+    });
+    let (ok, out) = havirt(&["protect", "vm1", "--socket", pair.socket("a").as_str()]);
+    assert!(ok, "protect: {out}");
+    let runs_vm1 = |r: &StatusReport| {
+        r.view
+            .domains
+            .iter()
+            .any(|d| d.name == "vm1" && d.local.as_deref().is_some_and(|l| l == "running" || l == "ready"))
+    };
+    pair.wait_for("vm1 runs on a", Duration::from_secs(10), || pair.status("a").is_some_and(|r| runs_vm1(&r)));
+    assert!(!pair.pets.lock().expect("pets").is_empty(), "the watchdog was never petted");
+
+    assert_eq!(fs.fault("hang").as_deref(), Ok("ok"));
+    #[allow(clippy::disallowed_methods, reason = "a test against real processes waits in wall time")]
+    let hung = Instant::now();
+    let mut slowest = Duration::ZERO;
+    let mut fenced_after = None;
+    while hung.elapsed() < RENEW + Duration::from_secs(5) {
+        #[allow(clippy::disallowed_methods, reason = "a test against real processes waits in wall time")]
+        let asked = Instant::now();
+        let r = pair.status("a").expect("the daemon's loop answers while its datastore hangs");
+        slowest = slowest.max(asked.elapsed());
+        if !runs_vm1(&r) && r.view.self_fence != "healthy" {
+            fenced_after = Some(hung.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let fenced_after = fenced_after
+        .unwrap_or_else(|| panic!("no self-fence within {:?}\n{}", RENEW + Duration::from_secs(5), pair.events("a")));
+    println!(
+        "datastore hung -> vm1 destroyed after {:.2} s (renew_timeout {:.0} s); slowest status answer {} ms",
+        fenced_after.as_secs_f64(),
+        RENEW.as_secs_f64(),
+        slowest.as_millis()
+    );
+    assert!(slowest < Duration::from_secs(1), "the loop stalled for {slowest:?}");
+    // S4: counted from the start of the last good write, which was at most
+    // one write interval (250 ms) before the hang; never early.
+    assert!(fenced_after >= RENEW - Duration::from_millis(300), "self-fenced after {fenced_after:?}: too early");
+    assert!(fenced_after <= RENEW + Duration::from_millis(1000), "self-fenced after {fenced_after:?}: too late");
+    let last_pet = *pair.pets.lock().expect("pets").last().expect("pets");
+    let petted_for = last_pet.saturating_duration_since(hung);
+    assert!(petted_for <= RENEW, "watchdog petted {petted_for:?} after the hang, past renew_timeout");
+    let events = pair.events("a");
+    assert!(events.contains("self-fenc"), "{events}");
+
+    // The datastore answers again: the host rejoins and runs vm1 again.
+    assert_eq!(fs.fault("ok").as_deref(), Ok("ok"));
+    let back = pair.wait_for("vm1 runs on a again", Duration::from_secs(20), || {
+        pair.status("a").is_some_and(|r| runs_vm1(&r) && r.view.storage_healthy)
+    });
+    println!("datastore back -> vm1 running again after {:.2} s", back.as_secs_f64());
+    drop(pair);
+    drop(fs);
 }

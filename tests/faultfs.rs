@@ -155,6 +155,8 @@ fn slot(host: u16, seq: u64) -> Slot {
         isolated: false,
         self_fenced: false,
         released_master: None,
+        memory_mib: 4096,
+        vcpus: 2,
         used_memory_mib: 0,
         used_vcpus: 0,
         domains: Default::default(),
