@@ -54,6 +54,10 @@ pub struct NodeConfig {
     /// simulator's checker catches double starts).
     #[cfg(test)]
     pub broken_skip_s3: bool,
+    /// Test-only defect: keep managing unprotected domains (proves the
+    /// simulator's checker catches a start after unprotect).
+    #[cfg(test)]
+    pub broken_ignore_unprotect: bool,
 }
 
 /// What a host is doing with one of its domains.

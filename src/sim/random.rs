@@ -97,7 +97,7 @@ pub fn random_setup(seed: u64, o: &RandomOptions) -> SimSetup {
         vcpu_overcommit: 4.0,
     };
     let initial = initial_placement(&spec);
-    SimSetup { spec, initial, seed }
+    SimSetup { spec, initial, unprotected: Default::default(), seed }
 }
 
 /// Place every domain with the planner on empty hosts (no start cap).
