@@ -17,7 +17,7 @@ impl Node {
     /// `Input::ProtectedDomains`: replace the protected set.
     pub(super) fn handle_protected_domains(&mut self, now: Instant, domains: BTreeMap<DomainId, DomainSpec>) {
         #[cfg(test)]
-        let domains = if self.cfg.broken_ignore_unprotect {
+        let domains = if self.broken_ignore_unprotect {
             let mut all = self.cfg.spec.domains.clone();
             all.extend(domains);
             all

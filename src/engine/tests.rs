@@ -125,15 +125,7 @@ impl Harness {
     fn new() -> Harness {
         let spec = Arc::new(spec());
         let t = spec.timings;
-        let cfg = NodeConfig {
-            host: ME,
-            boot: boot_of(ME),
-            incarnation: 1,
-            spec,
-            rng_seed: 7,
-            broken_skip_s3: false,
-            broken_ignore_unprotect: false,
-        };
+        let cfg = NodeConfig { host: ME, boot: boot_of(ME), incarnation: 1, spec, rng_seed: 7, broken_skip_s3: false };
         let mut leases = BTreeMap::new();
         leases.insert(LeaseKey::Master, lease(H2, 1));
         for (d, h) in [(D1, ME), (D2, H2), (D3, H3)] {

@@ -985,11 +985,14 @@ impl World {
             rng_seed: self.rng.next_u64(),
             #[cfg(test)]
             broken_skip_s3: self.params.broken_engine_skip_s3,
-            #[cfg(test)]
-            broken_ignore_unprotect: self.params.broken_engine_ignore_unprotect,
         };
         let now = self.local_now(h);
-        let node = Node::new(cfg, now);
+        #[allow(unused_mut)]
+        let mut node = Node::new(cfg, now);
+        #[cfg(test)]
+        if self.params.broken_engine_ignore_unprotect {
+            node.break_ignore_unprotect();
+        }
         self.registry_seen.insert(h, self.registry_version);
         let _ = epoch;
         if let Some(host) = self.hosts.get_mut(&h) {
