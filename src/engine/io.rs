@@ -224,7 +224,8 @@ pub enum OperatorCommand {
 pub enum Input {
     /// Protected domains the hypervisor runs here: every one at daemon start,
     /// and later the domains newly protected (after the `ProtectedDomains`
-    /// that adds them) that run on this host. Each is adopted if its lease is
+    /// that adds them) that run on this host, or protected domains found
+    /// running behind havirt's back. Each is adopted if its lease is
     /// ours, destroyed as a zombie (S5) if it is not. Domains not in the
     /// protected set, and domains this node already handles, are ignored.
     ///
@@ -245,6 +246,12 @@ pub enum Input {
     ///   lease stays where it is (a freed lease of a domain that a node with
     ///   a stale registry still protects could be placed elsewhere).
     /// - Changed policy or size: taken as is.
+    ///
+    /// Keep it fresh. Its owner no longer self-fences (S4) an unprotected
+    /// domain, so a master that still protects it from a registry older than
+    /// host_dead_timeout - renew_timeout could take its lease by S3(b) from
+    /// an owner whose storage failed, and start it while it still runs there
+    /// (only qemu's disk locks would stop that).
     ProtectedDomains(BTreeMap<DomainId, DomainSpec>),
     Net(NetMessage),
     SlotWritten {

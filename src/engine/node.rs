@@ -194,6 +194,11 @@ pub struct Node {
     pub(super) fence_jobs: BTreeMap<HostId, FenceJob>,
     /// Verdicts last logged (by the master).
     pub(super) verdicts: BTreeMap<HostId, super::peers::Verdict>,
+    /// Test-only defect: keep managing unprotected domains (proves the
+    /// simulator's checker catches a start after unprotect). Not in
+    /// NodeConfig, whose literal the daemon writes.
+    #[cfg(test)]
+    pub(super) broken_ignore_unprotect: bool,
 }
 
 impl Node {
@@ -239,6 +244,8 @@ impl Node {
             master: None,
             fence_jobs: BTreeMap::new(),
             verdicts: BTreeMap::new(),
+            #[cfg(test)]
+            broken_ignore_unprotect: false,
             cfg,
         };
         node.emit(
@@ -251,6 +258,12 @@ impl Node {
 
     pub fn host(&self) -> HostId {
         self.cfg.host
+    }
+
+    /// Test-only defect, see `broken_ignore_unprotect`.
+    #[cfg(test)]
+    pub(crate) fn break_ignore_unprotect(&mut self) {
+        self.broken_ignore_unprotect = true;
     }
 
     pub fn is_master(&self) -> bool {

@@ -143,28 +143,44 @@ impl World {
             self.hosts.values().filter(|x| x.running() && x.qemu.contains_key(&d)).map(|x| x.id).collect();
         if holders.len() > 1 {
             let names: Vec<String> = holders.iter().map(|h| h.to_string()).collect();
-            let detail = format!("{} runs on {}", self.spec.domain_name(d), names.join(" and "));
+            let detail = format!("{} runs on {}", self.domain_name(d), names.join(" and "));
             self.violation("S1", detail);
         }
     }
 
     /// S2: a host starts a protected domain only while it owns the lease.
+    /// An unprotected domain is never started (nor stopped) by havirt: after
+    /// `unprotect` nobody may start it.
     pub fn checker_on_start(&mut self, h: HostId, d: DomainId) {
+        if !self.spec.domains.contains_key(&d) && self.registry_current(h) {
+            self.violation("UNMANAGED", format!("{h} starts {}, which is not protected", self.domain_name(d)));
+        }
         let boot = self.hosts[&h].boot;
         let owner = self.storage.leases.get(&LeaseKey::Domain(d)).and_then(|l| l.owner);
         if owner.is_none_or(|o| o.host != h || o.boot != boot) {
             let detail =
-                format!("{h} starts {} while the lease names {:?}", self.spec.domain_name(d), owner.map(|o| o.host));
+                format!("{h} starts {} while the lease names {:?}", self.domain_name(d), owner.map(|o| o.host));
             self.violation("S2", detail);
         }
+    }
+
+    /// The host's daemon was given the latest registry. One that lags (it
+    /// was paused when the registry changed) still protects what it knew:
+    /// its S4 or S5 may stop a domain unprotected meanwhile.
+    fn registry_current(&self, h: HostId) -> bool {
+        self.registry_seen.get(&h) == Some(&self.registry_version)
     }
 
     /// L2: havirt stops a running protected domain only on a host with a
     /// fault (self-fence, isolation response, zombie after a freeze).
     pub fn checker_on_stop(&mut self, h: HostId, d: DomainId) {
+        if self.hosts[&h].qemu.contains_key(&d) && !self.spec.domains.contains_key(&d) && self.registry_current(h) {
+            self.violation("UNMANAGED", format!("{h} stops {}, which is not protected", self.domain_name(d)));
+            return;
+        }
         if self.hosts[&h].qemu.contains_key(&d) && !self.justified(h, Some(d)) {
             self.checker.false_failovers += 1;
-            self.violation("L2", format!("{h} stops {} without any fault", self.spec.domain_name(d)));
+            self.violation("L2", format!("{h} stops {} without any fault", self.domain_name(d)));
         }
     }
 
@@ -198,7 +214,7 @@ impl World {
         if same_boot_up && x.running() && x.qemu.contains_key(&d) && !premise_broken {
             let detail = format!(
                 "{by} moves the lease of {} from {} ({:?}) while it still runs there",
-                self.spec.domain_name(d),
+                self.domain_name(d),
                 from.host,
                 new.reason
             );
@@ -212,7 +228,7 @@ impl World {
         if same_boot_up && new.reason != LeaseReason::Released && !self.justified(from.host, Some(d)) {
             self.checker.false_failovers += 1;
             let detail =
-                format!("{by} moves {} away from healthy {} ({:?})", self.spec.domain_name(d), from.host, new.reason);
+                format!("{by} moves {} away from healthy {} ({:?})", self.domain_name(d), from.host, new.reason);
             self.violation("L2", detail);
         }
     }
@@ -225,15 +241,21 @@ impl World {
         let zombie_grace = (t.io_timeout + t.io_timeout).as_millis() + 2000;
         let mut found = Vec::new();
         for x in self.hosts.values() {
-            if !x.running() || x.qemu.is_empty() {
+            // Only protected domains: S4 and S5 are about them.
+            let protected: Vec<DomainId> =
+                x.qemu.keys().filter(|d| self.spec.domains.contains_key(d)).copied().collect();
+            if !x.running() || protected.is_empty() {
                 continue;
             }
             let has_watchdog = self.spec.host(x.id).is_some_and(|s| s.watchdog);
-            let anchor = x
+            let host_anchor = x
                 .last_good_write_issue
                 .unwrap_or(0)
                 .max(self.checker.last_exempt)
                 .max(x.last_resume.map_or(0, |r| r.saturating_sub(t.renew_timeout.as_millis())));
+            // A domain protected while storage was already gone counts from then.
+            let protected_at = |d: &DomainId| self.protected_at.get(d).copied().unwrap_or(0);
+            let anchor = protected.iter().map(|d| host_anchor.max(protected_at(d))).min().unwrap_or(host_anchor);
             if (has_watchdog || x.node.is_some()) && self.now.saturating_sub(anchor) > bound {
                 found.push((
                     "S4",
@@ -244,7 +266,7 @@ impl World {
                     ),
                 ));
             }
-            for d in x.qemu.keys() {
+            for d in &protected {
                 let owner = self.storage.leases.get(&LeaseKey::Domain(*d)).and_then(|l| l.owner);
                 let ours = owner.is_some_and(|o| o.host == x.id && o.boot == x.boot);
                 if ours {
@@ -261,7 +283,9 @@ impl World {
                 }
             }
         }
-        self.checker.zombie_since.retain(|(h, d), _| self.hosts[h].running() && self.hosts[h].qemu.contains_key(d));
+        self.checker.zombie_since.retain(|(h, d), _| {
+            self.hosts[h].running() && self.hosts[h].qemu.contains_key(d) && self.spec.domains.contains_key(d)
+        });
         for (inv, detail) in found {
             self.violation(inv, detail);
         }

@@ -2,12 +2,18 @@
 
 use super::faults::{AgentMode, Command, StorageFault};
 use super::world::{Ev, World};
-use crate::engine::config::HostId;
-use crate::engine::io::{Input, OperatorCommand};
+use crate::engine::config::{ClusterSpec, DomainId, HostId};
+use crate::engine::io::{Input, Lease, LeaseKey, LeaseReason, OperatorCommand, Owner};
+use std::sync::Arc;
 
 /// After a fault is cleared, losses on that host are still blamed on it for
 /// this long (a self-fence or zombie kill completes within it).
 pub const FAULT_TAIL_MS: u64 = 15_000;
+/// A `protect` waits this long for the host that runs the domain to be able
+/// to protect it (running, daemon up, storage working)...
+pub const PROTECT_RETRY_MS: u64 = 10_000;
+/// ...at most this many times, then gives up (the domain stays unprotected).
+pub const PROTECT_ATTEMPTS_MAX: u32 = 12;
 
 impl World {
     pub fn apply_command(&mut self, c: Command) {
@@ -100,7 +106,9 @@ impl World {
                     self.hosts.values().filter(|x| x.running() && x.qemu.contains_key(&d)).map(|x| x.id).collect();
                 for h in on {
                     self.hosts.get_mut(&h).map(|x| x.qemu.remove(&d));
-                    self.checker.domain_lost(d, self.now, "domain_crash", true);
+                    if self.spec.domains.contains_key(&d) {
+                        self.checker.domain_lost(d, self.now, "domain_crash", true);
+                    }
                     self.deliver(h, Input::Domain { domain: d, event: crate::engine::io::DomainEvent::Crashed });
                 }
             }
@@ -119,6 +127,95 @@ impl World {
                     self.deliver(x, Input::Operator(OperatorCommand::FenceConfirm(h)));
                 }
             }
+            Command::Protect { domain, host } => self.protect(domain, host, 0),
+            Command::Unprotect(d) => self.unprotect(d),
+        }
+    }
+
+    /// `havirt protect` as the daemon does it (see `Command::Protect`).
+    pub fn protect(&mut self, d: DomainId, host: Option<HostId>, attempt: u32) {
+        let name = self.domain_name(d);
+        if self.spec.domains.contains_key(&d) || !self.domains.contains_key(&d) {
+            return;
+        }
+        let runs: Vec<HostId> =
+            self.hosts.values().filter(|x| x.powered && x.qemu.contains_key(&d)).map(|x| x.id).collect();
+        let target = match (host, runs.as_slice()) {
+            (Some(h), _) => Some(h),
+            (None, []) => None,
+            (None, [h]) => Some(*h),
+            (None, _) => return,
+        };
+        if host.is_none()
+            && let Some(h) = target
+            && !self.can_protect_on(h)
+        {
+            // The daemon there cannot take the lease now: the operator tries again.
+            if attempt < PROTECT_ATTEMPTS_MAX {
+                self.schedule(PROTECT_RETRY_MS, Ev::Protect { domain: d, attempt: attempt + 1 });
+            } else {
+                self.log_sim(&format!("{name} stays unprotected: {h} could not protect it"));
+            }
+            return;
+        }
+        let key = LeaseKey::Domain(d);
+        let free = Lease { owner: None, generation: 0, reason: LeaseReason::Acquired };
+        let current = self.storage.leases.get(&key).copied().unwrap_or(free);
+        let owner = target.map(|h| Owner { host: h, boot: self.hosts[&h].boot });
+        let lease = Lease { owner, generation: current.generation + 1, reason: LeaseReason::Acquired };
+        self.storage.leases.insert(key, lease);
+        let whom = target.map_or_else(|| "free: the master starts it".to_string(), |h| format!("to {h}"));
+        self.log_sim(&format!("{name} protected: lease generation {} {whom}", lease.generation));
+        let mut spec: ClusterSpec = (*self.spec).clone();
+        spec.domains.insert(d, self.domains[&d].clone());
+        self.spec = Arc::new(spec);
+        self.protected_at.insert(d, self.now);
+        self.registry_changed(target.map(|h| (h, d)));
+    }
+
+    /// The daemon that would run `havirt protect` for a domain on `h` can
+    /// take its lease now.
+    fn can_protect_on(&self, h: HostId) -> bool {
+        let x = &self.hosts[&h];
+        x.running() && x.node.is_some() && x.storage_fault.is_none() && self.storage.stall_until <= self.now
+    }
+
+    /// `havirt unprotect`: the domain keeps running and keeps its lease.
+    pub fn unprotect(&mut self, d: DomainId) {
+        if !self.spec.domains.contains_key(&d) {
+            return;
+        }
+        let mut spec: ClusterSpec = (*self.spec).clone();
+        spec.domains.remove(&d);
+        self.spec = Arc::new(spec);
+        self.protected_at.remove(&d);
+        self.registry_changed(None);
+    }
+
+    /// Every daemon reads the new registry within `registry_lag_ms`; the
+    /// one that protected a domain (it runs there) at once, and adopts it
+    /// right after, in the same turn of its loop.
+    fn registry_changed(&mut self, adopt: Option<(HostId, DomainId)>) {
+        self.registry_version += 1;
+        let ids: Vec<HostId> = self.hosts.values().filter(|x| x.node.is_some()).map(|x| x.id).collect();
+        for h in ids {
+            let protecting = adopt.filter(|(at, _)| *at == h).map(|(_, d)| d);
+            let lag = self.params.registry_lag_ms;
+            let delay = if protecting.is_some() || lag == 0 { 0 } else { self.rng.range(0, lag) };
+            self.schedule(delay, Ev::Registry { host: h, adopt: protecting });
+        }
+    }
+
+    /// A daemon reads the registry as it is now (a later read never shows
+    /// an older one) and hands it to its engine.
+    pub fn registry_read(&mut self, h: HostId, adopt: Option<DomainId>) {
+        if self.hosts.get(&h).is_none_or(|x| x.node.is_none()) {
+            return;
+        }
+        self.registry_seen.insert(h, self.registry_version);
+        self.deliver(h, Input::ProtectedDomains(self.spec.domains.clone()));
+        if let Some(d) = adopt {
+            self.deliver(h, Input::DomainsAtStart(vec![d]));
         }
     }
 
@@ -152,6 +249,8 @@ fn is_fault(c: &Command) -> bool {
             | Command::FenceAgent { mode: AgentMode::Works, .. }
             | Command::DomainBroken { broken: false, .. }
             | Command::OperatorFenceConfirm(_)
+            | Command::Protect { .. }
+            | Command::Unprotect(_)
     )
 }
 
@@ -186,10 +285,13 @@ fn describe(c: &Command, w: &World) -> String {
         Command::DaemonCrash(h) => format!("daemon crash on {h}"),
         Command::DaemonStart(h) => format!("daemon start on {h}"),
         Command::FenceAgent { target, agent, mode } => format!("fence agent {agent} for {target}: {mode:?}"),
-        Command::DomainCrash(d) => format!("domain {} crashes", w.spec.domain_name(*d)),
+        Command::DomainCrash(d) => format!("domain {} crashes", w.domain_name(*d)),
         Command::DomainBroken { domain, broken } => {
-            format!("domain {} {}", w.spec.domain_name(*domain), if *broken { "broken" } else { "fixed" })
+            format!("domain {} {}", w.domain_name(*domain), if *broken { "broken" } else { "fixed" })
         }
         Command::OperatorFenceConfirm(h) => format!("operator confirms {h} is off"),
+        Command::Protect { domain, host: Some(h) } => format!("protect {} on {h}", w.domain_name(*domain)),
+        Command::Protect { domain, host: None } => format!("protect {}", w.domain_name(*domain)),
+        Command::Unprotect(d) => format!("unprotect {}", w.domain_name(*d)),
     }
 }

@@ -84,4 +84,18 @@ pub enum Command {
     },
     /// The operator confirms the host is powered off.
     OperatorFenceConfirm(HostId),
+    /// `havirt protect`, as the daemon does it: the domain's lease moves to
+    /// `host` (its current boot, generation + 1, `Acquired`), then every
+    /// daemon gets the new protected set, then `host` adopts the domain.
+    /// `None`: wherever it runs now (retried while that host cannot protect
+    /// it: paused, daemon down, storage failing); where it runs nowhere, its
+    /// lease is freed and the master starts it (as if the operator had
+    /// started it first).
+    Protect {
+        domain: DomainId,
+        host: Option<HostId>,
+    },
+    /// `havirt unprotect`: every daemon gets the protected set without the
+    /// domain; it keeps running, unmanaged, and its lease stays as it is.
+    Unprotect(DomainId),
 }

@@ -15,15 +15,19 @@ pub mod world;
 use crate::engine::config::{ClusterSpec, DomainId, HostId};
 use checker::Violation;
 use faults::Command;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use world::{Ev, World, WorldParams};
 
 /// The starting point of a simulated run.
 #[derive(Clone, Debug)]
 pub struct SimSetup {
+    /// Hosts, timings and every domain the cluster knows (protected or not).
     pub spec: ClusterSpec,
-    /// Where each protected domain runs (and holds its lease) at time zero.
+    /// Where each domain runs at time zero; a protected one holds its lease.
     pub initial: BTreeMap<DomainId, HostId>,
+    /// Domains of `spec` that run unprotected at time zero (no lease): a
+    /// `protect` command protects them later.
+    pub unprotected: BTreeSet<DomainId>,
     pub seed: u64,
 }
 
@@ -130,6 +134,21 @@ mod tests {
         let params = WorldParams { disk_locks: false, ..WorldParams::default() };
         let out = run_commands(&s.setup, params, &s.commands, s.end_ms, None);
         assert!(out.violations.is_empty(), "{:?}", out.violations);
+    }
+
+    /// Proof that the checker bites on unprotect: an engine that keeps
+    /// managing an unprotected domain restarts it when its host dies, and
+    /// the checker reports the start. The real engine leaves it down.
+    #[test]
+    fn checker_reports_a_start_after_unprotect() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios/unprotect-power-off");
+        let s = scenario::load(&dir).expect("unprotect-power-off loads");
+        let params = WorldParams { broken_engine_ignore_unprotect: true, ..WorldParams::default() };
+        let out = run_commands(&s.setup, params, &s.commands, s.end_ms, None);
+        let kinds: Vec<&str> = out.violations.iter().map(|v| v.invariant).collect();
+        assert!(kinds.contains(&"UNMANAGED"), "expected an UNMANAGED violation, got {kinds:?}");
+        let real = run_commands(&s.setup, WorldParams::default(), &s.commands, s.end_ms, None);
+        assert!(real.violations.is_empty(), "{:?}", real.violations);
     }
 
     /// One seed, one exact run: the whole timeline is identical twice.

@@ -97,7 +97,7 @@ pub fn random_setup(seed: u64, o: &RandomOptions) -> SimSetup {
         vcpu_overcommit: 4.0,
     };
     let initial = initial_placement(&spec);
-    SimSetup { spec, initial, seed }
+    SimSetup { spec, initial, unprotected: Default::default(), seed }
 }
 
 /// Place every domain with the planner on empty hosts (no start cap).
@@ -120,6 +120,8 @@ pub fn random_params(seed: u64) -> WorldParams {
         start_ms: (300, rng.range(400, 900)),
         fence_ms: (200, rng.range(300, 900)),
         repair_after_ms: Some((60_000, 150_000)),
+        // The daemon polls the registry every 2 s.
+        registry_lag_ms: 2_500,
         ..WorldParams::default()
     }
 }
@@ -213,7 +215,39 @@ pub fn random_faults(seed: u64, o: &RandomOptions, setup: &SimSetup) -> Vec<(u64
         t = if rng.chance(25) { t + rng.range(2_000, 10_000) } else { end.max(t) + rng.range(20_000, 90_000) };
     }
     heal(&mut out, last_fault, &hosts, setup);
+    out.extend(random_registry_changes(seed, setup, last_fault));
     out.sort_by_key(|(at, _)| *at);
+    out
+}
+
+/// Runs with registry changes (percent).
+pub const REGISTRY_CHANGE_RUNS_PERCENT: u64 = 30;
+/// Domains unprotected in such a run, at most.
+pub const UNPROTECTED_PER_RUN_MAX: u64 = 3;
+
+/// Operators unprotecting and protecting domains at a low rate, from a
+/// stream of its own (the fault schedule of a seed stays as it was): in
+/// some runs a few domains are unprotected at a random time (they keep
+/// running, unmanaged, and live through the faults that follow), and most
+/// are protected again later, wherever they run then (or, running nowhere,
+/// started by the master). A domain left unprotected is not expected to run
+/// at the end (L1), but must never be started by havirt.
+fn random_registry_changes(seed: u64, setup: &SimSetup, last_fault: u64) -> Vec<(u64, Command)> {
+    let mut rng = Rng::new(seed ^ 0x9207_EC7E_u64);
+    let mut out = Vec::new();
+    let n = setup.spec.domains.len() as u64;
+    if n == 0 || last_fault <= 30_000 || !rng.chance(REGISTRY_CHANGE_RUNS_PERCENT) {
+        return out;
+    }
+    for _ in 0..rng.range(1, UNPROTECTED_PER_RUN_MAX) {
+        let d = DomainId(u128::from(rng.range(1, n)));
+        let off = rng.range(20_000, last_fault);
+        out.push((off, Command::Unprotect(d)));
+        if rng.chance(75) {
+            let on = (off + rng.range(1_000, 150_000)).min(last_fault);
+            out.push((on, Command::Protect { domain: d, host: None }));
+        }
+    }
     out
 }
 

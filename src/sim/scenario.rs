@@ -40,6 +40,10 @@
 //! domain break D                every start of D fails from now on
 //! domain fix D
 //! confirm H                     the operator confirms H is powered off
+//! protect D H                   havirt protect: lease to H, registry, adopt
+//! protect D                     the same, wherever D runs (nowhere: the
+//!                               master starts it)
+//! unprotect D                   D keeps running, unmanaged
 //! end                           required, last: the run stops here
 //! ```
 
@@ -67,7 +71,7 @@ pub struct Scenario {
 
 /// The first words `cmdlist` accepts, for error messages.
 const COMMAND_WORDS: &str = "power, partition, drop, heal, isolate, unisolate, loss, storage, \
-     pause, resume, daemon, fence, domain, confirm, end";
+     pause, resume, daemon, fence, domain, confirm, protect, unprotect, end";
 
 /// Why a scenario directory cannot be loaded. Every message names the file
 /// (and, for `cmdlist`, the line) and says what was expected.
@@ -192,6 +196,9 @@ struct DomainEntry {
     readiness: Option<String>,
     readiness_timeout_s: Option<u64>,
     max_restarts: Option<u32>,
+    /// `false`: runs on `host` unprotected at time zero (see `protect`).
+    #[serde(default = "default_true")]
+    protected: bool,
 }
 
 fn default_seed() -> u64 {
@@ -223,6 +230,7 @@ fn parse_cluster(name: &str, text: &str, file: &str) -> Result<SimSetup, Scenari
     let hosts = build_hosts(&raw.hosts, file)?;
     let mut domains = BTreeMap::new();
     let mut initial = BTreeMap::new();
+    let mut unprotected = BTreeSet::new();
     let mut names = BTreeSet::new();
     for (i, entry) in raw.domains.iter().enumerate() {
         if !names.insert(entry.name.as_str()) {
@@ -233,6 +241,9 @@ fn parse_cluster(name: &str, text: &str, file: &str) -> Result<SimSetup, Scenari
         let (spec, host) = build_domain(id, entry, &hosts, file)?;
         domains.insert(id, spec);
         initial.insert(id, host);
+        if !entry.protected {
+            unprotected.insert(id);
+        }
     }
     let spec = ClusterSpec {
         name: name.to_string(),
@@ -243,7 +254,7 @@ fn parse_cluster(name: &str, text: &str, file: &str) -> Result<SimSetup, Scenari
         vcpu_overcommit: raw.vcpu_overcommit,
     };
     check_capacity(&spec, &initial, file)?;
-    Ok(SimSetup { spec, initial, seed: raw.seed })
+    Ok(SimSetup { spec, initial, unprotected, seed: raw.seed })
 }
 
 /// Names are words of `cmdlist`: no separators, and `all` is a keyword.
@@ -480,6 +491,11 @@ impl Line<'_> {
             "fence" => one(self.fence(args)?),
             "domain" => one(self.domain_command(args)?),
             "confirm" => one(Command::OperatorFenceConfirm(self.one_host(word, args)?)),
+            "protect" => one(self.protect(args)?),
+            "unprotect" => {
+                let [d] = self.args::<1>(word, "one DOMAIN", args)?;
+                one(Command::Unprotect(self.domain(d)?))
+            }
             _ => Err(ScenarioError::UnknownCommand {
                 file: self.file.to_string(),
                 line: self.line,
@@ -672,6 +688,15 @@ impl Line<'_> {
         Ok(Command::FenceAgent { target, agent: agent.to_string(), mode })
     }
 
+    fn protect(&self, args: &[&str]) -> Result<Command, ScenarioError> {
+        const EXPECTED: &str = "'DOMAIN HOST' or 'DOMAIN'";
+        match args {
+            [d, h] => Ok(Command::Protect { domain: self.domain(d)?, host: Some(self.host(h)?) }),
+            [d] => Ok(Command::Protect { domain: self.domain(d)?, host: None }),
+            _ => Err(self.bad_args("protect", EXPECTED, args)),
+        }
+    }
+
     fn domain_command(&self, args: &[&str]) -> Result<Command, ScenarioError> {
         const EXPECTED: &str = "'crash DOMAIN', 'break DOMAIN' or 'fix DOMAIN'";
         let [verb, d] = self.args::<2>("domain", EXPECTED, args)?;
@@ -730,6 +755,13 @@ anti_affinity = "db"
 readiness = "tcp:5432"
 readiness_timeout_s = 60
 max_restarts = 2
+
+[[domain]]
+name = "lab3"
+memory_mib = 1024
+vcpus = 1
+host = "h3"
+protected = false
 "#;
 
     fn cluster() -> SimSetup {
@@ -769,7 +801,8 @@ max_restarts = 2
         assert_eq!(db2.policy.readiness_timeout, Duration::from_secs(60));
         assert_eq!(db2.policy.max_restarts, 2);
         let initial: Vec<_> = setup.initial.into_iter().collect();
-        assert_eq!(initial, [(DomainId(1), HostId(1)), (DomainId(2), HostId(2))]);
+        assert_eq!(initial, [(DomainId(1), HostId(1)), (DomainId(2), HostId(2)), (DomainId(3), HostId(3))]);
+        assert_eq!(setup.unprotected.into_iter().collect::<Vec<_>>(), [DomainId(3)], "lab3 runs unprotected");
     }
 
     #[test]
@@ -801,6 +834,9 @@ max_restarts = 2
 11 domain break db2
 11 domain fix db2
 12.5 confirm h2
+13 unprotect web1
+14 protect web1 h2
+14 protect db2
 20 end
 ";
         let (cmds, end_ms) = cmdlist(text).expect("parses");
@@ -835,6 +871,9 @@ max_restarts = 2
             (11_000, C::DomainBroken { domain: DomainId(2), broken: true }),
             (11_000, C::DomainBroken { domain: DomainId(2), broken: false }),
             (12_500, C::OperatorFenceConfirm(h2)),
+            (13_000, C::Unprotect(DomainId(1))),
+            (14_000, C::Protect { domain: DomainId(1), host: Some(h2) }),
+            (14_000, C::Protect { domain: DomainId(2), host: None }),
         ];
         assert_eq!(cmds, expected);
     }
@@ -894,15 +933,17 @@ max_restarts = 2
             ),
             ("1 fence fail h1 pdu", "t/cmdlist:1: host 'h1' has no fence agent 'pdu' (its agents: ipmi)"),
             ("1 fence fail h3 ipmi", "t/cmdlist:1: host 'h3' has no fence agent 'ipmi' (its agents: none)"),
-            ("1 domain crash db9", "t/cmdlist:1: unknown domain 'db9' (domains: web1, db2)"),
+            ("1 domain crash db9", "t/cmdlist:1: unknown domain 'db9' (domains: web1, db2, lab3)"),
             (
                 "1 storage stall x",
                 "t/cmdlist:1: bad stall seconds 'x' (expected seconds such as 5 or 2.5, at most 3 decimals)",
             ),
             (
                 "1",
-                "t/cmdlist:1: missing command after the time (expected one of: power, partition, drop, heal, isolate, unisolate, loss, storage, pause, resume, daemon, fence, domain, confirm, end)",
+                "t/cmdlist:1: missing command after the time (expected one of: power, partition, drop, heal, isolate, unisolate, loss, storage, pause, resume, daemon, fence, domain, confirm, protect, unprotect, end)",
             ),
+            ("1 protect", "t/cmdlist:1: 'protect' expects 'DOMAIN HOST' or 'DOMAIN', found nothing"),
+            ("1 unprotect web1 h1", "t/cmdlist:1: 'unprotect' expects one DOMAIN, found 'web1 h1'"),
         ];
         for (line, message) in cases {
             let err = cmdlist(&format!("{line}\n9 end\n")).unwrap_err();

@@ -6,7 +6,7 @@
 use super::SimSetup;
 use super::checker::Checker;
 use super::faults::{AgentMode, Command, StorageFault};
-use crate::engine::config::{ClusterSpec, DomainId, HostId};
+use crate::engine::config::{ClusterSpec, DomainId, DomainSpec, HostId};
 use crate::engine::io::*;
 use crate::engine::node::{Node, NodeConfig};
 use crate::engine::time::{Instant, Rng};
@@ -35,9 +35,14 @@ pub struct WorldParams {
     /// Fenced hosts are powered on again after this long (random runs: the
     /// operator repairs them); None leaves them off.
     pub repair_after_ms: Option<(u64, u64)>,
+    /// Each daemon reads a changed registry up to this long after the
+    /// change (its poll period); the one that protects a domain at once.
+    pub registry_lag_ms: u64,
     /// Test-only engine defect used to prove that the checker bites.
     #[cfg(test)]
     pub broken_engine_skip_s3: bool,
+    #[cfg(test)]
+    pub broken_engine_ignore_unprotect: bool,
 }
 
 impl Default for WorldParams {
@@ -54,8 +59,11 @@ impl Default for WorldParams {
             boot_ms: 5000,
             disk_locks: true,
             repair_after_ms: None,
+            registry_lag_ms: 0,
             #[cfg(test)]
             broken_engine_skip_s3: false,
+            #[cfg(test)]
+            broken_engine_ignore_unprotect: false,
         }
     }
 }
@@ -194,6 +202,19 @@ pub enum Ev {
     FencePowerOff {
         target: HostId,
     },
+    /// The host's daemon reads the registry (as it is then) and gives the
+    /// engine the protected set; `adopt`: then the domain it just protected
+    /// (DomainsAtStart, in the same turn of its loop). Waits while the host
+    /// is paused, like everything else there.
+    Registry {
+        host: HostId,
+        adopt: Option<DomainId>,
+    },
+    /// A `protect` that waits for the host running the domain (attempt n).
+    Protect {
+        domain: DomainId,
+        attempt: u32,
+    },
     Command(Command),
     Check,
 }
@@ -203,7 +224,17 @@ struct Key(u64, u64);
 
 pub struct World {
     pub now: u64,
+    /// The cluster with the domains protected now (the registry).
     pub spec: Arc<ClusterSpec>,
+    /// Every domain the cluster knows, protected or not.
+    pub domains: BTreeMap<DomainId, DomainSpec>,
+    /// When each protected domain was last protected (S4 counts from it).
+    pub protected_at: BTreeMap<DomainId, u64>,
+    /// Bumped by every protect and unprotect.
+    pub registry_version: u64,
+    /// The registry version each running daemon has been given: one that
+    /// lags (paused) may still act on a domain unprotected meanwhile.
+    pub registry_seen: BTreeMap<HostId, u64>,
     pub params: WorldParams,
     pub rng: Rng,
     seq: u64,
@@ -236,7 +267,9 @@ pub const CHECK_INTERVAL_MS: u64 = 100;
 
 impl World {
     pub fn new(setup: &SimSetup, params: WorldParams) -> World {
-        let spec = Arc::new(setup.spec.clone());
+        let mut protected = setup.spec.clone();
+        protected.domains.retain(|d, _| !setup.unprotected.contains(d));
+        let spec = Arc::new(protected);
         let mut rng = Rng::new(setup.seed);
         let mut hosts = BTreeMap::new();
         for hs in &spec.hosts {
@@ -270,10 +303,15 @@ impl World {
                 },
             );
         }
-        let checker = Checker::new(spec.clone());
+        // The checker knows every domain's policy (readiness ordering).
+        let checker = Checker::new(Arc::new(setup.spec.clone()));
         let mut w = World {
             now: 0,
             spec,
+            domains: setup.spec.domains.clone(),
+            protected_at: BTreeMap::new(),
+            registry_version: 0,
+            registry_seen: BTreeMap::new(),
             params,
             rng,
             seq: 0,
@@ -301,13 +339,17 @@ impl World {
         w
     }
 
-    /// Time zero: domains run where the setup says and hold their leases.
+    /// Time zero: domains run where the setup says, and the protected ones
+    /// hold their leases (an unprotected one has none yet).
     fn place_initial(&mut self, setup: &SimSetup) {
         for (d, h) in &setup.initial {
             let Some(host) = self.hosts.get_mut(h) else {
                 continue;
             };
             host.qemu.insert(*d, Qemu { state: QemuState::Running, ready_at: 0, serial: 0 });
+            if setup.unprotected.contains(d) {
+                continue;
+            }
             let owner = Owner { host: *h, boot: host.boot };
             let lease = Lease { owner: Some(owner), generation: 1, reason: LeaseReason::Acquired };
             self.storage.leases.insert(LeaseKey::Domain(*d), lease);
@@ -428,6 +470,8 @@ impl World {
                 self.log_sim(&format!("fence agent powers off {target}"));
                 self.power_off(target, "fenced");
             }
+            Ev::Registry { host, adopt } => self.registry_read(host, adopt),
+            Ev::Protect { domain, attempt } => self.protect(domain, None, attempt),
             Ev::Command(c) => self.apply_command(c),
             Ev::Check => {
                 self.check_invariants();
@@ -442,6 +486,11 @@ impl World {
 
     fn qemu_serial(&self, h: HostId, d: DomainId) -> Option<u64> {
         self.hosts.get(&h).and_then(|x| x.qemu.get(&d)).map(|q| q.serial)
+    }
+
+    /// A domain's name, protected or not.
+    pub fn domain_name(&self, d: DomainId) -> String {
+        self.domains.get(&d).map_or_else(|| self.spec.domain_name(d), |s| s.name.clone())
     }
 
     pub fn local_now(&self, h: HostId) -> Instant {
@@ -814,7 +863,9 @@ impl World {
             x.qemu.remove(&d)?;
             Some(x.active_fault)
         });
-        if let Some(Some((at, class))) = fault {
+        if let Some(Some((at, class))) = fault
+            && self.spec.domains.contains_key(&d)
+        {
             let others_healthy = self.hosts.values().all(|x| x.id == h || (x.running() && x.node.is_some()));
             self.checker.domain_lost(d, at, class, others_healthy);
         }
@@ -936,7 +987,13 @@ impl World {
             broken_skip_s3: self.params.broken_engine_skip_s3,
         };
         let now = self.local_now(h);
-        let node = Node::new(cfg, now);
+        #[allow(unused_mut)]
+        let mut node = Node::new(cfg, now);
+        #[cfg(test)]
+        if self.params.broken_engine_ignore_unprotect {
+            node.break_ignore_unprotect();
+        }
+        self.registry_seen.insert(h, self.registry_version);
         let _ = epoch;
         if let Some(host) = self.hosts.get_mut(&h) {
             host.node = Some(node);
@@ -1013,6 +1070,7 @@ fn ev_host(ev: &Ev) -> Option<HostId> {
         | Ev::FenceDone { host, .. }
         | Ev::IsolationAnswer { host, .. }
         | Ev::Watchdog { host }
+        | Ev::Registry { host, .. }
         | Ev::DaemonStart { host } => Some(*host),
         Ev::Deliver { to, .. } => Some(*to),
         _ => None,
