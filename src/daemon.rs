@@ -117,7 +117,7 @@ pub fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
         let Datastore::Block { device } = &config.cluster.datastore else { unreachable!() };
         return Err(DaemonError::BlockDatastore(device.clone()));
     };
-    let store = Arc::new(DirStore::open(path, &config.cluster.name)?);
+    let store = Arc::new(open_datastore(path, &config)?);
     check_watchdog_present(&me.watchdog)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -127,6 +127,24 @@ pub fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
         let mut daemon = Daemon::start(opts, config, me, key, store).await?;
         daemon.run().await
     })
+}
+
+/// Opens the datastore, bounded by io_timeout: a datastore that is not
+/// initialized is an error, one that does not answer is opened anyway, so
+/// that the engine starts and self-fences what runs here (S4).
+fn open_datastore(path: &std::path::Path, config: &Config) -> Result<DirStore, DaemonError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (dir, name) = (path.to_path_buf(), config.cluster.name.clone());
+    std::thread::spawn(move || {
+        let _ = tx.send(DirStore::open(&dir, &name));
+    });
+    match rx.recv_timeout(std_duration(config.cluster.timings.io_timeout)) {
+        Ok(r) => Ok(r?),
+        Err(_) => {
+            warn!("datastore {} does not answer; starting anyway (S4 self-fences what runs here)", path.display());
+            Ok(DirStore::open_unchecked(path, &config.cluster.name)?)
+        }
+    }
 }
 
 /// Refuse to start when the configured watchdog cannot exist. The device is
@@ -309,19 +327,35 @@ impl Daemon {
 
         // The protected domains, then what runs here: the engine adopts
         // each protected one by reading its lease (S5 for those not ours).
-        let protected = {
-            let store = Arc::clone(&store);
-            let cached = BTreeMap::new();
-            tokio::task::spawn_blocking(move || read_registry(&store, &cached))
-                .await
-                .map_err(|e| DaemonError::Io { what: "reading the registry", source: std::io::Error::other(e) })??
-        };
         let running = {
             let hv = shared.hv.get();
             tokio::task::spawn_blocking(move || hv.list())
                 .await
                 .map_err(|e| DaemonError::Io { what: "listing domains", source: std::io::Error::other(e) })?
                 .map_err(|source| DaemonError::Libvirt { uri: opts.libvirt_uri.clone(), waited_s: 0, source })?
+        };
+        // The registry, bounded like any storage call. A datastore that does
+        // not answer must not keep the engine from starting: it is what
+        // self-fences the domains running here (S4). Until the registry
+        // reads, the running domains with a havirt policy count as protected.
+        let io_wait = std_duration(config.cluster.timings.io_timeout);
+        let read = {
+            let store = Arc::clone(&store);
+            tokio::time::timeout(io_wait, tokio::task::spawn_blocking(move || read_registry(&store, &BTreeMap::new())))
+        };
+        let protected = match read.await {
+            Ok(Ok(Ok(entries))) => entries,
+            failed => {
+                let why = match failed {
+                    Ok(Ok(Err(e))) => e.to_string(),
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("no answer within {}", config.cluster.timings.io_timeout),
+                };
+                warn!(
+                    "cannot read the protected domains from the datastore ({why}); using libvirt's metadata meanwhile"
+                );
+                protected_from_metadata(&running)
+            }
         };
 
         let mut spec = config.cluster_spec();
@@ -1151,6 +1185,22 @@ fn read_registry_cached(store: &DirStore, cached: &RegistryCache) -> Result<Regi
         }
     }
     Ok(out)
+}
+
+/// The running domains that carry a havirt policy, as protected: what the
+/// engine must know to self-fence them when the registry cannot be read.
+fn protected_from_metadata(running: &[DomainInfo]) -> BTreeMap<DomainId, registry::Entry> {
+    running
+        .iter()
+        .filter(|i| i.state.has_qemu())
+        .filter_map(|i| {
+            let policy = i.policy.clone().ok().flatten()?;
+            let spec =
+                crate::engine::config::DomainSpec { id: i.id, name: i.name.clone(), memory_mib: 0, vcpus: 0, policy };
+            let problem = Some("the registry could not be read at start; protected by its libvirt metadata".into());
+            Some((i.id, registry::Entry { spec, problem }))
+        })
+        .collect()
 }
 
 /// Re-reads the registry every REGISTRY_POLL and reports changes. One read

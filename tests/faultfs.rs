@@ -204,7 +204,7 @@ fn havirt_store_works_through_the_mount() {
     assert_eq!(st.read_domain_xml(d).expect("xml"), Some("<domain/>".into()));
 
     // What went through the mount is on the backing disk, block-sized.
-    let on_disk = m.d.backing.join(CLUSTER).join("hosts").join("1.hb");
+    let on_disk = m.d.backing.join("hosts").join("1.hb");
     assert_eq!(fs::metadata(&on_disk).expect("backing file").len(), 4096);
     let status = m.ctl("status");
     assert!(counter(&status, "requests") > 20, "{status}");
@@ -346,7 +346,7 @@ fn eio_fails_every_request() {
     let st = store(&m);
     st.write_slot(&slot(1, 1)).expect("write");
     m.ctl("eio");
-    assert_eq!(os_error(fs::read(m.path("lab/hosts/1.hb"))), libc::EIO);
+    assert_eq!(os_error(fs::read(m.path("hosts/1.hb"))), libc::EIO);
     assert_eq!(os_error(fs::metadata(m.path("lab"))), libc::EIO);
     match st.read_slot(HostId(1)) {
         Err(DirError::Direct(e)) => assert!(e.to_string().contains("Input/output error"), "{e}"),
@@ -397,7 +397,7 @@ fn readonly_refuses_modifications_only() {
         other => panic!("expected EROFS, got {other:?}"),
     }
     assert_eq!(os_error(fs::create_dir(m.path("x"))), libc::EROFS);
-    assert_eq!(os_error(fs::remove_file(m.path("lab/hosts/1.hb"))), libc::EROFS);
+    assert_eq!(os_error(fs::remove_file(m.path("hosts/1.hb"))), libc::EROFS);
     m.ctl("ok");
     st.write_slot(&slot(1, 2)).expect("write after ok");
     m.stop();

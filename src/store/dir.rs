@@ -155,6 +155,14 @@ impl DirStore {
         if let Some(p) = SUBDIRS.iter().map(|s| dir.join(s)).find(|p| !p.is_dir()) {
             return Err(DirError::NotInitialized { path: p });
         }
+        DirStore::open_unchecked(dir, cluster)
+    }
+
+    /// Opens without looking at the directory: for a daemon whose datastore
+    /// does not answer at start (every later call fails or times out, which
+    /// is what makes the host self-fence).
+    pub fn open_unchecked(dir: &Path, cluster: &str) -> Result<DirStore, DirError> {
+        check_cluster_name(cluster)?;
         let cluster = ClusterId::from_name(cluster);
         Ok(DirStore {
             base: dir.to_path_buf(),
