@@ -308,6 +308,14 @@ fn sigkilled_host_is_fenced_and_its_domain_restarted_on_the_survivor() {
     assert!(events.contains("fence"), "{events}");
     // Confirmed fencing does not wait for host_dead_timeout.
     assert!(took < HOST_DEAD, "fenced takeover took {took:?}");
+
+    // Unprotect: it keeps running where it is, and is no longer listed.
+    let (ok, out) = havirt(&["unprotect", "vm1", "--socket", pair.socket("b").as_str()]);
+    assert!(ok && out.contains("no longer protected"), "unprotect: {out}");
+    let r = pair.status("b").expect("b answers");
+    assert!(r.view.domains.is_empty(), "still listed: {:?}", r.view.domains);
+    let (ok, out) = havirt(&["unprotect", "vm1", "--socket", pair.socket("b").as_str()]);
+    assert!(!ok && out.contains("not a protected domain"), "{out}");
 }
 
 #[test]
