@@ -44,12 +44,18 @@ struct Pair {
     a_uri: Option<String>,
     children: Vec<(String, Child)>,
     _supervisor: Option<UnixDatagram>,
-    /// When host a's lab watchdog was petted.
-    pets: Arc<Mutex<Vec<Instant>>>,
+    /// When host a's lab watchdog was petted (ms since the Unix epoch).
+    pets: Arc<Mutex<Vec<u64>>>,
+    /// A faultfs under the datastore: its faults are cleared before the
+    /// daemons are killed (a process blocked in a hung mount cannot die).
+    faultfs_control: Option<PathBuf>,
 }
 
 impl Drop for Pair {
     fn drop(&mut self) {
+        if let Some(control) = &self.faultfs_control {
+            let _ = havirt::lab::faultfs::control(control, "ok");
+        }
         for (_, c) in &mut self.children {
             let _ = c.kill();
             let _ = c.wait();
@@ -169,14 +175,13 @@ impl Pair {
                 let mut buf = [0u8; 64];
                 while let Ok(n) = r.recv(&mut buf) {
                     if buf[..n].starts_with(b"pet") {
-                        #[allow(clippy::disallowed_methods, reason = "the supervisor stamps pets in wall time")]
-                        pets.lock().expect("pets").push(Instant::now());
+                        pets.lock().expect("pets").push(unix_ms());
                     }
                 }
             });
             s
         });
-        Pair { dir, a_uri, children: Vec::new(), _supervisor: supervisor, pets }
+        Pair { dir, a_uri, children: Vec::new(), _supervisor: supervisor, pets, faultfs_control: None }
     }
 
     fn spawn_both(mut self) -> Pair {
@@ -244,6 +249,13 @@ impl Pair {
         }
         panic!("{what}: not within {limit:?}\nb's events:\n{}", self.events("b"));
     }
+}
+
+/// Wall-clock ms, to compare with the daemon's event stamps.
+fn unix_ms() -> u64 {
+    #[allow(clippy::disallowed_methods, reason = "compared with the daemon's wall-clock event stamps")]
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("after 1970");
+    u64::try_from(t.as_millis()).expect("ms fit")
 }
 
 fn verdict(r: &StatusReport, host: u16) -> String {
@@ -475,6 +487,7 @@ fn hung_datastore_makes_the_host_self_fence_on_time() {
     // Host a alone (b stays down): with a peer that also lost storage and
     // still hears a, the all-lost exemption would rightly keep both running.
     let mut pair = Pair::prepare(&dir, &fs.mountpoint.join("ds"), TakeOver::Watchdog, None);
+    pair.faultfs_control = Some(fs.control.clone());
     pair.spawn("a");
     pair.wait_for("a runs with a healthy datastore", Duration::from_secs(15), || {
         pair.status("a").is_some_and(|r| r.view.storage_healthy)
@@ -491,6 +504,7 @@ fn hung_datastore_makes_the_host_self_fence_on_time() {
     assert!(!pair.pets.lock().expect("pets").is_empty(), "the watchdog was never petted");
 
     assert_eq!(fs.fault("hang").as_deref(), Ok("ok"));
+    let hung_ms = unix_ms();
     #[allow(clippy::disallowed_methods, reason = "a test against real processes waits in wall time")]
     let hung = Instant::now();
     let mut slowest = Duration::ZERO;
@@ -519,9 +533,23 @@ fn hung_datastore_makes_the_host_self_fence_on_time() {
     // one write interval (250 ms) before the hang; never early.
     assert!(fenced_after >= RENEW - Duration::from_millis(300), "self-fenced after {fenced_after:?}: too early");
     assert!(fenced_after <= RENEW + Duration::from_millis(1000), "self-fenced after {fenced_after:?}: too late");
-    let last_pet = *pair.pets.lock().expect("pets").last().expect("pets");
-    let petted_for = last_pet.saturating_duration_since(hung);
-    assert!(petted_for <= RENEW, "watchdog petted {petted_for:?} after the hang, past renew_timeout");
+    // S4: pets stop once renew_timeout has passed without a good write, and
+    // resume only when no protected domain runs here any more.
+    let Ok(Response::Events(events)) =
+        control::request(Path::new(&pair.socket("a")), &Request::Events { after: 0 }, Duration::from_secs(5))
+    else {
+        panic!("no events from a");
+    };
+    let done_ms = events
+        .iter()
+        .find(|e| e.event.text.starts_with("self-fence done"))
+        .map(|e| e.unix_ms)
+        .expect("a self-fence done event");
+    let pets = pair.pets.lock().expect("pets").clone();
+    let late: Vec<u64> = pets.iter().filter(|p| **p > hung_ms + 3300 && **p < done_ms).map(|p| p - hung_ms).collect();
+    assert!(late.is_empty(), "petted at {late:?} ms after the hang, past renew_timeout, with vm1 still here");
+    let before_fence = pets.iter().filter(|p| **p < done_ms).max().map(|p| p.saturating_sub(hung_ms));
+    println!("last pet before the self-fence finished: {before_fence:?} ms after the hang");
     let events = pair.events("a");
     assert!(events.contains("self-fenc"), "{events}");
 
