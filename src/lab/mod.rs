@@ -1,4 +1,40 @@
 //! Tooling for havirt's tests and its multi-host lab (LAB-NOTES.md): not
 //! part of the daemon's decisions.
+//!
+//! # The lab (issue 4), as it is being built
+//!
+//! Several real KVM hosts on one Linux machine, so that havirt is proven
+//! end to end against real libvirtd and qemu, and fenced through the same
+//! tools as real servers. Everything lives under one state directory
+//! `LAB_DIR` (`/var/tmp/havirt-lab`), and every name the lab creates starts
+//! with `hl-`, so that `lab down` can find and remove all of it, twice.
+//!
+//! ```text
+//! netns hl-sw      the switch: bridge br0 (heartbeat network 10.99.0.0/24)
+//!                  and bridge br1 (management network 10.98.0.0/24)
+//! netns hl-hN      host N: eth0 10.99.0.N (veth hl-pN in hl-sw on br0),
+//!                  eth1 10.98.0.(100+N) (veth hl-mN on br1); lo up
+//! netns hl-bmc     the BMCs: eth0 on br1 with 10.98.0.N for every host N;
+//!                  one ipmi_sim per host, listening on 10.98.0.N:623
+//! LAB_DIR/hN/      host N's state: etc/ (copy of /etc/libvirt), run/, lib/,
+//!                  log/, cache/ (bind-mounted over libvirt's paths inside
+//!                  the host), havirt.toml, havirt.sock, havirt.log,
+//!                  start (the host's power: runs it in the foreground)
+//! LAB_DIR/bmc/hN/  lan.conf, bmc.emu, state dir of host N's ipmi_sim
+//! LAB_DIR/backing  the datastore's backing directory ("the NFS export")
+//! LAB_DIR/ds       faultfs mounted over backing (rshared), seen by every
+//!                  host at the same path; the cluster's datastore is
+//!                  LAB_DIR/ds/cluster
+//! LAB_DIR/hN/watchdog.sock  host N's lab watchdog (the supervisor listens)
+//! ```
+//!
+//! A host is a network namespace plus a private mount and PID namespace
+//! whose PID 1 is `tini`, running virtlogd, libvirtd and `havirt daemon`.
+//! `LAB_DIR/hN/start` runs it in the foreground (`ip netns exec hl-hN
+//! unshare -m -p -f --propagation slave --mount-proc tini -s -- ...`) and
+//! turns SIGTERM into SIGKILL of the namespace's init: that is the host's
+//! power, used by its BMC (`ipmi_sim`'s startcmd) and by the watchdog
+//! supervisor. Power loss kills libvirtd, qemu and the daemon at once.
+//! libvirt from outside: `qemu:///system?socket=LAB_DIR/hN/run/libvirt-sock`.
 
 pub mod faultfs;
