@@ -738,6 +738,14 @@ impl Daemon {
                     let _ = reply.send(Response::Error("another protect or unprotect is running; try again".into()));
                     return;
                 }
+                let max = crate::engine::planner::MAX_DOMAINS_PER_HOST as usize;
+                if self.node.local_domains().len() >= max {
+                    let _ = reply.send(Response::Error(format!(
+                        "this host runs {max} protected domains already, the most one heartbeat slot can list; \
+                         protect it on another host"
+                    )));
+                    return;
+                }
                 self.registry_busy = true;
                 let shared = Arc::clone(&self.shared);
                 let (owner, hosts) = (self.owner, self.config.hosts.clone());

@@ -936,15 +936,21 @@ impl Node {
         (mem, cpu)
     }
 
-    fn build_slot(&self, _now: Instant) -> Slot {
+    pub(super) fn build_slot(&self, _now: Instant) -> Slot {
         let mut domains = BTreeMap::new();
         for (d, l) in &self.local {
             let report = DomainReport { state: reported_state(l.state), generation: l.generation.unwrap_or(0) };
             domains.insert(*d, report);
         }
-        for (d, (g, failed_start, _)) in &self.released {
+        // Releases fill what room the record has left, newest first (a
+        // slot that does not fit would fail and self-fence this host); the
+        // heartbeats carry them too.
+        let mut released: Vec<_> = self.released.iter().filter(|(d, _)| !domains.contains_key(*d)).collect();
+        released.sort_by_key(|(d, (_, _, at))| (std::cmp::Reverse(*at), **d));
+        let room = (super::planner::MAX_DOMAINS_PER_HOST as usize).saturating_sub(domains.len());
+        for (d, (g, failed_start, _)) in released.into_iter().take(room) {
             let state = DomainState::Released { failed_start: *failed_start };
-            domains.entry(*d).or_insert(DomainReport { state, generation: *g });
+            domains.insert(*d, DomainReport { state, generation: *g });
         }
         let (mem, cpu) = self.used();
         let size = self.cfg.spec.host(self.cfg.host);

@@ -229,7 +229,8 @@ fn choose(slots: &[Slot], fd_groups: &[Vec<u32>], want: &Want<'_>) -> Result<usi
             continue;
         }
         refused.allowed = true;
-        let room = s.memory_free_mib >= want.memory_mib && s.vcpus_free >= want.vcpus;
+        let room =
+            s.memory_free_mib >= want.memory_mib && s.vcpus_free >= want.vcpus && s.domains < MAX_DOMAINS_PER_HOST;
         let anti_ok = want.group.is_none_or(|g| !holds(&s.groups, g));
         if !(room && anti_ok && s.starts_free > 0) {
             refused.anti_only |= room && !anti_ok;
@@ -261,6 +262,11 @@ pub struct Tolerance {
 /// Above this many combinations of k failed hosts (or fault domains),
 /// `tolerance` checks only the worst case instead of every combination.
 pub const TOLERANCE_COMBINATIONS_MAX: u64 = 2_000;
+/// Protected domains one host may run: its heartbeat slot lists each one in
+/// one 4 KiB record, which holds 134 in the worst case. A slot that does
+/// not fit cannot be written, and a host whose slot writes fail self-fences
+/// (S4), so the planner never places more, with a margin for releases.
+pub const MAX_DOMAINS_PER_HOST: u32 = 128;
 
 /// How many host (and fault-domain) failures the cluster can absorb: for k = 1.., every
 /// protected (non-Disabled) domain of the failed hosts must be placeable on the survivors
@@ -542,6 +548,16 @@ mod tests {
         let p = plan(&[host(1, 8)], &reqs(&ds));
         assert_eq!(p.placements, vec![(DomainId(2), HostId(1))]);
         assert_eq!(p.waiting, vec![(DomainId(1), WaitReason::NoCapacity)]);
+    }
+
+    #[test]
+    fn a_host_takes_no_more_domains_than_its_slot_can_list() {
+        let mut full = host(1, 64);
+        full.domain_count = MAX_DOMAINS_PER_HOST - 1;
+        let ds = [dom(1, 1, Priority::Medium), dom(2, 1, Priority::Medium)];
+        let p = plan(&[full], &reqs(&ds));
+        assert_eq!(p.placements.len(), 1);
+        assert_eq!(p.waiting.len(), 1);
     }
 
     #[test]

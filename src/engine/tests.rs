@@ -833,3 +833,27 @@ fn a_domain_we_released_is_not_adopted_again() {
     h.input(Input::DomainsAtStart(vec![D1]));
     assert_eq!(h.destroys(D1), [h.now], "{}", h.events());
 }
+
+/// A slot must always fit its 4 KiB record: a host that released many
+/// domains lists only the newest releases, up to the per-host cap.
+#[test]
+fn slot_lists_at_most_the_per_host_cap_of_domains_newest_releases_first() {
+    use super::planner::MAX_DOMAINS_PER_HOST;
+    let h = Harness::new();
+    let mut node = h.node;
+    let cap = MAX_DOMAINS_PER_HOST as u128;
+    for i in 0..cap + 50 {
+        let at = Instant(1000 + u64::try_from(i).expect("small"));
+        node.released.insert(DomainId(1000 + i), (1, false, at));
+    }
+    let slot = node.build_slot(Instant(10_000));
+    assert_eq!(slot.domains.len(), MAX_DOMAINS_PER_HOST as usize);
+    assert!(slot.domains.contains_key(&DomainId(1000 + cap + 49)), "the newest release is listed");
+    assert!(!slot.domains.contains_key(&DomainId(1000)), "the oldest release gave way");
+    let encoded = crate::store::record::encode(
+        crate::store::record::RecordKind::Slot,
+        crate::store::record::ClusterId::from_name("unit"),
+        &slot,
+    );
+    assert!(encoded.is_ok(), "{encoded:?}");
+}
