@@ -38,3 +38,4 @@
 //! libvirt from outside: `qemu:///system?socket=LAB_DIR/hN/run/libvirt-sock`.
 
 pub mod faultfs;
+pub mod supervisor;
