@@ -18,16 +18,29 @@ const PET_EVERY: Duration = Duration::from_millis(100);
 /// The acceptance bound: fired within timeout + this of the last pet.
 const FIRE_SLACK: Duration = Duration::from_millis(100);
 
-fn socket(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("havirt-lab-supervisor-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir.join(format!("{name}.sock"))
+/// A test's own directory, removed when the test ends (also on failure).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("havirt-lab-supervisor-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        TempDir(dir)
+    }
 }
 
-fn counting_supervisor(name: &str) -> (Supervisor, Arc<AtomicUsize>, PathBuf) {
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A supervisor whose power-off action counts; declared after the TempDir
+/// it lives in, so that it stops first.
+fn counting_supervisor(dir: &TempDir) -> (Supervisor, Arc<AtomicUsize>, PathBuf) {
     let fired = Arc::new(AtomicUsize::new(0));
     let f = Arc::clone(&fired);
-    let path = socket(name);
+    let path = dir.0.join("watchdog.sock");
     let sup = Supervisor::start(&path, Box::new(move || _ = f.fetch_add(1, Ordering::SeqCst))).expect("start");
     (sup, fired, path)
 }
@@ -72,7 +85,8 @@ fn check_fired_in_time(a: &Arming, last_pet_sent: Instant, what: &str) {
 
 #[test]
 fn silence_fires_once_in_time_and_a_new_boot_rearms() {
-    let (sup, fired, path) = counting_supervisor("fire");
+    let dir = TempDir::new("fire");
+    let (sup, fired, path) = counting_supervisor(&dir);
     let mut w = LabWatchdog::open(&path, TIMEOUT).expect("open");
     let last = pet_for(&mut w, 10);
     assert_eq!(fired.load(Ordering::SeqCst), 0, "fired while petted");
@@ -99,7 +113,8 @@ fn silence_fires_once_in_time_and_a_new_boot_rearms() {
 
 #[test]
 fn disarm_stops_watching_without_firing() {
-    let (sup, fired, path) = counting_supervisor("disarm");
+    let dir = TempDir::new("disarm");
+    let (sup, fired, path) = counting_supervisor(&dir);
     let mut w = LabWatchdog::open(&path, TIMEOUT).expect("open");
     pet_for(&mut w, 3);
     w.disarm().expect("disarm");
@@ -112,7 +127,8 @@ fn disarm_stops_watching_without_firing() {
 
 #[test]
 fn stop_without_pets_fires_nothing() {
-    let (sup, fired, path) = counting_supervisor("idle");
+    let dir = TempDir::new("idle");
+    let (sup, fired, path) = counting_supervisor(&dir);
     let mut w = LabWatchdog::open(&path, TIMEOUT).expect("open");
     w.pet().expect("pet");
     let start = Instant::now();
