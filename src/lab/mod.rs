@@ -38,3 +38,5 @@
 //! libvirt from outside: `qemu:///system?socket=LAB_DIR/hN/run/libvirt-sock`.
 
 pub mod faultfs;
+pub mod observer;
+pub mod supervisor;
