@@ -37,4 +37,5 @@
 //! supervisor. Power loss kills libvirtd, qemu and the daemon at once.
 //! libvirt from outside: `qemu:///system?socket=LAB_DIR/hN/run/libvirt-sock`.
 
+pub mod bmc;
 pub mod faultfs;
