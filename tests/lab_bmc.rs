@@ -278,6 +278,10 @@ fn bmc_powers_the_host_through_ipmitool_and_fence_ipmilan() {
     let bmc = w.bmc();
     assert_eq!(bmc.status().ok(), Some(false), "startnow false: the lab decides when a host powers on");
     assert_eq!(w.host_pid(), None);
+    let mut twin = w.spec();
+    twin.dir = w.dir.join("twin");
+    let twin = Bmc::start(twin).map(|b| b.pid());
+    assert!(matches!(twin, Err(BmcError::AddressInUse { .. })), "a second BMC on the same address: {twin:?}");
 
     let pid = w.power_on();
     let (status, took) = timed(|| bmc.status());
