@@ -20,7 +20,8 @@
 //!                  log/, cache/ (bind-mounted over libvirt's paths inside
 //!                  the host), havirt.toml, havirt.sock, havirt.log,
 //!                  start (the host's power: runs it in the foreground)
-//! LAB_DIR/bmc/hN/  lan.conf, bmc.emu, state dir of host N's ipmi_sim
+//! LAB_DIR/bmc/hN/  lan.conf (0600), bmc.emu, state/, ipmi_sim.log of host
+//!                  N's BMC (bmc.rs)
 //! LAB_DIR/backing  the datastore's backing directory ("the NFS export")
 //! LAB_DIR/ds       faultfs mounted over backing (rshared), seen by every
 //!                  host at the same path; the cluster's datastore is
@@ -37,6 +38,7 @@
 //! supervisor. Power loss kills libvirtd, qemu and the daemon at once.
 //! libvirt from outside: `qemu:///system?socket=LAB_DIR/hN/run/libvirt-sock`.
 
+pub mod bmc;
 pub mod faultfs;
 pub mod observer;
 pub mod supervisor;
