@@ -5,6 +5,7 @@
 
 use crate::control::{self, PolicyChanges, Request, Response};
 use crate::engine::config::{IsolationResponse, Priority, Readiness};
+use crate::hypervisor::metadata;
 use crate::store::dir::DirStore;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -129,36 +130,18 @@ fn unexpected(r: &Response) -> String {
 
 // ---------------------------------------------------------------- values
 
+// The words are the policy element's (one vocabulary for the XML and the CLI).
+
 pub fn parse_priority(s: &str) -> Result<Priority, String> {
-    Ok(match s {
-        "disabled" => Priority::Disabled,
-        "lowest" => Priority::Lowest,
-        "low" => Priority::Low,
-        "medium" => Priority::Medium,
-        "high" => Priority::High,
-        "highest" => Priority::Highest,
-        _ => return Err(format!("{s:?}: use disabled, lowest, low, medium, high or highest")),
-    })
+    metadata::parse_priority(s).ok_or_else(|| format!("{s:?}: use {}", metadata::PRIORITIES))
 }
 
 pub fn parse_isolation_response(s: &str) -> Result<IsolationResponse, String> {
-    Ok(match s {
-        "keep" => IsolationResponse::Keep,
-        "shutdown" => IsolationResponse::Shutdown,
-        "poweroff" => IsolationResponse::Poweroff,
-        _ => return Err(format!("{s:?}: use keep, shutdown or poweroff")),
-    })
+    metadata::parse_isolation(s).ok_or_else(|| format!("{s:?}: use {}", metadata::ISOLATION_RESPONSES))
 }
 
 pub fn parse_readiness(s: &str) -> Result<Readiness, String> {
-    match s {
-        "started" => Ok(Readiness::Started),
-        "guest-agent" => Ok(Readiness::GuestAgent),
-        _ => match s.strip_prefix("tcp:").map(str::parse::<u16>) {
-            Some(Ok(port)) if port > 0 => Ok(Readiness::TcpPort(port)),
-            _ => Err(format!("{s:?}: use started, guest-agent or tcp:PORT (PORT 1-65535)")),
-        },
-    }
+    metadata::parse_readiness(s).ok_or_else(|| format!("{s:?}: use {}", metadata::READINESS_VALUES))
 }
 
 #[cfg(test)]

@@ -601,23 +601,12 @@ fn domain_row(v: &NodeView, d: &DomainView) -> Vec<String> {
     vec![
         d.name.clone(),
         uuid[..8].to_string(),
-        priority_name(d.priority).to_string(),
+        crate::hypervisor::metadata::priority_str(d.priority).to_string(),
         d.host.map_or_else(|| "-".to_string(), |h| host_name(v, h)),
         d.state.map_or("-", state_name).to_string(),
         d.generation.map_or_else(|| "-".to_string(), |g| g.to_string()),
         d.local.clone().unwrap_or_else(|| "-".to_string()),
     ]
-}
-
-fn priority_name(p: Priority) -> &'static str {
-    match p {
-        Priority::Disabled => "disabled",
-        Priority::Lowest => "lowest",
-        Priority::Low => "low",
-        Priority::Medium => "medium",
-        Priority::High => "high",
-        Priority::Highest => "highest",
-    }
 }
 
 fn state_name(s: DomainState) -> &'static str {
@@ -842,7 +831,7 @@ fn domain_json<'a>(v: &NodeView, d: &'a DomainView) -> DomainJson<'a> {
     DomainJson {
         uuid: format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..]),
         name: &d.name,
-        priority: priority_name(d.priority),
+        priority: crate::hypervisor::metadata::priority_str(d.priority),
         host: d.host.map(|h| host_name(v, h)),
         host_id: d.host.map(|h| h.0),
         state: d.state.map(state_name),

@@ -53,9 +53,9 @@ pub const READINESS_TIMEOUT_S_MAX: u64 = 86_400;
 /// `max-restarts` range.
 pub const MAX_RESTARTS_MAX: u32 = 1000;
 
-const PRIORITIES: &str = "disabled, lowest, low, medium, high, highest";
-const ISOLATION_RESPONSES: &str = "keep, shutdown, poweroff";
-const READINESS_VALUES: &str = "started, guest-agent, tcp:PORT (PORT 1-65535)";
+pub const PRIORITIES: &str = "disabled, lowest, low, medium, high, highest";
+pub const ISOLATION_RESPONSES: &str = "keep, shutdown, poweroff";
+pub const READINESS_VALUES: &str = "started, guest-agent, tcp:PORT (PORT 1-65535)";
 
 /// Why a policy element was refused. Every message names what to fix.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -216,7 +216,7 @@ fn parse_decimal<T: std::str::FromStr>(s: &str) -> Option<T> {
     s.parse().ok()
 }
 
-fn parse_priority(s: &str) -> Option<Priority> {
+pub fn parse_priority(s: &str) -> Option<Priority> {
     Some(match s {
         "disabled" => Priority::Disabled,
         "lowest" => Priority::Lowest,
@@ -228,7 +228,7 @@ fn parse_priority(s: &str) -> Option<Priority> {
     })
 }
 
-fn priority_str(p: Priority) -> &'static str {
+pub fn priority_str(p: Priority) -> &'static str {
     match p {
         Priority::Disabled => "disabled",
         Priority::Lowest => "lowest",
@@ -239,7 +239,7 @@ fn priority_str(p: Priority) -> &'static str {
     }
 }
 
-fn parse_isolation(s: &str) -> Option<IsolationResponse> {
+pub fn parse_isolation(s: &str) -> Option<IsolationResponse> {
     Some(match s {
         "keep" => IsolationResponse::Keep,
         "shutdown" => IsolationResponse::Shutdown,
@@ -248,7 +248,7 @@ fn parse_isolation(s: &str) -> Option<IsolationResponse> {
     })
 }
 
-fn isolation_str(r: IsolationResponse) -> &'static str {
+pub fn isolation_str(r: IsolationResponse) -> &'static str {
     match r {
         IsolationResponse::Keep => "keep",
         IsolationResponse::Shutdown => "shutdown",
@@ -256,7 +256,7 @@ fn isolation_str(r: IsolationResponse) -> &'static str {
     }
 }
 
-fn parse_readiness(s: &str) -> Option<Readiness> {
+pub fn parse_readiness(s: &str) -> Option<Readiness> {
     match s {
         "started" => Some(Readiness::Started),
         "guest-agent" => Some(Readiness::GuestAgent),
@@ -267,7 +267,7 @@ fn parse_readiness(s: &str) -> Option<Readiness> {
     }
 }
 
-fn readiness_str(r: Readiness) -> String {
+pub fn readiness_str(r: Readiness) -> String {
     match r {
         Readiness::Started => "started".into(),
         Readiness::GuestAgent => "guest-agent".into(),
