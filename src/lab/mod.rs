@@ -38,3 +38,10 @@
 //! libvirt from outside: `qemu:///system?socket=LAB_DIR/hN/run/libvirt-sock`.
 
 pub mod faultfs;
+pub mod net;
+mod sys;
+
+pub use sys::{LAB_LOCK, LabError, lock};
+
+/// The lab's state directory (layout above).
+pub const LAB_DIR: &str = "/var/tmp/havirt-lab";
