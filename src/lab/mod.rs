@@ -38,6 +38,7 @@
 //! libvirt from outside: `qemu:///system?socket=LAB_DIR/hN/run/libvirt-sock`.
 
 pub mod faultfs;
+pub mod host;
 pub mod net;
 mod sys;
 
