@@ -37,11 +37,13 @@
 //! supervisor. Power loss kills libvirtd, qemu and the daemon at once.
 //! libvirt from outside: `qemu:///system?socket=LAB_DIR/hN/run/libvirt-sock`.
 
+mod down;
 pub mod faultfs;
 pub mod host;
 pub mod net;
 mod sys;
 
+pub use down::{DownReport, down};
 pub use sys::{LAB_LOCK, LabError, lock};
 
 /// The lab's state directory (layout above).
