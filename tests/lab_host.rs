@@ -251,6 +251,23 @@ fn host_sees_later_datastore_mount_pauses_and_loses_daemons() {
     assert_eq!(h.kill_libvirtd().expect("kill libvirtd"), 1);
     assert!(h.is_on(), "the host survives its libvirtd");
     assert!(domain_names(&h.libvirt_uri()).is_err(), "libvirtd is gone");
+
+    // ipmi_sim's power off: SIGTERM to the start script it runs.
+    let start = h.dir().join("start");
+    let script = fs::read_dir("/proc").expect("/proc").flatten().find_map(|e| {
+        let argv = fs::read(e.path().join("cmdline")).ok()?;
+        let argv: Vec<&[u8]> = argv.split(|b| *b == 0).collect();
+        (argv.get(1) == Some(&start.as_os_str().as_encoded_bytes())).then(|| e.file_name())
+    });
+    let script = script.expect("the start script runs").into_string().expect("pid");
+    let t = now();
+    let term = std::process::Command::new("kill").args(["-TERM", &script]).status().expect("kill");
+    assert!(term.success());
+    while h.is_on() {
+        assert!(t.elapsed() < POWER_OFF_MAX, "SIGTERM to start did not power the host off");
+        thread::sleep(Duration::from_millis(5));
+    }
+    println!("SIGTERM to start: host off in {:?}", t.elapsed());
     drop(lab);
     assert_nothing_left();
 }

@@ -131,11 +131,15 @@ fn kill_lab_processes() -> Result<Vec<String>, LabError> {
     let what = || "lab down: every lab process gone".to_string();
     wait_for(what, KILL_WAIT, POLL, || {
         let found = lab_processes();
+        // Described before any is killed: killing one (unshare) kills
+        // others (the host's init and all below it).
         for pid in &found {
             if !seen.contains(pid) {
                 seen.push(*pid);
                 killed.push(describe(*pid));
             }
+        }
+        for pid in &found {
             sys::signal(*pid, libc::SIGKILL);
         }
         found.is_empty()
