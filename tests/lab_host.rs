@@ -242,6 +242,9 @@ fn host_sees_later_datastore_mount_pauses_and_loses_daemons() {
     h.pause().expect("pause");
     let states: Vec<String> = h.pids().iter().map(|p| status_state(*p)).collect();
     assert!(states.iter().all(|s| s.starts_with('T')), "paused: {states:?}");
+    let t = now();
+    assert!(h.wait_libvirt(Duration::from_millis(300)).is_err(), "a paused libvirtd answered");
+    assert!(t.elapsed() < Duration::from_secs(1), "wait_libvirt is bounded on a paused host");
     h.resume().expect("resume");
     assert!(h.pids().iter().all(|p| !status_state(*p).starts_with('T')), "resumed");
     h.wait_libvirt(LIBVIRT_WAIT).expect("libvirt after resume");

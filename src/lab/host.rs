@@ -18,6 +18,7 @@ use std::fs::{self, OpenOptions};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
 use std::time::Duration;
 
 /// After `power_on`, the host's init must exist within this.
@@ -232,18 +233,33 @@ exit $rc
         sys::ns_inode(&sys::proc_path(init, "ns/pid")).map(|ino| sys::pids_in_ns("pid", ino)).unwrap_or_default()
     }
 
-    /// Waits until libvirtd answers on `libvirt_uri`.
+    /// Waits until libvirtd answers on `libvirt_uri`. Bounded even when
+    /// the host is paused (a connection to a stopped libvirtd waits
+    /// forever): the tries run on a thread of their own, left behind on
+    /// timeout until its try returns.
     pub fn wait_libvirt(&self, timeout: Duration) -> Result<(), LabError> {
         let uri = self.libvirt_uri();
         // Each refused try would be printed on stderr (process-wide, as
         // src/hypervisor does): errors are values here.
         virt::error::clear_error_callback();
-        wait_for(
-            || format!("libvirtd of host {} answering on {uri}", self.n),
-            timeout,
-            LIBVIRT_POLL,
-            || virt::connect::Connect::open(Some(&uri)).is_ok_and(|mut c| c.close().is_ok()),
-        )
+        let what = format!("libvirtd of host {} answering on {uri}", self.n);
+        let (tx, rx) = mpsc::channel();
+        let spawned = std::thread::Builder::new().name(format!("hl-h{}-libvirt", self.n)).spawn(move || {
+            let answered = wait_for(
+                || what,
+                timeout,
+                LIBVIRT_POLL,
+                || virt::connect::Connect::open(Some(&uri)).is_ok_and(|mut c| c.close().is_ok()),
+            );
+            let _ = tx.send(answered);
+        });
+        spawned.map_err(|source| LabError::Io { path: self.dir.clone(), source })?;
+        rx.recv_timeout(timeout + LIBVIRT_POLL).unwrap_or_else(|_| {
+            Err(LabError::Timeout {
+                what: format!("host {}: a libvirt connection returning", self.n),
+                waited_ms: timeout.as_millis(),
+            })
+        })
     }
 
     /// Runs `cmd` inside the host (its mount, network and PID namespaces;

@@ -19,23 +19,31 @@
 //! LAB_DIR/hN/      host N's state: etc/ (copy of /etc/libvirt), run/, lib/,
 //!                  log/, cache/ (bind-mounted over libvirt's paths inside
 //!                  the host), havirt.toml, havirt.sock, havirt.log,
-//!                  start (the host's power: runs it in the foreground)
+//!                  start (the host's power: runs it in the foreground),
+//!                  console.log (start's output when `Host::power_on` runs it)
 //! LAB_DIR/bmc/hN/  lan.conf, bmc.emu, state dir of host N's ipmi_sim
 //! LAB_DIR/backing  the datastore's backing directory ("the NFS export")
 //! LAB_DIR/ds       faultfs mounted over backing (rshared), seen by every
 //!                  host at the same path; the cluster's datastore is
 //!                  LAB_DIR/ds/cluster
 //! LAB_DIR/hN/watchdog.sock  host N's lab watchdog (the supervisor listens)
+//! LAB_DIR/faultfs.sock      faultfs's control socket (`down` clears its
+//!                           faults before anything else)
+//! /var/tmp/havirt-lab.lock  LAB_LOCK: whoever uses the one lab holds it
+//!                           (outside LAB_DIR: `down` leaves it)
 //! ```
 //!
 //! A host is a network namespace plus a private mount and PID namespace
 //! whose PID 1 is `tini`, running virtlogd, libvirtd and `havirt daemon`.
 //! `LAB_DIR/hN/start` runs it in the foreground (`ip netns exec hl-hN
-//! unshare -m -p -f --propagation slave --mount-proc tini -s -- ...`) and
+//! unshare -m -p -f --kill-child --propagation slave --mount-proc tini -s -- ...`) and
 //! turns SIGTERM into SIGKILL of the namespace's init: that is the host's
 //! power, used by its BMC (`ipmi_sim`'s startcmd) and by the watchdog
 //! supervisor. Power loss kills libvirtd, qemu and the daemon at once.
 //! libvirt from outside: `qemu:///system?socket=LAB_DIR/hN/run/libvirt-sock`.
+//!
+//! Faults (`net::Network`) hit the heartbeat network: a partitioned or
+//! isolated host still reaches the BMCs over br1.
 
 mod down;
 pub mod faultfs;
@@ -43,7 +51,7 @@ pub mod host;
 pub mod net;
 mod sys;
 
-pub use down::{DownReport, down};
+pub use down::{DownReport, FAULTFS_SOCKET, down};
 pub use sys::{LAB_LOCK, LabError, lock};
 
 /// The lab's state directory (layout above).
