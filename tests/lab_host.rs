@@ -13,7 +13,7 @@ use common::libvirtd::{tiny_domain_xml, unavailable, which};
 use havirt::engine::config::DomainId;
 use havirt::lab::host::{Host, HostOptions, share_datastore_mount};
 use havirt::lab::net::{Network, heartbeat_addr, host_ns};
-use havirt::lab::{self, LAB_DIR};
+use havirt::lab::{self, LAB_DIR, faultfs};
 use std::fs::{self, File};
 use std::net::UdpSocket;
 use std::path::Path;
@@ -142,6 +142,7 @@ fn hosts_run_libvirt_and_power_off_kills_qemu_at_once() {
     assert!(qemu_pids(&h2).is_empty(), "no qemu in host 2");
     assert_eq!(domain_names(&h2.libvirt_uri()).expect("list h2"), Vec::<String>::new(), "h2 has its own libvirt");
 
+    assert!(udp_reaches(2, 1), "host 1 answers while on");
     let qemu = qemu_pids(&h1)[0];
     let t = now();
     h1.power_off().expect("power off");
@@ -152,6 +153,7 @@ fn hosts_run_libvirt_and_power_off_kills_qemu_at_once() {
     assert!(!h1.is_on());
     assert!(domain_names(&h1.libvirt_uri()).is_err(), "libvirt of a powered-off host answered");
     assert!(domain_names(&h2.libvirt_uri()).is_ok(), "host 2 unaffected");
+    assert!(!udp_reaches(2, 1), "a powered-off host's address answered");
 
     let t = now();
     h1.power_on().expect("power on again");
@@ -159,6 +161,7 @@ fn hosts_run_libvirt_and_power_off_kills_qemu_at_once() {
     println!("host 1 rebooted (libvirt answering) in {:?}", t.elapsed());
     assert_eq!(domain_names(&h1.libvirt_uri()).expect("list"), vec!["hl-tiny".to_string()], "definition persists");
     assert!(qemu_pids(&h1).is_empty(), "the domain does not come back running");
+    assert!(udp_reaches(2, 1), "host 1 answers after power on");
 
     let t = now();
     drop(lab);
@@ -231,12 +234,12 @@ fn host_sees_later_datastore_mount_pauses_and_loses_daemons() {
     let daemon = vec!["sleep".to_string(), "4242".to_string()];
     let h = host_up(1, HostOptions { daemon: Some(daemon) });
 
-    // Mounted over ds after the host started, as faultfs is.
-    let out = std::process::Command::new("mount").args(["-t", "tmpfs", "hl-ds"]).arg(&ds).output().expect("mount");
-    assert!(out.status.success(), "mount tmpfs: {}", String::from_utf8_lossy(&out.stderr));
-    fs::write(ds.join("seen"), "from outside").expect("write");
+    // faultfs mounted over ds after the host started, as in the lab.
+    let mut faultfs = start_faultfs(&ds);
+    fs::write(ds.join("seen"), "from outside").expect("write through faultfs");
     let path = ds.join("seen");
-    let cat = h.exec_ok(&["cat", path.to_str().expect("utf-8")]).expect("cat inside");
+    let path = path.to_str().expect("utf-8");
+    let cat = h.exec_ok(&["cat", path]).expect("cat inside");
     assert_eq!(String::from_utf8_lossy(&cat.stdout), "from outside");
 
     h.pause().expect("pause");
@@ -271,8 +274,43 @@ fn host_sees_later_datastore_mount_pauses_and_loses_daemons() {
         thread::sleep(Duration::from_millis(5));
     }
     println!("SIGTERM to start: host off in {:?}", t.elapsed());
-    drop(lab);
+    let link = std::process::Command::new("ip").args(["-n", &host_ns(1), "-o", "link", "show", "eth0"]).output();
+    let link = String::from_utf8_lossy(&link.expect("ip link show").stdout).into_owned();
+    assert!(link.contains("state DOWN"), "an off host's eth0 has no link: {link}");
+
+    // A host process stuck on a hung datastore: down clears the fault first.
+    let h = host_up(1, HostOptions::default());
+    let socket = Path::new(LAB_DIR).join(lab::FAULTFS_SOCKET);
+    faultfs::control(&socket, &format!("hang netns={}", host_ns(1))).expect("hang host 1's datastore");
+    h.exec_ok(&["sh", "-c", &format!("cat {path} >/dev/null 2>&1 &")]).expect("background cat");
+    thread::sleep(Duration::from_millis(200));
+    let comm = |p: &u32| fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+    assert!(h.pids().iter().any(|p| comm(p) == "cat\n"), "cat hangs in host 1");
+    assert_eq!(fs::read_to_string(ds.join("seen")).expect("outside read"), "from outside", "only host 1 hangs");
+    let t = now();
+    drop(lab); // no power off first: down alone must cope
+    println!("down with a hung datastore in {:?}", t.elapsed());
+    let _ = faultfs.wait();
     assert_nothing_left();
+}
+
+/// `havirt lab faultfs` over LAB_DIR/backing at `ds`, controlled at
+/// LAB_DIR/faultfs.sock; returns once it answers.
+fn start_faultfs(ds: &Path) -> std::process::Child {
+    let backing = Path::new(LAB_DIR).join("backing");
+    fs::create_dir_all(&backing).expect("backing");
+    let socket = Path::new(LAB_DIR).join(lab::FAULTFS_SOCKET);
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_havirt"))
+        .args(["lab", "faultfs", "--backing"])
+        .args([backing.as_os_str(), "--mountpoint".as_ref(), ds.as_os_str(), "--control".as_ref(), socket.as_os_str()])
+        .spawn()
+        .expect("spawn havirt lab faultfs");
+    let t = now();
+    while faultfs::control(&socket, "status").is_err() {
+        assert!(t.elapsed() < LIBVIRT_WAIT, "faultfs did not answer on {}", socket.display());
+        thread::sleep(Duration::from_millis(10));
+    }
+    child
 }
 
 fn status_state(pid: u32) -> String {

@@ -145,14 +145,18 @@ impl Host {
 # Lab host {n}'s power (written by havirt::lab::host): runs the host in the
 # foreground. SIGTERM or SIGINT is a power cut: SIGKILL of the host's PID
 # namespace init (unshare --fork ignores SIGTERM). Each start is a reboot:
-# run/ starts empty; definitions in lib/ and etc/ persist.
+# run/ starts empty; definitions in lib/ and etc/ persist. The host's NICs
+# (eth0, eth1) have link only while it runs: an off host does not answer.
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
 export PATH
+links() {{ ip -n {ns} link set eth0 $1; ip -n {ns} link set eth1 $1; }}
 rm -rf {r}/run && mkdir -p {r}/run
+links up
 ip netns exec {ns} unshare -m -p -f --kill-child --propagation slave --mount-proc \\
     tini -s -- sh -ec {inner} &
 outer=$!
 cut() {{
+    links down
     for init in $(cat /proc/$outer/task/*/children 2>/dev/null); do kill -KILL $init 2>/dev/null; done
     kill -KILL $outer 2>/dev/null
 }}
@@ -160,6 +164,7 @@ trap cut TERM INT
 wait $outer
 rc=$?
 wait $outer 2>/dev/null
+links down
 exit $rc
 "
         )
@@ -187,11 +192,15 @@ exit $rc
         wait_for(|| format!("host {} powering on (its init)", self.n), POWER_ON_WAIT, POLL, || self.is_on())
     }
 
-    /// SIGKILL of the host's init: every process of the host dies at once.
+    /// SIGKILL of the host's init: every process of the host dies at once,
+    /// and its NICs lose link.
     /// Returns when all are gone (bounded by `POWER_OFF_WAIT`); a host
     /// already off is not an error.
     pub fn power_off(&mut self) -> Result<(), LabError> {
         if let Some(init) = self.init_pid() {
+            // No link from the moment of the cut, as `start` does (the
+            // script may not be ours: a BMC may have started it).
+            self.links("down")?;
             let pidns = sys::ns_inode(&sys::proc_path(init, "ns/pid"));
             sys::signal(init, libc::SIGKILL);
             if let Some(ino) = pidns {
@@ -202,6 +211,13 @@ exit $rc
         if let Some(mut child) = self.start.take() {
             let what = || format!("host {}: its start script exiting", self.n);
             wait_for(what, POWER_OFF_WAIT, POLL, || child.try_wait().map_or(true, |s| s.is_some()))?;
+        }
+        Ok(())
+    }
+
+    fn links(&self, state: &str) -> Result<(), LabError> {
+        for dev in ["eth0", "eth1"] {
+            run_args("ip", &["-n", &self.netns(), "link", "set", dev, state])?;
         }
         Ok(())
     }
