@@ -136,6 +136,10 @@ enum LabCmd {
         #[arg(long, value_name = "PATH")]
         control: PathBuf,
     },
+    /// Remove everything the lab made (its processes, mounts under
+    /// /var/tmp/havirt-lab, hl-* network namespaces, the directory), found
+    /// by name; safe to run twice.
+    Down,
     /// Set a fault of a running faultfs: hang, eio, delay MS, readonly, ok
     /// (each optionally `netns=NAME`), or ask for its status.
     StorageFault {
@@ -248,6 +252,7 @@ fn main() -> ExitCode {
                 .map(|()| ExitCode::SUCCESS)
                 .map_err(|e| e.to_string())
         }
+        Cmd::Lab { what: LabCmd::Down } => print(havirt::lab::down().map(|r| r.to_string()).map_err(|e| e.to_string())),
         Cmd::Lab { what: LabCmd::StorageFault { control, command } } => {
             print(havirt::lab::faultfs::control(&control, &command.join(" ")).map_err(|e| e.to_string()))
         }

@@ -19,7 +19,8 @@
 //! LAB_DIR/hN/      host N's state: etc/ (copy of /etc/libvirt), run/, lib/,
 //!                  log/, cache/ (bind-mounted over libvirt's paths inside
 //!                  the host), havirt.toml, havirt.sock, havirt.log,
-//!                  start (the host's power: runs it in the foreground)
+//!                  start (the host's power: runs it in the foreground),
+//!                  console.log (start's output when `Host::power_on` runs it)
 //! LAB_DIR/bmc/hN/  lan.conf (0600), bmc.emu, state/, ipmi_sim.log of host
 //!                  N's BMC (bmc.rs)
 //! LAB_DIR/backing  the datastore's backing directory ("the NFS export")
@@ -27,18 +28,35 @@
 //!                  host at the same path; the cluster's datastore is
 //!                  LAB_DIR/ds/cluster
 //! LAB_DIR/hN/watchdog.sock  host N's lab watchdog (the supervisor listens)
+//! LAB_DIR/faultfs.sock      faultfs's control socket (`down` clears its
+//!                           faults before anything else)
+//! /var/tmp/havirt-lab.lock  LAB_LOCK: whoever uses the one lab holds it
+//!                           (outside LAB_DIR: `down` leaves it)
 //! ```
 //!
 //! A host is a network namespace plus a private mount and PID namespace
 //! whose PID 1 is `tini`, running virtlogd, libvirtd and `havirt daemon`.
 //! `LAB_DIR/hN/start` runs it in the foreground (`ip netns exec hl-hN
-//! unshare -m -p -f --propagation slave --mount-proc tini -s -- ...`) and
+//! unshare -m -p -f --kill-child --propagation slave --mount-proc tini -s -- ...`) and
 //! turns SIGTERM into SIGKILL of the namespace's init: that is the host's
 //! power, used by its BMC (`ipmi_sim`'s startcmd) and by the watchdog
 //! supervisor. Power loss kills libvirtd, qemu and the daemon at once.
 //! libvirt from outside: `qemu:///system?socket=LAB_DIR/hN/run/libvirt-sock`.
+//!
+//! Faults (`net::Network`) hit the heartbeat network: a partitioned or
+//! isolated host still reaches the BMCs over br1.
 
 pub mod bmc;
+mod down;
 pub mod faultfs;
+pub mod host;
+pub mod net;
 pub mod observer;
 pub mod supervisor;
+mod sys;
+
+pub use down::{DownReport, FAULTFS_SOCKET, down};
+pub use sys::{LAB_LOCK, LabError, lock};
+
+/// The lab's state directory (layout above).
+pub const LAB_DIR: &str = "/var/tmp/havirt-lab";
