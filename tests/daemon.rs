@@ -535,16 +535,19 @@ fn hung_datastore_makes_the_host_self_fence_on_time() {
     assert!(fenced_after <= RENEW + Duration::from_millis(1000), "self-fenced after {fenced_after:?}: too late");
     // S4: pets stop once renew_timeout has passed without a good write, and
     // resume only when no protected domain runs here any more.
-    let Ok(Response::Events(events)) =
-        control::request(Path::new(&pair.socket("a")), &Request::Events { after: 0 }, Duration::from_secs(5))
-    else {
-        panic!("no events from a");
+    // "Done" follows the destroy once the releases are out: wait for it.
+    let fence_done = || match control::request(
+        Path::new(&pair.socket("a")),
+        &Request::Events { after: 0 },
+        Duration::from_secs(5),
+    ) {
+        Ok(Response::Events(events)) => {
+            events.iter().find(|e| e.event.text.starts_with("self-fence done")).map(|e| e.unix_ms)
+        }
+        _ => None,
     };
-    let done_ms = events
-        .iter()
-        .find(|e| e.event.text.starts_with("self-fence done"))
-        .map(|e| e.unix_ms)
-        .expect("a self-fence done event");
+    pair.wait_for("a self-fence done event", Duration::from_secs(5), || fence_done().is_some());
+    let done_ms = fence_done().expect("a self-fence done event");
     let pets = pair.pets.lock().expect("pets").clone();
     let late: Vec<u64> = pets.iter().filter(|p| **p > hung_ms + 3300 && **p < done_ms).map(|p| p - hung_ms).collect();
     assert!(late.is_empty(), "petted at {late:?} ms after the hang, past renew_timeout, with vm1 still here");
