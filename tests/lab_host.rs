@@ -45,6 +45,18 @@ struct Lab {
     done: Option<mpsc::Sender<()>>,
 }
 
+impl Lab {
+    /// Removes the lab but keeps holding it, so that the checks after it
+    /// end before the next test builds a lab of its own.
+    fn down_timed(self) -> Lab {
+        match lab::down() {
+            Ok(report) => println!("{report}"),
+            Err(e) => panic!("lab down failed: {e}"),
+        }
+        self
+    }
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
         match lab::down() {
@@ -164,9 +176,10 @@ fn hosts_run_libvirt_and_power_off_kills_qemu_at_once() {
     assert!(udp_reaches(2, 1), "host 1 answers after power on");
 
     let t = now();
-    drop(lab);
-    println!("down in {:?}", t.elapsed());
+    let lab = lab.down_timed();
+    println!("down in {t:?}", t = t.elapsed());
     assert_nothing_left();
+    drop(lab);
 }
 
 /// Receives one datagram on `to`'s heartbeat address, sent from `from`'s,
@@ -219,8 +232,9 @@ fn partition_blocks_heartbeats_and_heal_restores_them() {
     assert!(!udp_reaches(1, 2), "isolated host unreachable");
     net.heal().expect("heal");
     assert!(udp_reaches(1, 2) && udp_reaches(2, 1), "healed after isolation");
-    drop(lab);
+    let lab = lab.down_timed();
     assert_nothing_left();
+    drop(lab);
 }
 
 #[test]
@@ -288,10 +302,11 @@ fn host_sees_later_datastore_mount_pauses_and_loses_daemons() {
     assert!(h.pids().iter().any(|p| comm(p) == "cat\n"), "cat hangs in host 1");
     assert_eq!(fs::read_to_string(ds.join("seen")).expect("outside read"), "from outside", "only host 1 hangs");
     let t = now();
-    drop(lab); // no power off first: down alone must cope
+    let lab = lab.down_timed(); // no power off first: down alone must cope
     println!("down with a hung datastore in {:?}", t.elapsed());
     let _ = faultfs.wait();
     assert_nothing_left();
+    drop(lab);
 }
 
 /// `havirt lab faultfs` over LAB_DIR/backing at `ds`, controlled at
