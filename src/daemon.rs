@@ -341,10 +341,13 @@ impl Daemon {
         let io_wait = std_duration(config.cluster.timings.io_timeout);
         let read = {
             let store = Arc::clone(&store);
-            tokio::time::timeout(io_wait, tokio::task::spawn_blocking(move || read_registry(&store, &BTreeMap::new())))
+            tokio::time::timeout(
+                io_wait,
+                tokio::task::spawn_blocking(move || read_registry_cached(&store, &RegistryCache::new())),
+            )
         };
         let protected = match read.await {
-            Ok(Ok(Ok(entries))) => entries,
+            Ok(Ok(Ok(entries))) => entries.into_iter().map(|(d, (_, _, e))| (d, e)).collect(),
             failed => {
                 let why = match failed {
                     Ok(Ok(Err(e))) => e.to_string(),
@@ -1166,16 +1169,11 @@ fn apply_changes(mut p: DomainPolicy, c: &PolicyChanges, hosts: &[HostConfig]) -
     Ok(p)
 }
 
-/// Reads every stored definition; `cached` skips unchanged files.
-fn read_registry(
-    store: &DirStore,
-    cached: &BTreeMap<DomainId, (std::time::SystemTime, u64, registry::Entry)>,
-) -> Result<BTreeMap<DomainId, registry::Entry>, DirError> {
-    Ok(read_registry_cached(store, cached)?.into_iter().map(|(d, (_, _, e))| (d, e)).collect())
-}
-
+/// Registry entries with the (mtime, length) they were read at.
 type RegistryCache = BTreeMap<DomainId, (std::time::SystemTime, u64, registry::Entry)>;
 
+/// Reads every stored definition; files unchanged since `cached` are not
+/// read again.
 fn read_registry_cached(store: &DirStore, cached: &RegistryCache) -> Result<RegistryCache, DirError> {
     let mut out = BTreeMap::new();
     for d in store.list_domain_xml()? {

@@ -24,6 +24,19 @@ struct Cli {
     command: Cmd,
 }
 
+/// Which host of which config this machine is, and its libvirt.
+#[derive(clap::Args)]
+struct ThisHost {
+    #[arg(long, value_name = "PATH", default_value = havirt::config::DEFAULT_PATH)]
+    config: PathBuf,
+    /// The [[host]] this machine is (default: its host name).
+    #[arg(long)]
+    host: Option<String>,
+    /// The local libvirt.
+    #[arg(long, value_name = "URI", default_value = "qemu:///system")]
+    libvirt_uri: String,
+}
+
 /// Where the operator commands find the daemon.
 #[derive(clap::Args)]
 struct SocketArg {
@@ -49,14 +62,8 @@ enum Cmd {
     },
     /// Run the HA daemon in the foreground (systemd runs it as havirt.service).
     Daemon {
-        #[arg(long, value_name = "PATH", default_value = havirt::config::DEFAULT_PATH)]
-        config: PathBuf,
-        /// The [[host]] to run as (default: this machine's host name).
-        #[arg(long)]
-        host: Option<String>,
-        /// The local libvirt.
-        #[arg(long, value_name = "URI", default_value = "qemu:///system")]
-        libvirt_uri: String,
+        #[command(flatten)]
+        this: ThisHost,
         #[command(flatten)]
         socket: SocketArg,
     },
@@ -96,13 +103,8 @@ enum Cmd {
     /// Preflight: configuration, datastore (O_DIRECT, locks), key, watchdog,
     /// fence agents, libvirt, and every protected domain's disks and bridges.
     Check {
-        #[arg(long, value_name = "PATH", default_value = havirt::config::DEFAULT_PATH)]
-        config: PathBuf,
-        /// The [[host]] to check as (default: this machine's host name).
-        #[arg(long)]
-        host: Option<String>,
-        #[arg(long, value_name = "URI", default_value = "qemu:///system")]
-        libvirt_uri: String,
+        #[command(flatten)]
+        this: ThisHost,
     },
     /// The test lab's tools.
     Lab {
@@ -240,8 +242,8 @@ fn main() -> ExitCode {
         Cmd::Simulate(a) => simulate(a),
         Cmd::Bench { what } => bench(&what),
         Cmd::Demo => demo(),
-        Cmd::Daemon { config, host, libvirt_uri, socket } => daemon(config, host, libvirt_uri, socket.socket),
-        Cmd::Check { config, host, libvirt_uri } => check(config, host, libvirt_uri),
+        Cmd::Daemon { this, socket } => daemon(this, socket.socket),
+        Cmd::Check { this } => check(this),
         Cmd::Init { cluster, datastore, key_file } => print(havirt::cli::init(&cluster, &datastore, &key_file)),
         Cmd::Status { json, socket } => print(havirt::cli::status(&socket.socket, json)),
         Cmd::Events { follow, socket } => print(havirt::cli::events(&socket.socket, follow)),
@@ -299,7 +301,7 @@ fn protect(a: ProtectArgs) -> Result<ExitCode, String> {
     print(havirt::cli::protect(&a.socket.socket, &a.domain, changes))
 }
 
-fn daemon(config: PathBuf, host: Option<String>, libvirt_uri: String, socket: PathBuf) -> Result<ExitCode, String> {
+fn daemon(this: ThisHost, socket: PathBuf) -> Result<ExitCode, String> {
     // journald adds its own timestamps.
     let journal = std::env::var_os("JOURNAL_STREAM").is_some();
     let filter = tracing_subscriber::EnvFilter::try_from_env("HAVIRT_LOG")
@@ -310,6 +312,7 @@ fn daemon(config: PathBuf, host: Option<String>, libvirt_uri: String, socket: Pa
     } else {
         builder.init();
     }
+    let ThisHost { config, host, libvirt_uri } = this;
     let opts = havirt::daemon::DaemonOptions { config, host, libvirt_uri, socket };
     match havirt::daemon::run(opts) {
         Ok(()) => Ok(ExitCode::SUCCESS),
@@ -320,7 +323,8 @@ fn daemon(config: PathBuf, host: Option<String>, libvirt_uri: String, socket: Pa
     }
 }
 
-fn check(config: PathBuf, host: Option<String>, libvirt_uri: String) -> Result<ExitCode, String> {
+fn check(this: ThisHost) -> Result<ExitCode, String> {
+    let ThisHost { config, host, libvirt_uri } = this;
     let findings = havirt::check::run(&havirt::check::CheckOptions { config_path: config, host, libvirt_uri });
     print!("{}", havirt::check::render(&findings));
     let errors = findings.iter().any(|f| matches!(f.level, havirt::check::Level::Error));
