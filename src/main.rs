@@ -142,6 +142,31 @@ enum LabCmd {
     /// /var/tmp/havirt-lab, hl-* network namespaces, the directory), found
     /// by name; safe to run twice.
     Down,
+    /// Build a lab and leave it running: N hosts (netns + own libvirtd and
+    /// havirt daemon, a simulated BMC and watchdog each) sharing one
+    /// fault-injecting datastore, with M tiny protected qemu domains.
+    Up(LabUpArgs),
+    /// The process that keeps a lab up (started by `lab up`).
+    #[command(hide = true)]
+    Serve(LabUpArgs),
+    /// Inject a fault into the running lab: power-off H, power-on H,
+    /// bmc-dead H, bmc-alive H, pause H, resume H, partition H[,H] [H[,H]]
+    /// [--one-way], isolate H, heal, storage-hang H, storage-eio H,
+    /// storage-delay H MS, storage-ok H, kill-daemon H, kill-libvirtd H,
+    /// kill-qemu H DOMAIN.
+    Fault {
+        #[arg(required = true, num_args = 1.., allow_hyphen_values = true)]
+        words: Vec<String>,
+    },
+    /// Every lab host's power, BMC and daemon view, and where each domain
+    /// really runs (from each host's libvirtd).
+    Status,
+    /// Up, show status, power off one host through its BMC, print the live
+    /// failover timeline and each domain's recovery time, down.
+    Demo(LabUpArgs),
+    /// Recovery times per fault class over several trials (prints figures,
+    /// asserts nothing).
+    Bench(havirt::lab::bench::BenchArgs),
     /// Set a fault of a running faultfs: hang, eio, delay MS, readonly, ok
     /// (each optionally `netns=NAME`), or ask for its status.
     StorageFault {
@@ -151,6 +176,47 @@ enum LabCmd {
         #[arg(required = true, num_args = 1..)]
         command: Vec<String>,
     },
+}
+
+#[derive(clap::Args, Clone)]
+struct LabUpArgs {
+    #[arg(long, default_value_t = 3)]
+    hosts: u16,
+    #[arg(long, default_value_t = 6)]
+    domains: u16,
+    /// How hosts fence each other: ipmilan (fence_ipmilan), ipmitool, none.
+    #[arg(long, default_value = "ipmilan", value_parser = havirt::lab::cluster::Fencing::parse)]
+    fencing: havirt::lab::cluster::Fencing,
+    /// Timing profile: default, fast, conservative.
+    #[arg(long, default_value = "default")]
+    profile: String,
+}
+
+impl LabUpArgs {
+    fn spec(&self) -> Result<havirt::lab::cluster::LabSpec, String> {
+        let havirt = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
+        let mut spec = havirt::lab::cluster::LabSpec::new(self.hosts, self.domains, havirt);
+        spec.fencing = self.fencing;
+        spec.profile = self.profile.clone();
+        Ok(spec)
+    }
+
+    fn to_args(&self) -> Vec<String> {
+        let fencing = match self.fencing {
+            havirt::lab::cluster::Fencing::Ipmilan => "ipmilan",
+            havirt::lab::cluster::Fencing::Ipmitool => "ipmitool",
+            havirt::lab::cluster::Fencing::Disabled => "none",
+        };
+        [
+            ("--hosts", self.hosts.to_string()),
+            ("--domains", self.domains.to_string()),
+            ("--fencing", fencing.into()),
+            ("--profile", self.profile.clone()),
+        ]
+        .into_iter()
+        .flat_map(|(k, v)| [k.to_string(), v])
+        .collect()
+    }
 }
 
 #[derive(Subcommand)]
@@ -254,6 +320,31 @@ fn main() -> ExitCode {
                 .map(|()| ExitCode::SUCCESS)
                 .map_err(|e| e.to_string())
         }
+        Cmd::Lab { what: LabCmd::Up(args) } => std::env::current_exe()
+            .map_err(|e| e.to_string())
+            .and_then(|exe| havirt::lab::keeper::up_detached(&exe, &args.to_args()))
+            .and_then(|()| havirt::lab::keeper::request("status"))
+            .map(|status| {
+                print!("{status}");
+                println!("the lab is up: `havirt lab fault KIND HOST`, `havirt lab status`, `havirt lab down`");
+                ExitCode::SUCCESS
+            }),
+        Cmd::Lab { what: LabCmd::Serve(args) } => args
+            .spec()
+            .and_then(|spec| havirt::lab::keeper::serve(spec).map_err(|e| e.to_string()))
+            .map(|()| ExitCode::SUCCESS),
+        Cmd::Lab { what: LabCmd::Fault { words } } => {
+            print(havirt::lab::keeper::request(&format!("fault {}", words.join(" "))))
+        }
+        Cmd::Lab { what: LabCmd::Status } => print(havirt::lab::keeper::request("status")),
+        Cmd::Lab { what: LabCmd::Demo(args) } => args
+            .spec()
+            .and_then(|spec| havirt::lab::demo::run(spec).map_err(|e| e.to_string()))
+            .map(|()| ExitCode::SUCCESS),
+        Cmd::Lab { what: LabCmd::Bench(args) } => std::env::current_exe()
+            .map_err(|e| e.to_string())
+            .and_then(|exe| havirt::lab::bench::run(&exe, &args))
+            .map(|()| ExitCode::SUCCESS),
         Cmd::Lab { what: LabCmd::Down } => print(havirt::lab::down().map(|r| r.to_string()).map_err(|e| e.to_string())),
         Cmd::Lab { what: LabCmd::StorageFault { control, command } } => {
             print(havirt::lab::faultfs::control(&control, &command.join(" ")).map_err(|e| e.to_string()))

@@ -29,6 +29,9 @@ pub const POWER_OFF_WAIT: Duration = Duration::from_secs(5);
 /// Bound on waiting for killed daemons to be gone.
 pub const KILL_WAIT: Duration = Duration::from_secs(5);
 pub const POLL: Duration = Duration::from_millis(10);
+/// libvirtd and the daemon inside a host are restarted this many seconds
+/// after they die (havirt.service's RestartSec).
+pub const RESPAWN_DELAY_S: u32 = 1;
 const LIBVIRT_POLL: Duration = Duration::from_millis(50);
 /// `pause` repeats its sweep while processes appear (forks) during it.
 const PAUSE_SWEEPS_MAX: usize = 10;
@@ -122,13 +125,20 @@ impl Host {
         let mut lines: Vec<String> =
             STATE_DIRS.iter().map(|(sub, target)| format!("mount --bind {r}/{sub} {target}")).collect();
         lines.push("virtlogd -d -p /run/libvirt/virtlogd.pid".into());
-        lines.push("libvirtd -d -p /run/libvirt/libvirtd.pid".into());
+        // libvirtd and the daemon are restarted RESPAWN_DELAY_S after they
+        // die, as systemd does on a server (Restart=always, RestartSec=1s).
+        // Each loop is orphaned at once, so tini reaps it and killing it
+        // leaves the host up (tini exits, powering the host off, only when
+        // its own child, `sleep`, does).
+        lines.push(format!(
+            "(while :; do libvirtd -p /run/libvirt/libvirtd.pid; sleep {RESPAWN_DELAY_S}; done </dev/null >>{r}/libvirtd.log 2>&1 &)"
+        ));
         if let Some(daemon) = &self.opts.daemon {
-            // Orphaned at once, so tini reaps it and killing it leaves the
-            // host up (tini exits, powering the host off, only when its
-            // own child, `sleep`, does).
             let argv: Vec<String> = daemon.iter().map(|a| quote(a)).collect();
-            lines.push(format!("(exec {} >>{r}/havirt.log 2>&1 &)", argv.join(" ")));
+            lines.push(format!(
+                "(while :; do {}; sleep {RESPAWN_DELAY_S}; done </dev/null >>{r}/havirt.log 2>&1 &)",
+                argv.join(" ")
+            ));
         }
         lines.push("exec sleep infinity".into());
         lines.join("\n")

@@ -46,10 +46,14 @@
 //! Faults (`net::Network`) hit the heartbeat network: a partitioned or
 //! isolated host still reaches the BMCs over br1.
 
+pub mod bench;
 pub mod bmc;
+pub mod cluster;
+pub mod demo;
 mod down;
 pub mod faultfs;
 pub mod host;
+pub mod keeper;
 pub mod net;
 pub mod observer;
 pub mod supervisor;

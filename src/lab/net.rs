@@ -19,6 +19,10 @@ pub const MANAGEMENT_BRIDGE: &str = "br1";
 /// Hosts are 1..=MAX_HOSTS: BMC N is 10.98.0.N, host N's management address
 /// 10.98.0.(100+N), so the two ranges never meet.
 pub const MAX_HOSTS: u16 = 99;
+/// The heartbeat network's "gateway": the switch's own address on br0, the
+/// hosts' isolation address. A partition between hosts leaves it reachable
+/// (the hosts are not isolated); `isolate` and power-off cut it off.
+pub const GATEWAY_ADDR: &str = "10.99.0.254";
 /// The bridge-family nft table (and its chain) in `SWITCH_NS`.
 pub const NFT_TABLE: &str = "hl";
 const NFT_CHAIN: &str = "filter";
@@ -104,6 +108,7 @@ impl Network {
             ip(&["-n", SWITCH_NS, "link", "add", bridge, "type", "bridge"])?;
             ip(&["-n", SWITCH_NS, "link", "set", bridge, "up"])?;
         }
+        ip(&["-n", SWITCH_NS, "addr", "add", &format!("{GATEWAY_ADDR}/24"), "dev", HEARTBEAT_BRIDGE])?;
         for n in 1..=hosts {
             let ns = host_ns(n);
             add_ns(&ns)?;

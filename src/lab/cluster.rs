@@ -1,0 +1,841 @@
+//! The whole lab (issue 4): `Lab::up` builds the network, the shared
+//! datastore behind faultfs, one BMC, watchdog supervisor and host (with
+//! its libvirtd and havirt daemon) per host, and tiny protected qemu
+//! domains; `Lab::fault` injects every fault of `lab fault`; dropping the
+//! lab (or `Lab::down`) removes all of it, also after a failed test.
+//!
+//! Hosts are powered on through their BMCs, always: a BMC must know its
+//! host is on, or a fence agent's "power off" would find it "already off",
+//! report success and leave it running (a false confirmation, S1).
+//!
+//! ```text
+//! LAB_DIR/havirt.toml     the cluster's one config (every host reads it)
+//! LAB_DIR/cluster.key     its key (0600)
+//! LAB_DIR/bmc.pw          every BMC's password, the fence agents' password_file (0600)
+//! LAB_DIR/ds/cluster      the cluster's datastore (through faultfs)
+//! LAB_DIR/ds/images       the domains' qcow2 disks (through faultfs)
+//! LAB_DIR/domains/NAME.xml  the domains' definitions as first defined
+//! LAB_DIR/faultfs.log     faultfs's output
+//! ```
+
+use super::bmc::{Bmc, BmcSpec};
+use super::host::{Host, HostOptions, share_datastore_mount};
+use super::net::{GATEWAY_ADDR, Network, bmc_addr, heartbeat_addr, host_ns};
+use super::supervisor::Supervisor;
+use super::sys::{self, LabError, io_error, run, wait_for};
+use super::{FAULTFS_SOCKET, LAB_DIR, faultfs};
+use crate::control::{self, Request, Response, StatusReport};
+use crate::engine::config::DomainId;
+use crate::engine::io::DomainState;
+use crate::hypervisor::uuid_string;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The lab cluster's name.
+pub const CLUSTER: &str = "lab";
+/// Every lab BMC's password (a lab secret; in LAB_DIR/bmc.pw, 0600).
+pub const BMC_PASSWORD: &str = "havirt-lab-pw";
+/// The lab domains' size (LAB-NOTES: 64 MiB, 1 vCPU, ~45 MB RSS idle).
+pub const DOMAIN_MEMORY_MIB: u32 = 64;
+/// Their disks' virtual size.
+pub const DOMAIN_DISK: &str = "64M";
+/// Priorities of the lab domains: the first round over the hosts high, the
+/// second medium, the third low, then again.
+pub const PRIORITIES: [&str; 3] = ["high", "medium", "low"];
+/// faultfs must answer its control socket within this after its start.
+pub const FAULTFS_START_WAIT: Duration = Duration::from_secs(10);
+/// A host's libvirtd must answer within this after its power-on.
+pub const LIBVIRT_START_WAIT: Duration = Duration::from_secs(20);
+/// The cluster must settle (every daemon sees every host up, every domain
+/// protected and running once) within this after `up`.
+pub const SETTLE_WAIT: Duration = Duration::from_secs(90);
+/// One control request to a lab daemon.
+pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+/// One `virsh` or `qemu-img` call of the lab.
+pub const TOOL_TIMEOUT_S: u32 = 10;
+/// How long a power-off through the BMC may take until the host is off.
+pub const POWER_WAIT: Duration = Duration::from_secs(10);
+const POLL: Duration = Duration::from_millis(100);
+
+/// How the hosts fence each other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fencing {
+    /// The real `fence_ipmilan` through havirt's `command` agent.
+    Ipmilan,
+    /// `ipmitool` through havirt's `ipmi` agent.
+    Ipmitool,
+    /// No fence agent: only the watchdog rule (S3(b)) frees leases.
+    Disabled,
+}
+
+impl Fencing {
+    pub fn parse(s: &str) -> Result<Fencing, String> {
+        match s {
+            "ipmilan" => Ok(Fencing::Ipmilan),
+            "ipmitool" => Ok(Fencing::Ipmitool),
+            "none" => Ok(Fencing::Disabled),
+            _ => Err(format!("{s:?}: use ipmilan, ipmitool or none")),
+        }
+    }
+}
+
+/// What to build.
+#[derive(Clone, Debug)]
+pub struct LabSpec {
+    pub hosts: u16,
+    pub domains: u16,
+    pub fencing: Fencing,
+    /// The timing profile ("default", "fast", "conservative").
+    pub profile: String,
+    /// The havirt binary the hosts run.
+    pub havirt: PathBuf,
+    /// Where the domains first run: all on this host, or (None) spread
+    /// round-robin over the hosts.
+    pub home: Option<u16>,
+}
+
+impl LabSpec {
+    /// `hosts` hosts, `domains` domains, fence_ipmilan, default profile.
+    pub fn new(hosts: u16, domains: u16, havirt: PathBuf) -> LabSpec {
+        LabSpec { hosts, domains, fencing: Fencing::Ipmilan, profile: "default".into(), havirt, home: None }
+    }
+}
+
+/// One lab domain: `vmI`, first started on host `home`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LabDomain {
+    pub name: String,
+    pub uuid: String,
+    pub home: u16,
+    pub priority: &'static str,
+}
+
+/// A fault of `lab fault KIND HOST`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Through the host's BMC (`chassis power off`); a dead BMC cannot, so
+    /// then the plug is pulled (SIGKILL of the host's init).
+    PowerOff(u16),
+    /// Through the host's BMC; waits until its libvirtd answers.
+    PowerOn(u16),
+    /// The BMC stops answering (SIGSTOP of ipmi_sim): fencing it fails.
+    BmcDead(u16),
+    /// The BMC answers again.
+    BmcAlive(u16),
+    Pause(u16),
+    Resume(u16),
+    /// Heartbeats from each of `from` to each of `to` are dropped (and back
+    /// when `both_ways`).
+    Partition {
+        from: Vec<u16>,
+        to: Vec<u16>,
+        both_ways: bool,
+    },
+    Isolate(u16),
+    Heal,
+    StorageHang(u16),
+    StorageEio(u16),
+    StorageDelay(u16, u64),
+    StorageOk(u16),
+    KillDaemon(u16),
+    KillLibvirtd(u16),
+    KillQemu(u16, String),
+}
+
+pub const FAULT_USAGE: &str = "power-off H | power-on H | bmc-dead H | bmc-alive H | pause H | resume H | \
+partition H[,H...] [H[,H...]] [--one-way] | isolate H | heal | storage-hang H | storage-eio H | \
+storage-delay H MS | storage-ok H | kill-daemon H | kill-libvirtd H | kill-qemu H DOMAIN \
+(H: a host number or hN)";
+
+fn host_word(s: &str) -> Result<u16, String> {
+    s.strip_prefix('h').unwrap_or(s).parse().map_err(|_| format!("{s:?} is not a host (write 2 or h2)"))
+}
+
+fn host_list(s: &str) -> Result<Vec<u16>, String> {
+    s.split(',').map(host_word).collect()
+}
+
+impl Fault {
+    /// `KIND HOST [ARG]`, as `lab fault` takes it.
+    pub fn parse(words: &[String]) -> Result<Fault, String> {
+        let w: Vec<&str> = words.iter().map(String::as_str).collect();
+        let bad = || format!("cannot read fault {:?}; write {FAULT_USAGE}", w.join(" "));
+        let fault = match w.as_slice() {
+            ["heal"] => Fault::Heal,
+            ["partition", rest @ ..] => {
+                let both_ways = !rest.contains(&"--one-way");
+                let hosts: Vec<&&str> = rest.iter().filter(|a| **a != "--one-way").collect();
+                match hosts.as_slice() {
+                    [from] => Fault::Partition { from: host_list(from)?, to: Vec::new(), both_ways },
+                    [from, to] => Fault::Partition { from: host_list(from)?, to: host_list(to)?, both_ways },
+                    _ => return Err(bad()),
+                }
+            }
+            ["storage-delay", h, ms] => Fault::StorageDelay(host_word(h)?, ms.parse().map_err(|_| bad())?),
+            ["kill-qemu", h, domain] => Fault::KillQemu(host_word(h)?, (*domain).to_string()),
+            [kind, h] => {
+                let h = host_word(h)?;
+                match *kind {
+                    "power-off" => Fault::PowerOff(h),
+                    "power-on" => Fault::PowerOn(h),
+                    "bmc-dead" => Fault::BmcDead(h),
+                    "bmc-alive" => Fault::BmcAlive(h),
+                    "pause" => Fault::Pause(h),
+                    "resume" => Fault::Resume(h),
+                    "isolate" => Fault::Isolate(h),
+                    "storage-hang" => Fault::StorageHang(h),
+                    "storage-eio" => Fault::StorageEio(h),
+                    "storage-ok" => Fault::StorageOk(h),
+                    "kill-daemon" => Fault::KillDaemon(h),
+                    "kill-libvirtd" => Fault::KillLibvirtd(h),
+                    _ => return Err(bad()),
+                }
+            }
+            _ => return Err(bad()),
+        };
+        Ok(fault)
+    }
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let list = |hs: &[u16]| hs.iter().map(|h| format!("h{h}")).collect::<Vec<_>>().join(",");
+        match self {
+            Fault::PowerOff(h) => write!(f, "power-off h{h}"),
+            Fault::PowerOn(h) => write!(f, "power-on h{h}"),
+            Fault::BmcDead(h) => write!(f, "bmc-dead h{h}"),
+            Fault::BmcAlive(h) => write!(f, "bmc-alive h{h}"),
+            Fault::Pause(h) => write!(f, "pause h{h}"),
+            Fault::Resume(h) => write!(f, "resume h{h}"),
+            Fault::Partition { from, to, both_ways } => {
+                write!(f, "partition {} | {}{}", list(from), list(to), if *both_ways { "" } else { " (one way)" })
+            }
+            Fault::Isolate(h) => write!(f, "isolate h{h}"),
+            Fault::Heal => write!(f, "heal"),
+            Fault::StorageHang(h) => write!(f, "storage-hang h{h}"),
+            Fault::StorageEio(h) => write!(f, "storage-eio h{h}"),
+            Fault::StorageDelay(h, ms) => write!(f, "storage-delay h{h} {ms} ms"),
+            Fault::StorageOk(h) => write!(f, "storage-ok h{h}"),
+            Fault::KillDaemon(h) => write!(f, "kill-daemon h{h}"),
+            Fault::KillLibvirtd(h) => write!(f, "kill-libvirtd h{h}"),
+            Fault::KillQemu(h, d) => write!(f, "kill-qemu h{h} {d}"),
+        }
+    }
+}
+
+#[allow(clippy::disallowed_methods, reason = "the lab waits in wall time for real processes")]
+fn now() -> Instant {
+    Instant::now()
+}
+
+/// The running lab. Dropping it tears everything down (`down`).
+pub struct Lab {
+    spec: LabSpec,
+    net: Network,
+    hosts: Vec<Host>,
+    bmcs: Vec<Bmc>,
+    supervisors: Vec<Supervisor>,
+    faultfs: Option<Child>,
+    domains: Vec<LabDomain>,
+    dead_bmcs: Vec<u16>,
+    _lock: fs::File,
+}
+
+fn lab_path(rel: &str) -> PathBuf {
+    Path::new(LAB_DIR).join(rel)
+}
+
+fn write_secret(path: &Path, text: &str) -> Result<(), LabError> {
+    fs::write(path, text).map_err(io_error(path))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(io_error(path))
+}
+
+fn domain_uuid(i: u16) -> String {
+    // The number first, so that the uuids' short forms differ.
+    uuid_string(DomainId((u128::from(i) << 96) | 0x6c61_6200_0000_0000_0000))
+}
+
+/// Progress of `up`, for the one watching.
+fn say(what: &str) {
+    println!("lab: {what}");
+}
+
+/// A host's control socket.
+pub fn control_socket(host: u16) -> PathBuf {
+    lab_path(&format!("h{host}/havirt.sock"))
+}
+
+fn watchdog_socket(host: u16) -> PathBuf {
+    lab_path(&format!("h{host}/watchdog.sock"))
+}
+
+/// The one config of the lab cluster.
+pub fn config_text(spec: &LabSpec) -> String {
+    let lab = LAB_DIR;
+    let mut text = format!(
+        "# The havirt lab's cluster (written by `havirt lab up`).\n\
+         [cluster]\nname = \"{CLUSTER}\"\nkey_file = \"{lab}/cluster.key\"\nprofile = \"{}\"\n\
+         isolation_addresses = [\"{GATEWAY_ADDR}\"]\n\n\
+         [cluster.datastore]\nkind = \"dir\"\npath = \"{lab}/ds/cluster\"\n",
+        spec.profile
+    );
+    for n in 1..=spec.hosts {
+        text.push_str(&format!(
+            "\n[[host]]\nname = \"h{n}\"\nid = {n}\naddresses = [\"{}\"]\n\
+             watchdog = {{ kind = \"lab\", lab_socket = \"{}\" }}\n",
+            heartbeat_addr(n),
+            watchdog_socket(n).display()
+        ));
+        let bmc = bmc_addr(n);
+        match spec.fencing {
+            // power_wait 0: fence_ipmilan still polls the power status
+            // until it reads "off" before it reports success.
+            Fencing::Ipmilan => text.push_str(&format!(
+                "\n[[host.fence]]\nkind = \"command\"\nagent = \"fence_ipmilan\"\n\
+                 options = {{ ip = \"{bmc}\", username = \"admin\", lanplus = \"1\", cipher = \"3\", power_wait = \"0\" }}\n\
+                 password_file = \"{lab}/bmc.pw\"\n"
+            )),
+            Fencing::Ipmitool => text.push_str(&format!(
+                "\n[[host.fence]]\nkind = \"ipmi\"\naddress = \"{bmc}\"\nusername = \"admin\"\n\
+                 password_file = \"{lab}/bmc.pw\"\ncipher = 3\n"
+            )),
+            Fencing::Disabled => {}
+        }
+    }
+    text
+}
+
+/// A tiny domain with its qcow2 disk on the datastore (LAB-NOTES).
+pub fn domain_xml(name: &str, uuid: &str) -> String {
+    let kind = if kvm_usable() { "kvm" } else { "qemu" };
+    let disk = lab_path(&format!("ds/images/{name}.qcow2"));
+    format!(
+        "<domain type='{kind}'>
+  <name>{name}</name>
+  <uuid>{uuid}</uuid>
+  <memory unit='MiB'>{DOMAIN_MEMORY_MIB}</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2' cache='none'/>
+      <source file='{}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <serial type='pty'/>
+    <memballoon model='none'/>
+  </devices>
+</domain>",
+        disk.display()
+    )
+}
+
+/// KVM when /dev/kvm opens for reading and writing, TCG otherwise.
+pub fn kvm_usable() -> bool {
+    fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()
+}
+
+/// `timeout T virsh -c URI ARGS...`, its stdout.
+fn virsh(uri: &str, args: &[&str]) -> Result<String, LabError> {
+    let mut cmd = Command::new("timeout");
+    cmd.args([&TOOL_TIMEOUT_S.to_string(), "virsh", "-q", "-c", uri]).args(args);
+    Ok(String::from_utf8_lossy(&run(&mut cmd)?.stdout).into_owned())
+}
+
+/// The names of the domains running on a host, from its libvirtd (None: it
+/// does not answer).
+pub fn running_on(host: &Host) -> Option<Vec<String>> {
+    let out = virsh(&host.libvirt_uri(), &["list", "--name"]).ok()?;
+    Some(out.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect())
+}
+
+impl Lab {
+    /// Builds the lab (after removing whatever an earlier run left), and
+    /// waits until it has settled. Holds the machine's lab lock until
+    /// dropped.
+    pub fn up(spec: LabSpec) -> Result<Lab, LabError> {
+        if spec.hosts < 2 {
+            return Err(LabError::State { what: format!("a lab needs 2 or more hosts, not {}", spec.hosts) });
+        }
+        if let Some(home) = spec.home.filter(|h| !(1..=spec.hosts).contains(h)) {
+            return Err(LabError::BadHost { host: home, max: spec.hosts });
+        }
+        let lock = super::lock()?;
+        // We hold the lock: whatever exists is a leftover.
+        super::down()?;
+        let net = Network::create(spec.hosts)?;
+        say(&format!("network: {} hosts on hl-sw (heartbeat 10.99.0.0/24, BMCs 10.98.0.0/24)", spec.hosts));
+        let mut lab = Lab {
+            spec,
+            net,
+            hosts: Vec::new(),
+            bmcs: Vec::new(),
+            supervisors: Vec::new(),
+            faultfs: None,
+            domains: Vec::new(),
+            dead_bmcs: Vec::new(),
+            _lock: lock,
+        };
+        lab.build()?;
+        Ok(lab)
+    }
+
+    fn build(&mut self) -> Result<(), LabError> {
+        for dir in ["backing", "ds", "domains"] {
+            fs::create_dir_all(lab_path(dir)).map_err(io_error(&lab_path(dir)))?;
+        }
+        let mut key = vec![0u8; 64];
+        let urandom = Path::new("/dev/urandom");
+        std::io::Read::read_exact(&mut fs::File::open(urandom).map_err(io_error(urandom))?, &mut key)
+            .map_err(io_error(urandom))?;
+        write_secret(&lab_path("cluster.key"), &key.iter().map(|b| format!("{b:02x}")).collect::<String>())?;
+        write_secret(&lab_path("bmc.pw"), &format!("{BMC_PASSWORD}\n"))?;
+        say("datastore: faultfs over LAB_DIR/backing, mounted at LAB_DIR/ds");
+        self.start_faultfs()?;
+        self.havirt_ok(&[
+            "init",
+            "--cluster",
+            CLUSTER,
+            "--datastore",
+            &lab_path("ds/cluster").to_string_lossy(),
+            "--key-file",
+            &lab_path("cluster.key").to_string_lossy(),
+        ])?;
+        let config = lab_path("havirt.toml");
+        fs::write(&config, config_text(&self.spec)).map_err(io_error(&config))?;
+        fs::create_dir_all(lab_path("ds/images")).map_err(io_error(&lab_path("ds/images")))?;
+        for n in 1..=self.spec.hosts {
+            self.add_host(n)?;
+        }
+        for n in 1..=self.spec.hosts {
+            self.power_on(n)?;
+            say(&format!("h{n}: powered on through its BMC ({}), libvirtd up", bmc_addr(n)));
+        }
+        self.wait_daemons()?;
+        say("havirt daemons answering");
+        for i in 1..=self.spec.domains {
+            self.add_domain(i)?;
+        }
+        self.wait_settled(SETTLE_WAIT)?;
+        say("settled: every daemon sees every host alive and every domain running once");
+        Ok(())
+    }
+
+    fn start_faultfs(&mut self) -> Result<(), LabError> {
+        let ds = lab_path("ds");
+        share_datastore_mount(&ds)?;
+        let log_path = lab_path("faultfs.log");
+        let log = fs::File::create(&log_path).map_err(io_error(&log_path))?;
+        let log2 = log.try_clone().map_err(io_error(&log_path))?;
+        let socket = lab_path(FAULTFS_SOCKET);
+        let child = Command::new(&self.spec.havirt)
+            .args(["lab", "faultfs", "--backing"])
+            .arg(lab_path("backing"))
+            .arg("--mountpoint")
+            .arg(&ds)
+            .arg("--control")
+            .arg(&socket)
+            .current_dir(LAB_DIR)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .process_group(0)
+            .spawn()
+            .map_err(|source| LabError::Spawn {
+                command: format!("{} lab faultfs", self.spec.havirt.display()),
+                source,
+            })?;
+        self.faultfs = Some(child);
+        wait_for(
+            || format!("faultfs answering on {} (see {})", socket.display(), log_path.display()),
+            FAULTFS_START_WAIT,
+            POLL,
+            || faultfs::control(&socket, "status").is_ok(),
+        )
+    }
+
+    fn add_host(&mut self, n: u16) -> Result<(), LabError> {
+        let daemon = vec![
+            self.spec.havirt.to_string_lossy().into_owned(),
+            "daemon".into(),
+            "--config".into(),
+            lab_path("havirt.toml").to_string_lossy().into_owned(),
+            "--host".into(),
+            format!("h{n}"),
+            "--socket".into(),
+            control_socket(n).to_string_lossy().into_owned(),
+        ];
+        let host = Host::new(n, HostOptions { daemon: Some(daemon) })?;
+        host.prepare()?;
+        // The watchdog's reset: the host loses power, as a real one would.
+        let on_expire = Box::new(move || {
+            tracing::warn!("lab watchdog of host {n} fired: powering it off");
+            if let Err(e) = Host::new(n, HostOptions::default()).and_then(|mut h| h.power_off()) {
+                tracing::warn!("lab watchdog of host {n}: power-off failed: {e}");
+            }
+        });
+        let supervisor = Supervisor::start(&watchdog_socket(n), on_expire)
+            .map_err(|e| LabError::State { what: format!("host {n}'s watchdog supervisor: {e}") })?;
+        let bmc = Bmc::start(BmcSpec::lab(Path::new(LAB_DIR), n, BMC_PASSWORD))
+            .map_err(|e| LabError::State { what: e.to_string() })?;
+        self.hosts.push(host);
+        self.supervisors.push(supervisor);
+        self.bmcs.push(bmc);
+        Ok(())
+    }
+
+    fn add_domain(&mut self, i: u16) -> Result<(), LabError> {
+        let name = format!("vm{i}");
+        let uuid = domain_uuid(i);
+        let home = self.spec.home.unwrap_or((i - 1) % self.spec.hosts + 1);
+        // Each host gets a mix: vm1..vmN high, the next N medium, ...
+        let priority = PRIORITIES[usize::from((i - 1) / self.spec.hosts) % PRIORITIES.len()];
+        let disk = lab_path(&format!("ds/images/{name}.qcow2"));
+        run(Command::new("timeout")
+            .args([&TOOL_TIMEOUT_S.to_string(), "qemu-img", "create", "-q", "-f", "qcow2"])
+            .arg(&disk)
+            .arg(DOMAIN_DISK))?;
+        let xml_path = lab_path(&format!("domains/{name}.xml"));
+        fs::write(&xml_path, domain_xml(&name, &uuid)).map_err(io_error(&xml_path))?;
+        let uri = self.host(home)?.libvirt_uri();
+        virsh(&uri, &["define", &xml_path.to_string_lossy()])?;
+        virsh(&uri, &["start", &name])?;
+        self.havirt_on(home, &["protect", &name, "--priority", priority])?;
+        say(&format!("{name}: started on h{home}, protected (priority {priority})"));
+        self.domains.push(LabDomain { name, uuid, home, priority });
+        Ok(())
+    }
+
+    /// Waits until every daemon answers its control socket.
+    fn wait_daemons(&self) -> Result<(), LabError> {
+        for n in 1..=self.spec.hosts {
+            let what = || format!("host {n}'s daemon answering (see {}/h{n}/havirt.log)", LAB_DIR);
+            wait_for(what, SETTLE_WAIT, POLL, || self.daemon_status(n).is_ok())?;
+        }
+        Ok(())
+    }
+
+    pub fn spec(&self) -> &LabSpec {
+        &self.spec
+    }
+
+    pub fn domains(&self) -> &[LabDomain] {
+        &self.domains
+    }
+
+    pub fn host(&self, n: u16) -> Result<&Host, LabError> {
+        self.hosts.get(usize::from(n).wrapping_sub(1)).ok_or(LabError::BadHost { host: n, max: self.spec.hosts })
+    }
+
+    pub fn hosts(&self) -> &[Host] {
+        &self.hosts
+    }
+
+    fn bmc(&self, n: u16) -> Result<&Bmc, LabError> {
+        self.host(n)?;
+        Ok(&self.bmcs[usize::from(n) - 1])
+    }
+
+    /// (name, libvirt URI) of every host, for an `Observer`.
+    pub fn observer_hosts(&self) -> Vec<(String, String)> {
+        self.hosts.iter().map(|h| (format!("h{}", h.number()), h.libvirt_uri())).collect()
+    }
+
+    /// Runs the havirt CLI against host N's daemon.
+    pub fn havirt_on(&self, n: u16, args: &[&str]) -> Result<String, LabError> {
+        let socket = control_socket(n);
+        let mut full: Vec<&str> = args.to_vec();
+        full.extend(["--socket", socket.to_str().unwrap_or_default()]);
+        self.havirt_ok(&full)
+    }
+
+    fn havirt_ok(&self, args: &[&str]) -> Result<String, LabError> {
+        let out = run(Command::new(&self.spec.havirt).args(args))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Host N's daemon's status (an error when it does not answer).
+    pub fn daemon_status(&self, n: u16) -> Result<StatusReport, String> {
+        match control::request(&control_socket(n), &Request::Status, CONTROL_TIMEOUT) {
+            Ok(Response::Status(report)) => Ok(*report),
+            Ok(other) => Err(format!("unexpected answer {other:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Which hosts run each lab domain, read from every host's libvirtd
+    /// (a host that does not answer runs nothing).
+    pub fn placement(&self) -> BTreeMap<String, Vec<u16>> {
+        let mut out: BTreeMap<String, Vec<u16>> = self.domains.iter().map(|d| (d.name.clone(), Vec::new())).collect();
+        for h in &self.hosts {
+            for name in running_on(h).unwrap_or_default() {
+                out.entry(name).or_default().push(h.number());
+            }
+        }
+        out
+    }
+
+    /// Why the lab has not settled, if it has not: every host that is on
+    /// and not paused must answer, see every other such host alive, and
+    /// report every domain running; every domain must run on exactly one
+    /// host.
+    pub fn unsettled(&self) -> Option<String> {
+        let up: Vec<u16> = self.hosts.iter().filter(|h| h.is_on()).map(Host::number).collect();
+        for (name, hosts) in self.placement() {
+            if hosts.len() != 1 {
+                return Some(format!("{name} runs on {hosts:?}"));
+            }
+        }
+        for &n in &up {
+            let report = match self.daemon_status(n) {
+                Ok(r) => r,
+                Err(e) => return Some(format!("h{n}'s daemon: {e}")),
+            };
+            let view = &report.view;
+            for h in &view.hosts {
+                let peer_up = up.contains(&h.id.0);
+                if peer_up && h.verdict != "self" && h.verdict != "alive" {
+                    return Some(format!("h{n} sees {} as {}", h.name, h.verdict));
+                }
+            }
+            if view.master.is_none() {
+                return Some(format!("h{n} knows no master"));
+            }
+            for d in &self.domains {
+                let seen = view.domains.iter().find(|v| v.name == d.name);
+                let running = seen.is_some_and(|v| {
+                    matches!(v.state, Some(DomainState::Running | DomainState::Ready)) && v.host.is_some()
+                });
+                if !running {
+                    return Some(format!("h{n} does not see {} running ({seen:?})", d.name));
+                }
+            }
+        }
+        None
+    }
+
+    /// Waits until `unsettled` says nothing.
+    pub fn wait_settled(&self, timeout: Duration) -> Result<(), LabError> {
+        let start = now();
+        loop {
+            let Some(why) = self.unsettled() else { return Ok(()) };
+            if start.elapsed() >= timeout {
+                return Err(LabError::Timeout {
+                    what: format!("the lab settling: {why}"),
+                    waited_ms: timeout.as_millis(),
+                });
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Powers host N on through its BMC and waits for its libvirtd.
+    fn power_on(&mut self, n: u16) -> Result<(), LabError> {
+        let bmc_err = |e: super::bmc::BmcError| LabError::State { what: e.to_string() };
+        self.bmc(n)?.power_on().map_err(bmc_err)?;
+        let host = self.host(n)?;
+        wait_for(|| format!("host {n} on after its BMC's power on"), POWER_WAIT, super::host::POLL, || host.is_on())?;
+        host.wait_libvirt(LIBVIRT_START_WAIT)
+    }
+
+    fn faultfs_command(&self, command: &str) -> Result<(), LabError> {
+        faultfs::control(&lab_path(FAULTFS_SOCKET), command)
+            .map(drop)
+            .map_err(|e| LabError::State { what: format!("faultfs {command:?}: {e}") })
+    }
+
+    /// Injects `fault`; returns when it holds.
+    pub fn fault(&mut self, fault: &Fault) -> Result<(), LabError> {
+        let bmc_err = |e: super::bmc::BmcError| LabError::State { what: e.to_string() };
+        match fault {
+            Fault::PowerOff(n) => {
+                let n = *n;
+                if self.dead_bmcs.contains(&n) {
+                    self.host(n)?;
+                    self.hosts[usize::from(n) - 1].power_off()?;
+                } else {
+                    self.bmc(n)?.power_off().map_err(bmc_err)?;
+                    let host = self.host(n)?;
+                    let what = || format!("host {n} off after its BMC's power off");
+                    wait_for(what, POWER_WAIT, super::host::POLL, || !host.is_on())?;
+                }
+            }
+            Fault::PowerOn(n) => self.power_on(*n)?,
+            Fault::BmcDead(n) => {
+                self.bmc(*n)?.freeze().map_err(bmc_err)?;
+                self.dead_bmcs.push(*n);
+            }
+            Fault::BmcAlive(n) => {
+                self.bmc(*n)?.thaw().map_err(bmc_err)?;
+                self.dead_bmcs.retain(|b| b != n);
+            }
+            Fault::Pause(n) => self.host(*n)?.pause()?,
+            Fault::Resume(n) => self.host(*n)?.resume()?,
+            Fault::Partition { from, to, both_ways } => {
+                let to: Vec<u16> = if to.is_empty() {
+                    (1..=self.spec.hosts).filter(|h| !from.contains(h)).collect()
+                } else {
+                    to.clone()
+                };
+                self.net.partition(from, &to, *both_ways)?;
+            }
+            Fault::Isolate(n) => self.net.isolate(*n)?,
+            Fault::Heal => self.net.heal()?,
+            Fault::StorageHang(n) => self.faultfs_command(&format!("hang netns={}", host_ns(*n)))?,
+            Fault::StorageEio(n) => self.faultfs_command(&format!("eio netns={}", host_ns(*n)))?,
+            Fault::StorageDelay(n, ms) => self.faultfs_command(&format!("delay {ms} netns={}", host_ns(*n)))?,
+            Fault::StorageOk(n) => self.faultfs_command(&format!("ok netns={}", host_ns(*n)))?,
+            Fault::KillDaemon(n) => {
+                self.host(*n)?.kill_daemon()?;
+            }
+            Fault::KillLibvirtd(n) => {
+                self.host(*n)?.kill_libvirtd()?;
+            }
+            Fault::KillQemu(n, domain) => self.kill_qemu(*n, domain)?,
+        }
+        Ok(())
+    }
+
+    /// SIGKILL of the qemu process of `domain` on host N.
+    fn kill_qemu(&self, n: u16, domain: &str) -> Result<(), LabError> {
+        let host = self.host(n)?;
+        let want = format!("guest={domain},");
+        let victims: Vec<u32> = host
+            .pids()
+            .into_iter()
+            .filter(|p| {
+                let argv = sys::cmdline(*p);
+                argv.first().is_some_and(|a| a.contains("qemu-system")) && argv.iter().any(|a| a.starts_with(&want))
+            })
+            .collect();
+        if victims.is_empty() {
+            return Err(LabError::State { what: format!("no qemu of {domain} runs on host {n}") });
+        }
+        for pid in victims {
+            sys::signal(pid, libc::SIGKILL);
+        }
+        Ok(())
+    }
+
+    /// `lab status`: every host (power, BMC, its daemon's view) and where
+    /// each domain really runs.
+    pub fn status_text(&self) -> String {
+        let mut out = String::new();
+        out.push_str(&format!(
+            "lab: {} hosts, {} domains, fencing {:?}, profile {}\n",
+            self.spec.hosts,
+            self.domains.len(),
+            self.spec.fencing,
+            self.spec.profile
+        ));
+        out.push_str("host  power  bmc    daemon view (verdicts of h1..hN; master)\n");
+        for h in &self.hosts {
+            let n = h.number();
+            let power = if h.is_on() { "on" } else { "off" };
+            let bmc = if self.dead_bmcs.contains(&n) { "dead" } else { "ok" };
+            let view = match self.daemon_status(n) {
+                Ok(r) => {
+                    let verdicts: Vec<String> =
+                        r.view.hosts.iter().map(|v| format!("{}={}", v.name, v.verdict)).collect();
+                    let master = r.view.master.map_or("none".to_string(), |m| format!("h{}", m.0));
+                    format!("{}; master {master}; self-fence {}", verdicts.join(" "), r.view.self_fence)
+                }
+                Err(_) if !h.is_on() => "-".to_string(),
+                Err(e) => format!("no answer: {e}"),
+            };
+            out.push_str(&format!("h{n:<4} {power:<6} {bmc:<6} {view}\n"));
+        }
+        out.push_str("domain   priority  runs on (from each host's libvirtd)\n");
+        for (name, hosts) in self.placement() {
+            let prio = self.domains.iter().find(|d| d.name == name).map_or("-", |d| d.priority);
+            let on: Vec<String> = hosts.iter().map(|h| format!("h{h}")).collect();
+            let on = if on.is_empty() { "nowhere".to_string() } else { on.join(", ") };
+            out.push_str(&format!("{name:<8} {prio:<9} {on}\n"));
+        }
+        out
+    }
+
+    /// Tears the lab down: supervisors first (a dying daemon must not
+    /// fire them), then everything `lab::down` finds.
+    pub fn down(mut self) -> Result<super::DownReport, LabError> {
+        self.teardown()
+    }
+
+    fn teardown(&mut self) -> Result<super::DownReport, LabError> {
+        for s in self.supervisors.drain(..) {
+            s.stop();
+        }
+        for n in self.dead_bmcs.drain(..) {
+            if let Some(b) = self.bmcs.get(usize::from(n) - 1) {
+                let _ = b.thaw();
+            }
+        }
+        let report = super::down();
+        for mut b in self.bmcs.drain(..) {
+            b.kill();
+        }
+        if let Some(mut child) = self.faultfs.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.hosts.clear();
+        report
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if self.supervisors.is_empty() && self.bmcs.is_empty() && self.faultfs.is_none() && self.hosts.is_empty() {
+            return;
+        }
+        if let Err(e) = self.teardown() {
+            eprintln!("lab teardown: {e}; run `havirt lab down`");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn faults_parse_as_lab_fault_takes_them() {
+        assert_eq!(Fault::parse(&words("power-off 2")), Ok(Fault::PowerOff(2)));
+        assert_eq!(Fault::parse(&words("kill-qemu h3 vm4")), Ok(Fault::KillQemu(3, "vm4".into())));
+        assert_eq!(Fault::parse(&words("storage-delay h1 500")), Ok(Fault::StorageDelay(1, 500)));
+        assert_eq!(
+            Fault::parse(&words("partition 1,2 3 --one-way")),
+            Ok(Fault::Partition { from: vec![1, 2], to: vec![3], both_ways: false })
+        );
+        assert_eq!(
+            Fault::parse(&words("partition h3")),
+            Ok(Fault::Partition { from: vec![3], to: vec![], both_ways: true })
+        );
+        assert_eq!(Fault::parse(&words("heal")), Ok(Fault::Heal));
+        let err = Fault::parse(&words("power-off")).unwrap_err();
+        assert!(err.contains("power-off H"), "{err}");
+        assert!(Fault::parse(&words("pause hx")).unwrap_err().contains("not a host"));
+        assert!(Fault::parse(&words("melt 1")).is_err());
+    }
+
+    #[test]
+    fn config_of_the_lab_is_valid() {
+        for fencing in [Fencing::Ipmilan, Fencing::Ipmitool, Fencing::Disabled] {
+            let spec = LabSpec { fencing, ..LabSpec::new(3, 3, PathBuf::from("/usr/bin/havirt")) };
+            let text = config_text(&spec);
+            let parsed = crate::config::Config::parse("lab.toml", &text);
+            assert!(parsed.is_ok(), "{fencing:?}: {parsed:?}\n{text}");
+        }
+    }
+}
