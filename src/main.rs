@@ -140,7 +140,7 @@ enum LabCmd {
     },
     /// Remove everything the lab made (its processes, mounts under
     /// /var/tmp/havirt-lab, hl-* network namespaces, the directory), found
-    /// by name; safe to run twice.
+    /// by name; safe to run twice. Waits for a lab in use by a test.
     Down,
     /// Build a lab and leave it running: N hosts (netns + own libvirtd and
     /// havirt daemon, a simulated BMC and watchdog each) sharing one
@@ -345,7 +345,7 @@ fn main() -> ExitCode {
             .map_err(|e| e.to_string())
             .and_then(|exe| havirt::lab::bench::run(&exe, &args))
             .map(|()| ExitCode::SUCCESS),
-        Cmd::Lab { what: LabCmd::Down } => print(havirt::lab::down().map(|r| r.to_string()).map_err(|e| e.to_string())),
+        Cmd::Lab { what: LabCmd::Down } => print(havirt::lab::keeper::down()),
         Cmd::Lab { what: LabCmd::StorageFault { control, command } } => {
             print(havirt::lab::faultfs::control(&control, &command.join(" ")).map_err(|e| e.to_string()))
         }

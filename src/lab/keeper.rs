@@ -43,15 +43,39 @@ pub fn serve(spec: LabSpec) -> Result<(), LabError> {
     let _ = std::io::stdout().flush();
     redirect_output(&Path::new(LAB_DIR).join(LOG))?;
     for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
+        let Ok(mut stream) = stream else { continue };
         let answer = match read_request(&stream) {
+            Ok(line) if line == "down" => {
+                // The lab goes, then the answer, then the keeper (and the lock).
+                let answer = match lab.down() {
+                    Ok(report) => format!("ok\n{report}\n"),
+                    Err(e) => format!("error: {e}\n"),
+                };
+                let _ = stream.write_all(answer.as_bytes());
+                return Ok(());
+            }
             Ok(line) => handle(&mut lab, &line),
             Err(e) => format!("error: {e}"),
         };
-        let mut stream = stream;
         let _ = stream.write_all(answer.as_bytes());
     }
     Ok(())
+}
+
+/// `lab down`: a lab kept by `lab up` is torn down by its keeper; then,
+/// holding the lab lock (so that no lab being built or used by a test is
+/// touched), whatever is left is removed.
+pub fn down() -> Result<String, String> {
+    let mut out = String::new();
+    if UnixStream::connect(socket_path()).is_ok() {
+        out.push_str(&request("down")?);
+    }
+    let _lock = super::lock().map_err(|e| e.to_string())?;
+    let report = super::down().map_err(|e| e.to_string())?;
+    if out.is_empty() || !report.is_empty() {
+        out.push_str(&report.to_string());
+    }
+    Ok(out.trim_end().to_string())
 }
 
 fn redirect_output(log: &Path) -> Result<(), LabError> {
@@ -87,7 +111,7 @@ fn handle(lab: &mut Lab, line: &str) -> String {
             },
             Err(e) => format!("error: {e}\n"),
         },
-        _ => format!("error: unknown request {line:?}: send `status` or `fault KIND HOST`\n"),
+        _ => format!("error: unknown request {line:?}: send `status`, `fault KIND HOST` or `down`\n"),
     }
 }
 
