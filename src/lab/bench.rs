@@ -226,8 +226,17 @@ fn bench_class(havirt: &Path, args: &BenchArgs, class: &str) -> Result<ClassResu
         );
     }
     let seen = observer.stop();
-    result.s1_violations = seen.s1_violations.len()
-        + observer::lock_refusals(&observer::lab_qemu_logs(Path::new(super::LAB_DIR))).map_or(0, |r| r.len());
+    let refusals = observer::lock_refusals(&observer::lab_qemu_logs(Path::new(super::LAB_DIR))).unwrap_or_default();
+    for d in &seen.s1_violations {
+        eprintln!(
+            "  S1: {} ran on {:?} from {:.2?} to {:.2?} ({} samples)",
+            d.name, d.hosts, d.first_seen, d.last_seen, d.samples
+        );
+    }
+    for r in &refusals {
+        eprintln!("  S1 evidence: {}:{}: {}", r.file.display(), r.line_no, r.line);
+    }
+    result.s1_violations = seen.s1_violations.len() + refusals.len();
     lab.down()?;
     Ok(result)
 }

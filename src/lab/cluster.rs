@@ -261,9 +261,10 @@ fn domain_uuid(i: u16) -> String {
     uuid_string(DomainId((u128::from(i) << 96) | 0x6c61_6200_0000_0000_0000))
 }
 
-/// Progress of `up`, for the one watching.
+/// Progress of `up`, for the one watching (on stderr: stdout carries
+/// results, e.g. `lab bench --json`).
 fn say(what: &str) {
-    println!("lab: {what}");
+    eprintln!("lab: {what}");
 }
 
 /// A host's control socket.

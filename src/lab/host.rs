@@ -124,19 +124,25 @@ impl Host {
         let r = self.dir.display();
         let mut lines: Vec<String> =
             STATE_DIRS.iter().map(|(sub, target)| format!("mount --bind {r}/{sub} {target}")).collect();
+        // Every boot of every host has a boot id of its own, as real machines
+        // do (they all share this machine's kernel): a lease belongs to a
+        // (host, boot), and a rebooted host must not take its old leases for
+        // its own (DESIGN.md §1, Incarnation).
+        lines.push(format!("mount --bind {r}/run/boot_id /proc/sys/kernel/random/boot_id"));
         lines.push("virtlogd -d -p /run/libvirt/virtlogd.pid".into());
         // libvirtd and the daemon are restarted RESPAWN_DELAY_S after they
         // die, as systemd does on a server (Restart=always, RestartSec=1s).
-        // Each loop is orphaned at once, so tini reaps it and killing it
+        // `set +e`: the script runs under `sh -e`, and a killed daemon's
+        // status would end the loop. Each loop is orphaned at once, so tini reaps it and killing it
         // leaves the host up (tini exits, powering the host off, only when
         // its own child, `sleep`, does).
         lines.push(format!(
-            "(while :; do libvirtd -p /run/libvirt/libvirtd.pid; sleep {RESPAWN_DELAY_S}; done </dev/null >>{r}/libvirtd.log 2>&1 &)"
+            "(set +e; while :; do libvirtd -p /run/libvirt/libvirtd.pid; sleep {RESPAWN_DELAY_S}; done </dev/null >>{r}/libvirtd.log 2>&1 &)"
         ));
         if let Some(daemon) = &self.opts.daemon {
             let argv: Vec<String> = daemon.iter().map(|a| quote(a)).collect();
             lines.push(format!(
-                "(while :; do {}; sleep {RESPAWN_DELAY_S}; done </dev/null >>{r}/havirt.log 2>&1 &)",
+                "(set +e; while :; do {}; sleep {RESPAWN_DELAY_S}; done </dev/null >>{r}/havirt.log 2>&1 &)",
                 argv.join(" ")
             ));
         }
@@ -155,12 +161,13 @@ impl Host {
 # Lab host {n}'s power (written by havirt::lab::host): runs the host in the
 # foreground. SIGTERM or SIGINT is a power cut: SIGKILL of the host's PID
 # namespace init (unshare --fork ignores SIGTERM). Each start is a reboot:
-# run/ starts empty; definitions in lib/ and etc/ persist. The host's NICs
+# run/ starts empty (with a new boot id); definitions in lib/ and etc/ persist. The host's NICs
 # (eth0, eth1) have link only while it runs: an off host does not answer.
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
 export PATH
 links() {{ ip -n {ns} link set eth0 $1; ip -n {ns} link set eth1 $1; }}
 rm -rf {r}/run && mkdir -p {r}/run
+cat /proc/sys/kernel/random/uuid > {r}/run/boot_id
 links up
 ip netns exec {ns} unshare -m -p -f --kill-child --propagation slave --mount-proc \\
     tini -s -- sh -ec {inner} &

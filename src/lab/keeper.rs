@@ -146,16 +146,27 @@ pub fn up_detached(havirt: &Path, serve_args: &[String]) -> Result<(), String> {
         .spawn()
         .map_err(|e| format!("cannot run {} lab serve: {e}", havirt.display()))?;
     let stdout = child.stdout.take().expect("piped");
-    let mut stderr = child.stderr.take().expect("piped");
+    let stderr = child.stderr.take().expect("piped");
+    // The keeper's progress (stderr) is relayed as it comes; its last line
+    // says why, if it fails.
+    let relay = std::thread::spawn(move || {
+        let mut last = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("{line}");
+            last = line;
+        }
+        last
+    });
     for line in BufReader::new(stdout).lines() {
         let Ok(line) = line else { break };
         if line == READY {
+            // The keeper's stderr now goes to its log; the relay thread
+            // ends with this process.
             return Ok(());
         }
         println!("{line}");
     }
-    let mut said = String::new();
-    let _ = stderr.read_to_string(&mut said);
+    let last = relay.join().unwrap_or_default();
     let status = child.wait().map_err(|e| e.to_string())?;
-    Err(format!("lab up failed ({status}): {}; `havirt lab down` removes what was made", said.trim()))
+    Err(format!("lab up failed ({status}): {}; `havirt lab down` removes what was made", last.trim()))
 }
