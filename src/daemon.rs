@@ -93,6 +93,12 @@ pub enum DaemonError {
     Control(#[from] control::ControlError),
     #[error("watchdog {device}: {reason}; fix the [[host]] watchdog setting or the device")]
     Watchdog { device: String, reason: String },
+    #[error(
+        "this boot ({boot:x}) was fenced by host {by}: the datastore's fenced record says it was powered off, yet it runs. \
+         The fence did not cut its power (check that fence agent and BMC), or this machine's boot id is not unique. \
+         Its protected domains may run elsewhere now: reboot this host; havirt refuses to run in this boot"
+    )]
+    FencedBoot { boot: BootId, by: HostId },
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -360,6 +366,8 @@ impl Daemon {
                 protected_from_metadata(&running)
             }
         };
+
+        refuse_fenced_boot(&store, me.id, boot, io_wait).await?;
 
         let mut spec = config.cluster_spec();
         let (memory_mib, vcpus) = host_size();
@@ -1313,6 +1321,32 @@ async fn connect_libvirt(uri: &str) -> Result<LibvirtHypervisor, DaemonError> {
                 tokio::time::sleep(LIBVIRT_RECONNECT_INTERVAL).await;
             }
         }
+    }
+}
+
+/// A boot that a peer confirmed powered off (`fenced/<host>` names it) must
+/// not run havirt: the fence did not cut its power (an agent or BMC that
+/// reports "off" without doing it), or boot ids are not unique here. Its
+/// leases count as free to every master for as long as that boot lives, so
+/// any lease it took would be taken from it again while its qemu runs
+/// (found in the lab, whose hosts once shared one kernel boot id). A read
+/// that fails or does not answer in time is no evidence: the engine's own
+/// storage checks (S4) take over.
+async fn refuse_fenced_boot(
+    store: &Arc<DirStore>,
+    me: HostId,
+    boot: BootId,
+    io_wait: std::time::Duration,
+) -> Result<(), DaemonError> {
+    let store = Arc::clone(store);
+    let read = tokio::time::timeout(io_wait, tokio::task::spawn_blocking(move || store.read_fenced(me))).await;
+    match read {
+        Ok(Ok(Ok(Some(record)))) if record.boot == boot => Err(DaemonError::FencedBoot { boot, by: record.by }),
+        Ok(Ok(Err(e))) => {
+            warn!("cannot read this host's fence record ({e}); going on");
+            Ok(())
+        }
+        _ => Ok(()),
     }
 }
 

@@ -29,9 +29,9 @@ pub const POWER_OFF_WAIT: Duration = Duration::from_secs(5);
 /// Bound on waiting for killed daemons to be gone.
 pub const KILL_WAIT: Duration = Duration::from_secs(5);
 pub const POLL: Duration = Duration::from_millis(10);
-/// libvirtd and the daemon inside a host are restarted this many seconds
-/// after they die (havirt.service's RestartSec).
-pub const RESPAWN_DELAY_S: u32 = 1;
+/// libvirtd and the daemon inside a host are restarted this long after they
+/// die (`sleep`'s argument: havirt.service's RestartSec, 500 ms).
+pub const RESPAWN_DELAY_S: &str = "0.5";
 const LIBVIRT_POLL: Duration = Duration::from_millis(50);
 /// `pause` repeats its sweep while processes appear (forks) during it.
 const PAUSE_SWEEPS_MAX: usize = 10;
@@ -131,7 +131,7 @@ impl Host {
         lines.push(format!("mount --bind {r}/run/boot_id /proc/sys/kernel/random/boot_id"));
         lines.push("virtlogd -d -p /run/libvirt/virtlogd.pid".into());
         // libvirtd and the daemon are restarted RESPAWN_DELAY_S after they
-        // die, as systemd does on a server (Restart=always, RestartSec=1s).
+        // die, as systemd does on a server (Restart=always, RestartSec=500ms).
         // `set +e`: the script runs under `sh -e`, and a killed daemon's
         // status would end the loop. Each loop is orphaned at once, so tini reaps it and killing it
         // leaves the host up (tini exits, powering the host off, only when
