@@ -183,7 +183,11 @@ struct Clock {
 
 impl Clock {
     fn now(&self) -> Instant {
-        Instant(u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX))
+        self.at(tokio::time::Instant::now())
+    }
+
+    fn at(&self, t: tokio::time::Instant) -> Instant {
+        Instant(u64::try_from(t.saturating_duration_since(self.start).as_millis()).unwrap_or(u64::MAX))
     }
 
     fn deadline(&self, at: Instant) -> tokio::time::Instant {
@@ -199,10 +203,12 @@ enum Internal {
     /// libvirt came back after its connection closed: re-list.
     Reconnected,
     Listed(Vec<DomainInfo>),
-    /// The registry as read when `epoch` was current.
+    /// The registry as read when `epoch` was current; the read was issued
+    /// at `issued` (every successful read is sent: the engine needs its age).
     Registry {
         epoch: u64,
         entries: BTreeMap<DomainId, registry::Entry>,
+        issued: tokio::time::Instant,
     },
     Protected {
         result: Result<(DomainId, registry::Entry, String), String>,
@@ -536,9 +542,10 @@ impl Daemon {
                 self.relist();
             }
             Internal::Listed(list) => self.reconcile(now, &list),
-            Internal::Registry { epoch, entries } => {
+            Internal::Registry { epoch, entries, issued } => {
                 if epoch == self.shared.registry_epoch.load(Ordering::SeqCst) {
-                    self.registry_changed(now, entries);
+                    let issued = self.clock.at(issued);
+                    self.registry_changed(now, entries, Some(issued));
                 }
             }
             Internal::Destroyed { domain, stopped } => {
@@ -554,7 +561,7 @@ impl Daemon {
                     Ok((id, entry, message)) => {
                         let mut entries = self.protected.clone();
                         entries.insert(id, entry);
-                        self.registry_changed(now, entries);
+                        self.registry_changed(now, entries, None);
                         self.node.handle_input(now, Input::DomainsAtStart(vec![id]));
                         info!("{message}");
                         Response::Done(message)
@@ -570,7 +577,7 @@ impl Daemon {
                     Ok((id, message)) => {
                         let mut entries = self.protected.clone();
                         entries.remove(&id);
-                        self.registry_changed(now, entries);
+                        self.registry_changed(now, entries, None);
                         info!("{message}");
                         Response::Done(message)
                     }
@@ -586,8 +593,20 @@ impl Daemon {
         }
     }
 
-    fn registry_changed(&mut self, now: Instant, entries: BTreeMap<DomainId, registry::Entry>) {
+    /// The registry as read (`issued`: when the read was issued) or as this
+    /// daemon just wrote it (None: its age is that of the last read).
+    fn registry_changed(
+        &mut self,
+        now: Instant,
+        entries: BTreeMap<DomainId, registry::Entry>,
+        issued: Option<Instant>,
+    ) {
+        let read_issued = issued.unwrap_or(Instant(0));
         if entries == self.protected {
+            if issued.is_some() {
+                let domains = self.spec.domains.clone();
+                self.node.handle_input(now, Input::ProtectedDomains { domains, read_issued });
+            }
             return;
         }
         for (d, e) in &entries {
@@ -599,7 +618,7 @@ impl Daemon {
         }
         self.protected = entries;
         self.spec.domains = self.protected.iter().map(|(d, e)| (*d, e.spec.clone())).collect();
-        self.node.handle_input(now, Input::ProtectedDomains(self.spec.domains.clone()));
+        self.node.handle_input(now, Input::ProtectedDomains { domains: self.spec.domains.clone(), read_issued });
     }
 
     fn hypervisor_event(&mut self, now: Instant, ev: HypervisorEvent) {
@@ -1217,27 +1236,23 @@ fn protected_from_metadata(running: &[DomainInfo]) -> BTreeMap<DomainId, registr
         .collect()
 }
 
-/// Re-reads the registry every REGISTRY_POLL and reports changes. One read
+/// Re-reads the registry every REGISTRY_POLL and reports every read (its
+/// age matters to the engine, changed or not). One read
 /// at a time: a hung datastore holds one thread, not one per poll.
 fn spawn_registry_poller(shared: Arc<Shared>) {
     tokio::spawn(async move {
         let mut cache = RegistryCache::new();
-        let mut last: Option<BTreeMap<DomainId, registry::Entry>> = None;
-        let mut last_epoch = 0;
         loop {
             tokio::time::sleep(REGISTRY_POLL).await;
             let epoch = shared.registry_epoch.load(Ordering::SeqCst);
             let store = Arc::clone(&shared.store);
             let old = cache.clone();
+            let issued = tokio::time::Instant::now();
             match tokio::task::spawn_blocking(move || read_registry_cached(&store, &old)).await {
                 Ok(Ok(new)) => {
                     cache = new;
                     let entries: BTreeMap<_, _> = cache.iter().map(|(d, (_, _, e))| (*d, e.clone())).collect();
-                    if last.as_ref() != Some(&entries) || epoch != last_epoch {
-                        last = Some(entries.clone());
-                        last_epoch = epoch;
-                        shared.send(Internal::Registry { epoch, entries });
-                    }
+                    shared.send(Internal::Registry { epoch, entries, issued });
                 }
                 Ok(Err(e)) => shared.send(Internal::Problem(format!("reading the protected domains: {e}"))),
                 Err(e) => shared.send(Internal::Problem(format!("reading the protected domains: {e}"))),

@@ -247,12 +247,18 @@ pub enum Input {
     ///   a stale registry still protects could be placed elsewhere).
     /// - Changed policy or size: taken as is.
     ///
-    /// Keep it fresh. Its owner no longer self-fences (S4) an unprotected
-    /// domain, so a master that still protects it from a registry older than
-    /// host_dead_timeout - renew_timeout could take its lease by S3(b) from
-    /// an owner whose storage failed, and start it while it still runs there
-    /// (only qemu's disk locks would stop that).
-    ProtectedDomains(BTreeMap<DomainId, DomainSpec>),
+    /// Give it after every successful read, changed or not, with the time
+    /// the read was issued: a master takes a domain's lease by S3(b) only
+    /// with a registry read issued within host_dead_timeout. The owner no
+    /// longer self-fences (S4) an unprotected domain, so a master protecting
+    /// it from an older registry could take its lease from an owner whose
+    /// storage failed and start it while it still runs there. A read issued
+    /// at most host_dead_timeout before the takeover was issued after the
+    /// owner's last slot write, so after any unprotect that preceded it.
+    ProtectedDomains {
+        domains: BTreeMap<DomainId, DomainSpec>,
+        read_issued: Instant,
+    },
     Net(NetMessage),
     SlotWritten {
         op: OpId,

@@ -755,6 +755,10 @@ impl Node {
             return Vec::new();
         };
         let busy: BTreeSet<DomainId> = m.cas_inflight.values().map(|(d, _)| *d).collect();
+        // S3(b) only with a registry read issued within host_dead_timeout
+        // (Input::ProtectedDomains says why).
+        let registry_stale = now.since(self.registry_read_issued) > self.t.host_dead_timeout;
+        let mut held_back: Vec<DomainId> = Vec::new();
         let mut out = Vec::new();
         for (d, spec) in &self.cfg.spec.domains {
             if spec.policy.priority == Priority::Disabled || m.given_up.contains(d) || busy.contains(d) {
@@ -769,9 +773,27 @@ impl Node {
                 None => Some(LeaseReason::Acquired),
                 Some(o) => self.takeover_reason(now, o, LeaseKey::Domain(*d), lease.generation),
             };
+            if registry_stale && matches!(reason, Some(LeaseReason::HostDeadTimeout)) {
+                held_back.push(*d);
+                continue;
+            }
             if let Some(reason) = reason {
                 out.push(Orphan { domain: *d, lease, reason });
             }
+        }
+        if !registry_stale {
+            self.registry_stale_logged = false;
+        } else if let Some(d) = held_back.first()
+            && !self.registry_stale_logged
+        {
+            self.registry_stale_logged = true;
+            let text = format!(
+                "not taking {} (and {} more) by host_dead_timeout: the protected-domain registry was last read {} ago",
+                self.domain_name(*d),
+                held_back.len() - 1,
+                now.since(self.registry_read_issued)
+            );
+            self.emit(now, "master", text);
         }
         self.count_failed_starts(now, &out);
         out

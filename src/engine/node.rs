@@ -154,6 +154,11 @@ pub struct Node {
     last_timeout_call: Instant,
     /// Last time one of our storage requests was slow or failed.
     storage_trouble_at: Option<Instant>,
+    /// When the newest registry read we were given was issued (`Node::new`:
+    /// the spec it starts with counts as read then). S3(b) needs it fresh.
+    pub(super) registry_read_issued: Instant,
+    /// A takeover was held back by a stale registry (logged once per spell).
+    pub(super) registry_stale_logged: bool,
     /// Since when we have been listening without a gap (start or resume):
     /// no peer is judged on silence we could not have heard.
     pub(super) observing_since: Instant,
@@ -217,6 +222,8 @@ impl Node {
             next_tick: now,
             last_timeout_call: now,
             storage_trouble_at: None,
+            registry_read_issued: now,
+            registry_stale_logged: false,
             observing_since: now,
             hb_seq: 0,
             next_hb: now,
@@ -371,7 +378,9 @@ impl Node {
         }
         match input {
             Input::DomainsAtStart(list) => self.handle_domains_at_start(now, list),
-            Input::ProtectedDomains(domains) => self.handle_protected_domains(now, domains),
+            Input::ProtectedDomains { domains, read_issued } => {
+                self.handle_protected_domains(now, domains, read_issued)
+            }
             Input::Net(NetMessage::Heartbeat(hb)) => self.handle_heartbeat(now, hb),
             Input::Net(NetMessage::Assign { from, domains }) => {
                 let _ = from;

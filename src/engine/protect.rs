@@ -15,7 +15,13 @@ use std::sync::Arc;
 
 impl Node {
     /// `Input::ProtectedDomains`: replace the protected set.
-    pub(super) fn handle_protected_domains(&mut self, now: Instant, domains: BTreeMap<DomainId, DomainSpec>) {
+    pub(super) fn handle_protected_domains(
+        &mut self,
+        now: Instant,
+        domains: BTreeMap<DomainId, DomainSpec>,
+        read_issued: Instant,
+    ) {
+        self.registry_read_issued = self.registry_read_issued.max(read_issued.min(now));
         #[cfg(test)]
         let domains = if self.broken_ignore_unprotect {
             let mut all = self.cfg.spec.domains.clone();

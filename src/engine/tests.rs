@@ -598,6 +598,47 @@ fn master_with_dead_h3(prepare: impl FnOnce(&mut Harness)) -> Harness {
     h
 }
 
+/// S3(b) needs a fresh registry (Input::ProtectedDomains): H3 is dead and
+/// its fence fails, so only host_dead_timeout can free D3's lease. While the
+/// registry reads keep coming the master takes D3 by S3(b) (at ~22 s); when
+/// the only read is the one at start (reads failing while slot I/O works),
+/// the registry is older than host_dead_timeout by then, so it holds back
+/// (D3 could have been unprotected meanwhile and no longer be self-fenced by
+/// H3), says so once, and takes D3 after the next read.
+#[test]
+fn s3b_takes_a_lease_only_with_a_fresh_registry() {
+    for fresh in [true, false] {
+        let mut h = master_with_dead_h3(|h| h.fence_outcome = Some(FenceOutcome::Failed));
+        let mut next_read = Instant(0);
+        let stop_reading = if fresh { Instant(60_000) } else { Instant(0) };
+        while h.now < Instant(60_000) {
+            if h.now >= next_read && h.now <= stop_reading {
+                h.input(Input::ProtectedDomains { domains: protected(&[], &[]), read_issued: h.now });
+                next_read = h.now + Duration::from_millis(2_000);
+            }
+            let until = if next_read <= stop_reading { next_read.min(Instant(60_000)) } else { Instant(60_000) };
+            h.drive_bounded(until);
+        }
+        let taken = h.times(|a| {
+            matches!(a, Action::CasLease { key: LeaseKey::Domain(D3), new, .. } if new.reason == LeaseReason::HostDeadTimeout)
+        });
+        let held = emitted(&h, "by host_dead_timeout: the protected-domain registry was last read");
+        if fresh {
+            assert_eq!(taken.len(), 1, "D3 not taken by S3(b) with a fresh registry:\n{}", h.events());
+            assert!(taken[0] >= Instant(22_000), "taken at {} before host_dead_timeout", taken[0]);
+            assert!(held.is_empty(), "held back with a fresh registry: {held:?}");
+        } else {
+            assert!(taken.is_empty(), "D3 taken at {taken:?} with a registry read last at 0 s:\n{}", h.events());
+            assert_eq!(held.len(), 1, "the hold-back is said once:\n{}", h.events());
+            h.input(Input::ProtectedDomains { domains: protected(&[], &[]), read_issued: h.now });
+            h.drive_bounded(Instant(65_000));
+            let taken = h.times(|a| matches!(a, Action::CasLease { key: LeaseKey::Domain(D3), new, .. } if new.reason == LeaseReason::HostDeadTimeout));
+            assert_eq!(taken.len(), 1, "D3 not taken after a fresh read:\n{}", h.events());
+            assert!(taken[0] >= Instant(60_000));
+        }
+    }
+}
+
 /// DESIGN.md §4: the master plans with the size a host's slot reports (each
 /// daemon knows its own host; other hosts' sizes in its spec may be 0), and
 /// with its spec's size when the slot says 0. ME and H2 each run one domain;
@@ -705,7 +746,7 @@ fn unprotect_forgets_a_domain_without_destroying_it_or_touching_its_lease() {
     h.input(Input::DomainsAtStart(vec![D1]));
     h.drive_bounded(Instant(5_000));
     assert!(h.node.local_domains().contains_key(&D1), "D1 not adopted:\n{}", h.events());
-    h.input(Input::ProtectedDomains(protected(&[D1], &[])));
+    h.input(Input::ProtectedDomains { domains: protected(&[D1], &[]), read_issued: h.now });
     assert_eq!(emitted(&h, "vm1 unprotected: no longer managed"), [Instant(5_000)], "{}", h.events());
     assert!(h.node.local_domains().is_empty());
     assert!(h.node.view(h.now).domains.iter().all(|d| d.id != D1));
@@ -735,7 +776,7 @@ fn unprotect_while_the_master_places_it_starts_it_nowhere() {
         h.step();
     }
     let placing = h.now;
-    h.input(Input::ProtectedDomains(protected(&[D3], &[])));
+    h.input(Input::ProtectedDomains { domains: protected(&[D3], &[]), read_issued: h.now });
     h.answer_held();
     assert!(h.lease(LeaseKey::Domain(D3)).owner.is_some_and(|o| o.host != H3), "the CAS did land");
     h.drive_bounded(placing + ms(30_000));
@@ -757,12 +798,12 @@ fn unprotect_while_the_master_places_it_starts_it_nowhere() {
 #[test]
 fn protect_adopts_the_running_domain_and_the_master_reads_its_lease() {
     let mut h = master_with_partitioned_h2(|_| {});
-    h.input(Input::ProtectedDomains(protected(&[D1], &[])));
+    h.input(Input::ProtectedDomains { domains: protected(&[D1], &[]), read_issued: h.now });
     h.drive_bounded(Instant(10_000));
     assert!(h.node.local_domains().is_empty());
     let at = h.now;
     h.leases.insert(LeaseKey::Domain(D1), lease(ME, 2));
-    h.input(Input::ProtectedDomains(protected(&[], &[])));
+    h.input(Input::ProtectedDomains { domains: protected(&[], &[]), read_issued: h.now });
     h.input(Input::DomainsAtStart(vec![D1]));
     h.drive_bounded(Instant(30_000));
     assert_eq!(emitted(&h, "vm1 protected"), [at], "{}", h.events());
@@ -788,7 +829,7 @@ fn a_newly_protected_domain_is_not_placed_before_its_lease_is_read() {
         h.hold = Some(Box::new(move |a| matches!(a, Action::ReadLease { key: LeaseKey::Domain(d), .. } if *d == d4)));
     });
     h.drive_bounded(Instant(10_000));
-    h.input(Input::ProtectedDomains(protected(&[], &[spec4])));
+    h.input(Input::ProtectedDomains { domains: protected(&[], &[spec4]), read_issued: h.now });
     h.drive_bounded(Instant(30_000));
     assert!(h.held.len() >= 2, "D4's read was not retried after io_timeout: {:?}", h.held);
     let cas = |h: &Harness| h.times(|a| matches!(a, Action::CasLease { key: LeaseKey::Domain(d), .. } if *d == d4));

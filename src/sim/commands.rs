@@ -213,7 +213,8 @@ impl World {
             return;
         }
         self.registry_seen.insert(h, self.registry_version);
-        self.deliver(h, Input::ProtectedDomains(self.spec.domains.clone()));
+        let read_issued = self.local_now(h);
+        self.deliver(h, Input::ProtectedDomains { domains: self.spec.domains.clone(), read_issued });
         if let Some(d) = adopt {
             self.deliver(h, Input::DomainsAtStart(vec![d]));
         }

@@ -210,6 +210,13 @@ pub enum Ev {
         host: HostId,
         adopt: Option<DomainId>,
     },
+    /// The daemon's periodic registry read (every REGISTRY_POLL_MS, as the
+    /// real daemon's poller): it reaches the engine only when the host's
+    /// storage answers reads. `epoch`: the daemon run it belongs to.
+    RegistryPoll {
+        host: HostId,
+        epoch: u64,
+    },
     /// A `protect` that waits for the host running the domain (attempt n).
     Protect {
         domain: DomainId,
@@ -264,6 +271,8 @@ pub const MAX_EVENTS_PER_INSTANT: u64 = 100_000;
 pub const WATCHDOG_REBOOT_MS: u64 = 30_000;
 /// Period of the ground-truth invariant checks.
 pub const CHECK_INTERVAL_MS: u64 = 100;
+/// The daemon re-reads the registry this often (daemon::REGISTRY_POLL).
+pub const REGISTRY_POLL_MS: u64 = 2_000;
 
 impl World {
     pub fn new(setup: &SimSetup, params: WorldParams) -> World {
@@ -471,6 +480,7 @@ impl World {
                 self.power_off(target, "fenced");
             }
             Ev::Registry { host, adopt } => self.registry_read(host, adopt),
+            Ev::RegistryPoll { host, epoch } => self.registry_poll(host, epoch),
             Ev::Protect { domain, attempt } => self.protect(domain, None, attempt),
             Ev::Command(c) => self.apply_command(c),
             Ev::Check => {
@@ -994,12 +1004,26 @@ impl World {
             node.break_ignore_unprotect();
         }
         self.registry_seen.insert(h, self.registry_version);
-        let _ = epoch;
         if let Some(host) = self.hosts.get_mut(&h) {
             host.node = Some(node);
             host.wake_at = None;
         }
         self.input(h, Input::DomainsAtStart(domains));
+        self.schedule(REGISTRY_POLL_MS, Ev::RegistryPoll { host: h, epoch });
+    }
+
+    /// One periodic registry read of host `h`'s daemon run `epoch`.
+    fn registry_poll(&mut self, h: HostId, epoch: u64) {
+        let Some(host) = self.hosts.get(&h) else { return };
+        if host.daemon_epoch != epoch || host.node.is_none() {
+            return;
+        }
+        let reads_work =
+            matches!(host.storage_fault, None | Some(StorageFault::ReadOnly)) && self.storage.stall_until <= self.now;
+        if reads_work {
+            self.registry_read(h, None);
+        }
+        self.schedule(REGISTRY_POLL_MS, Ev::RegistryPoll { host: h, epoch });
     }
 
     pub fn pause(&mut self, h: HostId) {
@@ -1071,6 +1095,7 @@ fn ev_host(ev: &Ev) -> Option<HostId> {
         | Ev::IsolationAnswer { host, .. }
         | Ev::Watchdog { host }
         | Ev::Registry { host, .. }
+        | Ev::RegistryPoll { host, .. }
         | Ev::DaemonStart { host } => Some(*host),
         Ev::Deliver { to, .. } => Some(*to),
         _ => None,
