@@ -246,7 +246,7 @@ fn host_sees_later_datastore_mount_pauses_and_loses_daemons() {
     share_datastore_mount(&ds).expect("share the datastore mount point");
     let _net = Network::create(1).expect("network");
     let daemon = vec!["sleep".to_string(), "4242".to_string()];
-    let h = host_up(1, HostOptions { daemon: Some(daemon) });
+    let h = host_up(1, HostOptions { daemon: Some(daemon), ..HostOptions::default() });
 
     // faultfs mounted over ds after the host started, as in the lab.
     let mut faultfs = start_faultfs(&ds);

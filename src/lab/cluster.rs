@@ -473,7 +473,18 @@ impl Lab {
             "--socket".into(),
             control_socket(n).to_string_lossy().into_owned(),
         ];
-        let host = Host::new(n, HostOptions { daemon: Some(daemon) })?;
+        // A host that loses power loses its pending storage I/O too (its
+        // qemu may sit in D state on a hung datastore).
+        let abort = vec![
+            self.spec.havirt.to_string_lossy().into_owned(),
+            "lab".into(),
+            "storage-fault".into(),
+            "--control".into(),
+            lab_path(FAULTFS_SOCKET).to_string_lossy().into_owned(),
+            "abort".into(),
+            format!("netns={}", host_ns(n)),
+        ];
+        let host = Host::new(n, HostOptions { daemon: Some(daemon), power_off_hook: Some(abort) })?;
         host.prepare()?;
         // The watchdog's reset: the host loses power, as a real one would.
         let on_expire = Box::new(move || {

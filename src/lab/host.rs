@@ -50,6 +50,10 @@ pub struct HostOptions {
     /// arguments), its output appended to `LAB_DIR/hN/havirt.log`; None:
     /// libvirtd only.
     pub daemon: Option<Vec<String>>,
+    /// Run (repeatedly, until every process of the host is gone) when the
+    /// host has lost power: the lab's faultfs `abort` of the host's waiting
+    /// storage requests, which a process in D state needs to die.
+    pub power_off_hook: Option<Vec<String>>,
 }
 
 /// Host N of the lab. Holds only the `start` process it spawned (to reap it).
@@ -156,6 +160,15 @@ impl Host {
     fn start_script(&self) -> String {
         let (r, n, ns) = (self.dir.display(), self.n, self.netns());
         let inner = quote(&self.inner_script());
+        let hook = match &self.opts.power_off_hook {
+            // Until every process of the host is gone (bounded: 100 x 20 ms,
+            // well within ipmi_sim's kill_wait of 1 s).
+            Some(argv) => format!(
+                "i=0\nwhile [ -n \"$(ip netns pids {ns})\" ] && [ $i -lt 100 ]; do\n    {} >/dev/null 2>&1\n    sleep 0.02; i=$((i+1))\ndone\n",
+                argv.iter().map(|a| quote(a)).collect::<Vec<_>>().join(" ")
+            ),
+            None => String::new(),
+        };
         format!(
             "#!/bin/sh
 # Lab host {n}'s power (written by havirt::lab::host): runs the host in the
@@ -182,7 +195,7 @@ wait $outer
 rc=$?
 wait $outer 2>/dev/null
 links down
-exit $rc
+{hook}exit $rc
 "
         )
     }

@@ -52,15 +52,25 @@ pub enum Command {
     Clear {
         netns: Option<String>,
     },
+    /// Fail every request of `netns` waiting now (parked or delayed) with
+    /// EIO; the fault stays. A lab host powered off loses its pending I/O
+    /// with it (a process in D state on a hung request could not die).
+    Abort {
+        netns: String,
+    },
     Status,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum CommandError {
-    #[error("empty command: use hang, eio, delay MS, readonly, ok or status (optionally followed by netns=NAME)")]
+    #[error(
+        "empty command: use hang, eio, delay MS, readonly, ok or status (optionally followed by netns=NAME), or abort netns=NAME"
+    )]
     Empty,
-    #[error("unknown command {0:?}: use hang, eio, delay MS, readonly, ok or status")]
+    #[error("unknown command {0:?}: use hang, eio, delay MS, readonly, ok, status or abort netns=NAME")]
     Unknown(String),
+    #[error("abort needs netns=NAME: it fails the waiting requests of that namespace")]
+    AbortWithoutNetns,
     #[error("delay needs a whole number of milliseconds from 0 to {MAX_DELAY_MS}, got {0:?}")]
     BadDelay(String),
     #[error(
@@ -84,7 +94,7 @@ impl Command {
                 let parsed = ms.parse::<u64>().ok().filter(|ms| *ms <= MAX_DELAY_MS);
                 Some(Fault::Delay { ms: parsed.ok_or_else(|| CommandError::BadDelay(ms.to_string()))? })
             }
-            "ok" | "status" => None,
+            "ok" | "status" | "abort" => None,
             other => return Err(CommandError::Unknown(other.to_string())),
         };
         if verb == "status" {
@@ -96,6 +106,9 @@ impl Command {
         let netns = parse_netns(words.next())?;
         if let Some(extra) = words.next() {
             return Err(CommandError::Extra(extra.to_string()));
+        }
+        if verb == "abort" {
+            return netns.map(|netns| Command::Abort { netns }).ok_or(CommandError::AbortWithoutNetns);
         }
         Ok(match fault {
             Some(fault) => Command::Set { fault, netns },
@@ -182,6 +195,8 @@ mod tests {
         assert_eq!(Command::parse("ok"), Ok(Command::Clear { netns: None }));
         assert_eq!(Command::parse("ok netns=h3"), Ok(Command::Clear { netns: Some("h3".into()) }));
         assert_eq!(Command::parse("status"), Ok(Command::Status));
+        assert_eq!(Command::parse("abort netns=hl-h2"), Ok(Command::Abort { netns: "hl-h2".into() }));
+        assert_eq!(Command::parse("abort"), Err(CommandError::AbortWithoutNetns));
     }
 
     #[test]

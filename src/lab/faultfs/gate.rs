@@ -164,6 +164,10 @@ impl Gate {
                 self.change(|t| t.set(fault, None));
                 "ok".into()
             }
+            Ok(Command::Abort { netns }) => match netns_inode(&netns) {
+                Err(e) => format!("error: {e}"),
+                Ok(ino) => format!("ok aborted={}", self.abort(ino)),
+            },
             Ok(Command::Set { fault, netns: Some(name) }) => match netns_inode(&name) {
                 Err(e) => format!("error: {e}"),
                 Ok(ino) => {
@@ -187,6 +191,27 @@ impl Gate {
         for p in waiting {
             self.dispatch(p);
         }
+    }
+
+    /// Fails the waiting requests of the namespace with inode `ino` (EIO);
+    /// returns how many.
+    fn abort(&self, ino: u64) -> usize {
+        let doomed: Vec<Pending> = {
+            let mut st = self.lock();
+            let (doomed, kept): (Vec<Pending>, Vec<Pending>) =
+                std::mem::take(&mut st.parked).into_iter().partition(|p| p.netns == Some(ino));
+            st.parked = kept;
+            let delayed = std::mem::take(&mut st.delayed);
+            let (gone, stay): (BTreeMap<_, _>, BTreeMap<_, _>) =
+                delayed.into_iter().partition(|(_, p)| p.netns == Some(ino));
+            st.delayed = stay;
+            doomed.into_iter().chain(gone.into_values()).collect()
+        };
+        let n = doomed.len();
+        for p in doomed {
+            (p.job)(Err(Errno::EIO));
+        }
+        n
     }
 
     pub fn status(&self) -> String {
