@@ -1,0 +1,1 @@
+//! Faults the design rides out: nothing may move.
