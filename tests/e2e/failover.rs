@@ -134,3 +134,120 @@ fn returning_host_rejoins_without_taking_back() {
     }
     t.finish();
 }
+
+/// Case 5: a host freezes (every process SIGSTOPped) for 60 s. It is
+/// silent on network and storage, so the survivors fence it through its
+/// BMC, which works: the domains run again elsewhere within the fenced
+/// bound, the host is really off (the confirmation was true), and when the
+/// 60 s are over it runs none of its old domains (a resumed zombie would
+/// break S1; S5 would have to destroy it).
+#[test]
+fn paused_host_is_fenced_and_never_runs_its_domains_again() {
+    let Some(mut t) = E2e::up("pause_60s", |_| {}) else { return };
+    let victim = t.busiest_non_master();
+    let stopped = t.domains_on(victim);
+    let untouched = others(&t, victim);
+    let t0 = t.fault(&Fault::Pause(victim));
+    let recovered = t.assert_recovered(&stopped, t0, Duration::ZERO, fenced_bound(), |h| h != victim);
+    assert!(fence_confirmed_on_storage(victim), "no fence confirmation of h{victim} on storage");
+    // ipmi_sim reports "off" once the host's start command has exited,
+    // which the power-off waits for: a confirmed host is off by now.
+    let off = poll_until(POWER_SETTLE, || (!t.lab().host(victim).is_ok_and(|h| h.is_on())).then_some(()));
+    assert!(off.is_some(), "h{victim} was confirmed fenced but is still on");
+    std::thread::sleep(PAUSE.saturating_sub(t0.elapsed()));
+    if t.lab().host(victim).is_ok_and(|h| h.is_on()) {
+        t.fault(&Fault::Resume(victim));
+    }
+    // A few heartbeat rounds for anything wrong (a zombie, a take-back).
+    std::thread::sleep(CI_MARGIN);
+    let now_placement = t.lab().placement();
+    for (d, (_, host)) in &recovered {
+        assert_eq!(now_placement[d], vec![*host], "{d} after the pause");
+    }
+    t.assert_kept_running(&untouched);
+    t.finish();
+}
+
+/// How long the pause of case 5 lasts (the 60 s: past every
+/// timeout of the profile).
+const PAUSE: Duration = Duration::from_secs(60);
+/// A fenced host's processes are gone within this of the confirmation.
+const POWER_SETTLE: Duration = Duration::from_secs(10);
+
+/// Case 8: one host's storage hangs. It cannot write its slot, so it
+/// destroys its protected domains after renew_timeout (S4), and the
+/// survivors restart them, by S3(c) or at the latest by the watchdog rule.
+/// Then its storage comes back.
+#[test]
+fn hung_storage_self_fences_and_the_others_restart() {
+    let Some(mut t) = E2e::up("storage_hang", |_| {}) else { return };
+    let victim = t.busiest_non_master();
+    let stopped = t.domains_on(victim);
+    let untouched = others(&t, victim);
+    let t0 = t.fault(&Fault::StorageHang(victim));
+    let recovered = t.assert_recovered(&stopped, t0, Duration::ZERO, watchdog_rule_upper(), |h| h != victim);
+    // S4: stopped on the victim by renew_timeout (8 s) + io_timeout (2 s:
+    // a destroy through libvirt that does not answer, then a kill) + CI
+    // margin (5 s) = 15 s after the fault.
+    let tm = timings();
+    let self_fence = std_duration(tm.renew_timeout) + std_duration(tm.io_timeout) + CI_MARGIN;
+    let seen = t.seen();
+    let since = seen.offset(t0);
+    for d in &stopped {
+        let on_victim = seen.timeline[&seen.key(d).expect("seen")]
+            .iter()
+            .filter(|i| i.host == format!("h{victim}") && i.first_seen <= since)
+            .filter_map(|i| i.stopped_seen)
+            .next_back();
+        let stop = on_victim.unwrap_or_else(|| panic!("{d} never stopped on h{victim}"));
+        let took = stop.saturating_sub(since);
+        println!("storage_hang: {d} stopped on h{victim} {:.2} s after the fault", took.as_secs_f64());
+        assert!(took <= self_fence, "{d} stopped on h{victim} {took:?} after the fault, bound {self_fence:?}");
+    }
+    t.fault(&Fault::StorageOk(victim));
+    t.settle(SETTLE_WAIT);
+    let now_placement = t.lab().placement();
+    for (d, (_, host)) in &recovered {
+        assert_eq!(now_placement[d], vec![*host], "{d} after the storage came back");
+    }
+    t.assert_kept_running(&untouched);
+    t.finish();
+}
+
+/// Case 7, poweroff: the isolated host powers off its domains after
+/// isolation_timeout and releases their leases; the master restarts them
+/// on the others. Never two at once (S1), and not before the isolation
+/// response may fire: isolation_timeout (5 s) minus one network heartbeat
+/// interval (0.5 s: the last heartbeat heard may precede the fault).
+/// Upper: isolation_timeout (5 s) + the release on storage (one write
+/// interval, 0.5 s) + the master reading it and the assignee reading its
+/// assignment (two read intervals, 0.5 s) + a start (1 s) + CI margin
+/// (5 s) = 12 s.
+#[test]
+fn isolated_host_powers_off_and_the_others_restart() {
+    let Some(mut t) = E2e::up("isolated_poweroff", |_| {}) else { return };
+    let victim = t.busiest_non_master();
+    let stopped = t.domains_on(victim);
+    let untouched = others(&t, victim);
+    for d in &stopped {
+        let out = t.lab().havirt_on(victim, &["protect", d, "--isolation-response", "poweroff"]);
+        out.unwrap_or_else(|e| panic!("protect {d} --isolation-response poweroff: {e}"));
+    }
+    let tm = timings();
+    let isolation = std_duration(tm.isolation_timeout);
+    let lower = isolation - std_duration(tm.net_heartbeat_interval);
+    let read = std_duration(tm.storage_read_interval);
+    let upper = isolation + std_duration(tm.storage_write_interval) + read + read + START + CI_MARGIN;
+    let t0 = t.fault(&Fault::Isolate(victim));
+    let recovered = t.assert_recovered(&stopped, t0, lower, upper, |h| h != victim);
+    let isolated = poll_until(CI_MARGIN, || t.lab().daemon_status(victim).ok().filter(|r| r.view.isolated));
+    assert!(isolated.is_some(), "h{victim} never said it was isolated");
+    t.fault(&Fault::Heal);
+    t.settle(SETTLE_WAIT);
+    let now_placement = t.lab().placement();
+    for (d, (_, host)) in &recovered {
+        assert_eq!(now_placement[d], vec![*host], "{d} after the heal");
+    }
+    t.assert_kept_running(&untouched);
+    t.finish();
+}

@@ -97,9 +97,9 @@ pub fn watchdog_rule_lower() -> Duration {
     std_duration(t.host_dead_timeout) - std_duration(t.storage_write_interval)
 }
 
-/// Fault to running again by the watchdog rule: host_dead_timeout (22 s)
-/// + the taker seeing it (one read interval, 0.25 s) + the assignment read
-/// (0.25 s) + a start (1 s) + CI margin (5 s) = 28.5 s.
+/// Fault to running again by the watchdog rule: host_dead_timeout (22 s),
+/// plus the taker seeing it (one read interval, 0.25 s), the assignment
+/// read (0.25 s), a start (1 s) and the CI margin (5 s): 28.5 s.
 pub fn watchdog_rule_upper() -> Duration {
     let t = timings();
     let read = std_duration(t.storage_read_interval);
@@ -163,8 +163,8 @@ impl E2e {
         adjust(&mut spec);
         println!("== {name}: lab up ({} hosts, {} domains, fencing {:?})", spec.hosts, spec.domains, spec.fencing);
         let lab = Lab::up(spec).unwrap_or_else(|e| panic!("{name}: lab up: {e}"));
-        let observer = Observer::start(lab.observer_hosts(), DEFAULT_INTERVAL)
-            .unwrap_or_else(|e| panic!("{name}: observer: {e}"));
+        let observer =
+            Observer::start(lab.observer_hosts(), DEFAULT_INTERVAL).unwrap_or_else(|e| panic!("{name}: observer: {e}"));
         let before = lab.placement();
         let t = E2e { name, lab: Some(lab), observer: Some(observer), before };
         for (domain, hosts) in &t.before {
@@ -358,8 +358,13 @@ impl E2e {
         let mut report = String::new();
         if let Some(o) = &self.observer {
             let seen = o.snapshot();
-            let _ = writeln!(report, "observer: {} samples; S1 violations: {:#?}", seen.samples.len(), seen.s1_violations);
-            let _ = writeln!(report, "names: {:#?}\ntimeline (offsets from the observer's start): {:#?}", seen.names, seen.timeline);
+            let _ =
+                writeln!(report, "observer: {} samples; S1 violations: {:#?}", seen.samples.len(), seen.s1_violations);
+            let _ = writeln!(
+                report,
+                "names: {:#?}\ntimeline (offsets from the observer's start): {:#?}",
+                seen.names, seen.timeline
+            );
         }
         let _ = writeln!(report, "placement when settled: {:?}", self.before);
         if let Some(lab) = &self.lab {
@@ -376,12 +381,12 @@ impl Drop for E2e {
             return;
         }
         self.save_logs();
-        if std::env::var_os(KEEP_ENV).is_some_and(|v| v == "1") {
-            if let Some(lab) = self.lab.take() {
-                KEPT.store(true, Ordering::SeqCst);
-                eprintln!("{}: {KEEP_ENV}=1: the lab stays up ({LAB_DIR}); the next `lab up` removes it", self.name);
-                std::mem::forget(lab);
-            }
+        if std::env::var_os(KEEP_ENV).is_some_and(|v| v == "1")
+            && let Some(lab) = self.lab.take()
+        {
+            KEPT.store(true, Ordering::SeqCst);
+            eprintln!("{}: {KEEP_ENV}=1: the lab stays up ({LAB_DIR}); the next `lab up` removes it", self.name);
+            std::mem::forget(lab);
         }
     }
 }
