@@ -129,14 +129,16 @@ impl Host {
         // die, as systemd does on a server (Restart=always, RestartSec=1s).
         // Each loop is orphaned at once, so tini reaps it and killing it
         // leaves the host up (tini exits, powering the host off, only when
-        // its own child, `sleep`, does).
+        // its own child, `sleep`, does). `|| :`: the script runs under
+        // `sh -e`, so a killed (non-zero) libvirtd or daemon would end its
+        // loop, and it would never be restarted.
         lines.push(format!(
-            "(while :; do libvirtd -p /run/libvirt/libvirtd.pid; sleep {RESPAWN_DELAY_S}; done </dev/null >>{r}/libvirtd.log 2>&1 &)"
+            "(while :; do libvirtd -p /run/libvirt/libvirtd.pid || :; sleep {RESPAWN_DELAY_S}; done </dev/null >>{r}/libvirtd.log 2>&1 &)"
         ));
         if let Some(daemon) = &self.opts.daemon {
             let argv: Vec<String> = daemon.iter().map(|a| quote(a)).collect();
             lines.push(format!(
-                "(while :; do {}; sleep {RESPAWN_DELAY_S}; done </dev/null >>{r}/havirt.log 2>&1 &)",
+                "(while :; do {} || :; sleep {RESPAWN_DELAY_S}; done </dev/null >>{r}/havirt.log 2>&1 &)",
                 argv.join(" ")
             ));
         }
