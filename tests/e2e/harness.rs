@@ -223,28 +223,26 @@ impl E2e {
         victim
     }
 
-    /// Polls the observer until each of `domains` ran again after the fault
-    /// at `t0` (bounded by `wait`); each one's first gap since the fault.
-    pub fn wait_recovered(&self, domains: &[String], t0: Instant, wait: Duration) -> BTreeMap<String, Option<Gap>> {
-        let gaps = |seen: &Observation| -> BTreeMap<String, Option<Gap>> {
-            let since = seen.offset(t0);
-            let first = |d: &String| seen.gaps(d).into_iter().find(|g| g.stopped_at >= since);
-            domains.iter().map(|d| (d.clone(), first(d))).collect()
-        };
+    /// Polls the observer until each of `domains` runs again, lastingly,
+    /// after the fault at `t0` (bounded by `wait`): see [`lasting_recovery`].
+    pub fn wait_recovered(&self, domains: &[String], t0: Instant, wait: Duration) -> BTreeMap<String, Recovery> {
         let start = now();
         loop {
-            let now_gaps = gaps(&self.seen());
-            let all = now_gaps.values().all(|g| g.as_ref().is_some_and(|g| g.running_again_at.is_some()));
-            if all || start.elapsed() >= wait {
-                return now_gaps;
+            let seen = self.seen();
+            let since = seen.offset(t0);
+            let found: BTreeMap<String, Recovery> =
+                domains.iter().map(|d| (d.clone(), lasting_recovery(&seen, d, since))).collect();
+            if found.values().all(|r| matches!(r, Recovery::Running { .. })) || start.elapsed() >= wait {
+                return found;
             }
             std::thread::sleep(POLL);
         }
     }
 
     /// Asserts that each of `domains` stopped after the fault at `t0` and
-    /// ran again within `[lower, upper]` of it, on exactly one host that
-    /// `allowed` accepts. Returns each one's (recovery time, new host).
+    /// ran again (lastingly) within `[lower, upper]` of it, on exactly one
+    /// host that `allowed` accepts. Returns each one's (recovery time, new
+    /// host).
     pub fn assert_recovered(
         &self,
         domains: &[String],
@@ -254,24 +252,20 @@ impl E2e {
         allowed: impl Fn(u16) -> bool,
     ) -> BTreeMap<String, (Duration, u16)> {
         assert!(!domains.is_empty(), "{}: no domain to recover", self.name);
-        let gaps = self.wait_recovered(domains, t0, upper + OVERRUN_WAIT);
-        let seen = self.seen();
-        let fault = seen.offset(t0);
+        let found = self.wait_recovered(domains, t0, upper + OVERRUN_WAIT);
         let mut out = BTreeMap::new();
-        for (domain, gap) in gaps {
-            let gap = gap.unwrap_or_else(|| panic!("{}: {domain} never stopped after the fault", self.name));
-            let again = gap.running_again_at.unwrap_or_else(|| {
-                panic!("{}: {domain} not running again {:?} after the fault", self.name, upper + OVERRUN_WAIT)
-            });
-            let took = again.saturating_sub(fault);
-            let host = match gap.hosts_after.as_slice() {
+        for (domain, r) in found {
+            let (took, hosts, from) = match r {
+                Recovery::Running { after, hosts, from } => (after, hosts, from),
+                other => panic!("{}: {domain} {other:?} {:?} after the fault", self.name, upper + OVERRUN_WAIT),
+            };
+            let host = match hosts.as_slice() {
                 [h] => h.strip_prefix('h').and_then(|n| n.parse::<u16>().ok()).expect("hosts are hN"),
                 other => panic!("{}: {domain} ran again on {other:?}, not on one host", self.name),
             };
             println!(
-                "RECOVERY {}: {domain} {:?} -> h{host} in {:.2} s (bounds {:.2}..{:.2} s)",
+                "RECOVERY {}: {domain} {from:?} -> h{host} in {:.2} s (bounds {:.2}..{:.2} s)",
                 self.name,
-                gap.hosts_before,
                 took.as_secs_f64(),
                 lower.as_secs_f64(),
                 upper.as_secs_f64()
@@ -404,7 +398,7 @@ fn lab_logs() -> Vec<(PathBuf, PathBuf)> {
     let mut out = vec![(lab.join("faultfs.log"), PathBuf::from("faultfs.log"))];
     for n in 1..=HOSTS {
         let h = format!("h{n}");
-        for f in ["havirt.log", "console.log", "havirt.toml"] {
+        for f in ["havirt.log", "libvirtd.log", "console.log", "havirt.toml", "start"] {
             out.push((lab.join(&h).join(f), Path::new(&h).join(f)));
         }
         out.push((lab.join("bmc").join(&h).join("ipmi_sim.log"), Path::new(&h).join("ipmi_sim.log")));
@@ -414,6 +408,41 @@ fn lab_logs() -> Vec<(PathBuf, PathBuf)> {
         }
     }
     out
+}
+
+/// A run shorter than this does not count as a recovery: a start that
+/// fails (qemu refusing a disk lock, say) shows qemu in libvirt's list
+/// for a moment.
+pub const LASTING: Duration = Duration::from_secs(2);
+
+/// What became of a domain after a fault, as the observer saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Recovery {
+    /// It did not stop (yet).
+    NeverStopped,
+    /// It stopped and has not run again for LASTING (yet).
+    NotRunningAgain,
+    /// `after` the fault it ran again on `hosts` (it ran on `from` before)
+    /// and kept running for LASTING at least.
+    Running { after: Duration, hosts: Vec<String>, from: Vec<String> },
+}
+
+/// The first run of `domain` after a stop at or after `since` (an offset
+/// from the observer's epoch) that lasted LASTING, or still runs and has
+/// for LASTING.
+pub fn lasting_recovery(seen: &Observation, domain: &str, since: Duration) -> Recovery {
+    let gaps: Vec<Gap> = seen.gaps(domain).into_iter().filter(|g| g.stopped_at >= since).collect();
+    let Some(first) = gaps.first() else { return Recovery::NeverStopped };
+    let last_sample = seen.samples.last().map_or(Duration::ZERO, |s| s.at);
+    for (i, g) in gaps.iter().enumerate() {
+        let Some(again) = g.running_again_at else { break };
+        let until = gaps.get(i + 1).map_or(last_sample, |next| next.stopped_at);
+        if until.saturating_sub(again) >= LASTING {
+            let from = first.hosts_before.clone();
+            return Recovery::Running { after: again.saturating_sub(since), hosts: g.hosts_after.clone(), from };
+        }
+    }
+    Recovery::NotRunningAgain
 }
 
 /// Calls `f` every POLL until it gives Some, or `timeout` passed.
