@@ -16,6 +16,8 @@
 //! lab lock anyway). A failing test copies the lab's logs to
 //! `target/e2e-logs/TEST/`; with `HAVIRT_E2E_KEEP=1` it also leaves the
 //! lab up for a look (run that one test alone; the next `lab up` removes it).
+//! The kept lab has no watchdog supervisors (they are threads of the test
+//! process): its daemons log failed pets, and no host is reset any more.
 
 mod failover;
 mod harness;
