@@ -1,0 +1,24 @@
+//! havirt end to end: a real three-host lab (`havirt::lab`: network
+//! namespaces, a libvirtd and a havirt daemon per host, simulated BMCs
+//! fenced by the real fence_ipmilan, lab watchdogs, a shared datastore
+//! through faultfs, tiny qemu domains), one per test, faulted the ways a
+//! cluster fails. An outside observer samples every host's libvirt every
+//! 100 ms for the whole test.
+//!
+//! Every test asserts S1 (no domain on two hosts at once, and no qemu
+//! image-lock refusal), and either that every protected domain the fault
+//! stopped runs again within its bound (derived from the default profile
+//! in `harness`, with the arithmetic named), or, for the faults the design
+//! says to ride out, that nothing moved.
+//!
+//! Root only; SKIPPED (passing, saying why) when not root or a lab tool is
+//! missing. Run with `--test-threads=1` (labs serialize on the machine's
+//! lab lock anyway). A failing test copies the lab's logs to
+//! `target/e2e-logs/TEST/`; with `HAVIRT_E2E_KEEP=1` it also leaves the
+//! lab up for a look (run that one test alone; the next `lab up` removes it).
+//! The kept lab has no watchdog supervisors (they are threads of the test
+//! process): its daemons log failed pets, and no host is reset any more.
+
+mod failover;
+mod harness;
+mod steady;
