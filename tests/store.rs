@@ -495,3 +495,27 @@ fn fuzz_decoding_random_blocks_never_panics() {
         assert!(outcomes.contains_key(reason), "fuzzing never produced {reason}: {outcomes:?}");
     }
 }
+
+/// Our slot file stays open between heartbeats (one pwrite + fdatasync per
+/// write): every write still lands in the file readers see, and a file
+/// unlinked behind our back is written again within SLOT_FILE_REOPEN.
+#[test]
+#[allow(clippy::disallowed_methods, reason = "the reopen is due in wall time")]
+fn dir_slot_writes_through_the_kept_file_and_reopen_a_replaced_one() {
+    let root = scratch("dir_slot_kept_open");
+    let st = DirStore::init(&root, CLUSTER).expect("init");
+    for seq in 1..=3 {
+        st.write_slot(&slot(1, seq, 1)).expect("write");
+        assert_eq!(st.read_slot(HostId(1)).expect("read"), Some(slot(1, seq, 1)));
+    }
+    fs::remove_file(st.slot_path(HostId(1))).expect("unlink the slot file");
+    let gone_until = std::time::Instant::now() + havirt::store::dir::SLOT_FILE_REOPEN + Duration::from_millis(500);
+    let mut seq = 4;
+    while st.read_slot(HostId(1)).expect("read").is_none() {
+        assert!(std::time::Instant::now() < gone_until, "the unlinked slot file was not written again");
+        st.write_slot(&slot(1, seq, 1)).expect("write");
+        seq += 1;
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(st.read_slot(HostId(1)).expect("read").map(|s| s.seq), Some(seq - 1));
+}

@@ -71,6 +71,9 @@ pub struct ClassResult {
     pub false_moves: usize,
     /// Domains that did not run again within RECOVERY_WAIT.
     pub not_recovered: usize,
+    /// Why the class could not be measured (its lab failed), if it could not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// The nearest-rank percentile `p` (1..=100) of `sorted` (ascending): the
@@ -107,7 +110,14 @@ pub fn run(havirt: &Path, args: &BenchArgs) -> Result<(), String> {
     let mut results: BTreeMap<String, ClassResult> = BTreeMap::new();
     for class in wanted.into_iter().filter(|c| args.only.is_empty() || args.only.iter().any(|o| o == c)) {
         eprintln!("== lab bench: {class}, {} trials", args.trials);
-        let mut result = bench_class(havirt, args, class).map_err(|e| format!("{class}: {e}"))?;
+        let mut result = match bench_class(havirt, args, class) {
+            Ok(r) => r,
+            Err(e) => {
+                // The other classes still run; this one reports its error.
+                eprintln!("{class}: failed: {e}");
+                ClassResult { error: Some(e.to_string()), ..ClassResult::default() }
+            }
+        };
         result.finish();
         eprintln!("{class}: {}", row(&result));
         results.insert(class.to_string(), result);
@@ -123,7 +133,8 @@ pub fn run(havirt: &Path, args: &BenchArgs) -> Result<(), String> {
             println!("{class:<18} {}", row(r));
         }
     }
-    Ok(())
+    let failed: Vec<&String> = results.iter().filter(|(_, r)| r.error.is_some()).map(|(c, _)| c).collect();
+    if failed.is_empty() { Ok(()) } else { Err(format!("classes that could not be measured: {failed:?}")) }
 }
 
 fn row(r: &ClassResult) -> String {
@@ -167,10 +178,13 @@ fn bench_class(havirt: &Path, args: &BenchArgs, class: &str) -> Result<ClassResu
         let victim = if class == "master-power-off" {
             master.unwrap_or(1)
         } else {
-            (1..=lab.spec().hosts)
+            // The busiest host but the master; the master when the others
+            // run nothing (every trial must stop some domain).
+            let busiest = (1..=lab.spec().hosts)
                 .filter(|h| Some(*h) != master)
                 .max_by_key(|h| (load(*h), std::cmp::Reverse(*h)))
-                .unwrap_or(2)
+                .unwrap_or(2);
+            if load(busiest) == 0 { master.unwrap_or(busiest) } else { busiest }
         };
         let on_victim: Vec<String> =
             placement.iter().filter(|(_, on)| on.contains(&victim)).map(|(d, _)| d.clone()).collect();

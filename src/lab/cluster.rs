@@ -282,7 +282,9 @@ pub fn config_text(spec: &LabSpec) -> String {
     let mut text = format!(
         "# The havirt lab's cluster (written by `havirt lab up`).\n\
          [cluster]\nname = \"{CLUSTER}\"\nkey_file = \"{lab}/cluster.key\"\nprofile = \"{}\"\n\
-         isolation_addresses = [\"{GATEWAY_ADDR}\"]\n\n\
+         isolation_addresses = [\"{GATEWAY_ADDR}\"]\n\
+         # Tiny idle domains: a restart storm of 30+ must fit on two hosts.\n\
+         vcpu_overcommit = 16.0\n\n\
          [cluster.datastore]\nkind = \"dir\"\npath = \"{lab}/ds/cluster\"\n",
         spec.profile
     );

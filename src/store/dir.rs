@@ -116,7 +116,20 @@ pub struct DirStore {
     /// before the file lock, which on NFS (flock emulated by POSIX locks)
     /// may not exclude two threads of one process.
     gates: Mutex<BTreeMap<LeaseKey, Arc<Mutex<()>>>>,
+    /// Our own slot file, kept open between heartbeat writes: a write is
+    /// then one pwrite + fdatasync, not also the lookups, open and close
+    /// that cost a round trip each on NFS (as sanlock keeps its lease files
+    /// open). Dropped on any error, so the next write opens it afresh, and
+    /// after SLOT_FILE_REOPEN: writes to a file someone unlinked or replaced
+    /// would succeed unseen, and S4 relies on a failing heartbeat failing.
+    slot_file: Mutex<Option<(PathBuf, File, std::time::Instant)>>,
 }
+
+/// Our slot file is opened afresh at least this often. A heartbeat written
+/// to a file that was unlinked meanwhile is lost unseen for at most this
+/// long: far below every profile's host_dead_timeout (10 s at the least),
+/// so no peer takes our leases by S3(b) on such a silence.
+pub const SLOT_FILE_REOPEN: Duration = Duration::from_secs(5);
 
 /// `<uuid>` as in file names: lowercase, hyphenated (8-4-4-4-12).
 pub fn domain_uuid(d: DomainId) -> String {
@@ -170,6 +183,7 @@ impl DirStore {
             lock_wait: DEFAULT_LOCK_WAIT,
             rejects: Mutex::default(),
             gates: Mutex::default(),
+            slot_file: Mutex::default(),
         })
     }
 
@@ -223,7 +237,33 @@ impl DirStore {
 /// Records.
 impl DirStore {
     pub fn write_slot(&self, slot: &Slot) -> Result<(), DirError> {
-        self.write_record(&self.slot_path(slot.host), RecordKind::Slot, slot)
+        let path = self.slot_path(slot.host);
+        let block = self.encode_block(&path, RecordKind::Slot, slot)?;
+        // A write still hung on the cached file holds the lock: this one
+        // then goes the long way, on a file of its own.
+        let Ok(mut cached) = self.slot_file.try_lock() else {
+            return self.write_block(&path, &block);
+        };
+        #[allow(clippy::disallowed_methods, reason = "an adapter's own bookkeeping, not engine time")]
+        let now = std::time::Instant::now();
+        if let Some((p, f, opened)) = cached.as_ref()
+            && *p == path
+            && now.duration_since(*opened) < SLOT_FILE_REOPEN
+        {
+            let written = direct::write_block(f, &path, 0, &block);
+            if written.is_err() {
+                *cached = None;
+            }
+            return Ok(written?);
+        }
+        let file = self.open_for_write(&path)?;
+        let created = file_len(&file, &path)? == 0;
+        direct::write_block(&file, &path, 0, &block)?;
+        if created {
+            sync_parent(&path)?;
+        }
+        *cached = Some((path, file, now));
+        Ok(())
     }
 
     /// `Ok(None)`: the host never wrote its slot.

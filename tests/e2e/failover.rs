@@ -179,9 +179,6 @@ const POWER_SETTLE: Duration = Duration::from_secs(10);
 /// survivors restart them, by S3(c) or at the latest by the watchdog rule.
 /// Then its storage comes back.
 #[test]
-#[ignore = "lab bug, lead to decide: a host powered off (BMC, fence agent or lab watchdog) while its qemu \
-            sits in D state on a hung faultfs request is reported off, but its qemu lives on holding the disk \
-            locks, so every restart is refused (qemu image lock) until storage-ok; see the e2e report"]
 fn hung_storage_self_fences_and_the_others_restart() {
     let Some(mut t) = E2e::up("storage_hang", |_| {}) else { return };
     let victim = t.busiest_non_master();
