@@ -221,6 +221,13 @@ fn bench_class(havirt: &Path, args: &BenchArgs, class: &str) -> Result<ClassResu
                 lab.fault(f)?;
             }
         }
+        // A host its watchdog powered off (hung storage) reboots, as a real
+        // one would: every trial starts from a whole cluster.
+        for h in 1..=lab.spec().hosts {
+            if !lab.host(h)?.is_on() {
+                lab.fault(&Fault::PowerOn(h))?;
+            }
+        }
         lab.wait_settled(SETTLE_WAIT)?;
         let seen = observer.snapshot();
         let times: Vec<Option<Duration>> = stopped.iter().map(|d| seen.recovery_after(d, t0)).collect();

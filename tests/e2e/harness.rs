@@ -292,6 +292,13 @@ impl E2e {
 
     /// Asserts that every domain runs where it ran when the lab settled,
     /// and that the observer never saw one run on another host.
+    /// Nothing moved, and every domain ran all along (the no-failure cases).
+    pub fn assert_undisturbed(&self) {
+        self.assert_nothing_moved();
+        let all: Vec<String> = self.before.keys().cloned().collect();
+        self.assert_kept_running(&all);
+    }
+
     pub fn assert_nothing_moved(&self) {
         let now_placement = self.lab().placement();
         assert_eq!(now_placement, self.before, "{}: the placement changed", self.name);
