@@ -20,9 +20,10 @@ use std::time::{Duration, Instant};
 pub const RECOVERY_WAIT: Duration = Duration::from_secs(120);
 /// How long the no-failure classes hold their fault, and watch after it.
 pub const HOLD: Duration = Duration::from_secs(10);
-/// The storage delay of `storage-delay`: well below the default profile's
-/// io_timeout (2 s) and renew_timeout (8 s).
-pub const STORAGE_DELAY_MS: u64 = 500;
+/// The storage delay of `storage-delay`, per FUSE request (a heartbeat is
+/// several): the e2e suite's, under which nothing may move. At 500 ms per
+/// request a host still self-fences (the issue 4 note says what is known).
+pub const STORAGE_DELAY_MS: u64 = 50;
 const POLL: Duration = Duration::from_millis(100);
 
 pub const CLASSES: [&str; 8] = [
