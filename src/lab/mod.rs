@@ -1,7 +1,7 @@
 //! Tooling for havirt's tests and its multi-host lab (LAB-NOTES.md): not
 //! part of the daemon's decisions.
 //!
-//! # The lab (issue 4), as it is being built
+//! # The lab (issue 4)
 //!
 //! Several real KVM hosts on one Linux machine, so that havirt is proven
 //! end to end against real libvirtd and qemu, and fenced through the same
@@ -18,9 +18,14 @@
 //!                  one ipmi_sim per host, listening on 10.98.0.N:623
 //! LAB_DIR/hN/      host N's state: etc/ (copy of /etc/libvirt), run/, lib/,
 //!                  log/, cache/ (bind-mounted over libvirt's paths inside
-//!                  the host), havirt.toml, havirt.sock, havirt.log,
+//!                  the host; run/boot_id is bind-mounted over the kernel's
+//!                  boot id, new at every power-on), havirt.sock (its
+//!                  daemon's control socket), havirt.log, libvirtd.log,
 //!                  start (the host's power: runs it in the foreground),
 //!                  console.log (start's output when `Host::power_on` runs it)
+//! LAB_DIR/havirt.toml, cluster.key, bmc.pw, domains/  the cluster's config,
+//!                  key, BMC password, first domain definitions (cluster.rs)
+//! LAB_DIR/lab.sock, lab.log  the keeper of a lab made by `lab up` (keeper.rs)
 //! LAB_DIR/bmc/hN/  lan.conf (0600), bmc.emu, state/, ipmi_sim.log of host
 //!                  N's BMC (bmc.rs)
 //! LAB_DIR/backing  the datastore's backing directory ("the NFS export")
