@@ -173,20 +173,8 @@ fn bench_class(havirt: &Path, args: &BenchArgs, class: &str) -> Result<ClassResu
         .map_err(|e| LabError::State { what: format!("observer: {e}") })?;
     let mut result = ClassResult { trials: args.trials, ..ClassResult::default() };
     for trial in 1..=args.trials {
-        let master = lab.daemon_status(1).ok().and_then(|r| r.view.master).map(|m| m.0);
         let placement = lab.placement();
-        let load = |h: u16| placement.values().filter(|on| on.contains(&h)).count();
-        let victim = if class == "master-power-off" {
-            master.unwrap_or(1)
-        } else {
-            // The busiest host but the master; the master when the others
-            // run nothing (every trial must stop some domain).
-            let busiest = (1..=lab.spec().hosts)
-                .filter(|h| Some(*h) != master)
-                .max_by_key(|h| (load(*h), std::cmp::Reverse(*h)))
-                .unwrap_or(2);
-            if load(busiest) == 0 { master.unwrap_or(busiest) } else { busiest }
-        };
+        let victim = if class == "master-power-off" { lab.master().unwrap_or(1) } else { lab.busiest_host(&placement) };
         let on_victim: Vec<String> =
             placement.iter().filter(|(_, on)| on.contains(&victim)).map(|(d, _)| d.clone()).collect();
         let t0 = now();

@@ -261,6 +261,11 @@ fn domain_uuid(i: u16) -> String {
     uuid_string(DomainId((u128::from(i) << 96) | 0x6c61_6200_0000_0000_0000))
 }
 
+/// A BMC's failure, as the lab reports it (the message names the host).
+fn bmc_err(e: super::bmc::BmcError) -> LabError {
+    LabError::State { what: e.to_string() }
+}
+
 /// Progress of `up`, for the one watching (on stderr: stdout carries
 /// results, e.g. `lab bench --json`).
 fn say(what: &str) {
@@ -497,8 +502,7 @@ impl Lab {
         });
         let supervisor = Supervisor::start(&watchdog_socket(n), on_expire)
             .map_err(|e| LabError::State { what: format!("host {n}'s watchdog supervisor: {e}") })?;
-        let bmc = Bmc::start(BmcSpec::lab(Path::new(LAB_DIR), n, BMC_PASSWORD))
-            .map_err(|e| LabError::State { what: e.to_string() })?;
+        let bmc = Bmc::start(BmcSpec::lab(Path::new(LAB_DIR), n, BMC_PASSWORD)).map_err(bmc_err)?;
         self.hosts.push(host);
         self.supervisors.push(supervisor);
         self.bmcs.push(bmc);
@@ -596,6 +600,27 @@ impl Lab {
         out
     }
 
+    /// The master, as the first daemon that answers names it.
+    pub fn master(&self) -> Option<u16> {
+        (1..=self.spec.hosts).find_map(|n| self.daemon_status(n).ok()?.view.master.map(|m| m.0))
+    }
+
+    /// The host to fault: the one running the most domains in `placement`
+    /// (lowest number on a tie), the master excepted unless no other host
+    /// runs any (a fault must stop some domain).
+    pub fn busiest_host(&self, placement: &BTreeMap<String, Vec<u16>>) -> u16 {
+        let master = self.master();
+        let load = |h: u16| placement.values().filter(|on| on.contains(&h)).count();
+        let busiest = (1..=self.spec.hosts)
+            .filter(|h| Some(*h) != master)
+            .max_by_key(|h| (load(*h), std::cmp::Reverse(*h)))
+            .unwrap_or(1);
+        match master {
+            Some(m) if load(busiest) == 0 => m,
+            _ => busiest,
+        }
+    }
+
     /// Why the lab has not settled, if it has not: every host that is on
     /// and not paused must answer, see every other such host alive, and
     /// report every domain running; every domain must run on exactly one
@@ -652,7 +677,6 @@ impl Lab {
 
     /// Powers host N on through its BMC and waits for its libvirtd.
     fn power_on(&mut self, n: u16) -> Result<(), LabError> {
-        let bmc_err = |e: super::bmc::BmcError| LabError::State { what: e.to_string() };
         self.bmc(n)?.power_on().map_err(bmc_err)?;
         let host = self.host(n)?;
         wait_for(|| format!("host {n} on after its BMC's power on"), POWER_WAIT, super::host::POLL, || host.is_on())?;
@@ -667,7 +691,6 @@ impl Lab {
 
     /// Injects `fault`; returns when it holds.
     pub fn fault(&mut self, fault: &Fault) -> Result<(), LabError> {
-        let bmc_err = |e: super::bmc::BmcError| LabError::State { what: e.to_string() };
         match fault {
             Fault::PowerOff(n) => {
                 let n = *n;

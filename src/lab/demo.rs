@@ -37,11 +37,7 @@ pub fn run(spec: LabSpec) -> Result<(), LabError> {
     // The victim: the host running the most domains that is not the master
     // (any host would do; this shows fencing rather than a master change).
     let placement = lab.placement();
-    let master = lab.daemon_status(1).ok().and_then(|r| r.view.master).map(|m| m.0);
-    let victim = (1..=lab.spec().hosts)
-        .filter(|h| Some(*h) != master)
-        .max_by_key(|h| (placement.values().filter(|on| on.contains(h)).count(), std::cmp::Reverse(*h)))
-        .unwrap_or(2);
+    let victim = lab.busiest_host(&placement);
     let moving: Vec<String> = placement.iter().filter(|(_, on)| on.contains(&victim)).map(|(d, _)| d.clone()).collect();
     let witness = (1..=lab.spec().hosts).find(|h| *h != victim).unwrap_or(1);
     let mut seen_events = lab_events_after(witness, 0).last().map_or(0, |e| e.seq);
