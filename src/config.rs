@@ -101,6 +101,20 @@ pub struct HostConfig {
     pub max_concurrent_starts: u32,
     /// Tried in order.
     pub fence: Vec<FenceConfig>,
+    /// The libvirt URI other hosts migrate domains to this host with
+    /// (maintenance mode); default `qemu+ssh://root@ADDRESS/system`.
+    pub migration_uri: String,
+}
+
+impl HostConfig {
+    /// Where the migration data stream goes: the host's first (ring 0)
+    /// address, never its host name (which may resolve elsewhere).
+    pub fn migration_data_uri(&self) -> String {
+        match self.addresses[0] {
+            IpAddr::V4(a) => format!("tcp://{a}"),
+            IpAddr::V6(a) => format!("tcp://[{a}]"),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -451,6 +465,8 @@ struct RawHost {
     watchdog: Spanned<toml::Value>,
     #[serde(default)]
     max_concurrent_starts: Option<Spanned<i64>>,
+    #[serde(default)]
+    migration_uri: Option<Spanned<String>>,
     #[serde(default)]
     fence: Vec<Spanned<RawFence>>,
 }
@@ -841,7 +857,28 @@ impl Source<'_> {
             }
             fence.push(entry);
         }
-        Ok(HostConfig { name, id, addresses, fault_domain, watchdog, max_concurrent_starts, fence })
+        let migration_uri = match &h.migration_uri {
+            Some(u) => {
+                let text = self.text(u, "migration_uri")?;
+                if !text.contains("://") {
+                    return self.err_at(
+                        u.span(),
+                        "migration_uri",
+                        ConfigProblem::BadName {
+                            value: text,
+                            what: "libvirt URI",
+                            rule: "a libvirt URI such as \"qemu+ssh://root@10.0.1.12/system\"",
+                        },
+                    );
+                }
+                text
+            }
+            None => match addresses[0] {
+                IpAddr::V4(a) => format!("qemu+ssh://root@{a}/system"),
+                IpAddr::V6(a) => format!("qemu+ssh://root@[{a}]/system"),
+            },
+        };
+        Ok(HostConfig { name, id, addresses, fault_domain, watchdog, max_concurrent_starts, fence, migration_uri })
     }
 
     /// `watchdog = "device" | "systemd" | "none"`, or a table with `kind`

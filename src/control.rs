@@ -47,6 +47,11 @@ pub enum Request {
     FenceConfirm {
         host: String,
     },
+    /// Enter or leave maintenance mode; `host` must be the daemon's own.
+    Maintenance {
+        host: String,
+        enter: bool,
+    },
 }
 
 /// Policy fields to set; `None` keeps the current value (or the default for
@@ -582,6 +587,9 @@ fn host_row(v: &NodeView, h: &HostView) -> Vec<String> {
     }
     if h.self_fenced {
         flags.push("self-fenced");
+    }
+    if h.maintenance {
+        flags.push("maintenance");
     }
     let size = |known: bool, text: String| if known { text } else { "?".to_string() };
     vec![

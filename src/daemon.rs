@@ -374,6 +374,7 @@ impl Daemon {
         };
 
         refuse_fenced_boot(&store, me.id, boot, io_wait).await?;
+        let maintenance = maintenance_before(&store, me.id, io_wait).await;
 
         let mut spec = config.cluster_spec();
         let (memory_mib, vcpus) = host_size();
@@ -417,6 +418,7 @@ impl Daemon {
             incarnation,
             spec: Arc::new(spec.clone()),
             rng_seed: random_u64(),
+            maintenance,
             #[cfg(test)]
             broken_skip_s3: false,
         };
@@ -657,6 +659,12 @@ impl Daemon {
                     });
                 }
             }
+            HypervisorEvent::Incoming { domain } => {
+                if self.protected.contains_key(&domain) {
+                    info!(domain = %self.domain_name(domain), "protected domain arrived by live migration (paused)");
+                    self.node.handle_input(now, Input::Incoming { domain });
+                }
+            }
             HypervisorEvent::Undefined { domain } => {
                 if self.protected.contains_key(&domain) {
                     warn!(domain = %self.domain_name(domain), "protected domain undefined here; its stored definition stays (havirt unprotect to drop it)");
@@ -760,6 +768,24 @@ impl Daemon {
                              follow with havirt events"
                         ))
                     }
+                };
+                let _ = reply.send(response);
+            }
+            Request::Maintenance { host, enter } => {
+                let me = self.config.hosts.iter().find(|h| h.id == self.shared.me).map(|h| h.name.clone());
+                let response = if me.as_deref() != Some(host.as_str()) {
+                    Response::Error(format!(
+                        "this daemon runs on {}, not {host:?}: run `havirt maintenance {} {host}` on {host}",
+                        me.unwrap_or_default(),
+                        if enter { "enter" } else { "exit" }
+                    ))
+                } else {
+                    self.node.handle_input(now, Input::Operator(OperatorCommand::Maintenance(enter)));
+                    Response::Done(if enter {
+                        format!("{host} is in maintenance mode: it takes no restarts and migrates its protected domains away")
+                    } else {
+                        format!("{host} left maintenance mode: it takes restarts again")
+                    })
                 };
                 let _ = reply.send(response);
             }
@@ -876,6 +902,25 @@ impl Daemon {
                 libvirt_call(shared, move |s| {
                     let event = start_domain(s, domain);
                     s.engine(Input::Domain { domain, event });
+                });
+            }
+            Action::MigrateDomain { domain, to } => {
+                let Some(target) = self.config.hosts.iter().find(|h| h.id == to) else {
+                    let result = Err(format!("host {to} is not in the configuration"));
+                    let now = self.clock.now();
+                    self.node.handle_input(now, Input::Migrated { domain, result, running_here: true });
+                    return;
+                };
+                let (dest, data) = (target.migration_uri.clone(), target.migration_data_uri());
+                let name = self.domain_name(domain);
+                info!(domain = %name, "live-migrating to {} ({dest}, data over {data})", target.name);
+                libvirt_call(shared, move |s| {
+                    let hv = s.hv.get();
+                    let result = hv.migrate(domain, &dest, &data).map_err(|e| e.to_string());
+                    // On failure libvirt resumes it here, unless qemu died.
+                    let running_here = result.is_err()
+                        && hv.list().is_ok_and(|l| l.iter().any(|i| i.id == domain && i.state.has_qemu()));
+                    s.engine(Input::Migrated { domain, result, running_here });
                 });
             }
             Action::DestroyDomain { domain, kill } => {
@@ -1021,6 +1066,13 @@ fn storage_failed(shared: &Shared, e: &DirError) -> StorageError {
 /// as started: the engine verified its lease first.
 fn start_domain(s: &Shared, d: DomainId) -> DomainEvent {
     let hv = s.hv.get();
+    // Arrived paused by a live migration whose lease is now ours: it is
+    // already defined here; resuming it is its start.
+    match hv.resume_if_paused(d) {
+        Ok(true) => return DomainEvent::Started,
+        Ok(false) => {}
+        Err(e) => s.send(Internal::Problem(format!("resuming {}: {e}", uuid_string(d)))),
+    }
     match s.store.read_domain_xml(d) {
         Ok(Some(xml)) => {
             if let Err(e) = hv.define(&xml) {
@@ -1363,6 +1415,14 @@ async fn refuse_fenced_boot(
         }
         _ => Ok(()),
     }
+}
+
+/// Maintenance mode as this host's last slot left it (a daemon restart or
+/// a reboot in maintenance stays in maintenance). Unreadable: not in it.
+async fn maintenance_before(store: &Arc<DirStore>, me: HostId, io_wait: std::time::Duration) -> bool {
+    let store = Arc::clone(store);
+    let read = tokio::time::timeout(io_wait, tokio::task::spawn_blocking(move || store.read_slot(me))).await;
+    matches!(read, Ok(Ok(Ok(Some(slot)))) if slot.maintenance)
 }
 
 // ---------------------------------------------------------------- host facts

@@ -37,6 +37,9 @@ pub enum LeaseReason {
     Released,
     /// The owner re-took its own lease for a local restart.
     Renewed,
+    /// The owner live-migrated the domain and handed the lease to the host
+    /// that now holds it paused (maintenance mode; `Node` has the protocol).
+    Migrated,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,6 +91,10 @@ pub struct Slot {
     pub isolated: bool,
     /// The host self-fenced and takes no new assignments until this clears.
     pub self_fenced: bool,
+    /// Maintenance mode: the host drains its domains by live migration and
+    /// takes no restarts until the operator ends it. Kept here so that it
+    /// survives daemon restarts and reboots (the daemon reads it back).
+    pub maintenance: bool,
     /// S3(c) for the master lease: it gave up this generation.
     pub released_master: Option<u64>,
     /// What the protected domains running here use.
@@ -217,6 +224,9 @@ pub enum FenceOutcome {
 pub enum OperatorCommand {
     /// The operator swears the host is powered off (stonith_admin --confirm).
     FenceConfirm(HostId),
+    /// Enter (true) or leave (false) maintenance mode on this host. Entering
+    /// again retries the domains whose migration failed.
+    Maintenance(bool),
 }
 
 /// Everything that happens to a node, except the passing of time.
@@ -291,6 +301,21 @@ pub enum Input {
         target: HostId,
         outcome: FenceOutcome,
     },
+    /// A protected domain arrived here paused by a live migration (libvirt
+    /// STARTED/MIGRATED, or a paused protected domain found at a re-list).
+    /// It runs only once its lease is handed to this host; else it is
+    /// destroyed after `MIGRATION_HANDOFF_TIMEOUT` (it never ran here).
+    Incoming {
+        domain: DomainId,
+    },
+    /// The answer to `Action::MigrateDomain`. `Ok`: the domain is paused on
+    /// the target and gone from here. `Err`: the message; `running_here`
+    /// says whether qemu still runs here (libvirt resumes it on failure).
+    Migrated {
+        domain: DomainId,
+        result: Result<(), String>,
+        running_here: bool,
+    },
     /// Whether any isolation address answered.
     IsolationProbe {
         reachable: bool,
@@ -335,7 +360,8 @@ pub enum Action {
         host: HostId,
         assignments: Assignments,
     },
-    /// Start a domain whose lease this node has just taken. If libvirt says
+    /// Start a domain whose lease this node has just taken. If libvirt has
+    /// it paused (an incoming migration), resume it. If libvirt says
     /// it runs already (a domain newly protected here, assigned before its
     /// `DomainsAtStart`), answer `DomainEvent::Started`: the lease is ours,
     /// so that qemu is legitimately ours. Never `StartFailed`: that releases
@@ -343,6 +369,13 @@ pub enum Action {
     /// the domain a second time.
     StartDomain {
         domain: DomainId,
+    },
+    /// Live-migrate a running domain to `to`, leaving it paused there
+    /// (libvirt's VIR_MIGRATE_PAUSED); answered with `Input::Migrated`. The
+    /// target resumes it only after the lease handoff.
+    MigrateDomain {
+        domain: DomainId,
+        to: HostId,
     },
     /// Hard stop; `kill` means libvirt did not answer: kill qemu directly.
     DestroyDomain {

@@ -300,6 +300,10 @@ impl Node {
             self.renewed(now, d, result);
             return;
         }
+        if let Some(PendingOp { kind: OpKind::Handoff(d), .. }) = pending {
+            self.handed_over(now, d, Some(result));
+            return;
+        }
         let inflight = self.master.as_mut().and_then(|m| m.cas_inflight.remove(&op));
         let Some(_) = pending else {
             // Timed out: the CAS may or may not have happened; re-read.
@@ -670,7 +674,7 @@ impl Node {
 
     /// Where each domain is reported to run, from every current slot and
     /// our own local state.
-    fn domain_reports(&self) -> BTreeMap<DomainId, (HostId, DomainReport)> {
+    pub(super) fn domain_reports(&self) -> BTreeMap<DomainId, (HostId, DomainReport)> {
         let mut out = BTreeMap::new();
         for (h, p) in &self.peers {
             let Some(slot) = &p.slot else { continue };
@@ -684,9 +688,15 @@ impl Node {
             }
         }
         for (d, l) in &self.local {
+            if matches!(l.state, super::node::LocalState::Incoming { .. }) {
+                continue;
+            }
             let state = match l.state {
                 super::node::LocalState::Ready => DomainState::Ready,
-                super::node::LocalState::Running | super::node::LocalState::Adopting => DomainState::Running,
+                super::node::LocalState::Running
+                | super::node::LocalState::Adopting
+                | super::node::LocalState::Migrating { .. }
+                | super::node::LocalState::Handoff { .. } => DomainState::Running,
                 _ => DomainState::Starting,
             };
             out.insert(*d, (self.cfg.host, DomainReport { state, generation: l.generation.unwrap_or(0) }));
@@ -967,10 +977,13 @@ impl Node {
     /// Hosts that may receive restarts: alive on storage, not isolated, not
     /// self-fenced (network silence alone does not matter: assignments travel
     /// through storage).
-    fn host_rooms(&self, now: Instant, reports: &BTreeMap<DomainId, (HostId, DomainReport)>) -> Vec<HostRoom> {
+    pub(super) fn host_rooms(&self, now: Instant, reports: &BTreeMap<DomainId, (HostId, DomainReport)>) -> Vec<HostRoom> {
         let spec = &self.cfg.spec;
         let mut rooms = Vec::new();
         for hs in &spec.hosts {
+            if self.host_in_maintenance(hs.id) {
+                continue;
+            }
             let ok = if hs.id == self.cfg.host {
                 !self.isolated && self.self_fence == SelfFence::Healthy && self.storage_healthy(now)
             } else {

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod io;
+mod maintenance;
 pub mod master;
 pub mod node;
 pub mod peers;

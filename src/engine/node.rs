@@ -50,6 +50,9 @@ pub struct NodeConfig {
     pub incarnation: u64,
     pub spec: Arc<ClusterSpec>,
     pub rng_seed: u64,
+    /// Maintenance mode as this host's previous slot left it (the daemon
+    /// reads it back at start, so it survives restarts and reboots).
+    pub maintenance: bool,
     /// Test-only defect: take leases without waiting for S3 (proves the
     /// simulator's checker catches double starts).
     #[cfg(test)]
@@ -74,6 +77,22 @@ pub enum LocalState {
     /// Crashed or refused; restart after this instant (lease still ours).
     Backoff {
         until: Instant,
+    },
+    /// Live migration to `to` (in `boot`) under way; the lease is ours.
+    Migrating {
+        to: HostId,
+        boot: BootId,
+    },
+    /// Migrated (qemu gone here, paused there); our lease is being handed
+    /// to the target by CAS.
+    Handoff {
+        to: HostId,
+        boot: BootId,
+    },
+    /// Arrived paused by a migration; runs only once the lease is ours
+    /// (maintenance.rs). Not reported in our slot.
+    Incoming {
+        since: Instant,
     },
 }
 
@@ -123,6 +142,8 @@ pub(super) enum OpKind {
     MasterCas,
     /// Our own CAS before starting this domain.
     Renew(DomainId),
+    /// Handing our lease to a migration target.
+    Handoff(DomainId),
     Record,
     Fence,
 }
@@ -166,7 +187,7 @@ pub struct Node {
     hb_seq: u64,
     next_hb: Instant,
     slot_seq: u64,
-    next_slot_write: Instant,
+    pub(super) next_slot_write: Instant,
     /// Start of the last slot write that completed: the S4 anchor.
     pub(super) last_good_write: Option<Instant>,
     next_read: Instant,
@@ -199,6 +220,15 @@ pub struct Node {
     pub(super) fence_jobs: BTreeMap<HostId, FenceJob>,
     /// Verdicts last logged (by the master).
     pub(super) verdicts: BTreeMap<HostId, super::peers::Verdict>,
+    /// Maintenance mode (maintenance.rs).
+    pub(super) maintenance: bool,
+    /// Domains the drain left here, with why.
+    pub(super) migration_failed: BTreeMap<DomainId, String>,
+    /// The end of the drain was logged.
+    pub(super) drain_reported: bool,
+    /// Domains we migrated, target and when: room held on the target
+    /// until its slot reports them.
+    pub(super) recent_migrations: BTreeMap<DomainId, (HostId, Instant)>,
     /// Test-only defect: keep managing unprotected domains (proves the
     /// simulator's checker catches a start after unprotect). Not in
     /// NodeConfig, whose literal the daemon writes.
@@ -251,6 +281,10 @@ impl Node {
             master: None,
             fence_jobs: BTreeMap::new(),
             verdicts: BTreeMap::new(),
+            maintenance: false,
+            migration_failed: BTreeMap::new(),
+            drain_reported: false,
+            recent_migrations: BTreeMap::new(),
             #[cfg(test)]
             broken_ignore_unprotect: false,
             cfg,
@@ -260,6 +294,10 @@ impl Node {
             "node",
             format!("daemon started (boot {:x}, incarnation {:x})", node.cfg.boot, node.cfg.incarnation),
         );
+        if node.cfg.maintenance {
+            node.maintenance = true;
+            node.emit(now, "node", "in maintenance mode (kept from before the restart)".into());
+        }
         node
     }
 
@@ -405,6 +443,11 @@ impl Node {
                 }
             }
             Input::Operator(OperatorCommand::FenceConfirm(h)) => self.handle_operator_confirm(now, h),
+            Input::Operator(OperatorCommand::Maintenance(enter)) => self.set_maintenance(now, enter),
+            Input::Incoming { domain } => self.handle_incoming(now, domain),
+            Input::Migrated { domain, result, running_here } => {
+                self.handle_migrated(now, domain, result, running_here)
+            }
         }
     }
 
@@ -512,7 +555,9 @@ impl Node {
         if self.released.get(&d).is_some_and(|(g, _, _)| *g >= generation) {
             return;
         }
-        if !self.cfg.spec.domains.contains_key(&d) || self.local.contains_key(&d) {
+        // An incoming migration resumes through the ordinary start path.
+        let incoming = self.local.get(&d).is_some_and(|l| matches!(l.state, LocalState::Incoming { .. }));
+        if !self.cfg.spec.domains.contains_key(&d) || (self.local.contains_key(&d) && !incoming) {
             return;
         }
         if !self.storage_healthy(now) || self.self_fence != SelfFence::Healthy {
@@ -709,6 +754,17 @@ impl Node {
             return;
         };
         let readiness = self.cfg.spec.domains.get(&d).map(|s| s.policy.readiness);
+        match (local.state, event) {
+            // The migration's answer decides (its qemu leaves by design).
+            (LocalState::Migrating { .. } | LocalState::Handoff { .. }, _) => return,
+            // Paused here; gone again (the migration was aborted).
+            (LocalState::Incoming { .. }, DomainEvent::Stopped | DomainEvent::Crashed) => {
+                self.local.remove(&d);
+                return;
+            }
+            (LocalState::Incoming { .. }, _) => return,
+            _ => {}
+        }
         match event {
             DomainEvent::Started => {
                 let s = if readiness == Some(Readiness::Started) { LocalState::Ready } else { LocalState::Running };
@@ -729,7 +785,7 @@ impl Node {
         }
     }
 
-    fn domain_gone(&mut self, now: Instant, d: DomainId, local: Local, crashed: bool) {
+    pub(super) fn domain_gone(&mut self, now: Instant, d: DomainId, local: Local, crashed: bool) {
         match local.state {
             LocalState::Stopping { then, .. } => {
                 self.local.remove(&d);
@@ -847,6 +903,7 @@ impl Node {
             self.local_timers(now);
             self.prune_released(now);
             self.maybe_audit(now);
+            self.maintenance_tick(now);
             self.master_tick(now);
         }
     }
@@ -869,6 +926,7 @@ impl Node {
             match kind {
                 OpKind::Fence => self.fence_timed_out(now, op),
                 OpKind::Renew(d) => self.abandon_verify(d),
+                OpKind::Handoff(d) => self.handed_over(now, d, None),
                 OpKind::LeaseRead { purpose: ReadPurpose::MasterLoad } => self.master_load_expired(op),
                 _ => {}
             }
@@ -938,7 +996,8 @@ impl Node {
     /// Memory and vCPUs our protected domains use (what the slot reports).
     pub(super) fn used(&self) -> (u64, u32) {
         let (mut mem, mut cpu) = (0u64, 0u32);
-        for s in self.local.keys().filter_map(|d| self.cfg.spec.domains.get(d)) {
+        let here = self.local.iter().filter(|(_, l)| !matches!(l.state, LocalState::Incoming { .. }));
+        for s in here.filter_map(|(d, _)| self.cfg.spec.domains.get(d)) {
             mem = mem.saturating_add(s.memory_mib);
             cpu = cpu.saturating_add(s.vcpus);
         }
@@ -948,6 +1007,9 @@ impl Node {
     pub(super) fn build_slot(&self, _now: Instant) -> Slot {
         let mut domains = BTreeMap::new();
         for (d, l) in &self.local {
+            if matches!(l.state, LocalState::Incoming { .. }) {
+                continue;
+            }
             let report = DomainReport { state: reported_state(l.state), generation: l.generation.unwrap_or(0) };
             domains.insert(*d, report);
         }
@@ -970,6 +1032,7 @@ impl Node {
             seq: self.slot_seq,
             isolated: self.isolated,
             self_fenced: matches!(self.self_fence, SelfFence::Fenced { .. }),
+            maintenance: self.maintenance,
             released_master: self.released_master,
             used_memory_mib: mem,
             used_vcpus: cpu,
@@ -1143,6 +1206,9 @@ impl Node {
                     self.set_state(d, LocalState::Stopping { kill_at: Instant(u64::MAX), then });
                     self.actions.push_back(Action::DestroyDomain { domain: d, kill: true });
                 }
+                LocalState::Incoming { since } if now.since(since) >= super::maintenance::MIGRATION_HANDOFF_TIMEOUT => {
+                    self.incoming_expired(now, d);
+                }
                 LocalState::Backoff { until } if now >= until => {
                     if !self.storage_healthy(now) || self.self_fence != SelfFence::Healthy {
                         continue;
@@ -1191,8 +1257,14 @@ impl Node {
 /// What our slot says about a domain in this local state.
 pub(super) fn reported_state(s: LocalState) -> DomainState {
     match s {
-        LocalState::Verifying | LocalState::Starting | LocalState::Backoff { .. } => DomainState::Starting,
-        LocalState::Adopting | LocalState::Running | LocalState::Stopping { .. } => DomainState::Running,
+        LocalState::Verifying | LocalState::Starting | LocalState::Backoff { .. } | LocalState::Incoming { .. } => {
+            DomainState::Starting
+        }
+        LocalState::Adopting
+        | LocalState::Running
+        | LocalState::Stopping { .. }
+        | LocalState::Migrating { .. }
+        | LocalState::Handoff { .. } => DomainState::Running,
         LocalState::Ready => DomainState::Ready,
     }
 }
@@ -1207,5 +1279,8 @@ pub fn local_word(s: LocalState) -> &'static str {
         LocalState::Ready => "ready",
         LocalState::Stopping { .. } => "stopping",
         LocalState::Backoff { .. } => "backoff",
+        LocalState::Migrating { .. } => "migrating",
+        LocalState::Handoff { .. } => "handing-over",
+        LocalState::Incoming { .. } => "incoming",
     }
 }

@@ -31,6 +31,9 @@ pub struct NodeView {
     /// Admission control (master only): host and fault-domain failures the
     /// cluster can absorb now.
     pub tolerance: Option<(u32, u32)>,
+    /// Maintenance mode: domains that did not move off this host, and why.
+    #[serde(default)]
+    pub migration_failures: Vec<(DomainId, String)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -47,6 +50,9 @@ pub struct HostView {
     pub boot: Option<BootId>,
     pub isolated: bool,
     pub self_fenced: bool,
+    /// In maintenance mode (takes no restarts; drains by live migration).
+    #[serde(default)]
+    pub maintenance: bool,
     /// Size (its latest slot's, else our spec's; 0 when neither knows) and
     /// what its protected domains use.
     pub memory_mib: u64,
@@ -94,6 +100,7 @@ impl Node {
             hosts,
             domains: self.cfg.spec.domains.values().map(|d| self.domain_view(d)).collect(),
             tolerance: self.master.as_ref().and_then(|m| m.tolerance()),
+            migration_failures: self.migration_failed.iter().map(|(d, why)| (*d, why.clone())).collect(),
         }
     }
 
@@ -109,6 +116,7 @@ impl Node {
                 boot: Some(self.cfg.boot),
                 isolated: self.isolated,
                 self_fenced: matches!(self.self_fence, SelfFence::Fenced { .. }),
+                maintenance: self.maintenance,
                 memory_mib: h.memory_mib,
                 vcpus: h.vcpus,
                 used_memory_mib,
@@ -127,6 +135,7 @@ impl Node {
             boot: slot.map(|s| s.boot).or_else(|| peer.and_then(|p| p.heartbeat.as_ref()).map(|hb| hb.boot)),
             isolated: slot.is_some_and(|s| s.isolated),
             self_fenced: slot.is_some_and(|s| s.self_fenced),
+            maintenance: slot.is_some_and(|s| s.maintenance),
             memory_mib,
             vcpus,
             used_memory_mib: slot.map_or(0, |s| s.used_memory_mib),

@@ -13,7 +13,8 @@
 //!
 //! | libvirt | havirt |
 //! |---|---|
-//! | STARTED (any detail) | `DomainEvent::Started` |
+//! | STARTED / MIGRATED (arrived paused by live migration) | `HypervisorEvent::Incoming` |
+//! | STARTED (any other detail) | `DomainEvent::Started` |
 //! | STOPPED / CRASHED, STOPPED / FAILED (qemu died) | `DomainEvent::Crashed` |
 //! | STOPPED / other (shutdown, destroyed, saved, migrated, snapshot) | `DomainEvent::Stopped` |
 //! | DEFINED, UNDEFINED | `HypervisorEvent::Defined` / `Undefined` |
@@ -56,6 +57,11 @@ pub enum HypervisorEvent {
         domain: DomainId,
     },
     Undefined {
+        domain: DomainId,
+    },
+    /// A domain arrived by live migration (feed as `Input::Incoming`: it
+    /// runs only once its lease is handed to this host).
+    Incoming {
         domain: DomainId,
     },
     /// The connection is gone; no more events come on it. Reopen.
@@ -117,6 +123,9 @@ pub fn map_lifecycle(domain: DomainId, event: c_int, detail: c_int) -> Option<Hy
     match event {
         sys::VIR_DOMAIN_EVENT_DEFINED => Some(HypervisorEvent::Defined { domain }),
         sys::VIR_DOMAIN_EVENT_UNDEFINED => Some(HypervisorEvent::Undefined { domain }),
+        sys::VIR_DOMAIN_EVENT_STARTED if detail == sys::VIR_DOMAIN_EVENT_STARTED_MIGRATED => {
+            Some(HypervisorEvent::Incoming { domain })
+        }
         sys::VIR_DOMAIN_EVENT_STARTED => domain_event(DomainEvent::Started),
         sys::VIR_DOMAIN_EVENT_STOPPED => match detail {
             sys::VIR_DOMAIN_EVENT_STOPPED_CRASHED | sys::VIR_DOMAIN_EVENT_STOPPED_FAILED => {
@@ -280,7 +289,7 @@ mod tests {
         );
         assert_eq!(
             ev(sys::VIR_DOMAIN_EVENT_STARTED, sys::VIR_DOMAIN_EVENT_STARTED_MIGRATED),
-            domain(DomainEvent::Started)
+            Some(HypervisorEvent::Incoming { domain: D })
         );
         for detail in [
             sys::VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN,

@@ -187,6 +187,30 @@ impl Hypervisor for LibvirtHypervisor {
         }
     }
 
+    fn migrate(&self, id: DomainId, dest_uri: &str, data_uri: &str) -> Result<(), HypervisorError> {
+        let dom = self.lookup(id)?;
+        let flags = sys::VIR_MIGRATE_LIVE
+            | sys::VIR_MIGRATE_PEER2PEER
+            | sys::VIR_MIGRATE_PAUSED
+            | sys::VIR_MIGRATE_PERSIST_DEST
+            | sys::VIR_MIGRATE_UNDEFINE_SOURCE;
+        dom.migrate_to_uri2(Some(dest_uri), Some(data_uri), None, flags, None, 0)
+            .map_err(|e| domain_error("migrate", id, e))
+    }
+
+    fn resume_if_paused(&self, id: DomainId) -> Result<bool, HypervisorError> {
+        let dom = match self.lookup(id) {
+            Ok(d) => d,
+            Err(HypervisorError::NoSuchDomain(_)) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let (state, _) = dom.get_state().map_err(|e| domain_error("state", id, e))?;
+        if state != sys::VIR_DOMAIN_PAUSED {
+            return Ok(false);
+        }
+        dom.resume().map(|_| true).map_err(|e| domain_error("resume", id, e))
+    }
+
     fn kill_qemu(&self, id: DomainId) -> Result<Vec<u32>, HypervisorError> {
         self.opts
             .paths

@@ -64,6 +64,14 @@ pub trait Hypervisor: Send + Sync {
     /// `guest-ping` through the qemu guest agent, bounded by the adapter's
     /// agent timeout. `Ok(false)`: the agent did not answer (yet).
     fn ping_guest_agent(&self, id: DomainId) -> Result<bool, HypervisorError>;
+    /// Live migration (peer to peer, shared storage) to the libvirt at
+    /// `dest_uri`, data over `data_uri`, leaving the domain **paused** there
+    /// and defined only there. Blocks until the job ends. On failure libvirt
+    /// keeps (resumes) the domain here.
+    fn migrate(&self, id: DomainId, dest_uri: &str, data_uri: &str) -> Result<(), HypervisorError>;
+    /// Resume a paused domain; `Ok(false)` when it was not paused (or is not
+    /// here at all).
+    fn resume_if_paused(&self, id: DomainId) -> Result<bool, HypervisorError>;
     /// The persistent definition (what another host needs to define it).
     fn xml(&self, id: DomainId) -> Result<String, HypervisorError>;
     /// The guest's IP addresses libvirt knows: from the DHCP leases of its

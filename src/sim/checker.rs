@@ -140,7 +140,7 @@ impl World {
     /// S1: at no instant do two hosts run the same protected domain.
     pub fn check_s1(&mut self, d: DomainId) {
         let holders: Vec<HostId> =
-            self.hosts.values().filter(|x| x.running() && x.qemu.contains_key(&d)).map(|x| x.id).collect();
+            self.hosts.values().filter(|x| x.running() && x.qemu.get(&d).is_some_and(|q| q.state != super::world::QemuState::Paused)).map(|x| x.id).collect();
         if holders.len() > 1 {
             let names: Vec<String> = holders.iter().map(|h| h.to_string()).collect();
             let detail = format!("{} runs on {}", self.domain_name(d), names.join(" and "));

@@ -129,6 +129,9 @@ impl World {
             }
             Command::Protect { domain, host } => self.protect(domain, host, 0),
             Command::Unprotect(d) => self.unprotect(d),
+            Command::Maintenance { host, enter } => {
+                self.deliver(host, Input::Operator(OperatorCommand::Maintenance(enter)));
+            }
         }
     }
 
@@ -252,6 +255,7 @@ fn is_fault(c: &Command) -> bool {
             | Command::OperatorFenceConfirm(_)
             | Command::Protect { .. }
             | Command::Unprotect(_)
+            | Command::Maintenance { .. }
     )
 }
 
@@ -294,5 +298,7 @@ fn describe(c: &Command, w: &World) -> String {
         Command::Protect { domain, host: Some(h) } => format!("protect {} on {h}", w.domain_name(*domain)),
         Command::Protect { domain, host: None } => format!("protect {}", w.domain_name(*domain)),
         Command::Unprotect(d) => format!("unprotect {}", w.domain_name(*d)),
+        Command::Maintenance { host, enter: true } => format!("maintenance enter {host}"),
+        Command::Maintenance { host, enter: false } => format!("maintenance exit {host}"),
     }
 }

@@ -98,4 +98,9 @@ pub enum Command {
     /// `havirt unprotect`: every daemon gets the protected set without the
     /// domain; it keeps running, unmanaged, and its lease stays as it is.
     Unprotect(DomainId),
+    /// `havirt maintenance enter|exit` on the host itself.
+    Maintenance {
+        host: HostId,
+        enter: bool,
+    },
 }

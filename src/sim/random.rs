@@ -138,7 +138,7 @@ pub fn random_faults(seed: u64, o: &RandomOptions, setup: &SimSetup) -> Vec<(u64
         let h = rng.pick(&hosts);
         let len = rng.range(5_000, 60_000).min(last_fault - t);
         let end = t + len;
-        match rng.range(0, 13) {
+        match rng.range(0, 14) {
             0 | 1 => {
                 out.push((t, Command::PowerOff(h)));
                 out.push((t + rng.range(60_000, 150_000), Command::PowerOn(h)));
@@ -201,6 +201,11 @@ pub fn random_faults(seed: u64, o: &RandomOptions, setup: &SimSetup) -> Vec<(u64
             11 => {
                 let d = DomainId(u128::from(rng.range(1, setup.spec.domains.len() as u64)));
                 out.push((t, Command::DomainCrash(d)));
+            }
+            12 => {
+                // Maintenance: the host drains by live migration, then rejoins.
+                out.push((t, Command::Maintenance { host: h, enter: true }));
+                out.push((end, Command::Maintenance { host: h, enter: false }));
             }
             _ => {
                 for x in &hosts {

@@ -491,6 +491,7 @@ impl Line<'_> {
             "fence" => one(self.fence(args)?),
             "domain" => one(self.domain_command(args)?),
             "confirm" => one(Command::OperatorFenceConfirm(self.one_host(word, args)?)),
+            "maintenance" => one(self.maintenance(args)?),
             "protect" => one(self.protect(args)?),
             "unprotect" => {
                 let [d] = self.args::<1>(word, "one DOMAIN", args)?;
@@ -653,6 +654,15 @@ impl Line<'_> {
             _ => return Err(self.bad_args("libvirt", EXPECTED, args)),
         };
         Ok(Command::Hypervisor { host: self.host(args[1])?, hung, qemu_stuck })
+    }
+
+    fn maintenance(&self, args: &[&str]) -> Result<Command, ScenarioError> {
+        const EXPECTED: &str = "'enter HOST' or 'exit HOST'";
+        match self.args::<2>("maintenance", EXPECTED, args)? {
+            ["enter", h] => Ok(Command::Maintenance { host: self.host(h)?, enter: true }),
+            ["exit", h] => Ok(Command::Maintenance { host: self.host(h)?, enter: false }),
+            _ => Err(self.bad_args("maintenance", EXPECTED, args)),
+        }
     }
 
     fn daemon(&self, args: &[&str]) -> Result<Command, ScenarioError> {

@@ -72,6 +72,9 @@ impl Default for WorldParams {
 pub enum QemuState {
     Starting,
     Running,
+    /// Arrived by a live migration, vCPUs stopped (VIR_MIGRATE_PAUSED):
+    /// not running for S1 until resumed by a start.
+    Paused,
 }
 
 #[derive(Clone, Debug)]
@@ -221,6 +224,22 @@ pub enum Ev {
     Protect {
         domain: DomainId,
         attempt: u32,
+    },
+    /// A live migration `from` -> `to` ends (libvirtd finishes it even if
+    /// the daemon that asked died; its answer then goes nowhere).
+    MigrationDone {
+        from: HostId,
+        epoch: u64,
+        domain: DomainId,
+        to: HostId,
+        serial: u64,
+    },
+    /// A migration that failed: the domain stays on `from`.
+    MigrationFailed {
+        from: HostId,
+        epoch: u64,
+        domain: DomainId,
+        why: &'static str,
     },
     Command(Command),
     Check,
@@ -482,6 +501,16 @@ impl World {
             Ev::Registry { host, adopt } => self.registry_read(host, adopt),
             Ev::RegistryPoll { host, epoch } => self.registry_poll(host, epoch),
             Ev::Protect { domain, attempt } => self.protect(domain, None, attempt),
+            Ev::MigrationDone { from, epoch, domain, to, serial } => {
+                self.migration_done(from, epoch, domain, to, serial)
+            }
+            Ev::MigrationFailed { from, epoch, domain, why } => {
+                if self.epoch(from) == Some(epoch) {
+                    let running_here = self.hosts[&from].qemu.contains_key(&domain);
+                    let result = Err(why.to_string());
+                    self.input(from, Input::Migrated { domain, result, running_here });
+                }
+            }
             Ev::Command(c) => self.apply_command(c),
             Ev::Check => {
                 self.check_invariants();
@@ -612,6 +641,7 @@ impl World {
                     self.schedule(delay, Ev::QemuStopped { host: h, domain, serial });
                 }
             }
+            Action::MigrateDomain { domain, to } => self.migrate(h, domain, to),
             Action::Fence { op, target, agent } => self.fence(h, op, target, agent),
             Action::ProbeIsolation => {
                 let reachable = !self.hosts[&h].isolated;
@@ -827,7 +857,14 @@ impl World {
         self.checker_on_start(h, d);
         let epoch = self.hosts[&h].daemon_epoch;
         if self.hosts[&h].qemu.contains_key(&d) {
-            // Already running here: libvirt says so; treat as started.
+            // Already running here: libvirt says so; treat as started. A
+            // domain paused by an incoming migration is resumed.
+            if let Some(q) = self.hosts.get_mut(&h).and_then(|x| x.qemu.get_mut(&d))
+                && q.state == QemuState::Paused
+            {
+                q.state = QemuState::Running;
+                self.check_s1(d);
+            }
             let serial = self.hosts[&h].qemu[&d].serial;
             self.schedule(1, Ev::QemuStarted { host: h, domain: d, serial });
             return;
@@ -870,14 +907,74 @@ impl World {
     /// qemu of `d` on `h` is gone (destroyed, crashed, or host power loss).
     pub fn qemu_gone(&mut self, h: HostId, d: DomainId) {
         let fault = self.hosts.get_mut(&h).and_then(|x| {
-            x.qemu.remove(&d)?;
-            Some(x.active_fault)
+            // A paused incoming copy never ran here: nothing is lost.
+            let q = x.qemu.remove(&d)?;
+            (q.state != QemuState::Paused).then_some(x.active_fault)
         });
         if let Some(Some((at, class))) = fault
             && self.spec.domains.contains_key(&d)
         {
             let others_healthy = self.hosts.values().all(|x| x.id == h || (x.running() && x.node.is_some()));
             self.checker.domain_lost(d, at, class, others_healthy);
+        }
+    }
+
+    // ---- live migration -----------------------------------------------
+
+    /// `Action::MigrateDomain`: as libvirt's peer-to-peer live migration
+    /// with VIR_MIGRATE_PAUSED. It fails when the domain does not run on
+    /// `from`, or `to` is off, frozen, unreachable or its libvirtd hangs, and
+    /// at random; else the domain leaves `from` and waits paused on `to`.
+    fn migrate(&mut self, from: HostId, d: DomainId, to: HostId) {
+        let epoch = self.hosts[&from].daemon_epoch;
+        let fail = |why| Ev::MigrationFailed { from, epoch, domain: d, why };
+        let running = self.hosts[&from].qemu.get(&d).filter(|q| q.state == QemuState::Running).map(|q| q.serial);
+        let Some(serial) = running else {
+            self.schedule(10, fail("domain is not running"));
+            return;
+        };
+        let target_ok = self.hosts.get(&to).is_some_and(|x| x.running() && !x.libvirt_hung) && self.link_up(from, to);
+        if self.hosts[&from].libvirt_hung {
+            return; // no answer; the daemon's call would time out (not modelled)
+        }
+        if !target_ok {
+            self.schedule(1_000, fail("cannot reach the target's libvirtd"));
+            return;
+        }
+        if self.rng.chance(10) {
+            let delay = self.rng.range(200, 1_500);
+            self.schedule(delay, fail("migration job failed"));
+            return;
+        }
+        let delay = self.rng.range(300, 2_000);
+        self.schedule(delay, Ev::MigrationDone { from, epoch, domain: d, to, serial });
+    }
+
+    fn migration_done(&mut self, from: HostId, epoch: u64, d: DomainId, to: HostId, serial: u64) {
+        let source_ok = self.hosts.get(&from).is_some_and(|x| x.powered) && self.qemu_serial(from, d) == Some(serial);
+        let target_ok = self.hosts.get(&to).is_some_and(|x| x.powered && !x.qemu.contains_key(&d));
+        if !source_ok {
+            return; // the source died or its qemu went: the job is aborted
+        }
+        if !target_ok {
+            if self.epoch(from) == Some(epoch) {
+                let result = Err("target went away".to_string());
+                self.input(from, Input::Migrated { domain: d, result, running_here: true });
+            }
+            return;
+        }
+        self.log_sim(&format!("{} migrated {from} -> {to} (paused there)", self.domain_name(d)));
+        if let Some(x) = self.hosts.get_mut(&from) {
+            x.qemu.remove(&d);
+        }
+        self.seq += 1;
+        let serial = self.seq;
+        if let Some(x) = self.hosts.get_mut(&to) {
+            x.qemu.insert(d, Qemu { state: QemuState::Paused, ready_at: u64::MAX, serial });
+        }
+        self.input(to, Input::Incoming { domain: d });
+        if self.epoch(from) == Some(epoch) {
+            self.input(from, Input::Migrated { domain: d, result: Ok(()), running_here: false });
         }
     }
 
@@ -993,6 +1090,7 @@ impl World {
             incarnation,
             spec: self.spec.clone(),
             rng_seed: self.rng.next_u64(),
+            maintenance: self.storage.slots.get(&h).is_some_and(|s| s.maintenance),
             #[cfg(test)]
             broken_skip_s3: self.params.broken_engine_skip_s3,
         };
