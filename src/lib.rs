@@ -5,6 +5,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod docs;
 pub mod engine;
 pub mod fence;
 pub mod hypervisor;

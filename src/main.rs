@@ -1,6 +1,6 @@
 //! The `havirt` command.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use havirt::engine::config::Profile;
 use havirt::sim::random::{RandomOptions, run_seed};
 use havirt::sim::report::run_seeds;
@@ -121,6 +121,10 @@ enum Cmd {
         /// What to measure: planner
         what: String,
     },
+    /// Write the man pages and shell completions of this CLI under DIR, laid
+    /// out like /usr/share (the Debian package's, see .ci/deb).
+    #[command(hide = true)]
+    GenerateDocs { dir: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -352,6 +356,12 @@ fn main() -> ExitCode {
         Cmd::Fence { what: FenceCmd::Confirm { host, socket } } => {
             print(havirt::cli::fence_confirm(&socket.socket, &host))
         }
+        Cmd::GenerateDocs { dir } => havirt::docs::generate(Cli::command(), &dir)
+            .map(|files| {
+                println!("wrote {} files under {}", files.len(), dir.display());
+                ExitCode::SUCCESS
+            })
+            .map_err(|e| e.to_string()),
     };
     match result {
         Ok(code) => code,
