@@ -17,6 +17,8 @@ use std::time::Duration;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bytes of a new cluster key.
 pub const NEW_KEY_BYTES: usize = 64;
+/// How often `maintenance enter` reads the drain's progress.
+pub const MAINTENANCE_POLL: Duration = Duration::from_millis(500);
 /// How often `events --follow` asks for new events.
 pub const FOLLOW_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -111,6 +113,73 @@ pub fn protect(socket: &Path, domain: &str, changes: PolicyChanges) -> Outcome {
 
 pub fn unprotect(socket: &Path, domain: &str) -> Outcome {
     done(ask(socket, &Request::Unprotect { domain: domain.to_string() })?)
+}
+
+/// `havirt maintenance enter|exit`. Entering waits (unless `wait` is None)
+/// until no protected domain is left here but those that could not move,
+/// printing each move as it happens.
+pub fn maintenance(socket: &Path, host: Option<&str>, enter: bool, wait: Option<Duration>) -> Outcome {
+    let first = status_report(socket)?;
+    let host = host.map_or_else(|| first.host_name.clone(), str::to_string);
+    let text = done(ask(socket, &Request::Maintenance { host: host.clone(), enter })?)?;
+    let Some(limit) = wait.filter(|_| enter) else {
+        return Ok(text);
+    };
+    println!("{text}");
+    // Counted in polls: the clock is read by the daemon only.
+    let mut polls_left = limit.as_millis() / MAINTENANCE_POLL.as_millis();
+    let mut shown: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();
+    loop {
+        let r = status_report(socket)?;
+        let v = &r.view;
+        let name_of = |d| v.domains.iter().find(|x| x.id == d).map_or_else(|| format!("{d:?}"), |x| x.name.clone());
+        let host_name = |h| v.hosts.iter().find(|x| x.id == h).map_or_else(|| h.to_string(), |x| x.name.clone());
+        let mut here = Vec::new();
+        for d in &v.domains {
+            let line = match (d.host, d.local.as_deref()) {
+                (Some(h), Some(local)) if h == v.host => {
+                    here.push(d.id);
+                    format!("{local} on {}", host_name(h))
+                }
+                (Some(h), _) => format!("runs on {}", host_name(h)),
+                (None, _) => "nowhere".to_string(),
+            };
+            if shown.get(&d.name) != Some(&line) {
+                if shown.contains_key(&d.name) || d.host == Some(v.host) {
+                    println!("  {}: {line}", d.name);
+                }
+                shown.insert(d.name.clone(), line);
+            }
+        }
+        let stuck: Vec<_> = v.migration_failures.iter().filter(|(d, _)| here.contains(d)).collect();
+        if here.len() == stuck.len() {
+            if stuck.is_empty() {
+                return Ok(format!("{host} is drained: no protected domain runs here"));
+            }
+            let lines: Vec<String> = stuck.iter().map(|(d, why)| format!("  {}: {why}", name_of(*d))).collect();
+            return Err(format!(
+                "{} domain(s) could not move and keep running on {host}:\n{}\n(run `havirt maintenance enter` again to retry)",
+                stuck.len(),
+                lines.join("\n")
+            ));
+        }
+        if polls_left == 0 {
+            return Err(format!(
+                "{} domain(s) still on {host} after {} s; the drain goes on (havirt status)",
+                here.len() - stuck.len(),
+                limit.as_secs()
+            ));
+        }
+        polls_left -= 1;
+        std::thread::sleep(MAINTENANCE_POLL);
+    }
+}
+
+fn status_report(socket: &Path) -> Result<Box<control::StatusReport>, String> {
+    match ask(socket, &Request::Status)? {
+        Response::Status(r) => Ok(r),
+        other => Err(unexpected(&other)),
+    }
 }
 
 pub fn fence_confirm(socket: &Path, host: &str) -> Outcome {

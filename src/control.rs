@@ -624,6 +624,7 @@ fn state_name(s: DomainState) -> &'static str {
         DomainState::Ready => "ready",
         DomainState::Released { failed_start: false } => "released",
         DomainState::Released { failed_start: true } => "released(start-failed)",
+        DomainState::HandedOver { .. } => "migrated-away",
     }
 }
 
@@ -863,6 +864,7 @@ mod tests {
             boot: None,
             isolated: false,
             self_fenced: false,
+            maintenance: false,
             memory_mib: 0,
             vcpus: 0,
             used_memory_mib: 0,
@@ -909,6 +911,7 @@ mod tests {
             hosts: vec![a, b],
             domains: vec![web, db],
             tolerance: Some((1, 0)),
+            migration_failures: Vec::new(),
         };
         let counters = Counters { packets_accepted: 1200, packets_rejected: 3, ..Counters::default() };
         StatusReport {

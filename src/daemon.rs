@@ -782,7 +782,9 @@ impl Daemon {
                 } else {
                     self.node.handle_input(now, Input::Operator(OperatorCommand::Maintenance(enter)));
                     Response::Done(if enter {
-                        format!("{host} is in maintenance mode: it takes no restarts and migrates its protected domains away")
+                        format!(
+                            "{host} is in maintenance mode: it takes no restarts and migrates its protected domains away"
+                        )
                     } else {
                         format!("{host} left maintenance mode: it takes restarts again")
                     })

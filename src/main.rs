@@ -95,6 +95,12 @@ enum Cmd {
         #[command(flatten)]
         socket: SocketArg,
     },
+    /// Maintenance mode: drain this host by live migration before patching
+    /// it, and bring it back afterwards.
+    Maintenance {
+        #[command(subcommand)]
+        what: MaintenanceCmd,
+    },
     /// Fencing by hand, for hosts with neither watchdog nor fence agent.
     Fence {
         #[command(subcommand)]
@@ -221,6 +227,33 @@ impl LabUpArgs {
         .flat_map(|(k, v)| [k.to_string(), v])
         .collect()
     }
+}
+
+#[derive(Subcommand)]
+enum MaintenanceCmd {
+    /// Live-migrate every protected domain of this host to other hosts (the
+    /// planner picks them) and take no restarts here; waits and shows the
+    /// progress. Fails (exit 1) if a domain could not move: it keeps running
+    /// here. Run it again to retry those.
+    Enter {
+        /// This host's name in the config (default: the daemon's host).
+        host: Option<String>,
+        /// Return at once instead of waiting for the drain.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up waiting after this many seconds (the drain goes on).
+        #[arg(long, value_name = "SECONDS", default_value_t = 900)]
+        timeout: u64,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Leave maintenance mode: the host takes restarts again.
+    Exit {
+        /// This host's name in the config (default: the daemon's host).
+        host: Option<String>,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
 }
 
 #[derive(Subcommand)]
@@ -352,6 +385,13 @@ fn main() -> ExitCode {
         Cmd::Lab { what: LabCmd::Down } => print(havirt::lab::keeper::down()),
         Cmd::Lab { what: LabCmd::StorageFault { control, command } } => {
             print(havirt::lab::faultfs::control(&control, &command.join(" ")).map_err(|e| e.to_string()))
+        }
+        Cmd::Maintenance { what: MaintenanceCmd::Enter { host, no_wait, timeout, socket } } => {
+            let wait = (!no_wait).then(|| std::time::Duration::from_secs(timeout));
+            print(havirt::cli::maintenance(&socket.socket, host.as_deref(), true, wait))
+        }
+        Cmd::Maintenance { what: MaintenanceCmd::Exit { host, socket } } => {
+            print(havirt::cli::maintenance(&socket.socket, host.as_deref(), false, None))
         }
         Cmd::Fence { what: FenceCmd::Confirm { host, socket } } => {
             print(havirt::cli::fence_confirm(&socket.socket, &host))

@@ -54,6 +54,7 @@ fn report() -> StatusReport {
         hosts: vec![],
         domains: vec![],
         tolerance: None,
+        migration_failures: vec![],
     };
     StatusReport {
         cluster: "test".to_string(),

@@ -154,6 +154,7 @@ fn slot(host: u16, seq: u64) -> Slot {
         seq,
         isolated: false,
         self_fenced: false,
+        maintenance: false,
         released_master: None,
         memory_mib: 4096,
         vcpus: 2,

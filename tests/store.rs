@@ -52,6 +52,7 @@ fn slot(host: u16, seq: u64, domains: u128) -> Slot {
         seq,
         isolated: false,
         self_fenced: false,
+        maintenance: true,
         released_master: Some(3),
         used_memory_mib: 4096,
         used_vcpus: 8,

@@ -77,6 +77,13 @@ pub enum DomainState {
     Released {
         failed_start: bool,
     },
+    /// Live-migrated away: the host handed this generation of the lease to
+    /// `to` in `boot` (reported for a while, so that the master's lease
+    /// cache follows a move it did not make).
+    HandedOver {
+        to: HostId,
+        boot: BootId,
+    },
 }
 
 /// A host's heartbeat slot (DESIGN.md §4), as the engine sees it.

@@ -35,6 +35,11 @@ pub const MIGRATION_HANDOFF_TIMEOUT: Duration = Duration::from_secs(15);
 /// A domain migrated to a host counts against that host's room until its
 /// slot reports it, at most this long.
 pub const MIGRATION_ROOM_HOLD: Duration = Duration::from_secs(10);
+/// How long a handed-over lease stays in our slot (for masters that did
+/// not see the move).
+pub const HANDOVER_REPORT: Duration = Duration::from_secs(60);
+/// An incoming domain's lease is read this often until it is ours.
+pub const INCOMING_LEASE_POLL: Duration = Duration::from_millis(500);
 
 impl Node {
     /// `OperatorCommand::Maintenance`.
@@ -73,7 +78,8 @@ impl Node {
         if !self.maintenance || self.self_fence != SelfFence::Healthy || !self.storage_healthy(now) {
             return;
         }
-        let busy = self.local.values().any(|l| matches!(l.state, LocalState::Migrating { .. } | LocalState::Handoff { .. }));
+        let busy =
+            self.local.values().any(|l| matches!(l.state, LocalState::Migrating { .. } | LocalState::Handoff { .. }));
         if busy {
             return;
         }
@@ -94,7 +100,10 @@ impl Node {
                 let text = if self.migration_failed.is_empty() {
                     "maintenance: no protected domain runs here any more".to_string()
                 } else {
-                    format!("maintenance: {} domain(s) could not move and keep running here", self.migration_failed.len())
+                    format!(
+                        "maintenance: {} domain(s) could not move and keep running here",
+                        self.migration_failed.len()
+                    )
                 };
                 self.emit(now, "node", text);
             }
@@ -107,7 +116,7 @@ impl Node {
             room.starts_free = room.starts_free.max(1);
             for (d, (h, _)) in &self.recent_migrations {
                 if *h == room.id
-                    && !reports.get(d).is_some_and(|(rh, _)| rh == h)
+                    && reports.get(d).is_none_or(|(rh, _)| rh != h)
                     && let Some(s) = spec.domains.get(d)
                 {
                     room.occupy(s);
@@ -132,7 +141,13 @@ impl Node {
     }
 
     /// `Input::Migrated`: the migration of a domain of ours ended.
-    pub(super) fn handle_migrated(&mut self, now: Instant, d: DomainId, result: Result<(), String>, running_here: bool) {
+    pub(super) fn handle_migrated(
+        &mut self,
+        now: Instant,
+        d: DomainId,
+        result: Result<(), String>,
+        running_here: bool,
+    ) {
         let Some(local) = self.local.get(&d).cloned() else {
             return;
         };
@@ -186,12 +201,19 @@ impl Node {
         let target = Owner { host: to, boot };
         let name = self.domain_name(d);
         match result {
-            Some(Ok(CasOutcome::Done(l) | CasOutcome::Conflict(l))) if l.owner == Some(target) && l.generation == g + 1 => {
+            Some(Ok(CasOutcome::Done(l) | CasOutcome::Conflict(l)))
+                if l.owner == Some(target) && l.generation == g + 1 =>
+            {
                 self.local.remove(&d);
                 // The master may still list the old generation for us.
                 self.assignments_seen.insert(d, l.generation);
                 self.recent_migrations.insert(d, (to, now));
-                self.emit(now, "node", format!("{name} migrated to {to}; lease handed over (generation {})", l.generation));
+                self.handed_over.insert(d, (to, boot, l.generation, now));
+                self.emit(
+                    now,
+                    "node",
+                    format!("{name} migrated to {to}; lease handed over (generation {})", l.generation),
+                );
                 let msg = NetMessage::Assign { from: self.cfg.host, domains: vec![(d, l.generation)] };
                 self.actions.push_back(Action::Send { to: Some(to), msg });
                 self.check_fence_done(now);
@@ -218,8 +240,26 @@ impl Node {
         self.emit(now, "node", format!("{} arriving by migration; waiting for its lease", self.domain_name(d)));
         self.local.insert(
             d,
-            Local { state: LocalState::Incoming { since: now }, generation: None, restarts: 0, disk_locked_retries: 0 },
+            Local {
+                state: LocalState::Incoming { since: now },
+                generation: None,
+                restarts: 0,
+                disk_locked_retries: 0,
+                incoming_since: Some(now),
+            },
         );
+    }
+
+    /// Read an incoming domain's lease (at most one read in flight, every
+    /// INCOMING_LEASE_POLL): the network hint and the master's assignment
+    /// record may both be late or lost.
+    pub(super) fn poll_incoming_lease(&mut self, now: Instant, d: DomainId) {
+        if self.incoming_polled.get(&d).is_some_and(|at| now.since(*at) < INCOMING_LEASE_POLL) {
+            return;
+        }
+        self.incoming_polled.insert(d, now);
+        let op = self.new_op(now, OpKind::LeaseRead { purpose: super::node::ReadPurpose::Verify });
+        self.actions.push_back(Action::ReadLease { op, key: LeaseKey::Domain(d) });
     }
 
     /// An incoming domain whose lease never came: destroy the paused copy.

@@ -682,7 +682,7 @@ impl Node {
                 continue;
             }
             for (d, r) in &slot.domains {
-                if !matches!(r.state, DomainState::Released { .. }) {
+                if !matches!(r.state, DomainState::Released { .. } | DomainState::HandedOver { .. }) {
                     out.insert(*d, (*h, *r));
                 }
             }
@@ -717,7 +717,13 @@ impl Node {
                 if !self.cfg.spec.domains.contains_key(d) {
                     continue;
                 }
-                if r.generation > 0 && !matches!(r.state, DomainState::Released { .. }) {
+                if let DomainState::HandedOver { to, boot } = r.state {
+                    let owner = Owner { host: to, boot };
+                    seen.push((
+                        *d,
+                        Lease { owner: Some(owner), generation: r.generation, reason: LeaseReason::Migrated },
+                    ));
+                } else if r.generation > 0 && !matches!(r.state, DomainState::Released { .. }) {
                     let owner = Owner { host: *h, boot: slot.boot };
                     seen.push((
                         *d,
@@ -977,7 +983,11 @@ impl Node {
     /// Hosts that may receive restarts: alive on storage, not isolated, not
     /// self-fenced (network silence alone does not matter: assignments travel
     /// through storage).
-    pub(super) fn host_rooms(&self, now: Instant, reports: &BTreeMap<DomainId, (HostId, DomainReport)>) -> Vec<HostRoom> {
+    pub(super) fn host_rooms(
+        &self,
+        now: Instant,
+        reports: &BTreeMap<DomainId, (HostId, DomainReport)>,
+    ) -> Vec<HostRoom> {
         let spec = &self.cfg.spec;
         let mut rooms = Vec::new();
         for hs in &spec.hosts {

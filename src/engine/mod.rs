@@ -4,7 +4,7 @@
 
 pub mod config;
 pub mod io;
-mod maintenance;
+pub mod maintenance;
 pub mod master;
 pub mod node;
 pub mod peers;

@@ -111,6 +111,10 @@ pub struct Local {
     pub generation: Option<u64>,
     pub restarts: u32,
     pub disk_locked_retries: u32,
+    /// A paused copy that arrived by migration exists here (since then)
+    /// while we verify its lease: a failed verify goes back to waiting
+    /// (`Incoming`), never forgets that copy.
+    pub incoming_since: Option<Instant>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -229,6 +233,11 @@ pub struct Node {
     /// Domains we migrated, target and when: room held on the target
     /// until its slot reports them.
     pub(super) recent_migrations: BTreeMap<DomainId, (HostId, Instant)>,
+    /// Leases we handed to a migration target: (target, its boot,
+    /// generation, when), reported in our slot for HANDOVER_REPORT.
+    pub(super) handed_over: BTreeMap<DomainId, (HostId, BootId, u64, Instant)>,
+    /// Last lease read of each incoming domain.
+    pub(super) incoming_polled: BTreeMap<DomainId, Instant>,
     /// Test-only defect: keep managing unprotected domains (proves the
     /// simulator's checker catches a start after unprotect). Not in
     /// NodeConfig, whose literal the daemon writes.
@@ -285,6 +294,8 @@ impl Node {
             migration_failed: BTreeMap::new(),
             drain_reported: false,
             recent_migrations: BTreeMap::new(),
+            handed_over: BTreeMap::new(),
+            incoming_polled: BTreeMap::new(),
             #[cfg(test)]
             broken_ignore_unprotect: false,
             cfg,
@@ -445,9 +456,7 @@ impl Node {
             Input::Operator(OperatorCommand::FenceConfirm(h)) => self.handle_operator_confirm(now, h),
             Input::Operator(OperatorCommand::Maintenance(enter)) => self.set_maintenance(now, enter),
             Input::Incoming { domain } => self.handle_incoming(now, domain),
-            Input::Migrated { domain, result, running_here } => {
-                self.handle_migrated(now, domain, result, running_here)
-            }
+            Input::Migrated { domain, result, running_here } => self.handle_migrated(now, domain, result, running_here),
         }
     }
 
@@ -461,7 +470,13 @@ impl Node {
             }
             self.local.insert(
                 d,
-                Local { state: LocalState::Adopting, generation: None, restarts: 0, disk_locked_retries: 0 },
+                Local {
+                    state: LocalState::Adopting,
+                    generation: None,
+                    restarts: 0,
+                    disk_locked_retries: 0,
+                    incoming_since: None,
+                },
             );
             let op = self.new_op(now, OpKind::LeaseRead { purpose: ReadPurpose::Verify });
             self.actions.push_back(Action::ReadLease { op, key: LeaseKey::Domain(d) });
@@ -556,8 +571,11 @@ impl Node {
             return;
         }
         // An incoming migration resumes through the ordinary start path.
-        let incoming = self.local.get(&d).is_some_and(|l| matches!(l.state, LocalState::Incoming { .. }));
-        if !self.cfg.spec.domains.contains_key(&d) || (self.local.contains_key(&d) && !incoming) {
+        let incoming_since = self.local.get(&d).and_then(|l| match l.state {
+            LocalState::Incoming { since } => Some(since),
+            _ => None,
+        });
+        if !self.cfg.spec.domains.contains_key(&d) || (self.local.contains_key(&d) && incoming_since.is_none()) {
             return;
         }
         if !self.storage_healthy(now) || self.self_fence != SelfFence::Healthy {
@@ -566,7 +584,13 @@ impl Node {
         self.assignments_seen.insert(d, generation);
         self.local.insert(
             d,
-            Local { state: LocalState::Verifying, generation: Some(generation), restarts: 0, disk_locked_retries: 0 },
+            Local {
+                state: LocalState::Verifying,
+                generation: Some(generation),
+                restarts: 0,
+                disk_locked_retries: 0,
+                incoming_since,
+            },
         );
         self.renew_before_start(now, d, generation);
     }
@@ -601,13 +625,15 @@ impl Node {
                 if !self.storage_healthy(now) || self.self_fence != SelfFence::Healthy {
                     // Ours but we may not start now: the assignment record
                     // lists it again, with the new generation.
-                    self.local.remove(&d);
+                    self.drop_verifying(d);
                     return;
                 }
                 self.emit(now, "node", format!("starting {} (lease generation {})", self.domain_name(d), l.generation));
                 if let Some(x) = self.local.get_mut(&d) {
                     x.generation = Some(l.generation);
                     x.state = LocalState::Starting;
+                    // The start resumes the paused copy: it is ours now.
+                    x.incoming_since = None;
                 }
                 self.actions.push_back(Action::StartDomain { domain: d });
             }
@@ -623,7 +649,7 @@ impl Node {
                 // Not ours: this generation is dead for us (assignments_seen
                 // keeps it), so a stale assignment record is not retried.
                 self.emit(now, "node", format!("not starting {}: lease is not ours", self.domain_name(d)));
-                self.local.remove(&d);
+                self.drop_verifying(d);
             }
             // Failed: perhaps applied; the master lists it again.
             Err(_) => self.abandon_verify(d),
@@ -660,8 +686,22 @@ impl Node {
 
     fn abandon_verify(&mut self, d: DomainId) {
         if self.local.get(&d).is_some_and(|l| l.state == LocalState::Verifying) {
-            self.local.remove(&d);
+            self.drop_verifying(d);
             self.assignments_seen.remove(&d);
+        }
+    }
+
+    /// A verify that did not end in a start: forget the domain, unless a
+    /// paused migration copy of it is here (then wait for its lease again).
+    fn drop_verifying(&mut self, d: DomainId) {
+        match self.local.get_mut(&d) {
+            Some(l) if l.incoming_since.is_some() => {
+                l.state = LocalState::Incoming { since: l.incoming_since.unwrap_or_default() };
+                l.generation = None;
+            }
+            _ => {
+                self.local.remove(&d);
+            }
         }
     }
 
@@ -693,6 +733,8 @@ impl Node {
                 }
             }
             LocalState::Adopting => self.destroy_zombie(now, d, lease),
+            // Handed to us after a migration: start (resume) it the usual way.
+            LocalState::Incoming { .. } if ours => self.handle_assignment(now, d, lease.generation),
             _ => {}
         }
     }
@@ -1023,6 +1065,12 @@ impl Node {
             let state = DomainState::Released { failed_start: *failed_start };
             domains.insert(*d, DomainReport { state, generation: *g });
         }
+        let room = (super::planner::MAX_DOMAINS_PER_HOST as usize).saturating_sub(domains.len());
+        let handed = self.handed_over.iter().filter(|(d, _)| !domains.contains_key(*d)).take(room);
+        let handed: Vec<_> = handed.map(|(d, (to, boot, g, _))| (*d, *to, *boot, *g)).collect();
+        for (d, to, boot, g) in handed {
+            domains.insert(d, DomainReport { state: DomainState::HandedOver { to, boot }, generation: g });
+        }
         let (mem, cpu) = self.used();
         let size = self.cfg.spec.host(self.cfg.host);
         Slot {
@@ -1104,7 +1152,9 @@ impl Node {
             Some((LocalState::Stopping { kill_at, .. }, _)) => {
                 self.set_state(d, LocalState::Stopping { kill_at, then: release });
             }
-            Some((LocalState::Verifying | LocalState::Backoff { .. }, g)) => {
+            Some((LocalState::Verifying | LocalState::Backoff { .. }, g))
+                if self.local.get(&d).is_none_or(|l| l.incoming_since.is_none()) =>
+            {
                 // Not running here (a renew in flight may still land: then
                 // the lease is ours at a newer generation and stays so).
                 self.local.remove(&d);
@@ -1209,6 +1259,7 @@ impl Node {
                 LocalState::Incoming { since } if now.since(since) >= super::maintenance::MIGRATION_HANDOFF_TIMEOUT => {
                     self.incoming_expired(now, d);
                 }
+                LocalState::Incoming { .. } => self.poll_incoming_lease(now, d),
                 LocalState::Backoff { until } if now >= until => {
                     if !self.storage_healthy(now) || self.self_fence != SelfFence::Healthy {
                         continue;
@@ -1231,6 +1282,10 @@ impl Node {
 
     fn prune_released(&mut self, now: Instant) {
         self.released.retain(|_, (_, _, at)| now.since(*at) < RELEASE_REPORT);
+        self.handed_over.retain(|_, (_, _, _, at)| now.since(*at) < super::maintenance::HANDOVER_REPORT);
+        let local = &self.local;
+        self.incoming_polled
+            .retain(|d, _| local.get(d).is_some_and(|l| matches!(l.state, LocalState::Incoming { .. })));
     }
 
     /// S5 audit: read the lease of one running domain per period.

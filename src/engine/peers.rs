@@ -183,6 +183,7 @@ mod tests {
             seq,
             isolated: false,
             self_fenced: false,
+            maintenance: false,
             released_master: None,
             used_memory_mib: 0,
             used_vcpus: 0,

@@ -125,7 +125,15 @@ impl Harness {
     fn new() -> Harness {
         let spec = Arc::new(spec());
         let t = spec.timings;
-        let cfg = NodeConfig { host: ME, boot: boot_of(ME), incarnation: 1, spec, rng_seed: 7, broken_skip_s3: false };
+        let cfg = NodeConfig {
+            host: ME,
+            boot: boot_of(ME),
+            incarnation: 1,
+            spec,
+            rng_seed: 7,
+            maintenance: false,
+            broken_skip_s3: false,
+        };
         let mut leases = BTreeMap::new();
         leases.insert(LeaseKey::Master, lease(H2, 1));
         for (d, h) in [(D1, ME), (D2, H2), (D3, H3)] {
@@ -334,6 +342,7 @@ fn fake_peer(h: HostId) -> FakePeer {
         seq: 0,
         isolated: false,
         self_fenced: false,
+        maintenance: false,
         released_master: None,
         used_memory_mib: 0,
         used_vcpus: 0,

@@ -157,7 +157,7 @@ impl Node {
         for (h, p) in &self.peers {
             let Some(slot) = &p.slot else { continue };
             if let Some(r) = slot.domains.get(&d.id) {
-                let released = matches!(r.state, DomainState::Released { .. });
+                let released = matches!(r.state, DomainState::Released { .. } | DomainState::HandedOver { .. });
                 consider((p.current_boot() == Some(slot.boot), r.generation, !released), *h, *r);
             }
         }

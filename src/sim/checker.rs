@@ -139,8 +139,12 @@ impl World {
 
     /// S1: at no instant do two hosts run the same protected domain.
     pub fn check_s1(&mut self, d: DomainId) {
-        let holders: Vec<HostId> =
-            self.hosts.values().filter(|x| x.running() && x.qemu.get(&d).is_some_and(|q| q.state != super::world::QemuState::Paused)).map(|x| x.id).collect();
+        let holders: Vec<HostId> = self
+            .hosts
+            .values()
+            .filter(|x| x.running() && x.qemu.get(&d).is_some_and(|q| q.state != super::world::QemuState::Paused))
+            .map(|x| x.id)
+            .collect();
         if holders.len() > 1 {
             let names: Vec<String> = holders.iter().map(|h| h.to_string()).collect();
             let detail = format!("{} runs on {}", self.domain_name(d), names.join(" and "));
@@ -178,7 +182,10 @@ impl World {
             self.violation("UNMANAGED", format!("{h} stops {}, which is not protected", self.domain_name(d)));
             return;
         }
-        if self.hosts[&h].qemu.contains_key(&d) && !self.justified(h, Some(d)) {
+        // Destroying a paused migration copy whose lease never came stops
+        // nothing that ran.
+        let running = self.hosts[&h].qemu.get(&d).is_some_and(|q| q.state != super::world::QemuState::Paused);
+        if running && !self.justified(h, Some(d)) {
             self.checker.false_failovers += 1;
             self.violation("L2", format!("{h} stops {} without any fault", self.domain_name(d)));
         }
@@ -224,8 +231,10 @@ impl World {
             let detail = format!("{by} claims {} was fenced, but that boot is powered", from.host);
             self.violation("S3", detail);
         }
-        // A release is judged when the domain is stopped (checker_on_stop).
-        if same_boot_up && new.reason != LeaseReason::Released && !self.justified(from.host, Some(d)) {
+        // A release is judged when the domain is stopped (checker_on_stop);
+        // a handoff after a live migration is the owner's own choice.
+        let handoff = new.reason == LeaseReason::Migrated && by == from.host;
+        if same_boot_up && new.reason != LeaseReason::Released && !handoff && !self.justified(from.host, Some(d)) {
             self.checker.false_failovers += 1;
             let detail =
                 format!("{by} moves {} away from healthy {} ({:?})", self.domain_name(d), from.host, new.reason);
@@ -239,6 +248,7 @@ impl World {
         let t = self.spec.timings;
         let bound = (t.renew_timeout + t.io_timeout + t.io_timeout + t.watchdog_timeout).as_millis() + 1000;
         let zombie_grace = (t.io_timeout + t.io_timeout).as_millis() + 2000;
+        let handoff_ms = crate::engine::maintenance::MIGRATION_HANDOFF_TIMEOUT.as_millis();
         let mut found = Vec::new();
         for x in self.hosts.values() {
             // Only protected domains: S4 and S5 are about them.
@@ -274,7 +284,11 @@ impl World {
                     continue;
                 }
                 let entry = self.checker.zombie_since.entry((x.id, *d)).or_insert((self.now, false));
-                if self.now - entry.0 > zombie_grace && !entry.1 {
+                // A copy paused by an incoming migration runs nothing; it
+                // waits for its lease that long before it is destroyed.
+                let paused = x.qemu.get(d).is_some_and(|q| q.state == super::world::QemuState::Paused);
+                let grace = if paused { zombie_grace + handoff_ms } else { zombie_grace };
+                if self.now - entry.0 > grace && !entry.1 {
                     entry.1 = true;
                     found.push((
                         "S5",
