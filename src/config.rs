@@ -79,6 +79,10 @@ pub struct ClusterConfig {
     /// Addresses a host pings to tell "isolated" from "peers are down".
     pub isolation_addresses: Vec<IpAddr>,
     pub net_port: u16,
+    /// Live-migrate even when libvirt cannot tell that the disks are on
+    /// shared storage (it knows NFS, GFS2, OCFS2, CephFS, SMB, ...; not FUSE
+    /// or a filesystem of its own); libvirt's VIR_MIGRATE_UNSAFE.
+    pub allow_unsafe_migration: bool,
 }
 
 /// Where the shared records live (DESIGN.md §4).
@@ -357,6 +361,8 @@ struct RawCluster {
     isolation_addresses: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     net_port: Option<Spanned<i64>>,
+    #[serde(default)]
+    allow_unsafe_migration: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -723,6 +729,7 @@ impl Source<'_> {
             vcpu_overcommit,
             isolation_addresses,
             net_port,
+            allow_unsafe_migration: c.allow_unsafe_migration.as_ref().is_some_and(|b| *b.get_ref()),
         })
     }
 

@@ -914,11 +914,12 @@ impl Daemon {
                     return;
                 };
                 let (dest, data) = (target.migration_uri.clone(), target.migration_data_uri());
+                let unsafe_storage = self.config.cluster.allow_unsafe_migration;
                 let name = self.domain_name(domain);
                 info!(domain = %name, "live-migrating to {} ({dest}, data over {data})", target.name);
                 libvirt_call(shared, move |s| {
                     let hv = s.hv.get();
-                    let result = hv.migrate(domain, &dest, &data).map_err(|e| e.to_string());
+                    let result = hv.migrate(domain, &dest, &data, unsafe_storage).map_err(|e| e.to_string());
                     // On failure libvirt resumes it here, unless qemu died.
                     let running_here = result.is_err()
                         && hv.list().is_ok_and(|l| l.iter().any(|i| i.id == domain && i.state.has_qemu()));
@@ -1073,7 +1074,18 @@ fn start_domain(s: &Shared, d: DomainId) -> DomainEvent {
     match hv.resume_if_paused(d) {
         Ok(true) => return DomainEvent::Started,
         Ok(false) => {}
-        Err(e) => s.send(Internal::Problem(format!("resuming {}: {e}", uuid_string(d)))),
+        Err(e) => {
+            // A paused copy that cannot run here: boot the domain afresh
+            // instead (its memory state is lost, its disks are not).
+            s.send(Internal::Problem(format!(
+                "resuming {} failed ({e}); destroying the paused copy and booting it afresh",
+                uuid_string(d)
+            )));
+            if let Err(e) = hv.destroy(d) {
+                s.send(Internal::Problem(format!("destroying the paused copy of {}: {e}", uuid_string(d))));
+                return DomainEvent::StartFailed { disk_locked: false };
+            }
+        }
     }
     match s.store.read_domain_xml(d) {
         Ok(Some(xml)) => {

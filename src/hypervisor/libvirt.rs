@@ -187,9 +187,17 @@ impl Hypervisor for LibvirtHypervisor {
         }
     }
 
-    fn migrate(&self, id: DomainId, dest_uri: &str, data_uri: &str) -> Result<(), HypervisorError> {
+    fn migrate(
+        &self,
+        id: DomainId,
+        dest_uri: &str,
+        data_uri: &str,
+        unsafe_storage: bool,
+    ) -> Result<(), HypervisorError> {
         let dom = self.lookup(id)?;
-        let flags = sys::VIR_MIGRATE_LIVE
+        let unsafe_flag = if unsafe_storage { sys::VIR_MIGRATE_UNSAFE } else { 0 };
+        let flags = unsafe_flag
+            | sys::VIR_MIGRATE_LIVE
             | sys::VIR_MIGRATE_PEER2PEER
             | sys::VIR_MIGRATE_PAUSED
             | sys::VIR_MIGRATE_PERSIST_DEST

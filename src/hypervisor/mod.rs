@@ -68,7 +68,15 @@ pub trait Hypervisor: Send + Sync {
     /// `dest_uri`, data over `data_uri`, leaving the domain **paused** there
     /// and defined only there. Blocks until the job ends. On failure libvirt
     /// keeps (resumes) the domain here.
-    fn migrate(&self, id: DomainId, dest_uri: &str, data_uri: &str) -> Result<(), HypervisorError>;
+    /// `unsafe_storage`: migrate even when libvirt cannot tell that the
+    /// disks are shared (VIR_MIGRATE_UNSAFE; the config says they are).
+    fn migrate(
+        &self,
+        id: DomainId,
+        dest_uri: &str,
+        data_uri: &str,
+        unsafe_storage: bool,
+    ) -> Result<(), HypervisorError>;
     /// Resume a paused domain; `Ok(false)` when it was not paused (or is not
     /// here at all).
     fn resume_if_paused(&self, id: DomainId) -> Result<bool, HypervisorError>;

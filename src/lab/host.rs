@@ -113,6 +113,24 @@ impl Host {
             let conf = etc.join("qemu.conf");
             let mut text = fs::read_to_string(&conf).map_err(io_error(&conf))?;
             text.push_str("\n# havirt lab: hosts share cgroup paths otherwise\ncgroup_controllers = [ ]\n");
+            // qemu as root: libvirt cannot tell that faultfs (FUSE) is
+            // shared, so after a live migration the source would give the
+            // images back to root and the target's qemu (libvirt-qemu)
+            // could not reopen them. On NFS libvirt knows and leaves them.
+            text.push_str("user = \"root\"\ngroup = \"root\"\n");
+            fs::write(&conf, text).map_err(io_error(&conf))?;
+            // Live migration between lab hosts (maintenance mode): libvirt
+            // over TCP on the host's heartbeat address (`libvirtd -l`), and
+            // a host UUID of its own (libvirt refuses to migrate to a host
+            // with its own UUID, and all lab hosts share this machine's).
+            let conf = etc.join("libvirtd.conf");
+            let mut text = fs::read_to_string(&conf).map_err(io_error(&conf))?;
+            text.push_str(&format!(
+                "\n# havirt lab: migration over the lab network\nlisten_tls = 0\nlisten_tcp = 1\n\
+                 listen_addr = \"{}\"\nauth_tcp = \"none\"\nhost_uuid = \"00000000-0000-4000-8000-{:012}\"\n",
+                super::net::heartbeat_addr(self.n),
+                self.n
+            ));
             fs::write(&conf, text).map_err(io_error(&conf))?;
         }
         let qemu = self.dir.join("lib/qemu");
@@ -141,7 +159,7 @@ impl Host {
         // leaves the host up (tini exits, powering the host off, only when
         // its own child, `sleep`, does).
         lines.push(format!(
-            "(set +e; while :; do libvirtd -p /run/libvirt/libvirtd.pid; sleep {RESPAWN_DELAY_S}; done </dev/null >>{r}/libvirtd.log 2>&1 &)"
+            "(set +e; while :; do libvirtd -l -p /run/libvirt/libvirtd.pid; sleep {RESPAWN_DELAY_S}; done </dev/null >>{r}/libvirtd.log 2>&1 &)"
         ));
         if let Some(daemon) = &self.opts.daemon {
             let argv: Vec<String> = daemon.iter().map(|a| quote(a)).collect();

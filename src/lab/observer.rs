@@ -15,8 +15,11 @@
 //! Definitions, used throughout:
 //!
 //! - A domain *runs* on a host in a sample when that host's libvirtd listed
-//!   it with a qemu process (`PowerState::has_qemu`: running, paused or
-//!   crashed-and-kept). Domains are keyed by uuid: the lab defines a domain
+//!   it running (`PowerState::Running`: its vCPUs run guest code). A paused
+//!   qemu runs none: a live migration leaves the domain paused on its
+//!   target until the lease is handed over, and pauses it on its source for
+//!   the switchover, so S1 counts guest execution; a paused qemu that holds
+//!   image locks shows in [`lock_refusals`]. Domains are keyed by uuid: the lab defines a domain
 //!   with the same uuid on every host, and that identity is what S1 counts.
 //! - A host whose libvirtd does not answer (refused, failed call) is
 //!   recorded as [`HostView::Unreachable`] for that sample and **counts as
@@ -476,7 +479,11 @@ fn view(uri: &str, conn: &mut Option<LibvirtHypervisor>) -> HostView {
     let listed = conn.as_ref().map(|c| c.list());
     match listed {
         Some(Ok(domains)) => HostView::Up {
-            running: domains.into_iter().filter(|d| d.state.has_qemu()).map(|d| (uuid_string(d.id), d.name)).collect(),
+            running: domains
+                .into_iter()
+                .filter(|d| d.state == crate::hypervisor::PowerState::Running)
+                .map(|d| (uuid_string(d.id), d.name))
+                .collect(),
         },
         Some(Err(e)) => {
             // A broken connection (libvirtd restarted, host rebooted): next round reconnects.
