@@ -47,6 +47,8 @@ pub enum Request {
     FenceConfirm {
         host: String,
     },
+    /// The failover timelines this daemon recorded (`havirt events --failovers`).
+    Failovers,
 }
 
 /// Policy fields to set; `None` keeps the current value (or the default for
@@ -68,6 +70,7 @@ pub struct PolicyChanges {
 pub enum Response {
     Status(Box<StatusReport>),
     Events(Vec<EventRecord>),
+    Failovers(Vec<crate::failover::FailoverRecord>),
     /// The request was carried out; what was done, for the operator.
     Done(String),
     /// It was refused or failed; why, and what to do.
