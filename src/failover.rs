@@ -88,6 +88,8 @@ struct HostTrack {
     /// Its last heartbeat as known when the trouble began.
     last_sign: Option<Instant>,
     boot: Option<BootId>,
+    /// Its verdict in the last view.
+    verdict: String,
 }
 
 struct Tracked {
@@ -163,12 +165,19 @@ impl Failovers {
     /// A view of the engine at `now`. Returns the summary of each failover whose domains all run again
     /// now, for the event log; counts them in `metrics`.
     pub fn observe(&mut self, now: Instant, view: &NodeView, metrics: &Metrics) -> Vec<String> {
+        let mut changed = Vec::new();
         for h in &view.hosts {
             self.host_names.insert(h.id, h.name.clone());
             if h.id == self.me {
                 continue;
             }
             let t = self.hosts.entry(h.id).or_default();
+            if t.verdict != h.verdict {
+                t.verdict.clone_from(&h.verdict);
+                if let Some((since, _)) = t.trouble {
+                    changed.push((h.id, since, format!("{} {}", h.name, h.verdict)));
+                }
+            }
             t.boot = h.boot.or(t.boot);
             if TROUBLE.contains(&h.verdict.as_str()) {
                 if t.trouble.is_none() {
@@ -181,6 +190,14 @@ impl Failovers {
                 }
             } else if h.verdict != "unknown" {
                 t.trouble = None;
+            }
+        }
+        // A failed host's later verdicts (storage-lost, then suspect; alive
+        // again when it returns) join its open failover.
+        for (host, since, text) in changed {
+            let open = self.list.iter_mut().find(|t| t.record.host_id == host && t.detected_at == since);
+            if let Some(t) = open.filter(|t| t.record.steps.len() < STEPS_KEPT) {
+                t.record.steps.push(Step { after_ms: ms(now.since(since)), text });
             }
         }
         for d in &view.domains {
@@ -577,6 +594,7 @@ FAILOVER of h2 (boot b02): suspect at 2023-11-14T22:13:32.000Z
         let r = f.records();
         assert_eq!(r.len(), 2, "{r:#?}");
         assert_eq!((r[0].verdict.as_str(), r[0].domains[0].name.as_str()), ("storage-lost", "app"));
+        assert_eq!(r[0].steps, [Step { after_ms: 1_000, text: "h2 alive".into() }], "it came back");
         assert_eq!(r[1].steps[1], Step { after_ms: 500, text: "ipmi failed".into() });
         assert!(render_failovers(&r).contains("    -  started (running): not seen yet"), "{}", render_failovers(&r));
         assert_eq!(render_failovers(&[]), "no failover since this daemon started\n");
