@@ -597,8 +597,7 @@ mod tests {
         let v = view();
         let mut net = NetCounters::default();
         (net.accepted, net.drops.bad_mac, net.drops.replayed) = (100, 2, 1);
-        let mut rejects = RejectCounters::default();
-        rejects.bad_checksum = 3;
+        let rejects = RejectCounters { bad_checksum: 3, ..RejectCounters::default() };
         let counters = Counters { storage_timeouts: 4, ..Counters::default() };
         let s = Snapshot { view: &v, net, rejects, counters, uptime_s: 12.5 };
         let text = m.render(&s);
