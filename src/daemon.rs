@@ -1089,8 +1089,7 @@ impl Daemon {
 /// Starts `metrics_http` on `address` (None: metrics off). A port that
 /// cannot be bound costs the metrics, not the daemon: HA goes on.
 async fn serve_metrics(address: Option<SocketAddr>) -> mpsc::Receiver<metrics_http::Scrape> {
-    // A few scrapes may wait for the loop; more get a 503.
-    let (tx, rx) = mpsc::channel(4);
+    let (tx, rx) = mpsc::channel(metrics_http::SCRAPES_QUEUED);
     let Some(address) = address else {
         info!("metrics off (metrics_address = \"off\")");
         return rx;

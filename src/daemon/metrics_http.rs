@@ -24,6 +24,8 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a client may take to read the answer.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Scrapes waiting for the loop; more get a 503 at once.
+pub const SCRAPES_QUEUED: usize = 4;
 /// Pause after a failed accept (EMFILE), so that it cannot spin a core.
 pub const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 

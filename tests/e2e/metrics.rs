@@ -122,6 +122,42 @@ fn run_for(host: u16, args: &[&str], run: Duration) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// After the fenced power-off of `victim`: the master counted `moved`
+/// failovers (fence_confirmed) and recovery times more than `before` (a
+/// failover count, a recovery count), a successful fence of the victim, and
+/// sees the victim no longer alive.
+fn assert_failovers_counted(
+    t: &E2e,
+    master: u16,
+    victim: u16,
+    moved: f64,
+    failovers_before: f64,
+    recoveries_before: f64,
+) {
+    // The master counts a failover when it reads the survivor's report.
+    let want = failovers_before + moved;
+    let after = poll_until(REPORT_WAIT, || {
+        scrape(t, master).ok().filter(|e| e.sum("havirt_failovers_total", &[("reason", "fence_confirmed")]) >= want)
+    });
+    let after = after.unwrap_or_else(|| panic!("h{master} counted no failovers: {:?}", scrape(t, master)));
+    assert_well_formed(&after, master);
+    let victim_name = format!("h{victim}");
+    assert_eq!(after.sum("havirt_failovers_total", &[]), want, "h{master}: only the fenced host's domains");
+    let recoveries = after.value("havirt_failover_recovery_seconds_count", &[]).unwrap_or(0.0);
+    assert_eq!(recoveries, recoveries_before + moved, "h{master}: one recovery time per domain");
+    let sum = after.value("havirt_failover_recovery_seconds_sum", &[]).unwrap_or(0.0);
+    let mean = sum / recoveries;
+    println!("METRICS metrics: h{master} measured a mean recovery of {mean:.2} s for {recoveries} domain(s)");
+    assert!(mean > 0.0 && mean <= fenced_bound().as_secs_f64(), "mean recovery {mean} s");
+    let success = [("target", victim_name.as_str()), ("result", "success")];
+    assert!(
+        after.sum("havirt_fence_attempts_total", &success) >= 1.0,
+        "h{master}: no successful fence of {victim_name}"
+    );
+    let down = after.value("havirt_host_verdict", &[("host", &victim_name), ("verdict", "alive")]);
+    assert_eq!(down, Some(0.0), "h{master} still sees {victim_name} alive");
+}
+
 #[test]
 fn metrics_and_failover_timeline() {
     if Command::new("curl").arg("--version").stdout(Stdio::null()).status().is_err() {
@@ -155,29 +191,7 @@ fn metrics_and_failover_timeline() {
     let t0 = t.fault(&Fault::PowerOff(victim));
     t.assert_recovered(&stopped, t0, Duration::ZERO, fenced_bound(), |h| h != victim);
 
-    // The master counts a failover when it reads the survivor's report.
-    let want = failovers_before + stopped.len() as f64;
-    let after = poll_until(REPORT_WAIT, || {
-        scrape(&t, master).ok().filter(|e| e.sum("havirt_failovers_total", &[("reason", "fence_confirmed")]) >= want)
-    });
-    let after = after.unwrap_or_else(|| panic!("h{master} counted no failovers: {:?}", scrape(&t, master)));
-    assert_well_formed(&after, master);
-    let victim_name = format!("h{victim}");
-    assert_eq!(after.sum("havirt_failovers_total", &[]), want, "h{master}: only the fenced host's domains");
-    let recoveries = after.value("havirt_failover_recovery_seconds_count", &[]).unwrap_or(0.0);
-    assert_eq!(recoveries, recoveries_before + stopped.len() as f64, "h{master}: one recovery time per domain");
-    let sum = after.value("havirt_failover_recovery_seconds_sum", &[]).unwrap_or(0.0);
-    let mean = sum / recoveries;
-    println!("METRICS metrics: h{master} measured a mean recovery of {mean:.2} s for {recoveries} domain(s)");
-    assert!(mean > 0.0 && mean <= fenced_bound().as_secs_f64(), "mean recovery {mean} s");
-    let success = [("target", victim_name.as_str()), ("result", "success")];
-    assert!(
-        after.sum("havirt_fence_attempts_total", &success) >= 1.0,
-        "h{master}: no successful fence of {victim_name}"
-    );
-    let down = after.value("havirt_host_verdict", &[("host", &victim_name), ("verdict", "alive")]);
-    assert_eq!(down, Some(0.0), "h{master} still sees {victim_name} alive");
-
+    assert_failovers_counted(&t, master, victim, stopped.len() as f64, failovers_before, recoveries_before);
     let timeline = t.lab().havirt_on(master, &["events", "--failovers"]).unwrap_or_else(|e| panic!("{e}"));
     println!("TIMELINE metrics (h{master}):\n{timeline}");
     assert_eq!(timeline.matches("FAILOVER of ").count(), 1, "one failover:\n{timeline}");
