@@ -192,6 +192,7 @@ fn metrics_and_failover_timeline() {
     t.assert_recovered(&stopped, t0, Duration::ZERO, fenced_bound(), |h| h != victim);
 
     assert_failovers_counted(&t, master, victim, stopped.len() as f64, failovers_before, recoveries_before);
+    let victim_name = format!("h{victim}");
     let timeline = t.lab().havirt_on(master, &["events", "--failovers"]).unwrap_or_else(|e| panic!("{e}"));
     println!("TIMELINE metrics (h{master}):\n{timeline}");
     assert_eq!(timeline.matches("FAILOVER of ").count(), 1, "one failover:\n{timeline}");
