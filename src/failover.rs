@@ -90,6 +90,8 @@ struct HostTrack {
     boot: Option<BootId>,
     /// Its verdict in the last view.
     verdict: String,
+    /// Its verdicts since the trouble began, for the failover opened later.
+    changes: Vec<Step>,
 }
 
 struct Tracked {
@@ -175,13 +177,18 @@ impl Failovers {
             if t.verdict != h.verdict {
                 t.verdict.clone_from(&h.verdict);
                 if let Some((since, _)) = t.trouble {
-                    changed.push((h.id, since, format!("{} {}", h.name, h.verdict)));
+                    let step = Step { after_ms: ms(now.since(since)), text: format!("{} {}", h.name, h.verdict) };
+                    if t.changes.len() < STEPS_KEPT {
+                        t.changes.push(step.clone());
+                    }
+                    changed.push((h.id, since, step));
                 }
             }
             t.boot = h.boot.or(t.boot);
             if TROUBLE.contains(&h.verdict.as_str()) {
                 if t.trouble.is_none() {
                     t.trouble = Some((now, h.verdict.clone()));
+                    t.changes.clear();
                     let age = match (h.net_age, h.slot_age) {
                         (Some(a), Some(b)) => Some(a.min(b)),
                         (a, b) => a.or(b),
@@ -194,10 +201,10 @@ impl Failovers {
         }
         // A failed host's later verdicts (storage-lost, then suspect; alive
         // again when it returns) join its open failover.
-        for (host, since, text) in changed {
+        for (host, since, step) in changed {
             let open = self.list.iter_mut().find(|t| t.record.host_id == host && t.detected_at == since);
             if let Some(t) = open.filter(|t| t.record.steps.len() < STEPS_KEPT) {
-                t.record.steps.push(Step { after_ms: ms(now.since(since)), text });
+                t.record.steps.push(step);
             }
         }
         for d in &view.domains {
@@ -251,6 +258,7 @@ impl Failovers {
     /// The failover of `host`'s current trouble, opened if need be.
     fn failover_of(&mut self, now: Instant, unix_ms: u64, host: HostId) -> &mut Tracked {
         let track = self.hosts.get(&host).cloned().unwrap_or_default();
+        let in_trouble = track.trouble.is_some();
         let (since, verdict) = track.trouble.unwrap_or((now, "unknown".to_string()));
         let found = self.list.iter().position(|t| t.record.host_id == host && t.detected_at == since);
         let i = match found {
@@ -266,7 +274,8 @@ impl Failovers {
                     detected_unix_ms: unix_ms.saturating_sub(ms(now.since(since))),
                     verdict,
                     silent_before_ms: track.last_sign.map(|l| ms(since.since(l))),
-                    steps: Vec::new(),
+                    // Its verdicts up to now (none if opened without trouble).
+                    steps: if in_trouble { track.changes } else { Vec::new() },
                     domains: Vec::new(),
                 };
                 let t = Tracked {
@@ -509,6 +518,7 @@ mod tests {
         let unix = |t: u64| 1_700_000_000_000 + t;
         assert!(f.observe(Instant(10_000), &view("alive", (2, Running, 2), (2, Running, 2)), &m).is_empty());
         f.observe(Instant(11_600), &view("partitioned", (2, Running, 2), (2, Running, 2)), &m);
+        f.observe(Instant(11_800), &view("storage-lost", (2, Running, 2), (2, Running, 2)), &m);
         f.observe(Instant(12_000), &view("suspect", (2, Running, 2), (2, Running, 2)), &m);
         f.fence_sent(Instant(12_000), unix(12_000), OpId(7), HostId(2), "ipmi");
         f.fence_done(Instant(12_730), unix(12_730), OpId(7), FenceOutcome::Confirmed);
@@ -534,28 +544,29 @@ mod tests {
         let done = f.observe(Instant(13_477), &view("suspect", (1, Ready, 3), (3, Running, 3)), &m);
         assert_eq!(
             done,
-            ["failover of h2: web on h1, app on h3 running again, the last 3.077s after its last heartbeat \
+            ["failover of h2: web on h1, app on h3 running again, the last 3.277s after its last heartbeat \
               (timeline: havirt events --failovers)"]
         );
         f.observe(Instant(13_700), &view("suspect", (1, Ready, 3), (3, Ready, 3)), &m);
         let records = f.records();
         assert_eq!(records.len(), 1, "one failover");
         let expected = "\
-FAILOVER of h2 (boot b02): suspect at 2023-11-14T22:13:32.000Z
+FAILOVER of h2 (boot b02): storage-lost at 2023-11-14T22:13:31.800Z
   -1.600s  last heartbeat from h2
-  +0.000s  detected: h2 suspect
-  +0.000s  fencing with ipmi
-  +0.730s  fenced: ipmi confirmed the power-off
+  +0.000s  detected: h2 storage-lost
+  +0.200s  h2 suspect
+  +0.200s  fencing with ipmi
+  +0.930s  fenced: ipmi confirmed the power-off
   web -> h1 (fence confirmed)
-    +0.936s  lease taken (generation 3)
-    +0.945s  defined and starting
-    +1.477s  started (running)
-    +1.477s  ready
+    +1.136s  lease taken (generation 3)
+    +1.145s  defined and starting
+    +1.677s  started (running)
+    +1.677s  ready
   app -> h3 (fence confirmed)
-    +0.940s  lease taken (generation 3)
-    +1.200s  defined and starting
-    +1.477s  started (running)
-    +1.700s  ready
+    +1.140s  lease taken (generation 3)
+    +1.400s  defined and starting
+    +1.677s  started (running)
+    +1.900s  ready
 ";
         assert_eq!(render_failovers(&records), expected);
         let e = crate::metrics::parse(&m.render(&crate::metrics::Snapshot {
@@ -569,7 +580,7 @@ FAILOVER of h2 (boot b02): suspect at 2023-11-14T22:13:32.000Z
         assert_eq!(e.value("havirt_failovers_total", &[("reason", "fence_confirmed")]), Some(2.0));
         assert_eq!(e.value("havirt_failover_recovery_seconds_count", &[]), Some(2.0));
         let sum = e.value("havirt_failover_recovery_seconds_sum", &[]).expect("sum");
-        assert!((sum - 2.0 * 3.077).abs() < 1e-9, "both from the last heartbeat at 10.400 s: {sum}");
+        assert!((sum - 2.0 * 3.277).abs() < 1e-9, "both from the last heartbeat at 10.200 s: {sum}");
     }
 
     #[test]
