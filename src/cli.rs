@@ -21,6 +21,13 @@ pub const NEW_KEY_BYTES: usize = 64;
 pub const MAINTENANCE_POLL: Duration = Duration::from_millis(500);
 /// How often `events --follow` asks for new events.
 pub const FOLLOW_INTERVAL: Duration = Duration::from_millis(500);
+/// `status --watch` redraws this often unless `--interval` says otherwise.
+pub const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+/// How long `status --watch` waits for one answer: a stuck daemon shows
+/// as an error line that the next redraw replaces.
+pub const WATCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Home the cursor and clear the screen (VT100), before each redraw.
+pub const CLEAR_SCREEN: &str = "\x1b[H\x1b[2J";
 
 /// What a command prints and how it exits.
 pub type Outcome = Result<String, String>;
@@ -82,6 +89,38 @@ pub fn status(socket: &Path, json: bool) -> Outcome {
     match ask(socket, &Request::Status)? {
         Response::Status(r) if json => Ok(control::status_json(&r)),
         Response::Status(r) => Ok(control::render_status(&r)),
+        other => Err(unexpected(&other)),
+    }
+}
+
+/// `havirt status --watch`: redraws the status every `interval` until
+/// interrupted (Ctrl-C ends the process). A daemon that does not answer
+/// shows its error with the time, and the watch goes on.
+pub fn watch_status(socket: &Path, json: bool, interval: Duration) -> Outcome {
+    loop {
+        let body = match control::request(socket, &Request::Status, WATCH_TIMEOUT) {
+            Ok(Response::Status(r)) if json => control::status_json(&r),
+            Ok(Response::Status(r)) => control::render_status(&r),
+            Ok(Response::Error(e)) => format!("error: {e}"),
+            Ok(other) => unexpected(&other),
+            Err(e) => format!("error: {e}"),
+        };
+        let stamp = control::rfc3339_ms(crate::daemon::unix_ms());
+        let screen = format!("{CLEAR_SCREEN}havirt status, every {:.1}s   {stamp}\n\n{body}", interval.as_secs_f64());
+        let mut out = std::io::stdout().lock();
+        if out.write_all(screen.as_bytes()).and_then(|()| out.flush()).is_err() {
+            // The terminal or pipe is gone: nobody watches any more.
+            return Ok(String::new());
+        }
+        drop(out);
+        std::thread::sleep(interval);
+    }
+}
+
+/// `havirt events --failovers`: one timeline block per failover.
+pub fn failovers(socket: &Path) -> Outcome {
+    match ask(socket, &Request::Failovers)? {
+        Response::Failovers(list) => Ok(crate::failover::render_failovers(&list).trim_end().to_string()),
         other => Err(unexpected(&other)),
     }
 }

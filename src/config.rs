@@ -28,6 +28,10 @@ use toml::Spanned;
 pub const DEFAULT_PATH: &str = "/etc/havirt/havirt.toml";
 /// UDP port of the network heartbeat when `net_port` is not set.
 pub const DEFAULT_NET_PORT: u16 = 7405;
+/// Where the daemon serves Prometheus metrics when `metrics_address` is not
+/// set: this host only (the metrics carry no secret, but need no audience).
+pub const DEFAULT_METRICS_ADDRESS: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9405);
 /// A configuration file larger than this is not havirt.toml.
 pub const CONFIG_SIZE_MAX_BYTES: u64 = 1024 * 1024;
 /// HMAC-SHA256 wants a key of at least its output size.
@@ -83,6 +87,8 @@ pub struct ClusterConfig {
     /// shared storage (it knows NFS, GFS2, OCFS2, CephFS, SMB, ...; not FUSE
     /// or a filesystem of its own); libvirt's VIR_MIGRATE_UNSAFE.
     pub allow_unsafe_migration: bool,
+    /// Where the daemon serves Prometheus metrics (`GET /metrics`); None: off.
+    pub metrics_address: Option<std::net::SocketAddr>,
 }
 
 /// Where the shared records live (DESIGN.md §4).
@@ -250,6 +256,10 @@ pub enum ConfigProblem {
     BadAddress { value: String },
     #[error("\"{value}\" is not an absolute path; write the full path, starting with /")]
     NotAbsolute { value: String },
+    #[error(
+        "\"{value}\" is not an address and port; write IP:PORT such as \"127.0.0.1:9405\" or \"[::1]:9405\" (no host name), or \"off\""
+    )]
+    BadSocketAddress { value: String },
     #[error("the list is empty; give at least one {what}")]
     EmptyList { what: &'static str },
     #[error("{count} {what} listed; give at most {max}")]
@@ -363,6 +373,8 @@ struct RawCluster {
     net_port: Option<Spanned<i64>>,
     #[serde(default)]
     allow_unsafe_migration: Option<Spanned<bool>>,
+    #[serde(default)]
+    metrics_address: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -719,6 +731,7 @@ impl Source<'_> {
         };
         let port = self.int(c.net_port.as_ref(), "net_port", i64::from(DEFAULT_NET_PORT), 1, 65_535, "")?;
         let net_port = u16::try_from(port).unwrap_or(DEFAULT_NET_PORT);
+        let metrics_address = self.metrics_address(c.metrics_address.as_ref())?;
         Ok(ClusterConfig {
             name,
             key_file,
@@ -730,7 +743,24 @@ impl Source<'_> {
             isolation_addresses,
             net_port,
             allow_unsafe_migration: c.allow_unsafe_migration.as_ref().is_some_and(|b| *b.get_ref()),
+            metrics_address,
         })
+    }
+
+    /// `metrics_address`: "IP:PORT", or "off" (or "") for no metrics.
+    fn metrics_address(&self, v: Option<&Spanned<String>>) -> Res<Option<std::net::SocketAddr>> {
+        let Some(v) = v else { return Ok(Some(DEFAULT_METRICS_ADDRESS)) };
+        let text = v.get_ref().trim();
+        if text.is_empty() || text == "off" {
+            return Ok(None);
+        }
+        match text.parse() {
+            Ok(addr) => Ok(Some(addr)),
+            Err(_) => {
+                let problem = ConfigProblem::BadSocketAddress { value: v.get_ref().clone() };
+                self.err_at(v.span(), "metrics_address", problem)
+            }
+        }
     }
 
     fn cluster_name(&self, name: &Spanned<String>) -> Res<String> {

@@ -52,6 +52,8 @@ pub enum Request {
         host: String,
         enter: bool,
     },
+    /// The failover timelines this daemon recorded (`havirt events --failovers`).
+    Failovers,
 }
 
 /// Policy fields to set; `None` keeps the current value (or the default for
@@ -73,6 +75,7 @@ pub struct PolicyChanges {
 pub enum Response {
     Status(Box<StatusReport>),
     Events(Vec<EventRecord>),
+    Failovers(Vec<crate::failover::FailoverRecord>),
     /// The request was carried out; what was done, for the operator.
     Done(String),
     /// It was refused or failed; why, and what to do.

@@ -14,6 +14,7 @@
 //! The daemon decides nothing; where it must choose (how to run a start,
 //! what a libvirt error means) the choice is written next to the code.
 
+mod metrics_http;
 mod registry;
 
 use crate::config::{Config, ConfigError, Datastore, HostConfig, Watchdog as WatchdogConfig};
@@ -25,11 +26,13 @@ use crate::engine::io::{
 };
 use crate::engine::node::{LocalState, Node, NodeConfig};
 use crate::engine::time::{Duration, Instant};
+use crate::failover::Failovers;
 use crate::fence::watchdog::{self, Watchdog};
 use crate::fence::{self, AgentEnv, Fencers};
 use crate::hypervisor::metadata::render_policy;
 use crate::hypervisor::{DomainInfo, Hypervisor, HypervisorError, HypervisorEvent, LibvirtHypervisor, LibvirtOptions};
 use crate::hypervisor::{parse_uuid, uuid_string};
+use crate::metrics::{Metrics, StorageOp};
 use crate::net::udp::{Bound, Identity, Transport};
 use crate::net::wire::{ClusterId as WireClusterId, ClusterKey};
 use crate::store::dir::{DirError, DirStore};
@@ -261,6 +264,8 @@ struct Shared {
     registry_epoch: AtomicU64,
     /// One isolation probe at a time (each may wait a second per address).
     probing: AtomicBool,
+    /// Storage latency and fence attempts are counted by the workers.
+    metrics: Metrics,
     tx: mpsc::UnboundedSender<Internal>,
 }
 
@@ -272,6 +277,14 @@ impl Shared {
 
     fn engine(&self, input: Input) {
         self.send(Internal::Engine(input));
+    }
+
+    /// Runs one storage call, its latency counted under `op`.
+    fn timed<T>(&self, op: StorageOp, call: impl FnOnce() -> T) -> T {
+        let start = tokio::time::Instant::now();
+        let result = call();
+        self.metrics.storage_io(op, start.elapsed());
+        result
     }
 }
 
@@ -299,6 +312,10 @@ struct Daemon {
     events: VecDeque<EventRecord>,
     event_seq: u64,
     counters: Counters,
+    /// Failover timelines (`havirt events --failovers`), fed from the engine's view.
+    failovers: Failovers,
+    /// Scrapes from `metrics_http`, answered by the loop.
+    metrics_rx: mpsc::Receiver<metrics_http::Scrape>,
     next_status_notify: Instant,
     /// A protect or unprotect is running (one at a time).
     registry_busy: bool,
@@ -334,6 +351,7 @@ impl Daemon {
             libvirt_gate: tokio::sync::Semaphore::new(MAX_LIBVIRT_CALLS),
             registry_epoch: AtomicU64::new(0),
             probing: AtomicBool::new(false),
+            metrics: Metrics::new(),
             tx,
         });
 
@@ -411,6 +429,7 @@ impl Daemon {
         let listener = control::bind(&opts.socket)?;
         let (control_tx, control_rx) = mpsc::channel(64);
         tokio::spawn(control::serve(listener, control_tx));
+        let metrics_rx = serve_metrics(config.cluster.metrics_address).await;
 
         let node_cfg = NodeConfig {
             host: me.id,
@@ -458,6 +477,8 @@ impl Daemon {
             events: VecDeque::new(),
             event_seq: 0,
             counters: Counters::default(),
+            failovers: Failovers::new(me.id),
+            metrics_rx,
             next_status_notify: now,
             registry_busy: false,
             config,
@@ -477,6 +498,9 @@ impl Daemon {
                     self.node.handle_input(now, Input::Net(msg));
                 }
                 Some((req, reply)) = self.control_rx.recv() => self.control(req, reply),
+                Some(reply) = self.metrics_rx.recv() => {
+                    let _ = reply.send(self.render_metrics());
+                }
                 _ = tokio::time::sleep_until(deadline) => {}
                 _ = term.recv() => return self.stop("SIGTERM"),
                 _ = int.recv() => return self.stop("SIGINT"),
@@ -537,7 +561,22 @@ impl Daemon {
     fn internal(&mut self, msg: Internal) {
         let now = self.clock.now();
         match msg {
-            Internal::Engine(input) => self.node.handle_input(now, input),
+            Internal::Engine(input) => {
+                // Results the failover timelines follow; a storage read
+                // brings the slots, so where each domain now runs.
+                match &input {
+                    Input::Fence { op, outcome, .. } => self.failovers.fence_done(now, unix_ms(), *op, *outcome),
+                    Input::LeaseCas { op, result, .. } => {
+                        self.failovers.cas_done(now, unix_ms(), *op, result.as_ref().ok());
+                    }
+                    _ => {}
+                }
+                let read = matches!(input, Input::StorageRead { .. });
+                self.node.handle_input(now, input);
+                if read {
+                    self.observe(now);
+                }
+            }
             Internal::Hypervisor(ev) => self.hypervisor_event(now, ev),
             Internal::Reconnected => {
                 info!("libvirt connection is back; re-listing domains");
@@ -750,6 +789,9 @@ impl Daemon {
                 let list = self.events.iter().filter(|e| e.seq > after).cloned().collect();
                 let _ = reply.send(Response::Events(list));
             }
+            Request::Failovers => {
+                let _ = reply.send(Response::Failovers(self.failovers.records()));
+            }
             Request::FenceConfirm { host } => {
                 let response = match self.config.hosts.iter().find(|h| h.name == host) {
                     None => Response::Error(format!(
@@ -869,11 +911,13 @@ impl Daemon {
                 }
             }
             Action::WriteSlot { op, slot } => blocking(move || {
-                let result = shared.store.write_slot(&slot).map_err(|e| storage_failed(&shared, &e));
+                let result = shared.timed(StorageOp::SlotWrite, || shared.store.write_slot(&slot));
+                let result = result.map_err(|e| storage_failed(&shared, &e));
                 shared.engine(Input::SlotWritten { op, result });
             }),
             Action::ReadStorage { op } => blocking(move || {
-                let result = shared.store.read_snapshot(shared.me, &shared.hosts);
+                let result =
+                    shared.timed(StorageOp::StorageRead, || shared.store.read_snapshot(shared.me, &shared.hosts));
                 if let Ok(snap) = &result {
                     let mut boots = shared.boots.lock().unwrap_or_else(PoisonError::into_inner);
                     boots.extend(snap.slots.iter().map(|(h, s)| (*h, s.boot)));
@@ -882,21 +926,32 @@ impl Daemon {
                 shared.engine(Input::StorageRead { op, result });
             }),
             Action::ReadLease { op, key } => blocking(move || {
-                let result = shared.store.read_lease(key).map_err(|e| storage_failed(&shared, &e));
+                let result = shared.timed(StorageOp::LeaseRead, || shared.store.read_lease(key));
+                let result = result.map_err(|e| storage_failed(&shared, &e));
                 shared.engine(Input::LeaseRead { op, key, result });
             }),
-            Action::CasLease { op, key, expect_generation, new } => blocking(move || {
-                let result =
-                    shared.store.cas_lease(key, expect_generation, new).map_err(|e| storage_failed(&shared, &e));
-                shared.engine(Input::LeaseCas { op, key, result });
-            }),
+            Action::CasLease { op, key, expect_generation, new } => {
+                // Not a renew, not a maintenance handoff (no failover).
+                let moved = !matches!(new.reason, LeaseReason::Renewed | LeaseReason::Migrated);
+                if matches!(key, LeaseKey::Domain(_)) && moved {
+                    // The master moves a lease: know where the domain was.
+                    self.observe(self.clock.now());
+                    self.failovers.cas_sent(op, key, &new);
+                }
+                blocking(move || {
+                    let cas = || shared.store.cas_lease(key, expect_generation, new);
+                    let result = shared.timed(StorageOp::LeaseCas, cas).map_err(|e| storage_failed(&shared, &e));
+                    shared.engine(Input::LeaseCas { op, key, result });
+                });
+            }
             Action::WriteFenced { op, record } => blocking(move || {
-                let result = shared.store.write_fenced(&record).map_err(|e| storage_failed(&shared, &e));
+                let result = shared.timed(StorageOp::FencedWrite, || shared.store.write_fenced(&record));
+                let result = result.map_err(|e| storage_failed(&shared, &e));
                 shared.engine(Input::RecordWritten { op, result });
             }),
             Action::WriteAssignments { op, host, assignments } => blocking(move || {
-                let result =
-                    shared.store.write_assignments(host, &assignments).map_err(|e| storage_failed(&shared, &e));
+                let write = || shared.store.write_assignments(host, &assignments);
+                let result = shared.timed(StorageOp::AssignmentsWrite, write).map_err(|e| storage_failed(&shared, &e));
                 shared.engine(Input::RecordWritten { op, result });
             }),
             Action::StartDomain { domain } => {
@@ -964,10 +1019,18 @@ impl Daemon {
                     Err(e) => s.send(Internal::Problem(format!("shutdown of {name} failed: {e}"))),
                 });
             }
-            Action::Fence { op, target, agent } => blocking(move || {
-                let outcome = fence_host(&shared, target, &agent);
-                shared.engine(Input::Fence { op, target, outcome });
-            }),
+            Action::Fence { op, target, agent } => {
+                let now = self.clock.now();
+                self.observe(now);
+                self.failovers.fence_sent(now, unix_ms(), op, target, &agent);
+                let name =
+                    self.config.hosts.iter().find(|h| h.id == target).map_or(target.to_string(), |h| h.name.clone());
+                blocking(move || {
+                    let outcome = fence_host(&shared, target, &agent);
+                    shared.metrics.fence_attempt(&name, &agent, outcome);
+                    shared.engine(Input::Fence { op, target, outcome });
+                });
+            }
             Action::ProbeIsolation => {
                 if shared.probing.swap(true, Ordering::SeqCst) {
                     return;
@@ -995,7 +1058,13 @@ impl Daemon {
                 }),
             },
             Action::PetWatchdog => self.pet(),
-            Action::Emit(event) => self.log_event(event),
+            Action::Emit(event) => {
+                // Verdicts change and domains start as the engine says so:
+                // the failover timelines look then.
+                let at = event.at;
+                self.log_event(event);
+                self.observe(at);
+            }
         }
     }
 
@@ -1033,6 +1102,30 @@ impl Daemon {
         }
     }
 
+    /// Shows the engine's view at `now` to the failover timelines, and logs
+    /// the summary of every failover whose domains all run again.
+    fn observe(&mut self, now: Instant) {
+        let view = self.node.view(now);
+        for text in self.failovers.observe(now, &view, &self.shared.metrics) {
+            let event = Event { at: now, host: self.shared.me, role: "failover".into(), text };
+            self.log_event(event);
+        }
+    }
+
+    /// The Prometheus exposition, from what the daemon knows now.
+    fn render_metrics(&self) -> String {
+        let now = self.clock.now();
+        let view = self.node.view(now);
+        let snapshot = crate::metrics::Snapshot {
+            view: &view,
+            net: self.net.counters(),
+            rejects: self.shared.store.rejects(),
+            counters: self.counters,
+            uptime_s: now.0 as f64 / 1000.0,
+        };
+        self.shared.metrics.render(&snapshot)
+    }
+
     fn log_event(&mut self, event: Event) {
         info!(role = %event.role, "{}", event.text);
         self.event_seq += 1;
@@ -1041,6 +1134,24 @@ impl Daemon {
             self.events.pop_front();
         }
     }
+}
+
+/// Starts `metrics_http` on `address` (None: metrics off). A port that
+/// cannot be bound costs the metrics, not the daemon: HA goes on.
+async fn serve_metrics(address: Option<SocketAddr>) -> mpsc::Receiver<metrics_http::Scrape> {
+    let (tx, rx) = mpsc::channel(metrics_http::SCRAPES_QUEUED);
+    let Some(address) = address else {
+        info!("metrics off (metrics_address = \"off\")");
+        return rx;
+    };
+    match tokio::net::TcpListener::bind(address).await {
+        Ok(listener) => {
+            info!("metrics on http://{address}/metrics");
+            tokio::spawn(metrics_http::serve(listener, tx));
+        }
+        Err(e) => warn!("metrics off: cannot listen on {address} ({e}); set metrics_address to a free port or \"off\""),
+    }
+    rx
 }
 
 // ---------------------------------------------------------------- workers
@@ -1470,7 +1581,8 @@ fn random_u64() -> u64 {
     }
 }
 
-fn unix_ms() -> u64 {
+/// Wall-clock milliseconds since the Unix epoch (event times, `status --watch`).
+pub fn unix_ms() -> u64 {
     #[allow(clippy::disallowed_methods, reason = "wall-clock time of an event for the operator, not engine time")]
     let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     u64::try_from(t.as_millis()).unwrap_or(u64::MAX)

@@ -73,6 +73,12 @@ enum Cmd {
         /// One JSON object instead of tables.
         #[arg(long)]
         json: bool,
+        /// Redraw every --interval seconds until Ctrl-C.
+        #[arg(long, short)]
+        watch: bool,
+        /// Seconds between redraws of --watch (0.1 to 3600).
+        #[arg(long, value_name = "SECONDS", default_value_t = 1.0, requires = "watch", value_parser = parse_interval)]
+        interval: f64,
         #[command(flatten)]
         socket: SocketArg,
     },
@@ -81,6 +87,12 @@ enum Cmd {
         /// Keep printing new events.
         #[arg(long, short)]
         follow: bool,
+        /// One timeline per failover instead: detection, fencing, and per
+        /// domain the lease taken, started and ready, in seconds after the
+        /// detection (recorded by the daemon that fenced or, as master,
+        /// moved the leases).
+        #[arg(long, conflicts_with = "follow")]
+        failovers: bool,
         #[command(flatten)]
         socket: SocketArg,
     },
@@ -348,8 +360,12 @@ fn main() -> ExitCode {
         Cmd::Daemon { this, socket } => daemon(this, socket.socket),
         Cmd::Check { this } => check(this),
         Cmd::Init { cluster, datastore, key_file } => print(havirt::cli::init(&cluster, &datastore, &key_file)),
-        Cmd::Status { json, socket } => print(havirt::cli::status(&socket.socket, json)),
-        Cmd::Events { follow, socket } => print(havirt::cli::events(&socket.socket, follow)),
+        Cmd::Status { json, watch: false, socket, .. } => print(havirt::cli::status(&socket.socket, json)),
+        Cmd::Status { json, watch: true, interval, socket } => {
+            print(havirt::cli::watch_status(&socket.socket, json, std::time::Duration::from_secs_f64(interval)))
+        }
+        Cmd::Events { failovers: true, socket, .. } => print(havirt::cli::failovers(&socket.socket)),
+        Cmd::Events { follow, socket, .. } => print(havirt::cli::events(&socket.socket, follow)),
         Cmd::Protect(a) => protect(a),
         Cmd::Unprotect { domain, socket } => print(havirt::cli::unprotect(&socket.socket, &domain)),
         Cmd::Lab { what: LabCmd::Faultfs { backing, mountpoint, control } } => {
@@ -413,6 +429,14 @@ fn main() -> ExitCode {
 }
 
 /// An operator command's answer: printed, exit 0; a refusal: stderr, exit 1.
+/// `--interval`: seconds, 0.1 to 3600.
+fn parse_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.1..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?}: give seconds from 0.1 to 3600, e.g. 2 or 0.5")),
+    }
+}
+
 fn print(outcome: havirt::cli::Outcome) -> Result<ExitCode, String> {
     match outcome {
         Ok(text) => {

@@ -342,6 +342,23 @@ fn vcpu_overcommit_out_of_range() {
 }
 
 #[test]
+fn metrics_address_is_localhost_by_default_and_can_be_moved_or_off() {
+    let (config, _) = loads("metrics-default", BASE);
+    assert_eq!(config.cluster.metrics_address, Some("127.0.0.1:9405".parse().expect("addr")));
+    for (value, want) in [("\"[::1]:9500\"", Some("[::1]:9500")), ("\"off\"", None), ("\"\"", None)] {
+        let text = edit("profile = \"default\"\n", &format!("profile = \"default\"\nmetrics_address = {value}\n"));
+        let (config, _) = loads("metrics-set", &text);
+        assert_eq!(config.cluster.metrics_address, want.map(|w| w.parse().expect("addr")), "{value}");
+    }
+}
+
+#[test]
+fn metrics_address_without_a_port_is_refused() {
+    let text = edit("profile = \"default\"\n", "profile = \"default\"\nmetrics_address = \"localhost\"\n");
+    refused("metrics_address", &text, 5, "metrics_address", &["\"localhost\"", "IP:PORT", "\"off\""]);
+}
+
+#[test]
 fn net_port_zero() {
     let text = edit("profile = \"default\"\n", "profile = \"default\"\nnet_port = 0\n");
     refused("net_port", &text, 5, "net_port", &["from 1 to 65535"]);

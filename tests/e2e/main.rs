@@ -22,4 +22,5 @@
 mod failover;
 mod harness;
 mod maintenance;
+mod metrics;
 mod steady;
