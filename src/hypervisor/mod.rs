@@ -5,6 +5,7 @@
 //! - `libvirt`: [`LibvirtHypervisor`], the trait over the `virt` crate.
 //! - `events`: the lifecycle and connection-close event stream.
 //! - `metadata`: havirt's per-domain policy element and its strict parser.
+//! - `netmap`: bridge and network names mapped per host in domain XML.
 //! - `process`: finding and killing a domain's qemu without libvirt (S4).
 //! - `ffi`: the only unsafe code of the adapter (event callbacks, pidfd).
 //!
@@ -20,6 +21,7 @@ pub mod events;
 mod ffi;
 pub mod libvirt;
 pub mod metadata;
+pub mod netmap;
 pub mod process;
 
 pub use events::{CloseReason, EventStream, HypervisorEvent};
