@@ -97,6 +97,15 @@ impl LibvirtHypervisor {
         self.conn.is_alive().unwrap_or(false)
     }
 
+    /// The names of the active libvirt networks, sorted (what a domain's
+    /// `<interface type='network'>` can plug into here).
+    pub fn active_networks(&self) -> Result<Vec<String>, HypervisorError> {
+        let mut names =
+            self.conn.list_networks().map_err(|source| HypervisorError::Libvirt { op: "list networks", source })?;
+        names.sort();
+        Ok(names)
+    }
+
     fn lookup(&self, id: DomainId) -> Result<Domain, HypervisorError> {
         Domain::lookup_by_uuid_string(&self.conn, &uuid_string(id)).map_err(|e| domain_error("lookup", id, e))
     }
