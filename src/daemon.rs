@@ -29,12 +29,12 @@ use crate::fence::watchdog::{self, Watchdog};
 use crate::fence::{self, AgentEnv, Fencers};
 use crate::hypervisor::metadata::render_policy;
 use crate::hypervisor::netmap::NetMap;
-use crate::store::inventory;
 use crate::hypervisor::{DomainInfo, Hypervisor, HypervisorError, HypervisorEvent, LibvirtHypervisor, LibvirtOptions};
 use crate::hypervisor::{parse_uuid, uuid_string};
 use crate::net::udp::{Bound, Identity, Transport};
 use crate::net::wire::{ClusterId as WireClusterId, ClusterKey};
 use crate::store::dir::{DirError, DirStore};
+use crate::store::inventory;
 use crate::store::record::PoisonRequest;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
@@ -1077,7 +1077,9 @@ async fn keep_inventory(shared: Arc<Shared>, cluster: String, host: String) {
             let (s, b, cluster, host) = (Arc::clone(&shared), Arc::clone(&busy), cluster.clone(), host.clone());
             blocking(move || {
                 if let Err(e) = write_inventory(&s, &cluster, &host) {
-                    warn!("host inventory not written (havirt check on other hosts cannot see this host's networks): {e}");
+                    warn!(
+                        "host inventory not written (havirt check on other hosts cannot see this host's networks): {e}"
+                    );
                 }
                 b.store(false, Ordering::SeqCst);
             });

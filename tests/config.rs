@@ -656,10 +656,7 @@ fn private_key_of_32_bytes_is_accepted() {
 
 #[test]
 fn network_maps_load_inline_and_as_tables() {
-    let text = edit(
-        "id = 2\n",
-        "id = 2\nbridge_map = { \"br-prod\" = \"vmbr0\", \"br-backup\" = \"vmbr1\" }\n",
-    );
+    let text = edit("id = 2\n", "id = 2\nbridge_map = { \"br-prod\" = \"vmbr0\", \"br-backup\" = \"vmbr1\" }\n");
     let text = format!("{text}\n[host.network_map]\n\"default\" = \"lan\"\n");
     let (config, warnings) = loads("net_maps", &text);
     assert!(warnings.is_empty(), "{warnings:?}");
@@ -700,10 +697,7 @@ fn network_name_with_white_space() {
 
 #[test]
 fn two_cluster_names_on_one_local_bridge() {
-    let text = edit(
-        "id = 2\n",
-        "id = 2\nbridge_map = { \"br-prod\" = \"vmbr0\", \"br-test\" = \"vmbr0\" }\n",
-    );
+    let text = edit("id = 2\n", "id = 2\nbridge_map = { \"br-prod\" = \"vmbr0\", \"br-test\" = \"vmbr0\" }\n");
     let msg = refused("bridge_dup", &text, 25, "bridge_map.br-test", &["already the local name of \"br-prod\""]);
     assert!(msg.contains("maps a definition back"), "{msg}");
 }

@@ -95,7 +95,9 @@ pub enum NetMapError {
     TooDeep,
     #[error("domain XML has more than {INTERFACES_MAX} network interfaces")]
     TooManyInterfaces,
-    #[error("a map names two cluster {kind}s as local {kind} {local:?}; each local name may stand for one cluster name")]
+    #[error(
+        "a map names two cluster {kind}s as local {kind} {local:?}; each local name may stand for one cluster name"
+    )]
     NotInjective { kind: &'static str, local: String },
 }
 
@@ -170,8 +172,7 @@ impl NetMap {
 /// The bridges and libvirt networks a definition plugs into, sorted,
 /// without duplicates.
 pub fn interfaces(xml: &str) -> Result<Vec<NetUse>, NetMapError> {
-    let mut out: Vec<NetUse> =
-        scan(xml)?.into_iter().map(|s| NetUse { kind: s.kind, name: s.name }).collect();
+    let mut out: Vec<NetUse> = scan(xml)?.into_iter().map(|s| NetUse { kind: s.kind, name: s.name }).collect();
     out.sort();
     out.dedup();
     Ok(out)
@@ -179,10 +180,7 @@ pub fn interfaces(xml: &str) -> Result<Vec<NetUse>, NetMapError> {
 
 /// `xml` with every mapped attribute value replaced by `to(kind, name)`
 /// (None: not mapped), escaped for either quote. Every other byte is kept.
-fn rewrite<'x, 'm>(
-    xml: &'x str,
-    to: impl Fn(NetKind, &str) -> Option<&'m str>,
-) -> Result<Cow<'x, str>, NetMapError> {
+fn rewrite<'x, 'm>(xml: &'x str, to: impl Fn(NetKind, &str) -> Option<&'m str>) -> Result<Cow<'x, str>, NetMapError> {
     let mut out = String::new();
     let mut copied = 0;
     for site in scan(xml)? {
@@ -288,7 +286,12 @@ fn source_value(xml: &str, e: &BytesStart<'_>, kind: NetKind, at: u64) -> Result
 
 /// Attribute `name` of `e`: its decoded value and the position of its raw
 /// value in `xml`.
-fn attribute(xml: &str, e: &BytesStart<'_>, name: &str, at: u64) -> Result<Option<(String, Range<usize>)>, NetMapError> {
+fn attribute(
+    xml: &str,
+    e: &BytesStart<'_>,
+    name: &str,
+    at: u64,
+) -> Result<Option<(String, Range<usize>)>, NetMapError> {
     let bad = |reason: String| NetMapError::Malformed { at, reason };
     let mut found = None;
     // Every attribute is read, so that a duplicate or a broken one after
@@ -414,7 +417,8 @@ mod tests {
 
     #[test]
     fn names_are_decoded_and_new_ones_escaped() {
-        let xml = "<domain><devices><interface type='network'><source network='a&amp;b'/></interface></devices></domain>";
+        let xml =
+            "<domain><devices><interface type='network'><source network='a&amp;b'/></interface></devices></domain>";
         let m = map(&[], &[("a&b", "it's")]);
         let local = m.to_local(xml).expect("ok");
         assert_eq!(local, xml.replace("a&amp;b", "it&apos;s"));

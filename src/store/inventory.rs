@@ -57,7 +57,9 @@ pub struct Inventory {
 pub enum InventoryError {
     #[error("{path}: {op} failed: {source}")]
     Io { op: &'static str, path: PathBuf, source: io::Error },
-    #[error("{path}: rejected: {reason}; the writing daemon rewrites it within {INVENTORY_INTERVAL_S} s (delete the file if it stays)")]
+    #[error(
+        "{path}: rejected: {reason}; the writing daemon rewrites it within {INVENTORY_INTERVAL_S} s (delete the file if it stays)"
+    )]
     Rejected { path: PathBuf, reason: String },
 }
 
@@ -77,7 +79,8 @@ pub fn write(datastore: &Path, host: HostId, inv: &Inventory) -> Result<(), Inve
     DirBuilder::new().recursive(true).mode(0o700).create(datastore.join(DIR)).map_err(io("create directory"))?;
     let text = encode(inv);
     let tmp = path.with_extension("json.tmp");
-    let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io("create"))?;
+    let mut f =
+        OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io("create"))?;
     f.write_all(text.as_bytes()).map_err(io("write"))?;
     f.sync_all().map_err(io("fsync"))?;
     fs::rename(&tmp, &path).map_err(io("rename"))
@@ -91,9 +94,11 @@ pub fn read(datastore: &Path, cluster: &str, host: HostId, name: &str) -> Result
         r => r.map_err(|source| InventoryError::Io { op: "open", path: path.clone(), source })?,
     };
     let mut text = String::new();
-    f.take(INVENTORY_MAX_BYTES + 1)
-        .read_to_string(&mut text)
-        .map_err(|source| InventoryError::Io { op: "read", path: path.clone(), source })?;
+    f.take(INVENTORY_MAX_BYTES + 1).read_to_string(&mut text).map_err(|source| InventoryError::Io {
+        op: "read",
+        path: path.clone(),
+        source,
+    })?;
     decode(&text, cluster, host, name).map(Some).map_err(|reason| InventoryError::Rejected { path, reason })
 }
 
