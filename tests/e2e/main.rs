@@ -21,4 +21,5 @@
 
 mod failover;
 mod harness;
+mod netmap;
 mod steady;
