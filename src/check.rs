@@ -815,7 +815,7 @@ fn check_domain(d: &DomainFacts, xml: &str, datastore_dev: Option<u64>, mounts: 
     let net = if devices_here.is_empty() {
         String::new()
     } else {
-        format!("; {} present here (every host it may move to needs them too)", devices_here.join(", "))
+        format!("; {} present here (the network lines say which other hosts have them)", devices_here.join(", "))
     };
     vec![ok("domain", format!("{name}: {} disk(s), all on shared storage{net}", devices.disks.len()))]
 }

@@ -286,6 +286,7 @@ fn networks_setup(name: &str) -> (PathBuf, DirStore, PathBuf) {
     store_definition(&store, "net-unmapped", 0x2e70_0002, &only("h2"), &bridge("br-x"));
     store_definition(&store, "net-mapped-missing", 0x2e70_0003, &only("h2"), &bridge("lany"));
     store_definition(&store, "net-local", 0x2e70_0004, &only("h1"), &bridge("hvchk-nobr1"));
+    store_definition(&store, "net-ambiguous", 0x2e70_0005, &only("h2"), &bridge("lan-h2"));
     (config, store, datastore)
 }
 
@@ -305,7 +306,15 @@ fn stored_domains_need_their_bridges_on_every_host_after_its_map() {
     has_error(&findings, "network", "domain net-local cannot run on h1: bridge hvchk-nobr1 does not exist there");
     let net = about(&findings, "network");
     assert!(net.iter().all(|f| !f.detail.contains("net-ok")), "net-ok runs on h2 after its map:\n{report}");
-    assert_eq!(net.len(), 3, "{report}");
+    let ambiguous = net.iter().filter(|f| f.level == Level::Warning).collect::<Vec<_>>();
+    assert!(
+        ambiguous.len() == 1
+            && ambiguous[0].detail.contains(
+                "domain net-ambiguous uses bridge lan-h2, which h2's bridge_map makes the local name of lanx"
+            ),
+        "{report}"
+    );
+    assert_eq!(net.len(), 4, "{report}");
 }
 
 #[test]

@@ -152,6 +152,9 @@ fn judge(config: &Config, domains: &[Stored], offers: &BTreeMap<HostId, Offer>, 
         };
         for host in config.hosts.iter().filter(|h| d.affinity.is_empty() || d.affinity.contains(&h.id)) {
             for need in uses {
+                if let Some(w) = ambiguous(&d.name, host, need) {
+                    out.push(w);
+                }
                 match has(offers.get(&host.id), host, need) {
                     Some(true) => {}
                     Some(false) => {
@@ -196,6 +199,22 @@ fn has(offer: Option<&Offer>, host: &HostConfig, need: &NetUse) -> Option<bool> 
         NetKind::Bridge => Some(bridges.contains(local)),
         NetKind::Network => networks.as_ref().map(|n| n.contains(local)),
     }
+}
+
+/// A cluster name that `host` uses as the local name of another: the
+/// domain would run there on it, but be stored back under the other name.
+fn ambiguous(domain: &str, host: &HostConfig, need: &NetUse) -> Option<Finding> {
+    let other = host.net_map.cluster(need.kind, &need.name);
+    if other == need.name || host.net_map.local(need.kind, &need.name) != need.name {
+        return None;
+    }
+    let (word, key, h, name) = (need.kind.word(), need.kind.map_key(), &host.name, &need.name);
+    Some(warning(
+        WHAT,
+        format!(
+            "domain {domain} uses {word} {name}, which {h}'s {key} makes the local name of {other}: on {h} its definition would be stored back as {other}; give the LAN one cluster name, or map {name} in {h}'s {key} too"
+        ),
+    ))
 }
 
 fn cannot_run(domain: &str, host: &HostConfig, need: &NetUse) -> String {
