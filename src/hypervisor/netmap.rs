@@ -133,11 +133,6 @@ impl NetMap {
         }
     }
 
-    /// The entries of one kind, cluster name -> local name, in name order.
-    pub fn entries(&self, kind: NetKind) -> impl Iterator<Item = (&str, &str)> {
-        self.map(kind).iter().map(|(c, l)| (c.as_str(), l.as_str()))
-    }
-
     /// The local name of cluster name `name` on this host.
     pub fn local<'a>(&'a self, kind: NetKind, name: &'a str) -> &'a str {
         self.mapped_local(kind, name).unwrap_or(name)
@@ -182,14 +177,14 @@ pub fn interfaces(xml: &str) -> Result<Vec<NetUse>, NetMapError> {
 /// (None: not mapped), escaped for either quote. Every other byte is kept.
 fn rewrite<'x, 'm>(xml: &'x str, to: impl Fn(NetKind, &str) -> Option<&'m str>) -> Result<Cow<'x, str>, NetMapError> {
     let mut out = String::new();
-    let mut copied = 0;
+    let (mut copied, mut changed) = (0, false);
     for site in scan(xml)? {
         let Some(new) = to(site.kind, &site.name).filter(|new| *new != site.name) else { continue };
         out.push_str(&xml[copied..site.value.start]);
         out.push_str(&escape_attribute(new));
-        copied = site.value.end;
+        (copied, changed) = (site.value.end, true);
     }
-    if copied == 0 {
+    if !changed {
         return Ok(Cow::Borrowed(xml));
     }
     out.push_str(&xml[copied..]);
