@@ -20,8 +20,12 @@
 //! thread is left behind (it may sit in the kernel until the storage
 //! answers).
 //!
-//! Other hosts' watchdogs, mounts, bridges and libvirt cannot be seen from
-//! here: run `havirt check` on every host.
+//! Other hosts' watchdogs, mounts and libvirt cannot be seen from here: run
+//! `havirt check` on every host. Their bridges and libvirt networks can,
+//! through the inventories their daemons keep on the datastore: `networks`
+//! checks every protected domain against every host it may move to.
+
+mod networks;
 
 use crate::config::{self, Config, ConfigWarning, Datastore, FenceMethod, HostConfig, Watchdog};
 use crate::engine::config::{HostId, Profile, Timings};
@@ -137,6 +141,7 @@ pub fn run(opts: &CheckOptions) -> Vec<Finding> {
             out.push(check_watchdog(host, &config.cluster.timings));
         }
         check_fencing(config, local, &mut out);
+        networks::check(config, local, &opts.libvirt_uri, &mut out);
         out.push(other_hosts_note(config, local));
         if let Datastore::Dir { path } = &config.cluster.datastore {
             datastore_dir = Some(path.clone());
@@ -687,7 +692,7 @@ fn other_hosts_note(config: &Config, local: Option<&HostConfig>) -> Finding {
     ok(
         "cluster",
         format!(
-            "the watchdog, mounts, bridges and libvirt of {} cannot be seen from here: run havirt check on every host",
+            "the watchdog, mounts and libvirt of {} cannot be seen from here (their bridges and networks come from their inventories): run havirt check on every host",
             others.join(", ")
         ),
     )
@@ -810,7 +815,7 @@ fn check_domain(d: &DomainFacts, xml: &str, datastore_dev: Option<u64>, mounts: 
     let net = if devices_here.is_empty() {
         String::new()
     } else {
-        format!("; {} present here (every host it may move to needs them too)", devices_here.join(", "))
+        format!("; {} present here (the network lines say which other hosts have them)", devices_here.join(", "))
     };
     vec![ok("domain", format!("{name}: {} disk(s), all on shared storage{net}", devices.disks.len()))]
 }
@@ -868,7 +873,9 @@ fn check_interface(domain: &str, iface: &HostInterface) -> Option<Finding> {
         return None;
     }
     let (what, fix) = match iface.kind {
-        InterfaceKind::Bridge => ("bridge", "create the bridge (same name on every host)"),
+        InterfaceKind::Bridge => {
+            ("bridge", "create the bridge here (hosts that name it differently map it with bridge_map)")
+        }
         InterfaceKind::Direct => ("macvtap source device", "use the same interface name on every host"),
     };
     Some(error(

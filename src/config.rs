@@ -15,6 +15,7 @@
 
 use crate::engine::config::{ClusterSpec, HostId, HostSpec, Profile, Timings, TimingsError};
 use crate::engine::time::Duration;
+use crate::hypervisor::netmap::{NetKind, NetMap};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -54,6 +55,12 @@ pub const DEFAULT_IPMI_CIPHER: u8 = 3;
 pub const IPMI_CIPHER_MAX: i64 = 17;
 /// The device `watchdog = "device"` opens unless told otherwise.
 pub const DEFAULT_WATCHDOG_DEVICE: &str = "/dev/watchdog";
+/// Entries of one host's `bridge_map` or `network_map`.
+pub const NET_MAP_MAX: usize = 256;
+/// A Linux interface name is at most this long (IFNAMSIZ - 1).
+pub const BRIDGE_NAME_MAX_BYTES: usize = 15;
+/// A libvirt network name is at most this long here.
+pub const NETWORK_NAME_MAX_BYTES: usize = 64;
 /// Lines searched back from a value for its `key =` (multi-line arrays).
 const KEY_LOOKBACK_LINES: usize = 64;
 
@@ -114,6 +121,9 @@ pub struct HostConfig {
     /// The libvirt URI other hosts migrate domains to this host with
     /// (maintenance mode); default `qemu+ssh://root@ADDRESS/system`.
     pub migration_uri: String,
+    /// `bridge_map` and `network_map`: cluster names of bridges and
+    /// libvirt networks -> this host's names (`hypervisor::netmap`).
+    pub net_map: NetMap,
 }
 
 impl HostConfig {
@@ -276,6 +286,10 @@ pub enum ConfigProblem {
     NotForKind { kind: String, allowed: &'static str },
     #[error("fence entry name \"{name}\" is used twice in this host's chain; give one of them its own name = \"...\"")]
     DuplicateFenceName { name: String },
+    #[error(
+        "\"{local}\" is already the local name of \"{first}\"; map each cluster name to a local name of its own (havirt maps a definition back to the cluster names when it stores it, and cannot tell two names on one apart)"
+    )]
+    DuplicateLocalName { local: String, first: String },
     #[error("havirt passes \"{key}\" to the agent itself; remove it from options")]
     ReservedOption { key: String },
     #[error("{source}; the timings in effect are profile \"{profile}\" with the [cluster.timings] overrides applied")]
@@ -487,7 +501,14 @@ struct RawHost {
     migration_uri: Option<Spanned<String>>,
     #[serde(default)]
     fence: Vec<Spanned<RawFence>>,
+    #[serde(default)]
+    bridge_map: Option<Spanned<RawNetMap>>,
+    #[serde(default)]
+    network_map: Option<Spanned<RawNetMap>>,
 }
+
+/// `bridge_map` / `network_map`: cluster name -> local name.
+type RawNetMap = BTreeMap<String, Spanned<String>>;
 
 /// One `[[host.fence]]` entry: all keys of all kinds, checked per kind by
 /// hand (a serde tagged enum would lose the spans).
@@ -686,6 +707,9 @@ const NAME_RULE: &str = "1 to 32 characters from a-z, 0-9 and -";
 const HOST_NAME_RULE: &str = "1 to 64 characters from A-Z, a-z, 0-9, '.', '_' and '-' (the machine's host name)";
 const LABEL_RULE: &str = "1 to 64 characters from A-Z, a-z, 0-9, '.', '_' and '-'";
 const TEXT_RULE: &str = "1 to 255 characters, no line breaks or control characters";
+const BRIDGE_RULE: &str =
+    "a Linux interface name: 1 to 15 characters, no '/', ':' or white space, not \".\" or \"..\" (see `ip link`)";
+const NETWORK_RULE: &str = "a libvirt network name: 1 to 64 characters, no '/' or white space (see `virsh net-list`)";
 
 impl Source<'_> {
     fn invalid(&self, at: Location, problem: ConfigProblem) -> ConfigError {
@@ -915,7 +939,22 @@ impl Source<'_> {
                 IpAddr::V6(a) => format!("qemu+ssh://root@[{a}]/system"),
             },
         };
-        Ok(HostConfig { name, id, addresses, fault_domain, watchdog, max_concurrent_starts, fence, migration_uri })
+        let bridges = self.net_map(h.bridge_map.as_ref(), NetKind::Bridge)?;
+        let networks = self.net_map(h.network_map.as_ref(), NetKind::Network)?;
+        let Ok(net_map) = NetMap::new(bridges, networks) else {
+            unreachable!("net_map refuses two cluster names on one local name");
+        };
+        Ok(HostConfig {
+            name,
+            id,
+            addresses,
+            fault_domain,
+            watchdog,
+            max_concurrent_starts,
+            fence,
+            migration_uri,
+            net_map,
+        })
     }
 
     /// `watchdog = "device" | "systemd" | "none"`, or a table with `kind`
@@ -1104,6 +1143,51 @@ impl Source<'_> {
             out.insert(key.clone(), self.text(value, &dotted)?);
         }
         Ok(out)
+    }
+
+    /// One host's `bridge_map` or `network_map`: valid names on both sides,
+    /// at most NET_MAP_MAX entries, and no local name twice (it could not be
+    /// mapped back). Problems are reported at the value, as `map.key`.
+    fn net_map(&self, raw: Option<&Spanned<RawNetMap>>, kind: NetKind) -> Res<BTreeMap<String, String>> {
+        let mut out = BTreeMap::new();
+        let Some(raw) = raw else { return Ok(out) };
+        let map_key = kind.map_key();
+        if raw.get_ref().len() > NET_MAP_MAX {
+            let problem = ConfigProblem::TooMany { count: raw.get_ref().len(), what: "entries", max: NET_MAP_MAX };
+            return self.err_at(raw.span(), map_key, problem);
+        }
+        // In file order, so that the later of two entries is reported.
+        let mut entries: Vec<(&String, &Spanned<String>)> = raw.get_ref().iter().collect();
+        entries.sort_by_key(|(_, v)| v.span().start);
+        let mut locals: BTreeMap<&str, &str> = BTreeMap::new();
+        for (cluster, local) in entries {
+            let dotted = format!("{map_key}.{cluster}");
+            self.net_name(cluster, local.span(), &dotted, kind)?;
+            self.net_name(local.get_ref(), local.span(), &dotted, kind)?;
+            if let Some(first) = locals.insert(local.get_ref(), cluster) {
+                let problem = ConfigProblem::DuplicateLocalName { local: local.get_ref().clone(), first: first.into() };
+                return self.err_at(local.span(), &dotted, problem);
+            }
+            out.insert(cluster.clone(), local.get_ref().clone());
+        }
+        Ok(out)
+    }
+
+    /// A bridge is a Linux interface name (1 to 15 bytes, no '/', ':' or
+    /// white space, not "." or ".."); a libvirt network name has no '/'.
+    fn net_name(&self, name: &str, span: Range<usize>, key: &str, kind: NetKind) -> Res<()> {
+        let (max, forbidden, what, rule) = match kind {
+            NetKind::Bridge => (BRIDGE_NAME_MAX_BYTES, "/:", "bridge name", BRIDGE_RULE),
+            NetKind::Network => (NETWORK_NAME_MAX_BYTES, "/", "libvirt network name", NETWORK_RULE),
+        };
+        let ok = (1..=max).contains(&name.len())
+            && name != "."
+            && name != ".."
+            && !name.chars().any(|c| c.is_whitespace() || c.is_control() || forbidden.contains(c));
+        if ok {
+            return Ok(());
+        }
+        self.err_at(span, key, ConfigProblem::BadName { value: name.to_owned(), what, rule })
     }
 
     /// Names, ids and addresses must be unique across hosts; the later of

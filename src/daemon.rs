@@ -15,7 +15,7 @@
 //! what a libvirt error means) the choice is written next to the code.
 
 mod metrics_http;
-mod registry;
+pub(crate) mod registry;
 
 use crate::config::{Config, ConfigError, Datastore, HostConfig, Watchdog as WatchdogConfig};
 use crate::control::{self, Counters, EventRecord, PolicyChanges, Request, Response, StatusReport};
@@ -30,12 +30,14 @@ use crate::failover::Failovers;
 use crate::fence::watchdog::{self, Watchdog};
 use crate::fence::{self, AgentEnv, Fencers};
 use crate::hypervisor::metadata::render_policy;
+use crate::hypervisor::netmap::NetMap;
 use crate::hypervisor::{DomainInfo, Hypervisor, HypervisorError, HypervisorEvent, LibvirtHypervisor, LibvirtOptions};
 use crate::hypervisor::{parse_uuid, uuid_string};
 use crate::metrics::{Metrics, StorageOp};
 use crate::net::udp::{Bound, Identity, Transport};
 use crate::net::wire::{ClusterId as WireClusterId, ClusterKey};
 use crate::store::dir::{DirError, DirStore};
+use crate::store::inventory;
 use crate::store::record::PoisonRequest;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
@@ -256,6 +258,8 @@ struct Shared {
     fencers: Fencers,
     fence_timeout: std::time::Duration,
     isolation_addresses: Vec<std::net::IpAddr>,
+    /// This host's bridge and network names (`hypervisor::netmap`).
+    net_map: NetMap,
     /// Boots seen in slots, for aiming poison requests.
     boots: Mutex<BTreeMap<HostId, BootId>>,
     libvirt_gate: tokio::sync::Semaphore,
@@ -347,6 +351,7 @@ impl Daemon {
             fencers: Fencers::from_config(&config, &env),
             fence_timeout: std_duration(config.cluster.timings.fence_timeout),
             isolation_addresses: config.cluster.isolation_addresses.clone(),
+            net_map: me.net_map.clone(),
             boots: Mutex::new(BTreeMap::new()),
             libvirt_gate: tokio::sync::Semaphore::new(MAX_LIBVIRT_CALLS),
             registry_epoch: AtomicU64::new(0),
@@ -430,6 +435,7 @@ impl Daemon {
         let (control_tx, control_rx) = mpsc::channel(64);
         tokio::spawn(control::serve(listener, control_tx));
         let metrics_rx = serve_metrics(config.cluster.metrics_address).await;
+        tokio::spawn(keep_inventory(Arc::clone(&shared), config.cluster.name.clone(), me.name.clone()));
 
         let node_cfg = NodeConfig {
             host: me.id,
@@ -685,10 +691,8 @@ impl Daemon {
                     let shared = Arc::clone(&self.shared);
                     tokio::task::spawn_blocking(move || {
                         let hv = shared.hv.get();
-                        let r = hv
-                            .xml(domain)
-                            .map_err(|e| e.to_string())
-                            .and_then(|xml| shared.store.write_domain_xml(domain, &xml).map_err(|e| e.to_string()));
+                        let r =
+                            hv.xml(domain).map_err(|e| e.to_string()).and_then(|xml| store_xml(&shared, domain, &xml));
                         if let Err(e) = r {
                             shared.send(Internal::Problem(format!(
                                 "domain {} was redefined but its stored definition was not updated: {e}",
@@ -970,11 +974,13 @@ impl Daemon {
                 };
                 let (dest, data) = (target.migration_uri.clone(), target.migration_data_uri());
                 let unsafe_storage = self.config.cluster.allow_unsafe_migration;
+                let target_map = target.net_map.clone();
                 let name = self.domain_name(domain);
                 info!(domain = %name, "live-migrating to {} ({dest}, data over {data})", target.name);
                 libvirt_call(shared, move |s| {
                     let hv = s.hv.get();
-                    let result = hv.migrate(domain, &dest, &data, unsafe_storage).map_err(|e| e.to_string());
+                    let remap = Some((&s.net_map, &target_map));
+                    let result = hv.migrate(domain, &dest, &data, unsafe_storage, remap).map_err(|e| e.to_string());
                     // On failure libvirt resumes it here, unless qemu died.
                     let running_here = result.is_err()
                         && hv.list().is_ok_and(|l| l.iter().any(|i| i.id == domain && i.state.has_qemu()));
@@ -1200,7 +1206,11 @@ fn start_domain(s: &Shared, d: DomainId) -> DomainEvent {
     }
     match s.store.read_domain_xml(d) {
         Ok(Some(xml)) => {
-            if let Err(e) = hv.define(&xml) {
+            let defined = match s.net_map.to_local(&xml) {
+                Ok(local) => hv.define(&local).map_err(|e| e.to_string()),
+                Err(e) => Err(format!("mapping its bridges and networks to this host's names: {e}")),
+            };
+            if let Err(e) = defined {
                 s.send(Internal::Problem(format!("defining {} from the datastore failed: {e}", uuid_string(d))));
                 return DomainEvent::StartFailed { disk_locked: false };
             }
@@ -1225,6 +1235,58 @@ fn start_domain(s: &Shared, d: DomainId) -> DomainEvent {
             DomainEvent::StartFailed { disk_locked }
         }
     }
+}
+
+/// Stores this host's definition of `d` under the cluster's bridge and
+/// network names (`hypervisor::netmap`): the datastore never holds one
+/// host's local names, so the next host maps from the cluster names.
+fn store_xml(s: &Shared, d: DomainId, xml: &str) -> Result<(), String> {
+    let cluster = s.net_map.to_cluster(xml).map_err(|e| format!("mapping back to the cluster's names: {e}"))?;
+    s.store.write_domain_xml(d, &cluster).map_err(|e| e.to_string())
+}
+
+/// Keeps this host's inventory (bridges, libvirt networks) on the
+/// datastore for `havirt check` on the other hosts: now, then every
+/// INVENTORY_INTERVAL_S. Informational only: a write that fails is logged,
+/// and one still blocked (hung storage or libvirtd) is not doubled.
+async fn keep_inventory(shared: Arc<Shared>, cluster: String, host: String) {
+    let busy = Arc::new(AtomicBool::new(false));
+    loop {
+        if !busy.swap(true, Ordering::SeqCst) {
+            let (s, b, cluster, host) = (Arc::clone(&shared), Arc::clone(&busy), cluster.clone(), host.clone());
+            blocking(move || {
+                if let Err(e) = write_inventory(&s, &cluster, &host) {
+                    warn!(
+                        "host inventory not written (havirt check on other hosts cannot see this host's networks): {e}"
+                    );
+                }
+                b.store(false, Ordering::SeqCst);
+            });
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(inventory::INVENTORY_INTERVAL_S)).await;
+    }
+}
+
+fn write_inventory(s: &Shared, cluster: &str, host: &str) -> Result<(), String> {
+    let bridges = inventory::local_bridges(std::path::Path::new("/sys/class/net"))
+        .map_err(|e| format!("listing /sys/class/net: {e}"))?;
+    let networks = match s.hv.get().active_networks() {
+        Ok(n) => Some(n),
+        Err(e) => {
+            warn!("host inventory: libvirt networks unknown: {e}");
+            None
+        }
+    };
+    let inv = inventory::Inventory {
+        format: inventory::FORMAT,
+        cluster: cluster.to_owned(),
+        host: host.to_owned(),
+        host_id: s.me.0,
+        written_unix_ms: unix_ms(),
+        bridges,
+        networks,
+    };
+    inventory::write(s.store.base(), s.me, &inv).map_err(|e| e.to_string())
 }
 
 /// One fence agent. The storage agent writes the poison request for the
@@ -1334,7 +1396,7 @@ fn protect(
     hv.set_policy(info.id, &policy).map_err(|e| format!("writing the policy of {name}: {e}"))?;
     hv.set_autostart(info.id, false).map_err(|e| format!("turning autostart off for {name}: {e}"))?;
     let xml = hv.xml(info.id).map_err(|e| format!("reading the definition of {name}: {e}"))?;
-    s.store.write_domain_xml(info.id, &xml).map_err(|e| format!("storing the definition of {name}: {e}"))?;
+    store_xml(s, info.id, &xml).map_err(|e| format!("storing the definition of {name}: {e}"))?;
     let entry = registry::entry(info.id, &xml);
     let message = format!("{name} is protected ({}), lease generation {generation}", render_policy(&policy));
     Ok((info.id, entry, message))

@@ -465,6 +465,7 @@ mod tests {
             boot: Some(0xb00 + u64::from(id)),
             isolated: false,
             self_fenced: false,
+            maintenance: false,
             memory_mib: 0,
             vcpus: 0,
             used_memory_mib: 0,
@@ -502,6 +503,7 @@ mod tests {
             ],
             domains: vec![domain(WEB, "web", web.0, web.1, web.2), domain(APP, "app", app.0, app.1, app.2)],
             tolerance: None,
+            migration_failures: Vec::new(),
         }
     }
 

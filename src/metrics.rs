@@ -554,6 +554,7 @@ mod tests {
             boot: None,
             isolated: false,
             self_fenced: false,
+            maintenance: false,
             memory_mib: 0,
             vcpus: 0,
             used_memory_mib: 0,
@@ -590,6 +591,7 @@ mod tests {
             ],
             domains: vec![domain(1, 1, Some("running")), domain(2, 1, Some("adopting")), domain(3, 2, None)],
             tolerance: None,
+            migration_failures: Vec::new(),
         }
     }
 

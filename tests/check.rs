@@ -9,9 +9,10 @@
 //! uses names of its own.
 
 use havirt::check::{self, CheckOptions, Finding, Level};
-use havirt::engine::config::DomainId;
+use havirt::engine::config::{DomainId, HostId};
 use havirt::hypervisor::{Hypervisor, LibvirtHypervisor, LibvirtOptions, POLICY_NS, uuid_string};
 use havirt::store::dir::DirStore;
+use havirt::store::inventory::{self, Inventory};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -223,4 +224,116 @@ fn protected_domains_need_shared_disks_and_their_bridges() {
     assert!(local_disk.is_some_and(|f| f.level == Level::Warning && f.detail.contains("local filesystem")), "{report}");
     has_error(&findings, "domain", "chk-typo: its havirt policy does not parse");
     assert!(on("chk-plain").is_empty(), "an unprotected domain is not checked:\n{report}");
+}
+
+// ------------------------------------------------------------------ networks per host
+
+/// A stored (cluster-named) definition with `policy` and `devices`.
+fn store_definition(store: &DirStore, name: &str, id: u128, policy: &str, devices: &str) {
+    let xml = format!(
+        "<domain type='kvm'><name>{name}</name><uuid>{}</uuid><memory unit='KiB'>65536</memory><vcpu>1</vcpu>\
+         <metadata><havirt:policy xmlns:havirt='{POLICY_NS}' {policy}</havirt:policy></metadata>\
+         <devices>{devices}</devices></domain>",
+        uuid_string(DomainId(id))
+    );
+    store.write_domain_xml(DomainId(id), &xml).expect("store definition");
+}
+
+fn bridge(name: &str) -> String {
+    format!("<interface type='bridge'><source bridge='{name}'/></interface>")
+}
+
+fn h2_inventory(written_unix_ms: u64) -> Inventory {
+    Inventory {
+        format: inventory::FORMAT,
+        cluster: CLUSTER.into(),
+        host: "h2".into(),
+        host_id: 2,
+        written_unix_ms,
+        bridges: vec!["lan-h2".into()],
+        networks: Some(vec!["lan".into()]),
+    }
+}
+
+fn unix_ms_now() -> u64 {
+    #[allow(clippy::disallowed_methods, reason = "a fresh inventory is stamped with wall time")]
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("after 1970");
+    u64::try_from(t.as_millis()).expect("fits")
+}
+
+/// h2 maps the cluster's `lanx` to its `lan-h2`, `lany` to a `vmbr9` it
+/// lacks, and the `default` network to its `lan`; h1 (here) has none of
+/// these bridges.
+fn networks_setup(name: &str) -> (PathBuf, DirStore, PathBuf) {
+    let dir = scratch(name);
+    let datastore = dir.join(CLUSTER);
+    let store = DirStore::init(&datastore, CLUSTER).expect("init datastore");
+    let (config, _) = setup(&dir, &datastore, 0o600);
+    let text = fs::read_to_string(&config).expect("config").replacen(
+        "watchdog = \"device\"\n",
+        "watchdog = \"device\"\nbridge_map = { \"lanx\" = \"lan-h2\", \"lany\" = \"vmbr9\" }\nnetwork_map = { \"default\" = \"lan\" }\n",
+        1,
+    );
+    fs::write(&config, text).expect("config with maps");
+    let only = |h: &str| format!("><havirt:affinity host='{h}'/>");
+    store_definition(
+        &store,
+        "net-ok",
+        0x2e70_0001,
+        &only("h2"),
+        &format!("{}{}", bridge("lanx"), "<interface type='network'><source network='default'/></interface>"),
+    );
+    store_definition(&store, "net-unmapped", 0x2e70_0002, &only("h2"), &bridge("br-x"));
+    store_definition(&store, "net-mapped-missing", 0x2e70_0003, &only("h2"), &bridge("lany"));
+    store_definition(&store, "net-local", 0x2e70_0004, &only("h1"), &bridge("hvchk-nobr1"));
+    store_definition(&store, "net-ambiguous", 0x2e70_0005, &only("h2"), &bridge("lan-h2"));
+    (config, store, datastore)
+}
+
+#[test]
+fn stored_domains_need_their_bridges_on_every_host_after_its_map() {
+    let (config, _store, datastore) = networks_setup("networks");
+    inventory::write(&datastore, HostId(2), &h2_inventory(unix_ms_now())).expect("h2 inventory");
+    let findings = check::run(&options(&config));
+    let report = check::render(&findings);
+    println!("{report}");
+    has_error(&findings, "network", "domain net-unmapped cannot run on h2: bridge br-x does not exist there");
+    has_error(
+        &findings,
+        "network",
+        "domain net-mapped-missing cannot run on h2: bridge lany (mapped to vmbr9) does not exist there",
+    );
+    has_error(&findings, "network", "domain net-local cannot run on h1: bridge hvchk-nobr1 does not exist there");
+    let net = about(&findings, "network");
+    assert!(net.iter().all(|f| !f.detail.contains("net-ok")), "net-ok runs on h2 after its map:\n{report}");
+    let ambiguous = net.iter().filter(|f| f.level == Level::Warning).collect::<Vec<_>>();
+    assert!(
+        ambiguous.len() == 1
+            && ambiguous[0].detail.contains(
+                "domain net-ambiguous uses bridge lan-h2, which h2's bridge_map makes the local name of lanx"
+            ),
+        "{report}"
+    );
+    assert_eq!(net.len(), 4, "{report}");
+}
+
+#[test]
+fn a_missing_stale_or_corrupt_inventory_is_unknown_not_fine() {
+    let (config, _store, datastore) = networks_setup("networks_unknown");
+    let warned = |says: &str| {
+        let findings = check::run(&options(&config));
+        let report = check::render(&findings);
+        let net = about(&findings, "network");
+        assert!(
+            net.iter().any(|f| f.level == Level::Warning && f.detail.contains(says)),
+            "wanted a warning saying {says:?}:\n{report}"
+        );
+        assert!(net.iter().all(|f| !f.detail.contains("cannot run on h2")), "nothing is judged on h2:\n{report}");
+    };
+    warned("no inventory of h2 on the datastore: daemon not running on h2?");
+    let old = unix_ms_now() - 1000 * (inventory::INVENTORY_MAX_AGE_S + 60);
+    inventory::write(&datastore, HostId(2), &h2_inventory(old)).expect("old inventory");
+    warned("s old (rewritten every 60 s): daemon not running on h2");
+    fs::write(inventory::path(&datastore, HostId(2)), "{\"bridges\":[\"br-x\"]}\n").expect("corrupt");
+    warned("the inventory of h2 was rejected");
 }

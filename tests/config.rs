@@ -3,6 +3,7 @@
 
 use havirt::config::{Config, ConfigError, ConfigWarning, Datastore, FenceMethod, Watchdog, check_key_file};
 use havirt::engine::config::{HostId, Profile};
+use havirt::hypervisor::netmap::NetKind;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
@@ -111,6 +112,8 @@ fn shipped_example_loads_cleanly() {
         assert_eq!((h.memory_mib, h.vcpus), (0, 0), "capacity is the daemon's to fill");
     }
     assert_eq!(config.local_host("hv3").map(|h| h.id), Ok(HostId(3)));
+    assert!(config.hosts[0].net_map.is_empty(), "hv1 uses the cluster's names");
+    assert_eq!(config.hosts[2].net_map.local(NetKind::Bridge, "br-prod"), "vmbr0");
 }
 
 #[test]
@@ -664,4 +667,60 @@ fn private_key_of_32_bytes_is_accepted() {
     assert_eq!(check_key_file(&path).map(|k| k.len()), Ok(32));
     let path = key_file("good64.key", 64, 0o400);
     assert_eq!(check_key_file(&path).map(|k| k.len()), Ok(64));
+}
+
+// ------------------------------------------------------------------ network maps
+
+#[test]
+fn network_maps_load_inline_and_as_tables() {
+    let text = edit("id = 2\n", "id = 2\nbridge_map = { \"br-prod\" = \"vmbr0\", \"br-backup\" = \"vmbr1\" }\n");
+    let text = format!("{text}\n[host.network_map]\n\"default\" = \"lan\"\n");
+    let (config, warnings) = loads("net_maps", &text);
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let (h1, h2) = (&config.hosts[0].net_map, &config.hosts[1].net_map);
+    assert!(h1.is_empty());
+    assert_eq!(h2.local(NetKind::Bridge, "br-prod"), "vmbr0");
+    assert_eq!(h2.local(NetKind::Bridge, "br-backup"), "vmbr1");
+    assert_eq!(h2.local(NetKind::Bridge, "br-other"), "br-other", "unlisted names stay");
+    assert_eq!(h2.cluster(NetKind::Bridge, "vmbr1"), "br-backup");
+    assert_eq!(h2.local(NetKind::Network, "default"), "lan");
+    assert_eq!(h2.local(NetKind::Bridge, "default"), "default", "bridges and networks are apart");
+}
+
+#[test]
+fn bridge_name_longer_than_an_interface_name() {
+    let text = edit("id = 2\n", "id = 2\nbridge_map = { \"br-prod\" = \"bridge-of-prod-1\" }\n");
+    let msg = refused("bridge_long", &text, 25, "bridge_map.br-prod", &["[[host]] #2", "bridge-of-prod-1", "1 to 15"]);
+    assert!(msg.contains("ip link"), "{msg}");
+}
+
+#[test]
+fn empty_cluster_bridge_name() {
+    let text = edit("id = 2\n", "id = 2\nbridge_map = { \"\" = \"vmbr0\" }\n");
+    refused("bridge_empty", &text, 25, "bridge_map.", &["not a valid bridge name"]);
+}
+
+#[test]
+fn bridge_name_with_a_slash() {
+    let text = edit("id = 2\n", "id = 2\nbridge_map = { \"br-prod\" = \"vm/br0\" }\n");
+    refused("bridge_slash", &text, 25, "bridge_map.br-prod", &["\"vm/br0\"", "no '/'"]);
+}
+
+#[test]
+fn network_name_with_white_space() {
+    let text = edit("id = 2\n", "id = 2\nnetwork_map = { \"default\" = \"my lan\" }\n");
+    refused("network_space", &text, 25, "network_map.default", &["libvirt network name", "virsh net-list"]);
+}
+
+#[test]
+fn two_cluster_names_on_one_local_bridge() {
+    let text = edit("id = 2\n", "id = 2\nbridge_map = { \"br-prod\" = \"vmbr0\", \"br-test\" = \"vmbr0\" }\n");
+    let msg = refused("bridge_dup", &text, 25, "bridge_map.br-test", &["already the local name of \"br-prod\""]);
+    assert!(msg.contains("maps a definition back"), "{msg}");
+}
+
+#[test]
+fn network_map_value_of_the_wrong_type() {
+    let text = edit("id = 2\n", "id = 2\nnetwork_map = { \"default\" = 1 }\n");
+    refused("network_type", &text, 25, "default", &["[[host]] #2", "quoted string"]);
 }

@@ -97,6 +97,15 @@ impl LibvirtHypervisor {
         self.conn.is_alive().unwrap_or(false)
     }
 
+    /// The names of the active libvirt networks, sorted (what a domain's
+    /// `<interface type='network'>` can plug into here).
+    pub fn active_networks(&self) -> Result<Vec<String>, HypervisorError> {
+        let mut names =
+            self.conn.list_networks().map_err(|source| HypervisorError::Libvirt { op: "list networks", source })?;
+        names.sort();
+        Ok(names)
+    }
+
     fn lookup(&self, id: DomainId) -> Result<Domain, HypervisorError> {
         Domain::lookup_by_uuid_string(&self.conn, &uuid_string(id)).map_err(|e| domain_error("lookup", id, e))
     }
@@ -193,8 +202,23 @@ impl Hypervisor for LibvirtHypervisor {
         dest_uri: &str,
         data_uri: &str,
         unsafe_storage: bool,
+        remap: Option<(&super::netmap::NetMap, &super::netmap::NetMap)>,
     ) -> Result<(), HypervisorError> {
         let dom = self.lookup(id)?;
+        // The live, migratable XML with the target's bridge and network
+        // names (through the cluster's names), when the maps differ.
+        let dest_xml = match remap {
+            Some((here, there)) if !(here.is_empty() && there.is_empty()) => {
+                let flags = sys::VIR_DOMAIN_XML_MIGRATABLE | sys::VIR_DOMAIN_XML_SECURE;
+                let live = dom.get_xml_desc(flags).map_err(|e| domain_error("get migratable xml", id, e))?;
+                let mapped = here
+                    .to_cluster(&live)
+                    .and_then(|c| there.to_local(&c).map(|x| x.into_owned()))
+                    .map_err(|e| HypervisorError::Mapping { domain: Uuid(id), reason: e.to_string() })?;
+                Some(mapped)
+            }
+            _ => None,
+        };
         let unsafe_flag = if unsafe_storage { sys::VIR_MIGRATE_UNSAFE } else { 0 };
         let flags = unsafe_flag
             | sys::VIR_MIGRATE_LIVE
@@ -202,7 +226,7 @@ impl Hypervisor for LibvirtHypervisor {
             | sys::VIR_MIGRATE_PAUSED
             | sys::VIR_MIGRATE_PERSIST_DEST
             | sys::VIR_MIGRATE_UNDEFINE_SOURCE;
-        dom.migrate_to_uri2(Some(dest_uri), Some(data_uri), None, flags, None, 0)
+        dom.migrate_to_uri2(Some(dest_uri), Some(data_uri), dest_xml.as_deref(), flags, None, 0)
             .map_err(|e| domain_error("migrate", id, e))
     }
 

@@ -5,6 +5,7 @@
 //! - `libvirt`: [`LibvirtHypervisor`], the trait over the `virt` crate.
 //! - `events`: the lifecycle and connection-close event stream.
 //! - `metadata`: havirt's per-domain policy element and its strict parser.
+//! - `netmap`: bridge and network names mapped per host in domain XML.
 //! - `process`: finding and killing a domain's qemu without libvirt (S4).
 //! - `ffi`: the only unsafe code of the adapter (event callbacks, pidfd).
 //!
@@ -20,6 +21,7 @@ pub mod events;
 mod ffi;
 pub mod libvirt;
 pub mod metadata;
+pub mod netmap;
 pub mod process;
 
 pub use events::{CloseReason, EventStream, HypervisorEvent};
@@ -70,12 +72,15 @@ pub trait Hypervisor: Send + Sync {
     /// keeps (resumes) the domain here.
     /// `unsafe_storage`: migrate even when libvirt cannot tell that the
     /// disks are shared (VIR_MIGRATE_UNSAFE; the config says they are).
+    /// `remap`: (this host's, the target's) bridge and network maps; the
+    /// domain arrives with the target's names.
     fn migrate(
         &self,
         id: DomainId,
         dest_uri: &str,
         data_uri: &str,
         unsafe_storage: bool,
+        remap: Option<(&netmap::NetMap, &netmap::NetMap)>,
     ) -> Result<(), HypervisorError>;
     /// Resume a paused domain; `Ok(false)` when it was not paused (or is not
     /// here at all).
@@ -147,6 +152,8 @@ pub enum HypervisorError {
         #[source]
         source: PolicyError,
     },
+    #[error("domain {domain}: mapping its bridges and networks for the target: {reason}")]
+    Mapping { domain: Uuid, reason: String },
     #[error("libvirt returned a malformed uuid {0:?}")]
     BadUuid(String),
     #[error("killing the qemu of domain {domain}: {source}")]

@@ -22,7 +22,7 @@ use super::bmc::{Bmc, BmcSpec};
 use super::host::{Host, HostOptions, share_datastore_mount};
 use super::net::{GATEWAY_ADDR, Network, bmc_addr, heartbeat_addr, host_ns};
 use super::supervisor::Supervisor;
-use super::sys::{self, LabError, io_error, run, wait_for};
+use super::sys::{self, LabError, io_error, run, run_args, wait_for};
 use super::{FAULTFS_SOCKET, LAB_DIR, faultfs};
 use crate::control::{self, Request, Response, StatusReport};
 use crate::engine::config::DomainId;
@@ -98,12 +98,29 @@ pub struct LabSpec {
     /// Where the domains first run: all on this host, or (None) spread
     /// round-robin over the hosts.
     pub home: Option<u16>,
+    /// Per-host LAN bridges and network maps (issue 5); None: no guest NICs.
+    pub lan: Option<LanSpec>,
+}
+
+/// The lab's network mapping setup: host N gets a bridge [`lan_bridge`]`(N)`
+/// of its own (in its namespace, no uplink), every lab domain a NIC on its
+/// home host's bridge, and each host in `mapped` a `bridge_map` from h1's
+/// bridge name (the cluster's name of this LAN) to its own. A host left out
+/// has no map: a domain stored with the name `lan-h1` cannot run there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LanSpec {
+    pub mapped: Vec<u16>,
+}
+
+/// Host N's LAN bridge when [`LabSpec::lan`] is set.
+pub fn lan_bridge(host: u16) -> String {
+    format!("lan-h{host}")
 }
 
 impl LabSpec {
     /// `hosts` hosts, `domains` domains, fence_ipmilan, default profile.
     pub fn new(hosts: u16, domains: u16, havirt: PathBuf) -> LabSpec {
-        LabSpec { hosts, domains, fencing: Fencing::Ipmilan, profile: "default".into(), havirt, home: None }
+        LabSpec { hosts, domains, fencing: Fencing::Ipmilan, profile: "default".into(), havirt, home: None, lan: None }
     }
 }
 
@@ -319,8 +336,19 @@ pub fn config_text(spec: &LabSpec) -> String {
             )),
             Fencing::Disabled => {}
         }
+        if n != 1 && spec.lan.as_ref().is_some_and(|l| l.mapped.contains(&n)) {
+            text.push_str(&format!("\n[host.bridge_map]\n\"{}\" = \"{}\"\n", lan_bridge(1), lan_bridge(n)));
+        }
     }
     text
+}
+
+/// `xml` with a NIC on `bridge` (a tap device in the host's namespace).
+pub fn with_lan_nic(xml: &str, bridge: &str) -> String {
+    let nic = format!(
+        "  <interface type='bridge'>\n      <source bridge='{bridge}'/>\n      <model type='virtio'/>\n    </interface>\n  </devices>"
+    );
+    xml.replacen("</devices>", &nic, 1)
 }
 
 /// A tiny domain with its qcow2 disk on the datastore (LAB-NOTES).
@@ -428,6 +456,15 @@ impl Lab {
         for n in 1..=self.spec.hosts {
             self.add_host(n)?;
         }
+        if self.spec.lan.is_some() {
+            // In the host's network namespace, which outlives its power cycles.
+            for n in 1..=self.spec.hosts {
+                let (ns, br) = (host_ns(n), lan_bridge(n));
+                run_args("ip", &["-n", &ns, "link", "add", &br, "type", "bridge"])?;
+                run_args("ip", &["-n", &ns, "link", "set", &br, "up"])?;
+            }
+            say("LAN bridges: lan-hN in each host, bridge_map on the mapped hosts");
+        }
         for n in 1..=self.spec.hosts {
             self.power_on(n)?;
             say(&format!("h{n}: powered on through its BMC ({}), libvirtd up", bmc_addr(n)));
@@ -527,7 +564,11 @@ impl Lab {
             .arg(&disk)
             .arg(DOMAIN_DISK))?;
         let xml_path = lab_path(&format!("domains/{name}.xml"));
-        fs::write(&xml_path, domain_xml(&name, &uuid)).map_err(io_error(&xml_path))?;
+        let mut xml = domain_xml(&name, &uuid);
+        if self.spec.lan.is_some() {
+            xml = with_lan_nic(&xml, &lan_bridge(home));
+        }
+        fs::write(&xml_path, xml).map_err(io_error(&xml_path))?;
         let uri = self.host(home)?.libvirt_uri();
         virsh(&uri, &["define", &xml_path.to_string_lossy()])?;
         virsh(&uri, &["start", &name])?;
@@ -880,5 +921,19 @@ mod tests {
             let parsed = crate::config::Config::parse("lab.toml", &text);
             assert!(parsed.is_ok(), "{fencing:?}: {parsed:?}\n{text}");
         }
+    }
+
+    #[test]
+    fn lan_maps_h1s_bridge_on_the_mapped_hosts_only() {
+        use crate::hypervisor::netmap::{NetKind, interfaces};
+        let spec =
+            LabSpec { lan: Some(LanSpec { mapped: vec![2] }), ..LabSpec::new(3, 3, PathBuf::from("/usr/bin/havirt")) };
+        let text = config_text(&spec);
+        let (config, _) = crate::config::Config::parse("lab.toml", &text).expect("lab config with maps");
+        let local: Vec<&str> = config.hosts.iter().map(|h| h.net_map.local(NetKind::Bridge, "lan-h1")).collect();
+        assert_eq!(local, ["lan-h1", "lan-h2", "lan-h1"]);
+        let xml = with_lan_nic(&domain_xml("vm1", &domain_uuid(1)), &lan_bridge(1));
+        let uses = interfaces(&xml).expect("well-formed");
+        assert_eq!(uses.iter().map(ToString::to_string).collect::<Vec<_>>(), ["bridge lan-h1"]);
     }
 }

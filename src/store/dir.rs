@@ -9,7 +9,10 @@
 //!   fenced/<id>              FencedRecord: which boot of <id> was confirmed off
 //!   assign/<id>              AssignmentsRecord, written by the master
 //!   poison/<id>              PoisonRequest aimed at <id> (all zeros: none)
-//!   domains/<uuid>.xml       domain definition (plain XML, not a record)
+//!   domains/<uuid>.xml       domain definition (plain XML, not a record), in the
+//!                            cluster's bridge and network names (hypervisor::netmap)
+//!   inventory/<id>.json      host <id>'s bridges and networks (store::inventory;
+//!                            made on first write, not by init)
 //! ```
 //!
 //! `<id>` is the decimal host id, `<uuid>` the lowercase hyphenated domain

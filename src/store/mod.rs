@@ -8,6 +8,8 @@
 //!   (or a plain file): heartbeat slots, poison requests, fenced and
 //!   assignment records. No leases (see its module doc).
 //! - `direct`: aligned O_DIRECT block I/O both backends share.
+//! - `inventory`: each host's bridges and libvirt networks, for `havirt
+//!   check` on the others (dir datastores only; informational).
 //!
 //! Everything here is synchronous and blocking: the daemon calls it from
 //! worker threads and bounds each call with `io_timeout`.
@@ -15,6 +17,7 @@
 pub mod block;
 pub mod dir;
 pub mod direct;
+pub mod inventory;
 pub mod record;
 
 use crate::engine::config::HostId;

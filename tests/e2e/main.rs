@@ -23,4 +23,5 @@ mod failover;
 mod harness;
 mod maintenance;
 mod metrics;
+mod netmap;
 mod steady;
