@@ -724,3 +724,17 @@ fn network_map_value_of_the_wrong_type() {
     let text = edit("id = 2\n", "id = 2\nnetwork_map = { \"default\" = 1 }\n");
     refused("network_type", &text, 25, "default", &["[[host]] #2", "quoted string"]);
 }
+
+#[test]
+fn migration_uri_defaults_to_ssh_on_the_first_address_and_refuses_a_bare_name() {
+    let (config, _) = loads("migration_default", BASE);
+    let h = &config.hosts[0];
+    assert_eq!(h.migration_uri, format!("qemu+ssh://root@{}/system", h.addresses[0]));
+    assert_eq!(h.migration_data_uri(), format!("tcp://{}", h.addresses[0]));
+    assert!(!config.cluster.allow_unsafe_migration);
+    let text = edit(
+        "watchdog = \"device\"\n\n[[host.fence]]\nkind = \"ipmi\"",
+        "watchdog = \"device\"\nmigration_uri = \"hv2\"\n\n[[host.fence]]\nkind = \"ipmi\"",
+    );
+    refused("migration_uri_bare", &text, 15, "migration_uri", &["qemu+ssh://"]);
+}
