@@ -22,6 +22,10 @@
 //! A failed migration leaves the domain running on the source (libvirt
 //! resumes it there); it is reported and not retried until the operator
 //! enters maintenance again. Migrations run one at a time per host.
+//!
+//! The same migration brings a domain back to its preferred host (the first
+//! of its affinity) once that host takes restarts again: failback after a
+//! maintenance or a repair.
 
 use super::config::{DomainId, HostId};
 use super::io::{Action, CasOutcome, Lease, LeaseKey, LeaseReason, NetMessage, Owner, StorageError};
@@ -40,6 +44,8 @@ pub const MIGRATION_ROOM_HOLD: Duration = Duration::from_secs(10);
 pub const HANDOVER_REPORT: Duration = Duration::from_secs(60);
 /// An incoming domain's lease is read this often until it is ours.
 pub const INCOMING_LEASE_POLL: Duration = Duration::from_millis(500);
+/// A failback migration that failed is tried again after this.
+pub const FAILBACK_RETRY: Duration = Duration::from_secs(60);
 
 impl Node {
     /// `OperatorCommand::Maintenance`.
@@ -75,12 +81,17 @@ impl Node {
     /// Start the next migration of the drain, one at a time.
     pub(super) fn maintenance_tick(&mut self, now: Instant) {
         self.recent_migrations.retain(|_, (_, at)| now.since(*at) < MIGRATION_ROOM_HOLD);
-        if !self.maintenance || self.self_fence != SelfFence::Healthy || !self.storage_healthy(now) {
+        self.failback_blocked.retain(|_, until| now < *until);
+        if self.self_fence != SelfFence::Healthy || !self.storage_healthy(now) || self.isolated {
             return;
         }
         let busy =
             self.local.values().any(|l| matches!(l.state, LocalState::Migrating { .. } | LocalState::Handoff { .. }));
         if busy {
+            return;
+        }
+        if !self.maintenance {
+            self.failback_tick(now);
             return;
         }
         let spec = self.cfg.spec.clone();
@@ -111,6 +122,7 @@ impl Node {
         };
         let reports = self.domain_reports();
         let mut rooms = self.host_rooms(now, &reports);
+        rooms.retain(|r| self.fit_target(r.id));
         for room in &mut rooms {
             // A migration is not a cold start: the start cap does not apply.
             room.starts_free = room.starts_free.max(1);
@@ -140,6 +152,56 @@ impl Node {
         self.actions.push_back(Action::MigrateDomain { domain: d, to });
     }
 
+    /// Failback: a domain whose affinity names a preferred host (the first
+    /// one) and runs elsewhere goes back there by live migration once that
+    /// host takes restarts and has room (after its maintenance, or its
+    /// repair). One at a time; a failed attempt waits FAILBACK_RETRY.
+    fn failback_tick(&mut self, now: Instant) {
+        let me = self.cfg.host;
+        let spec = self.cfg.spec.clone();
+        let wanting: Vec<(DomainId, HostId)> = self
+            .local
+            .iter()
+            .filter(|(d, l)| {
+                matches!(l.state, LocalState::Running | LocalState::Ready)
+                    && l.generation.is_some()
+                    && !self.failback_blocked.contains_key(d)
+            })
+            .filter_map(|(d, _)| spec.domains.get(d))
+            .filter_map(|s| s.policy.affinity.first().filter(|h| **h != me).map(|h| (s.id, *h)))
+            .collect();
+        if wanting.is_empty() {
+            return;
+        }
+        let reports = self.domain_reports();
+        let rooms = self.host_rooms(now, &reports);
+        for (d, to) in wanting {
+            let Some(room) = rooms.iter().find(|r| r.id == to && self.fit_target(to)) else { continue };
+            let Some(ds) = spec.domains.get(&d) else { continue };
+            let mut room = room.clone();
+            room.starts_free = room.starts_free.max(1);
+            let plan = planner::plan(std::slice::from_ref(&room), &[PlanRequest { domain: ds, avoid: Vec::new() }]);
+            if plan.placements.is_empty() {
+                continue;
+            }
+            let Some(boot) = self.peers.get(&to).and_then(|p| p.current_boot()) else { continue };
+            self.emit(now, "node", format!("failback: migrating {} to its preferred host {to}", ds.name));
+            self.set_state(d, LocalState::Migrating { to, boot });
+            self.actions.push_back(Action::MigrateDomain { domain: d, to });
+            return;
+        }
+    }
+
+    /// A failed migration: a maintenance drain reports it (until the
+    /// operator enters again); a failback tries again after FAILBACK_RETRY.
+    fn note_failed_migration(&mut self, now: Instant, d: DomainId, why: String) {
+        if self.maintenance {
+            self.migration_failed.insert(d, why);
+        } else {
+            self.failback_blocked.insert(d, now + FAILBACK_RETRY);
+        }
+    }
+
     /// `Input::Migrated`: the migration of a domain of ours ended.
     pub(super) fn handle_migrated(
         &mut self,
@@ -162,12 +224,12 @@ impl Node {
             }
             Err(e) if running_here => {
                 self.emit(now, "node", format!("migration of {name} to {to} failed: {e}; it keeps running here"));
-                self.migration_failed.insert(d, format!("migration to {to} failed: {e}"));
+                self.note_failed_migration(now, d, format!("migration to {to} failed: {e}"));
                 self.set_state(d, LocalState::Running);
             }
             Err(e) => {
                 self.emit(now, "node", format!("migration of {name} to {to} failed: {e}; qemu is gone"));
-                self.migration_failed.insert(d, format!("migration to {to} failed: {e}"));
+                self.note_failed_migration(now, d, format!("migration to {to} failed: {e}"));
                 self.set_state(d, LocalState::Running);
                 self.domain_gone(now, d, Local { state: LocalState::Running, ..local }, true);
             }
@@ -209,6 +271,9 @@ impl Node {
                 self.assignments_seen.insert(d, l.generation);
                 self.recent_migrations.insert(d, (to, now));
                 self.handed_over.insert(d, (to, boot, l.generation, now));
+                // An older release of ours would hide the handover in our
+                // slot (releases go first): the lease has moved on since.
+                self.released.remove(&d);
                 self.emit(
                     now,
                     "node",
@@ -248,6 +313,16 @@ impl Node {
                 incoming_since: Some(now),
             },
         );
+        if self.self_fence != SelfFence::Healthy || !self.storage_healthy(now) {
+            // S4: a host that cannot write its heartbeat holds no domain,
+            // not even a paused one (its leases may be taken any moment).
+            self.emit(
+                now,
+                "node",
+                format!("{}: storage heartbeat failing; destroying the paused copy", self.domain_name(d)),
+            );
+            self.stop_domain(now, d, false, super::node::AfterStop::Forget);
+        }
     }
 
     /// Read an incoming domain's lease (at most one read in flight, every
@@ -267,6 +342,13 @@ impl Node {
         let name = self.domain_name(d);
         self.emit(now, "node", format!("{name}: lease not handed over after migration; destroying the paused copy"));
         self.stop_domain(now, d, false, super::node::AfterStop::Forget);
+    }
+
+    /// A migration target must look healthy from here right now: its last
+    /// network heartbeat does not say its storage is lost or that it
+    /// self-fenced (its slot may be too old to say so).
+    fn fit_target(&self, h: HostId) -> bool {
+        self.peers.get(&h).and_then(|p| p.heartbeat.as_ref()).is_some_and(|hb| !hb.storage_lost && !hb.self_fenced)
     }
 
     /// Hosts in maintenance per their latest slot, and this one.

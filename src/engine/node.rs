@@ -236,6 +236,8 @@ pub struct Node {
     /// Leases we handed to a migration target: (target, its boot,
     /// generation, when), reported in our slot for HANDOVER_REPORT.
     pub(super) handed_over: BTreeMap<DomainId, (HostId, BootId, u64, Instant)>,
+    /// Failback migrations that failed: not before this again.
+    pub(super) failback_blocked: BTreeMap<DomainId, Instant>,
     /// Last lease read of each incoming domain.
     pub(super) incoming_polled: BTreeMap<DomainId, Instant>,
     /// Test-only defect: keep managing unprotected domains (proves the
@@ -296,6 +298,7 @@ impl Node {
             recent_migrations: BTreeMap::new(),
             handed_over: BTreeMap::new(),
             incoming_polled: BTreeMap::new(),
+            failback_blocked: BTreeMap::new(),
             #[cfg(test)]
             broken_ignore_unprotect: false,
             cfg,

@@ -75,10 +75,23 @@ pub fn random_setup(seed: u64, o: &RandomOptions) -> SimSetup {
             None
         };
         let readiness = if rng.chance(20) { Readiness::GuestAgent } else { Readiness::Started };
+        // Some domains prefer a host (the first of two): failback migrates
+        // them home whenever that host takes restarts again. Never with an
+        // anti-affinity group: the two together can be unsatisfiable.
+        let ids: Vec<HostId> = hosts.iter().map(|h| h.id).collect();
+        let affinity = if rng.chance(10) && ids.len() >= 2 && anti_affinity.is_none() {
+            // Two hosts: one host alone may be full of restarts at healing
+            // time (nothing rebalances), which no engine could fix.
+            let first = rng.pick(&ids);
+            let others: Vec<HostId> = ids.iter().copied().filter(|h| *h != first).collect();
+            vec![first, rng.pick(&others)]
+        } else {
+            Vec::new()
+        };
         let policy = DomainPolicy {
             priority,
             isolation_response,
-            affinity: Vec::new(),
+            affinity,
             anti_affinity,
             readiness,
             readiness_timeout: Duration::from_secs(60),
@@ -267,6 +280,9 @@ fn heal(out: &mut Vec<(u64, Command)>, at: u64, hosts: &[HostId], setup: &SimSet
         out.push((at, Command::Resume(*h)));
         out.push((at, Command::PowerOn(*h)));
         out.push((at + 10_000, Command::DaemonStart(*h)));
+        // An "exit" sent while the host was off never arrived: the
+        // operator ends every maintenance once the daemons run again.
+        out.push((at + 15_000, Command::Maintenance { host: *h, enter: false }));
         for agent in setup.spec.host(*h).map(|s| s.fence_agents.clone()).unwrap_or_default() {
             out.push((at, Command::FenceAgent { target: *h, agent, mode: AgentMode::Works }));
         }
