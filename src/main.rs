@@ -167,6 +167,9 @@ enum LabCmd {
     /// Recovery times per fault class over several trials (prints figures,
     /// asserts nothing).
     Bench(havirt::lab::bench::BenchArgs),
+    /// Build (once per machine, cached) the lab's tiny guest OS, a kernel
+    /// and an initramfs running the QEMU guest agent; print their paths.
+    GuestImage,
     /// Set a fault of a running faultfs: hang, eio, delay MS, readonly, ok
     /// (each optionally `netns=NAME`), or ask for its status.
     StorageFault {
@@ -346,6 +349,11 @@ fn main() -> ExitCode {
             .and_then(|exe| havirt::lab::bench::run(&exe, &args))
             .map(|()| ExitCode::SUCCESS),
         Cmd::Lab { what: LabCmd::Down } => print(havirt::lab::keeper::down()),
+        Cmd::Lab { what: LabCmd::GuestImage } => print(
+            havirt::lab::guest::ensure_image()
+                .map(|i| format!("kernel {}\ninitrd {}", i.kernel.display(), i.initrd.display()))
+                .map_err(|e| e.to_string()),
+        ),
         Cmd::Lab { what: LabCmd::StorageFault { control, command } } => {
             print(havirt::lab::faultfs::control(&control, &command.join(" ")).map_err(|e| e.to_string()))
         }
