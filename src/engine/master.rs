@@ -92,6 +92,15 @@ impl Master {
         self.waiting_logged.remove(&d);
     }
 
+    /// Free leases of domains stopped on purpose, as cached (stopped.rs).
+    pub(super) fn stopped_leases(&self) -> Vec<(DomainId, u64)> {
+        self.leases
+            .iter()
+            .filter(|(_, l)| l.owner.is_none() && l.reason == LeaseReason::Stopped)
+            .map(|(d, l)| (*d, l.generation))
+            .collect()
+    }
+
     /// The lease generation in our cache, if read.
     pub(super) fn lease_generation(&self, d: DomainId) -> Option<u64> {
         self.leases.get(&d).map(|l| l.generation)
@@ -296,9 +305,11 @@ impl Node {
         result: Result<CasOutcome, StorageError>,
     ) {
         let pending = self.finish_op(now, op);
-        if let Some(PendingOp { kind: OpKind::Renew(d), .. }) = pending {
-            self.renewed(now, d, result);
-            return;
+        match pending {
+            Some(PendingOp { kind: OpKind::Renew(d), .. }) => return self.renewed(now, d, result),
+            Some(PendingOp { kind: OpKind::Park(d), .. }) => return self.park_cas(now, d, result),
+            Some(PendingOp { kind: OpKind::OperatorStart(d), .. }) => return self.operator_start_cas(now, d, result),
+            _ => {}
         }
         let inflight = self.master.as_mut().and_then(|m| m.cas_inflight.remove(&op));
         let Some(_) = pending else {
@@ -678,7 +689,7 @@ impl Node {
                 continue;
             }
             for (d, r) in &slot.domains {
-                if !matches!(r.state, DomainState::Released { .. }) {
+                if !matches!(r.state, DomainState::Released { .. } | DomainState::Stopped) {
                     out.insert(*d, (*h, *r));
                 }
             }
@@ -707,7 +718,10 @@ impl Node {
                 if !self.cfg.spec.domains.contains_key(d) {
                     continue;
                 }
-                if r.generation > 0 && !matches!(r.state, DomainState::Released { .. }) {
+                if r.state == DomainState::Stopped {
+                    // Freed by its owner when it stopped on purpose.
+                    seen.push((*d, Lease { owner: None, generation: r.generation, reason: LeaseReason::Stopped }));
+                } else if r.generation > 0 && !matches!(r.state, DomainState::Released { .. }) {
                     let owner = Owner { host: *h, boot: slot.boot };
                     seen.push((
                         *d,
@@ -770,6 +784,8 @@ impl Node {
             // Judged by the lease alone: a dead owner's slot still lists the
             // domain as running, so reports do not count here.
             let reason = match lease.owner {
+                // Stopped on purpose: only the operator starts it (stopped.rs).
+                None if lease.reason == LeaseReason::Stopped => continue,
                 None => Some(LeaseReason::Acquired),
                 Some(o) => self.takeover_reason(now, o, LeaseKey::Domain(*d), lease.generation),
             };

@@ -123,6 +123,10 @@ pub(super) enum OpKind {
     MasterCas,
     /// Our own CAS before starting this domain.
     Renew(DomainId),
+    /// Freeing our lease of a domain stopped on purpose (stopped.rs).
+    Park(DomainId),
+    /// Taking a free lease for `havirt start` (stopped.rs).
+    OperatorStart(DomainId),
     Record,
     Fence,
 }
@@ -133,6 +137,8 @@ pub(super) enum ReadPurpose {
     Audit,
     Master,
     MasterLoad,
+    Park,
+    OperatorStart,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -204,6 +210,10 @@ pub struct Node {
     /// NodeConfig, whose literal the daemon writes.
     #[cfg(test)]
     pub(super) broken_ignore_unprotect: bool,
+    /// Domains stopped on purpose (stopped.rs).
+    pub(super) intent: super::stopped::Intents,
+    /// Guest-agent monitoring (monitor.rs).
+    pub(super) watch: super::monitor::Watches,
 }
 
 impl Node {
@@ -253,6 +263,8 @@ impl Node {
             verdicts: BTreeMap::new(),
             #[cfg(test)]
             broken_ignore_unprotect: false,
+            intent: Default::default(),
+            watch: Default::default(),
             cfg,
         };
         node.emit(
@@ -405,6 +417,8 @@ impl Node {
                 }
             }
             Input::Operator(OperatorCommand::FenceConfirm(h)) => self.handle_operator_confirm(now, h),
+            Input::Operator(OperatorCommand::Start(d)) => self.handle_operator_start(now, d),
+            Input::GuestAgent { domain, result } => self.handle_guest_agent(now, domain, result),
         }
     }
 
@@ -512,7 +526,7 @@ impl Node {
         if self.released.get(&d).is_some_and(|(g, _, _)| *g >= generation) {
             return;
         }
-        if !self.cfg.spec.domains.contains_key(&d) || self.local.contains_key(&d) {
+        if !self.cfg.spec.domains.contains_key(&d) || self.local.contains_key(&d) || self.intent.parking(d) {
             return;
         }
         if !self.storage_healthy(now) || self.self_fence != SelfFence::Healthy {
@@ -605,6 +619,8 @@ impl Node {
             }
             (ReadPurpose::MasterLoad, LeaseKey::Domain(d)) => self.master_loaded(now, op, d, result),
             (ReadPurpose::Verify, LeaseKey::Domain(d)) => self.verified(now, d, result),
+            (ReadPurpose::Park, LeaseKey::Domain(d)) => self.park_read(now, d, result),
+            (ReadPurpose::OperatorStart, LeaseKey::Domain(d)) => self.operator_start_read(now, d, result),
             (ReadPurpose::Audit, LeaseKey::Domain(d)) => {
                 if let Ok(l) = result {
                     self.audit(now, d, l);
@@ -638,7 +654,9 @@ impl Node {
         // A generation we released is not ours any more, even while the
         // lease still names us (the master may be moving it right now).
         let released = self.released.get(&d).is_some_and(|r| r.0 >= lease.generation);
-        let ours = lease.owner == Some(me) && !released;
+        // Nor is one being freed because the domain stopped on purpose: a
+        // qemu started meanwhile (virsh start) would run on a free lease.
+        let ours = lease.owner == Some(me) && !released && !self.intent.parking(d);
         match local.state {
             LocalState::Adopting if ours => {
                 self.emit(now, "node", format!("adopted running domain {}", self.domain_name(d)));
@@ -655,7 +673,13 @@ impl Node {
     /// S5: a domain runs here but its lease names someone else.
     fn destroy_zombie(&mut self, now: Instant, d: DomainId, lease: Lease) {
         let owner = lease.owner.map(|o| o.host.to_string()).unwrap_or_else(|| "nobody".into());
-        self.emit(now, "node", format!("zombie {}: lease owned by {owner}; destroying", self.domain_name(d)));
+        let name = self.domain_name(d);
+        let text = if lease.owner.is_none() && lease.reason == LeaseReason::Stopped {
+            format!("zombie {name}: started outside havirt, but its desired state is stopped; destroying (havirt start {name} starts it)")
+        } else {
+            format!("zombie {name}: lease owned by {owner}; destroying")
+        };
+        self.emit(now, "node", text);
         self.stop_domain(now, d, false, AfterStop::Forget);
     }
 
@@ -725,11 +749,17 @@ impl Node {
             }
             DomainEvent::Stopped => self.domain_gone(now, d, local, false),
             DomainEvent::Crashed => self.domain_gone(now, d, local, true),
+            // havirt's own stops end in `Stopping`, whatever libvirt calls them.
+            DomainEvent::ShutDown | DomainEvent::Destroyed if matches!(local.state, LocalState::Stopping { .. }) => {
+                self.domain_gone(now, d, local, false)
+            }
+            DomainEvent::ShutDown => self.stopped_on_purpose(now, d, local, "shut down (guest or operator)"),
+            DomainEvent::Destroyed => self.stopped_on_purpose(now, d, local, "destroyed by the operator"),
             DomainEvent::StartFailed { disk_locked } => self.start_failed(now, d, local, disk_locked),
         }
     }
 
-    fn domain_gone(&mut self, now: Instant, d: DomainId, local: Local, crashed: bool) {
+    pub(super) fn domain_gone(&mut self, now: Instant, d: DomainId, local: Local, crashed: bool) {
         match local.state {
             LocalState::Stopping { then, .. } => {
                 self.local.remove(&d);
@@ -845,6 +875,8 @@ impl Node {
             self.check_self_fence(now);
             self.check_isolation(now);
             self.local_timers(now);
+            self.monitor_tick(now);
+            self.intent_tick(now);
             self.prune_released(now);
             self.maybe_audit(now);
             self.master_tick(now);
@@ -869,6 +901,11 @@ impl Node {
             match kind {
                 OpKind::Fence => self.fence_timed_out(now, op),
                 OpKind::Renew(d) => self.abandon_verify(d),
+                OpKind::Park(_)
+                | OpKind::OperatorStart(_)
+                | OpKind::LeaseRead { purpose: ReadPurpose::Park | ReadPurpose::OperatorStart } => {
+                    self.intent_op_expired(op)
+                }
                 OpKind::LeaseRead { purpose: ReadPurpose::MasterLoad } => self.master_load_expired(op),
                 _ => {}
             }
@@ -960,6 +997,13 @@ impl Node {
         for (d, (g, failed_start, _)) in released.into_iter().take(room) {
             let state = DomainState::Released { failed_start: *failed_start };
             domains.insert(*d, DomainReport { state, generation: *g });
+        }
+        // Then the desired-stopped domains we know of (stopped.rs).
+        for (d, report) in self.stopped_reports() {
+            if domains.len() >= super::planner::MAX_DOMAINS_PER_HOST as usize {
+                break;
+            }
+            domains.entry(d).or_insert(report);
         }
         let (mem, cpu) = self.used();
         let size = self.cfg.spec.host(self.cfg.host);

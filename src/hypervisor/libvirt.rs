@@ -187,6 +187,11 @@ impl Hypervisor for LibvirtHypervisor {
         }
     }
 
+    fn reset(&self, id: DomainId) -> Result<(), HypervisorError> {
+        let dom = self.lookup(id)?;
+        dom.reset().map(drop).map_err(|e| domain_error("reset", id, e))
+    }
+
     fn kill_qemu(&self, id: DomainId) -> Result<Vec<u32>, HypervisorError> {
         self.opts
             .paths
@@ -387,6 +392,7 @@ mod tests {
             readiness: Readiness::GuestAgent,
             readiness_timeout: Duration::from_secs(60),
             max_restarts: 5,
+            ..DomainPolicy::default()
         };
         hv.set_policy(id, &policy).expect("set policy");
         assert_eq!(hv.policy(id), Ok(Some(policy.clone())));

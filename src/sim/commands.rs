@@ -22,6 +22,9 @@ impl World {
         if is_fault(&c) {
             self.checker.fault_times.push(self.now);
         }
+        if self.apply_guest_command(&c) {
+            return;
+        }
         match c {
             Command::PowerOff(h) => {
                 let class = self.power_loss_class(h);
@@ -129,6 +132,10 @@ impl World {
             }
             Command::Protect { domain, host } => self.protect(domain, host, 0),
             Command::Unprotect(d) => self.unprotect(d),
+            Command::GuestHang { .. }
+            | Command::GuestRecover(_)
+            | Command::GuestStop { .. }
+            | Command::OperatorStart { .. } => {}
         }
     }
 
@@ -252,6 +259,9 @@ fn is_fault(c: &Command) -> bool {
             | Command::OperatorFenceConfirm(_)
             | Command::Protect { .. }
             | Command::Unprotect(_)
+            | Command::GuestRecover(_)
+            | Command::GuestStop { .. }
+            | Command::OperatorStart { .. }
     )
 }
 
@@ -294,5 +304,13 @@ fn describe(c: &Command, w: &World) -> String {
         Command::Protect { domain, host: Some(h) } => format!("protect {} on {h}", w.domain_name(*domain)),
         Command::Protect { domain, host: None } => format!("protect {}", w.domain_name(*domain)),
         Command::Unprotect(d) => format!("unprotect {}", w.domain_name(*d)),
+        Command::GuestHang { domain, always: false } => format!("guest of {} hangs", w.domain_name(*domain)),
+        Command::GuestHang { domain, always: true } => {
+            format!("guest of {} hangs, and at every boot", w.domain_name(*domain))
+        }
+        Command::GuestRecover(d) => format!("guest of {} boots normally again", w.domain_name(*d)),
+        Command::GuestStop { domain, destroy: false } => format!("guest of {} shuts itself down", w.domain_name(*domain)),
+        Command::GuestStop { domain, destroy: true } => format!("operator destroys {}", w.domain_name(*domain)),
+        Command::OperatorStart { domain, host } => format!("operator starts {} on {host}", w.domain_name(*domain)),
     }
 }

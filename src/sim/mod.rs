@@ -7,6 +7,7 @@
 pub mod checker;
 pub mod commands;
 pub mod faults;
+pub mod guest;
 pub mod random;
 pub mod report;
 pub mod scenario;

@@ -83,6 +83,7 @@ pub fn random_setup(seed: u64, o: &RandomOptions) -> SimSetup {
             readiness,
             readiness_timeout: Duration::from_secs(60),
             max_restarts: 3,
+            ..DomainPolicy::default()
         };
         let memory_mib = 1024 * rng.range(1, 4);
         let vcpus = u32::try_from(rng.range(1, 4)).unwrap_or(1);

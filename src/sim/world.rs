@@ -222,6 +222,8 @@ pub enum Ev {
         domain: DomainId,
         attempt: u32,
     },
+    /// Guest agents and operator starts (guest.rs).
+    Guest(super::guest::GuestEv),
     Command(Command),
     Check,
 }
@@ -261,6 +263,8 @@ pub struct World {
     pub log_cap: Option<usize>,
     pub checker: Checker,
     pub events_processed: u64,
+    /// Which guests hang (guest.rs).
+    pub guests: super::guest::Guests,
 }
 
 /// The fence agent name that means a storage poison request.
@@ -338,6 +342,7 @@ impl World {
             log_cap: None,
             checker,
             events_processed: 0,
+            guests: Default::default(),
         };
         w.place_initial(setup);
         let ids: Vec<HostId> = w.hosts.keys().copied().collect();
@@ -482,6 +487,7 @@ impl World {
             Ev::Registry { host, adopt } => self.registry_read(host, adopt),
             Ev::RegistryPoll { host, epoch } => self.registry_poll(host, epoch),
             Ev::Protect { domain, attempt } => self.protect(domain, None, attempt),
+            Ev::Guest(g) => self.guest_event(g),
             Ev::Command(c) => self.apply_command(c),
             Ev::Check => {
                 self.check_invariants();
@@ -490,7 +496,7 @@ impl World {
         }
     }
 
-    fn epoch(&self, h: HostId) -> Option<u64> {
+    pub(super) fn epoch(&self, h: HostId) -> Option<u64> {
         self.hosts.get(&h).filter(|x| x.node.is_some()).map(|x| x.daemon_epoch)
     }
 
@@ -623,12 +629,14 @@ impl World {
                 let ready = self.hosts[&h]
                     .qemu
                     .get(&domain)
-                    .is_some_and(|q| q.state == QemuState::Running && q.ready_at <= self.now);
+                    .is_some_and(|q| q.state == QemuState::Running && q.ready_at <= self.now)
+                    && !self.guest_hung(h, domain);
                 if ready {
                     let serial = self.hosts[&h].qemu[&domain].serial;
                     self.schedule(5, Ev::QemuReady { host: h, domain, serial });
                 }
             }
+            Action::PingGuestAgent { .. } | Action::ResetDomain { .. } => self.execute_guest_action(h, a),
             Action::PetWatchdog => {
                 if self.spec.host(h).is_some_and(|s| s.watchdog) {
                     let deadline = self.now + self.spec.timings.watchdog_timeout.as_millis();
@@ -1098,6 +1106,7 @@ fn ev_host(ev: &Ev) -> Option<HostId> {
         | Ev::RegistryPoll { host, .. }
         | Ev::DaemonStart { host } => Some(*host),
         Ev::Deliver { to, .. } => Some(*to),
+        Ev::Guest(super::guest::GuestEv::Ping { host, .. }) => Some(*host),
         _ => None,
     }
 }
