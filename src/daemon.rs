@@ -21,8 +21,7 @@ use crate::control::{self, Counters, EventRecord, PolicyChanges, Request, Respon
 use crate::engine::config::{ClusterSpec, DomainId, DomainPolicy, HostId, Readiness};
 use crate::engine::io::{
     Action, AgentPing, BootId, CasOutcome, DomainEvent, Event, FenceOutcome, Input, Lease, LeaseKey, LeaseReason,
-    OperatorCommand,
-    Owner, StorageError,
+    OperatorCommand, Owner, StorageError,
 };
 use crate::engine::node::{LocalState, Node, NodeConfig};
 use crate::engine::time::{Duration, Instant};
@@ -633,10 +632,7 @@ impl Daemon {
                         warn!(domain = %self.domain_name(domain), "protected domain started outside havirt; checking its lease");
                         self.node.handle_input(now, Input::DomainsAtStart(vec![domain]));
                     }
-                    DomainEvent::Stopped
-                    | DomainEvent::Crashed
-                    | DomainEvent::ShutDown
-                    | DomainEvent::Destroyed
+                    DomainEvent::Stopped | DomainEvent::Crashed | DomainEvent::ShutDown | DomainEvent::Destroyed
                         if self.destroying.contains(&domain) => {}
                     _ if local => self.node.handle_input(now, Input::Domain { domain, event }),
                     _ => {}

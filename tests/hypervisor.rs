@@ -97,7 +97,10 @@ fn public_api_on_the_test_driver() {
     hv.start(id).expect("start");
     assert_eq!(next_lifecycle(&events, id), Some(HypervisorEvent::Domain { domain: id, event: DomainEvent::Started }));
     hv.destroy(id).expect("destroy");
-    assert_eq!(next_lifecycle(&events, id), Some(HypervisorEvent::Domain { domain: id, event: DomainEvent::Destroyed }));
+    assert_eq!(
+        next_lifecycle(&events, id),
+        Some(HypervisorEvent::Domain { domain: id, event: DomainEvent::Destroyed })
+    );
 }
 
 // ---------------------------------------------------------------------------

@@ -759,6 +759,22 @@ impl Node {
             }
             !ready
         });
+        // Given up on, yet running again under a newer lease (its owner
+        // retried it once its release aged out): judged afresh if it stops
+        // again, or it would never be restarted after a later failure (L1).
+        // A dead host's slot still lists its old run: only a generation
+        // past the last counted failure counts.
+        let runs = |d: &DomainId| {
+            let counted = m.retries.get(d).map_or(0, |r| r.counted_generation);
+            reports.get(d).is_some_and(|(_, r)| {
+                matches!(r.state, DomainState::Running | DomainState::Ready) && r.generation > counted
+            })
+        };
+        let again: Vec<DomainId> = m.given_up.iter().filter(|d| runs(d)).copied().collect();
+        for d in again {
+            m.given_up.remove(&d);
+            m.retries.remove(&d);
+        }
         for e in events {
             self.emit(now, "master", e);
         }

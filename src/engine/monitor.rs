@@ -160,8 +160,7 @@ impl Node {
         self.watch.runs.insert(d, Run { next_ping: now + ping_interval(m), ..Run::new(now, generation) });
         let text = format!(
             "{name}: guest agent silent for {silent} (failure interval {}): resetting the guest (reset {n} of {} per {window})",
-            m.failure_interval,
-            m.max_resets
+            m.failure_interval, m.max_resets
         );
         self.emit(now, "node", text);
         self.actions.push_back(Action::ResetDomain { domain: d });

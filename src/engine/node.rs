@@ -675,7 +675,9 @@ impl Node {
         let owner = lease.owner.map(|o| o.host.to_string()).unwrap_or_else(|| "nobody".into());
         let name = self.domain_name(d);
         let text = if lease.owner.is_none() && lease.reason == LeaseReason::Stopped {
-            format!("zombie {name}: started outside havirt, but its desired state is stopped; destroying (havirt start {name} starts it)")
+            format!(
+                "zombie {name}: started outside havirt, but its desired state is stopped; destroying (havirt start {name} starts it)"
+            )
         } else {
             format!("zombie {name}: lease owned by {owner}; destroying")
         };

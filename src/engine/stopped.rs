@@ -33,6 +33,10 @@ pub struct Intents {
     stopped: BTreeMap<DomainId, u64>,
     /// `havirt start` in flight here: its current storage request.
     starting: BTreeMap<DomainId, OpId>,
+    /// Test-only defect: restart domains stopped on purpose (proves the
+    /// simulator's checker catches it).
+    #[cfg(test)]
+    broken_restart: bool,
 }
 
 struct Parking {
@@ -61,12 +65,20 @@ impl Intents {
 }
 
 impl Node {
+    /// Test-only defect, see `Intents::broken_restart`.
+    #[cfg(test)]
+    pub(crate) fn break_restart_stopped(&mut self) {
+        self.intent.broken_restart = true;
+    }
+
     /// libvirt says the domain was shut down or destroyed, not by havirt
     /// (the caller handled `Stopping`). With `on_shutdown = "stop"` its
     /// desired state becomes stopped; otherwise it is restarted as after a
     /// crash (`domain_gone`).
     pub(super) fn stopped_on_purpose(&mut self, now: Instant, d: DomainId, local: Local, how: &str) {
         let policy = self.cfg.spec.domains.get(&d).map(|s| s.policy.on_shutdown);
+        #[cfg(test)]
+        let policy = if self.intent.broken_restart { Some(OnShutdown::Restart) } else { policy };
         if policy != Some(OnShutdown::Stop) || self.self_fence != SelfFence::Healthy {
             self.domain_gone(now, d, local, false);
             return;
@@ -124,7 +136,10 @@ impl Node {
         // Superseded: started here or elsewhere since, or unprotected.
         let spec = self.cfg.spec.clone();
         let newer = |d: &DomainId, g: u64| {
-            self.peers.values().filter_map(|p| p.slot.as_ref()).any(|s| s.domains.get(d).is_some_and(|r| r.generation > g))
+            self.peers
+                .values()
+                .filter_map(|p| p.slot.as_ref())
+                .any(|s| s.domains.get(d).is_some_and(|r| r.generation > g))
         };
         let gone: Vec<DomainId> = self
             .intent
@@ -169,8 +184,19 @@ impl Node {
         }
     }
 
+    /// A lease value our own CAS saw: the master (if we are it) keeps its
+    /// cache where storage is, as `renewed` does.
+    fn note_own_cas(&mut self, d: DomainId, result: &Result<CasOutcome, StorageError>) {
+        if let (Some(m), Ok(CasOutcome::Done(l) | CasOutcome::Conflict(l))) = (self.master.as_mut(), result)
+            && self.cfg.spec.domains.contains_key(&d)
+        {
+            m.note_lease(d, *l);
+        }
+    }
+
     /// `OpKind::Park`: our lease is free now (or was taken meanwhile).
     pub(super) fn park_cas(&mut self, now: Instant, d: DomainId, result: Result<CasOutcome, StorageError>) {
+        self.note_own_cas(d, &result);
         let me = self.me();
         let Some(p) = self.intent.parking.get_mut(&d) else { return };
         p.op = None;
@@ -182,7 +208,8 @@ impl Node {
                 self.intent.stopped.insert(d, l.generation);
                 // A stale assignment of the generation we gave up is ignored.
                 self.assignments_seen.insert(d, g);
-                let text = format!("{}: lease freed (generation {}); no host restarts it", self.domain_name(d), l.generation);
+                let text =
+                    format!("{}: lease freed (generation {}); no host restarts it", self.domain_name(d), l.generation);
                 self.emit(now, "node", text);
             }
             Ok(CasOutcome::Conflict(l)) if l.owner == Some(me) && l.generation > g => {
@@ -192,7 +219,8 @@ impl Node {
             Ok(CasOutcome::Done(l) | CasOutcome::Conflict(l)) => {
                 self.intent.parking.remove(&d);
                 let owner = l.owner.map_or_else(|| "nobody".to_string(), |o| o.host.to_string());
-                let text = format!("{}: its lease moved meanwhile (now {owner}); leaving it there", self.domain_name(d));
+                let text =
+                    format!("{}: its lease moved meanwhile (now {owner}); leaving it there", self.domain_name(d));
                 self.emit(now, "node", text);
             }
             Err(_) => {}
@@ -251,6 +279,7 @@ impl Node {
 
     /// `OpKind::OperatorStart`: start it if the lease is ours now.
     pub(super) fn operator_start_cas(&mut self, now: Instant, d: DomainId, result: Result<CasOutcome, StorageError>) {
+        self.note_own_cas(d, &result);
         self.intent.starting.remove(&d);
         let name = self.domain_name(d);
         let lease = match result {
@@ -274,8 +303,12 @@ impl Node {
             return;
         }
         self.emit(now, "node", format!("starting {name} (operator; lease generation {})", lease.generation));
-        let local =
-            Local { state: LocalState::Starting, generation: Some(lease.generation), restarts: 0, disk_locked_retries: 0 };
+        let local = Local {
+            state: LocalState::Starting,
+            generation: Some(lease.generation),
+            restarts: 0,
+            disk_locked_retries: 0,
+        };
         self.local.insert(d, local);
         self.actions.push_back(Action::StartDomain { domain: d });
     }

@@ -487,11 +487,11 @@ mod tests {
         hv.start(id).expect("start");
         assert_eq!(next_event(&events, id), domain(DomainEvent::Started));
         hv.destroy(id).expect("destroy");
-        assert_eq!(next_event(&events, id), domain(DomainEvent::Stopped));
+        assert_eq!(next_event(&events, id), domain(DomainEvent::Destroyed));
         hv.start(id).expect("start");
         assert_eq!(next_event(&events, id), domain(DomainEvent::Started));
         hv.shutdown(id).expect("shutdown");
-        assert_eq!(next_event(&events, id), domain(DomainEvent::Stopped));
+        assert_eq!(next_event(&events, id), domain(DomainEvent::ShutDown));
         drop(events);
         // A second stream after the first is gone works (callbacks released).
         let again = hv.events().expect("subscribe again");

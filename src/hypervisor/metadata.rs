@@ -239,11 +239,16 @@ fn apply_monitor_attribute(p: &mut DomainPolicy, name: &str, value: &str) -> Res
         accepted,
     };
     let seconds = |attribute: &'static str, min: u64, max: u64, accepted: &'static str| {
-        parse_decimal::<u64>(value).filter(|s| (min..=max).contains(s)).map(Duration::from_secs).ok_or_else(|| bad(attribute, accepted))
+        parse_decimal::<u64>(value)
+            .filter(|s| (min..=max).contains(s))
+            .map(Duration::from_secs)
+            .ok_or_else(|| bad(attribute, accepted))
     };
     let m = &mut p.monitor;
     match name {
-        "on-shutdown" => p.on_shutdown = parse_on_shutdown(value).ok_or_else(|| bad("on-shutdown", ON_SHUTDOWN_VALUES))?,
+        "on-shutdown" => {
+            p.on_shutdown = parse_on_shutdown(value).ok_or_else(|| bad("on-shutdown", ON_SHUTDOWN_VALUES))?
+        }
         "guest-monitor" => m.enabled = parse_switch(value).ok_or_else(|| bad("guest-monitor", SWITCH_VALUES))?,
         "monitor-failure-interval-s" => {
             m.failure_interval =

@@ -127,7 +127,9 @@ pub fn ensure_image() -> Result<GuestImage, LabError> {
 
 /// Everything the image is made of, as a directory name.
 pub fn cache_key(deb_name: &str, busybox: &str, agent: &str) -> String {
-    let clean = |s: &str| s.chars().map(|c| if c.is_ascii_alphanumeric() || ".-+".contains(c) { c } else { '_' }).collect::<String>();
+    let clean = |s: &str| {
+        s.chars().map(|c| if c.is_ascii_alphanumeric() || ".-+".contains(c) { c } else { '_' }).collect::<String>()
+    };
     let kernel = deb_name.trim_end_matches(".deb");
     format!("guest-v{GUEST_FORMAT}-{}-bb{}-ga{}", clean(kernel), clean(busybox), clean(agent))
 }

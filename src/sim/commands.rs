@@ -196,6 +196,7 @@ impl World {
         spec.domains.remove(&d);
         self.spec = Arc::new(spec);
         self.protected_at.remove(&d);
+        self.checker.intents.forget(d);
         self.registry_changed(None);
     }
 
@@ -309,7 +310,9 @@ fn describe(c: &Command, w: &World) -> String {
             format!("guest of {} hangs, and at every boot", w.domain_name(*domain))
         }
         Command::GuestRecover(d) => format!("guest of {} boots normally again", w.domain_name(*d)),
-        Command::GuestStop { domain, destroy: false } => format!("guest of {} shuts itself down", w.domain_name(*domain)),
+        Command::GuestStop { domain, destroy: false } => {
+            format!("guest of {} shuts itself down", w.domain_name(*domain))
+        }
         Command::GuestStop { domain, destroy: true } => format!("operator destroys {}", w.domain_name(*domain)),
         Command::OperatorStart { domain, host } => format!("operator starts {} on {host}", w.domain_name(*domain)),
     }

@@ -24,8 +24,9 @@ pub const START_ATTEMPTS_MAX: u32 = 12;
 /// The guests' state: which runs hang.
 #[derive(Default)]
 pub struct Guests {
-    /// qemu runs (by serial) whose guest hangs until a reset.
-    hung: BTreeSet<u64>,
+    /// qemu runs (domain and serial: the initial ones share serial 0)
+    /// whose guest hangs until a reset.
+    hung: BTreeSet<(DomainId, u64)>,
     /// Domains whose guest hangs at every boot.
     always: BTreeSet<DomainId>,
 }
@@ -35,9 +36,28 @@ pub struct Guests {
 pub struct StopIntents {
     /// Stopped on purpose: the host it ran on, when, and whether storage
     /// holds its lease free with reason `Stopped` (the intent is durable).
-    stopped: BTreeMap<DomainId, (HostId, u64, bool)>,
-    /// The operator asked this host to start it.
-    start_requested: BTreeMap<DomainId, HostId>,
+    stopped: BTreeMap<DomainId, Intent>,
+    /// The operator asked these hosts to start it.
+    start_requested: BTreeMap<DomainId, BTreeSet<HostId>>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Intent {
+    on: HostId,
+    since: u64,
+    durable: bool,
+    /// Stopped during a fault episode of its host, when havirt may be
+    /// stopping it itself (self-fence, isolation response): until its
+    /// lease is freed as stopped, a restart is as right as none.
+    loose: bool,
+}
+
+impl StopIntents {
+    /// Unprotected: the operator manages it by hand from now on.
+    pub fn forget(&mut self, d: DomainId) {
+        self.stopped.remove(&d);
+        self.start_requested.remove(&d);
+    }
 }
 
 /// Guest events of the simulated world.
@@ -53,7 +73,7 @@ impl World {
     /// Whether the guest of `d` on `h` hangs now.
     pub fn guest_hung(&self, h: HostId, d: DomainId) -> bool {
         let serial = self.hosts.get(&h).and_then(|x| x.qemu.get(&d)).map(|q| q.serial);
-        self.guests.always.contains(&d) || serial.is_some_and(|s| self.guests.hung.contains(&s))
+        self.guests.always.contains(&d) || serial.is_some_and(|s| self.guests.hung.contains(&(d, s)))
     }
 
     /// The guest commands of `Command`; false for any other command.
@@ -61,7 +81,10 @@ impl World {
         match c {
             Command::GuestHang { domain, always } => self.guest_hang(*domain, *always),
             Command::GuestRecover(d) => {
-                self.guests.always.remove(d);
+                // Future boots are fine; a guest hanging now hangs until reset.
+                if self.guests.always.remove(d) {
+                    self.guest_hang(*d, false);
+                }
             }
             Command::GuestStop { domain, destroy } => self.guest_stop(*domain, *destroy),
             Command::OperatorStart { domain, host } => self.operator_start(*domain, *host, 0),
@@ -74,9 +97,9 @@ impl World {
         if always {
             self.guests.always.insert(d);
         }
-        let serials: Vec<u64> =
-            self.hosts.values().filter(|x| x.powered).filter_map(|x| x.qemu.get(&d)).map(|q| q.serial).collect();
-        self.guests.hung.extend(serials);
+        let runs: Vec<(DomainId, u64)> =
+            self.hosts.values().filter(|x| x.powered).filter_map(|x| x.qemu.get(&d)).map(|q| (d, q.serial)).collect();
+        self.guests.hung.extend(runs);
     }
 
     /// The guest powers itself off (or the operator destroys it) where it
@@ -97,10 +120,12 @@ impl World {
             self.log_sim(&format!("{} hangs: it cannot shut itself down", self.domain_name(d)));
             return;
         }
+        let loose = self.hosts[&h].active_fault.is_some();
         self.hosts.get_mut(&h).map(|x| x.qemu.remove(&d));
         let stop = self.spec.domains.get(&d).is_some_and(|s| s.policy.on_shutdown == OnShutdown::Stop);
         if stop {
-            self.checker.intents.stopped.insert(d, (h, self.now, false));
+            let intent = Intent { on: h, since: self.now, durable: false, loose };
+            self.checker.intents.stopped.insert(d, intent);
             self.checker.intents.start_requested.remove(&d);
         }
         let event = if destroy { DomainEvent::Destroyed } else { DomainEvent::ShutDown };
@@ -116,7 +141,7 @@ impl World {
         }
         let x = &self.hosts[&h];
         if x.running() && x.node.is_some() && x.storage_fault.is_none() {
-            self.checker.intents.start_requested.insert(d, h);
+            self.checker.intents.start_requested.entry(d).or_default().insert(h);
             self.deliver(h, Input::Operator(OperatorCommand::Start(d)));
         }
         self.schedule(START_RETRY_MS, Ev::Guest(GuestEv::Start { domain: d, host: h, attempt: attempt + 1 }));
@@ -152,7 +177,8 @@ impl World {
     /// A hard reset: the same qemu reboots its guest (a hang ends, unless
     /// the guest hangs at every boot).
     fn reset(&mut self, h: HostId, d: DomainId) {
-        let Some((serial, state, ready_at)) = self.hosts[&h].qemu.get(&d).map(|q| (q.serial, q.state, q.ready_at)) else {
+        let Some((serial, state, ready_at)) = self.hosts[&h].qemu.get(&d).map(|q| (q.serial, q.state, q.ready_at))
+        else {
             return;
         };
         let interval = self.spec.domains.get(&d).map_or(0, |s| s.policy.monitor.failure_interval.as_millis());
@@ -162,7 +188,7 @@ impl World {
             self.violation("RESET", detail);
         }
         self.log_sim(&format!("{} is reset on {h}", self.domain_name(d)));
-        self.guests.hung.remove(&serial);
+        self.guests.hung.remove(&(d, serial));
         let (lo, hi) = self.params.readiness_ms;
         let ready_at = self.now + self.rng.range(lo, hi);
         if let Some(q) = self.hosts.get_mut(&h).and_then(|x| x.qemu.get_mut(&d)) {
@@ -187,18 +213,21 @@ impl World {
     /// this host; excused when a fault on its host lost the intent before
     /// its lease was freed; a violation otherwise.
     pub fn check_stopped_start(&mut self, h: HostId, d: DomainId) {
-        let Some((on, since, durable)) = self.checker.intents.stopped.get(&d).copied() else { return };
-        if self.checker.intents.start_requested.get(&d) == Some(&h) {
-            self.checker.intents.stopped.remove(&d);
-            self.checker.intents.start_requested.remove(&d);
+        let Some(i) = self.checker.intents.stopped.get(&d).copied() else { return };
+        if self.checker.intents.start_requested.get(&d).is_some_and(|hs| hs.contains(&h)) {
+            self.checker.intents.forget(d);
             return;
         }
-        if !durable && self.checker.last_fault.get(&on).is_some_and(|t| *t >= since) {
-            self.checker.intents.stopped.remove(&d);
+        if !i.durable && (i.loose || self.checker.last_fault.get(&i.on).is_some_and(|t| *t >= i.since)) {
+            self.checker.intents.forget(d);
             return;
         }
-        let detail =
-            format!("{h} starts {}, stopped on purpose on {on} at {since} ms and not started by the operator", self.domain_name(d));
+        let detail = format!(
+            "{h} starts {}, stopped on purpose on {} at {} ms and not started by the operator",
+            self.domain_name(d),
+            i.on,
+            i.since
+        );
         self.violation("STOPPED", detail);
     }
 
@@ -210,7 +239,7 @@ impl World {
             return;
         }
         match self.checker.intents.stopped.get_mut(&d) {
-            Some(intent) => intent.2 = true,
+            Some(intent) => intent.durable = true,
             None => {
                 let detail = format!("the lease of {} is freed as stopped, but nobody stopped it", self.domain_name(d));
                 self.violation("STOPPED", detail);
@@ -222,16 +251,18 @@ impl World {
     /// intent is durable; and it must be, unless a fault on their host may
     /// have lost it. Returns the domains the usual L1 check skips.
     pub fn check_stopped_converged(&mut self) -> BTreeSet<DomainId> {
-        let intents: Vec<(DomainId, (HostId, u64, bool))> =
-            self.checker.intents.stopped.iter().map(|(d, i)| (*d, *i)).collect();
+        let intents: Vec<(DomainId, Intent)> = self.checker.intents.stopped.iter().map(|(d, i)| (*d, *i)).collect();
         let mut skip = BTreeSet::new();
-        for (d, (on, since, durable)) in intents {
+        for (d, i) in intents {
             skip.insert(d);
             let n = self.hosts.values().filter(|x| x.running() && x.qemu.contains_key(&d)).count();
-            let faulted = self.checker.last_fault.get(&on).is_some_and(|t| *t >= since);
-            if durable && n != 0 {
-                self.violation("STOPPED", format!("{} runs on {n} hosts though stopped on purpose", self.domain_name(d)));
-            } else if !durable && !faulted {
+            let faulted = i.loose || self.checker.last_fault.get(&i.on).is_some_and(|t| *t >= i.since);
+            if i.durable && n != 0 {
+                self.violation(
+                    "STOPPED",
+                    format!("{} runs on {n} hosts though stopped on purpose", self.domain_name(d)),
+                );
+            } else if !i.durable && !faulted {
                 let text = format!("{} was stopped on purpose but its lease was never freed", self.domain_name(d));
                 self.violation("L1", text);
             }

@@ -733,7 +733,8 @@ impl Line<'_> {
     }
 
     fn guest(&self, args: &[&str]) -> Result<Command, ScenarioError> {
-        const EXPECTED: &str = "'hang DOMAIN', 'hang-always DOMAIN', 'recover DOMAIN', 'shutdown DOMAIN' or 'destroy DOMAIN'";
+        const EXPECTED: &str =
+            "'hang DOMAIN', 'hang-always DOMAIN', 'recover DOMAIN', 'shutdown DOMAIN' or 'destroy DOMAIN'";
         let [verb, d] = self.args::<2>("guest", EXPECTED, args)?;
         let domain = self.domain(d)?;
         match verb {
@@ -886,6 +887,12 @@ protected = false
 13 unprotect web1
 14 protect web1 h2
 14 protect db2
+15 guest hang web1
+15 guest hang-always db2
+15 guest recover db2
+16 guest shutdown web1
+16 guest destroy db2
+17 start web1 h3
 20 end
 ";
         let (cmds, end_ms) = cmdlist(text).expect("parses");
@@ -923,6 +930,12 @@ protected = false
             (13_000, C::Unprotect(DomainId(1))),
             (14_000, C::Protect { domain: DomainId(1), host: Some(h2) }),
             (14_000, C::Protect { domain: DomainId(2), host: None }),
+            (15_000, C::GuestHang { domain: DomainId(1), always: false }),
+            (15_000, C::GuestHang { domain: DomainId(2), always: true }),
+            (15_000, C::GuestRecover(DomainId(2))),
+            (16_000, C::GuestStop { domain: DomainId(1), destroy: false }),
+            (16_000, C::GuestStop { domain: DomainId(2), destroy: true }),
+            (17_000, C::OperatorStart { domain: DomainId(1), host: h3 }),
         ];
         assert_eq!(cmds, expected);
     }
@@ -989,8 +1002,13 @@ protected = false
             ),
             (
                 "1",
-                "t/cmdlist:1: missing command after the time (expected one of: power, partition, drop, heal, isolate, unisolate, loss, storage, pause, resume, daemon, fence, domain, confirm, protect, unprotect, end)",
+                "t/cmdlist:1: missing command after the time (expected one of: power, partition, drop, heal, isolate, unisolate, loss, storage, pause, resume, daemon, fence, domain, confirm, protect, unprotect, guest, start, end)",
             ),
+            (
+                "1 guest nap web1",
+                "t/cmdlist:1: 'guest' expects 'hang DOMAIN', 'hang-always DOMAIN', 'recover DOMAIN', 'shutdown DOMAIN' or 'destroy DOMAIN', found 'nap web1'",
+            ),
+            ("1 start web1", "t/cmdlist:1: 'start' expects DOMAIN HOST, found 'web1'"),
             ("1 protect", "t/cmdlist:1: 'protect' expects 'DOMAIN HOST' or 'DOMAIN', found nothing"),
             ("1 unprotect web1 h1", "t/cmdlist:1: 'unprotect' expects one DOMAIN, found 'web1 h1'"),
         ];

@@ -43,6 +43,8 @@ pub struct WorldParams {
     pub broken_engine_skip_s3: bool,
     #[cfg(test)]
     pub broken_engine_ignore_unprotect: bool,
+    #[cfg(test)]
+    pub broken_engine_restart_stopped: bool,
 }
 
 impl Default for WorldParams {
@@ -64,6 +66,8 @@ impl Default for WorldParams {
             broken_engine_skip_s3: false,
             #[cfg(test)]
             broken_engine_ignore_unprotect: false,
+            #[cfg(test)]
+            broken_engine_restart_stopped: false,
         }
     }
 }
@@ -1010,6 +1014,10 @@ impl World {
         #[cfg(test)]
         if self.params.broken_engine_ignore_unprotect {
             node.break_ignore_unprotect();
+        }
+        #[cfg(test)]
+        if self.params.broken_engine_restart_stopped {
+            node.break_restart_stopped();
         }
         self.registry_seen.insert(h, self.registry_version);
         if let Some(host) = self.hosts.get_mut(&h) {
