@@ -202,6 +202,10 @@ struct LabUpArgs {
     /// Timing profile: default, fast, conservative.
     #[arg(long, default_value = "default")]
     profile: String,
+    /// How many domains (vm1, vm2, ...) boot a tiny guest OS with the QEMU
+    /// guest agent instead of staying empty.
+    #[arg(long, default_value_t = 0)]
+    guest_os: u16,
 }
 
 impl LabUpArgs {
@@ -210,6 +214,7 @@ impl LabUpArgs {
         let mut spec = havirt::lab::cluster::LabSpec::new(self.hosts, self.domains, havirt);
         spec.fencing = self.fencing;
         spec.profile = self.profile.clone();
+        spec.guest_os = self.guest_os;
         Ok(spec)
     }
 
@@ -224,6 +229,7 @@ impl LabUpArgs {
             ("--domains", self.domains.to_string()),
             ("--fencing", fencing.into()),
             ("--profile", self.profile.clone()),
+            ("--guest-os", self.guest_os.to_string()),
         ]
         .into_iter()
         .flat_map(|(k, v)| [k.to_string(), v])

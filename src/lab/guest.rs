@@ -311,8 +311,8 @@ impl Cpio {
 
 /// A lab domain that boots the guest OS: direct kernel boot from
 /// `kernel`/`initrd` (on the datastore, so that every host can start it),
-/// the agent's channel, the serial console logged by virtlogd next to the
-/// domain's qemu log, and the same qcow2 disk as the empty tiny domains
+/// the agent's channel, a serial console (`virsh console`), and the same
+/// qcow2 disk as the empty tiny domains
 /// (unused by the guest; qemu's image lock still guards S1).
 pub fn guest_os_xml(name: &str, uuid: &str, kind: &str, disk: &Path, kernel: &Path, initrd: &Path) -> String {
     format!(
@@ -335,9 +335,7 @@ pub fn guest_os_xml(name: &str, uuid: &str, kind: &str, disk: &Path, kernel: &Pa
       <source file='{}'/>
       <target dev='vda' bus='virtio'/>
     </disk>
-    <serial type='pty'>
-      <log file='/var/log/libvirt/qemu/{name}-console.log' append='on'/>
-    </serial>
+    <serial type='pty'/>
     <channel type='unix'>
       <target type='virtio' name='{AGENT_CHANNEL}'/>
     </channel>

@@ -20,5 +20,6 @@
 //! process): its daemons log failed pets, and no host is reset any more.
 
 mod failover;
+mod guest;
 mod harness;
 mod steady;
