@@ -78,9 +78,9 @@ fn ping_interval(m: &GuestMonitor) -> Duration {
 
 fn window_text(d: Duration) -> String {
     let s = d.as_millis() / 1000;
-    if s % 3600 == 0 {
+    if s.is_multiple_of(3600) {
         format!("{}h", s / 3600)
-    } else if s % 60 == 0 {
+    } else if s.is_multiple_of(60) {
         format!("{}min", s / 60)
     } else {
         format!("{s}s")
