@@ -13,7 +13,9 @@
 //! LAB_DIR/cluster.key     its key (0600)
 //! LAB_DIR/bmc.pw          every BMC's password, the fence agents' password_file (0600)
 //! LAB_DIR/ds/cluster      the cluster's datastore (through faultfs)
-//! LAB_DIR/ds/images       the domains' qcow2 disks (through faultfs)
+//! LAB_DIR/ds/images       the domains' qcow2 disks (through faultfs), and
+//!                         guest-vmlinuz, guest-initrd.gz: the tiny guest OS
+//!                         of `LabSpec::guest_os` domains (guest.rs)
 //! LAB_DIR/domains/NAME.xml  the domains' definitions as first defined
 //! LAB_DIR/faultfs.log     faultfs's output
 //! ```
