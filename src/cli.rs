@@ -4,7 +4,7 @@
 //! is clap's, in `main.rs`.
 
 use crate::control::{self, PolicyChanges, Request, Response};
-use crate::engine::config::{IsolationResponse, Priority, Readiness};
+use crate::engine::config::{IsolationResponse, OnShutdown, Priority, Readiness};
 use crate::hypervisor::metadata;
 use crate::store::dir::DirStore;
 use std::io::Write;
@@ -28,6 +28,8 @@ pub const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 pub const WATCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Home the cursor and clear the screen (VT100), before each redraw.
 pub const CLEAR_SCREEN: &str = "\x1b[H\x1b[2J";
+/// How long `havirt start` follows the daemon's events for the outcome.
+pub const START_WAIT: Duration = Duration::from_secs(15);
 
 /// What a command prints and how it exits.
 pub type Outcome = Result<String, String>;
@@ -150,6 +152,35 @@ pub fn protect(socket: &Path, domain: &str, changes: PolicyChanges) -> Outcome {
     done(ask(socket, &Request::Protect { domain: domain.to_string(), changes })?)
 }
 
+/// `havirt start`: asks the daemon, then follows its events about the
+/// domain until it runs here or the start is refused (at most START_WAIT).
+pub fn start(socket: &Path, domain: &str) -> Outcome {
+    let after = match ask(socket, &Request::Events { after: 0 })? {
+        Response::Events(list) => list.last().map_or(0, |e| e.seq),
+        other => return Err(unexpected(&other)),
+    };
+    let asked = done(ask(socket, &Request::Start { domain: domain.to_string() })?)?;
+    let mut seen = Vec::new();
+    let mut after = after;
+    for _ in 0..START_WAIT.as_millis() / FOLLOW_INTERVAL.as_millis() {
+        std::thread::sleep(FOLLOW_INTERVAL);
+        let Response::Events(list) = ask(socket, &Request::Events { after })? else { continue };
+        after = list.last().map_or(after, |e| e.seq);
+        for e in list.into_iter().filter(|e| e.event.text.contains(domain)) {
+            let text = e.event.text.clone();
+            seen.push(text.clone());
+            if text.contains("refused") || text.contains("failed") {
+                return Err(seen.join("\n"));
+            }
+            if text == format!("{domain} running") {
+                return Ok(seen.join("\n"));
+            }
+        }
+    }
+    seen.insert(0, asked);
+    Ok(seen.join("\n"))
+}
+
 pub fn unprotect(socket: &Path, domain: &str) -> Outcome {
     done(ask(socket, &Request::Unprotect { domain: domain.to_string() })?)
 }
@@ -246,6 +277,14 @@ pub fn parse_priority(s: &str) -> Result<Priority, String> {
 
 pub fn parse_isolation_response(s: &str) -> Result<IsolationResponse, String> {
     metadata::parse_isolation(s).ok_or_else(|| format!("{s:?}: use {}", metadata::ISOLATION_RESPONSES))
+}
+
+pub fn parse_on_shutdown(s: &str) -> Result<OnShutdown, String> {
+    metadata::parse_on_shutdown(s).ok_or_else(|| format!("{s:?}: use {}", metadata::ON_SHUTDOWN_VALUES))
+}
+
+pub fn parse_switch(s: &str) -> Result<bool, String> {
+    metadata::parse_switch(s).ok_or_else(|| format!("{s:?}: use {}", metadata::SWITCH_VALUES))
 }
 
 pub fn parse_readiness(s: &str) -> Result<Readiness, String> {

@@ -10,7 +10,7 @@
 //! blocking std, for the CLI. Rendering for the CLI: [`render_status`],
 //! [`render_events`], [`status_json`].
 
-use crate::engine::config::{HostId, IsolationResponse, Priority, Readiness};
+use crate::engine::config::{HostId, IsolationResponse, OnShutdown, Priority, Readiness};
 use crate::engine::io::{DomainState, Event};
 use crate::engine::time::Duration;
 use crate::engine::view::{DomainView, HostView, NodeView};
@@ -43,6 +43,10 @@ pub enum Request {
     Unprotect {
         domain: String,
     },
+    /// Start a domain stopped on purpose, on this host (`havirt start`).
+    Start {
+        domain: String,
+    },
     /// The operator swears the host is powered off.
     FenceConfirm {
         host: String,
@@ -69,6 +73,12 @@ pub struct PolicyChanges {
     pub readiness: Option<Readiness>,
     pub readiness_timeout_s: Option<u64>,
     pub max_restarts: Option<u32>,
+    pub on_shutdown: Option<OnShutdown>,
+    pub guest_monitor: Option<bool>,
+    pub monitor_failure_interval_s: Option<u64>,
+    pub monitor_min_uptime_s: Option<u64>,
+    pub monitor_max_resets: Option<u32>,
+    pub monitor_reset_window_s: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -628,6 +638,7 @@ fn state_name(s: DomainState) -> &'static str {
         DomainState::Released { failed_start: false } => "released",
         DomainState::Released { failed_start: true } => "released(start-failed)",
         DomainState::HandedOver { .. } => "migrated-away",
+        DomainState::Stopped => "stopped",
     }
 }
 

@@ -21,8 +21,8 @@ use crate::config::{Config, ConfigError, Datastore, HostConfig, Watchdog as Watc
 use crate::control::{self, Counters, EventRecord, PolicyChanges, Request, Response, StatusReport};
 use crate::engine::config::{ClusterSpec, DomainId, DomainPolicy, HostId, Readiness};
 use crate::engine::io::{
-    Action, BootId, CasOutcome, DomainEvent, Event, FenceOutcome, Input, Lease, LeaseKey, LeaseReason, OperatorCommand,
-    Owner, StorageError,
+    Action, AgentPing, BootId, CasOutcome, DomainEvent, Event, FenceOutcome, Input, Lease, LeaseKey, LeaseReason,
+    OperatorCommand, Owner, StorageError,
 };
 use crate::engine::node::{LocalState, Node, NodeConfig};
 use crate::engine::time::{Duration, Instant};
@@ -679,7 +679,8 @@ impl Daemon {
                         warn!(domain = %self.domain_name(domain), "protected domain started outside havirt; checking its lease");
                         self.node.handle_input(now, Input::DomainsAtStart(vec![domain]));
                     }
-                    DomainEvent::Stopped | DomainEvent::Crashed if self.destroying.contains(&domain) => {}
+                    DomainEvent::Stopped | DomainEvent::Crashed | DomainEvent::ShutDown | DomainEvent::Destroyed
+                        if self.destroying.contains(&domain) => {}
                     _ if local => self.node.handle_input(now, Input::Domain { domain, event }),
                     _ => {}
                 }
@@ -863,6 +864,22 @@ impl Daemon {
                             .unwrap_or_else(|e| Err(format!("protect failed: {e}")));
                     shared.send(Internal::Protected { result, reply });
                 });
+            }
+            Request::Start { domain } => {
+                let found =
+                    self.protected.iter().find(|(d, e)| e.spec.name == domain || parse_uuid(&domain) == Some(**d));
+                let response = match found {
+                    None => Response::Error(format!("{domain:?} is not a protected domain (havirt status lists them)")),
+                    Some((&id, entry)) => {
+                        info!(domain = %entry.spec.name, "operator start");
+                        self.node.handle_input(now, Input::Operator(OperatorCommand::Start(id)));
+                        Response::Done(format!(
+                            "start of {} asked on {}: its lease is taken first (havirt events shows the outcome)",
+                            entry.spec.name, self.host_name
+                        ))
+                    }
+                };
+                let _ = reply.send(response);
             }
             Request::Unprotect { domain } => {
                 if self.registry_busy {
@@ -1063,6 +1080,23 @@ impl Daemon {
                     }
                 }),
             },
+            Action::PingGuestAgent { domain } => libvirt_call(shared, move |s| {
+                let result = match s.hv.get().ping_guest_agent(domain) {
+                    Ok(true) => AgentPing::Answered,
+                    Ok(false) => AgentPing::NoAnswer,
+                    // libvirt itself failed: no verdict on the guest.
+                    Err(_) => AgentPing::Unknown,
+                };
+                s.engine(Input::GuestAgent { domain, result });
+            }),
+            Action::ResetDomain { domain } => {
+                let name = self.domain_name(domain);
+                libvirt_call(shared, move |s| {
+                    if let Err(e) = s.hv.get().reset(domain) {
+                        s.send(Internal::Problem(format!("reset of {name} failed: {e}")));
+                    }
+                });
+            }
             Action::PetWatchdog => self.pet(),
             Action::Emit(event) => {
                 // Verdicts change and domains start as the engine says so:
@@ -1432,6 +1466,16 @@ fn apply_changes(mut p: DomainPolicy, c: &PolicyChanges, hosts: &[HostConfig]) -
     if let Some(m) = c.max_restarts {
         p.max_restarts = m;
     }
+    if let Some(o) = c.on_shutdown {
+        p.on_shutdown = o;
+    }
+    let m = &mut p.monitor;
+    let secs = |s: Option<u64>, d: Duration| s.map_or(d, Duration::from_secs);
+    m.enabled = c.guest_monitor.unwrap_or(m.enabled);
+    m.failure_interval = secs(c.monitor_failure_interval_s, m.failure_interval);
+    m.min_uptime = secs(c.monitor_min_uptime_s, m.min_uptime);
+    m.max_resets = c.monitor_max_resets.unwrap_or(m.max_resets);
+    m.reset_window = secs(c.monitor_reset_window_s, m.reset_window);
     Ok(p)
 }
 

@@ -134,6 +134,7 @@ fn reason_word(r: LeaseReason) -> &'static str {
         LeaseReason::Acquired => "free",
         LeaseReason::Renewed => "renewed",
         LeaseReason::Migrated => "migrated",
+        LeaseReason::Stopped => "stopped on purpose",
     }
 }
 

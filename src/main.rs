@@ -100,6 +100,15 @@ enum Cmd {
     /// host dies, havirt restarts it on a survivor. Options not given keep
     /// their current value.
     Protect(ProtectArgs),
+    /// Start, on this host, a protected domain that was stopped on purpose
+    /// (shut down from inside the guest, or by the operator): its lease is
+    /// taken first, so two hosts asked at once never both run it.
+    Start {
+        /// Domain name or UUID.
+        domain: String,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
     /// Stop protecting a domain; it keeps running where it runs.
     Unprotect {
         /// Domain name or UUID.
@@ -189,6 +198,9 @@ enum LabCmd {
     /// Recovery times per fault class over several trials (prints figures,
     /// asserts nothing).
     Bench(havirt::lab::bench::BenchArgs),
+    /// Build (once per machine, cached) the lab's tiny guest OS, a kernel
+    /// and an initramfs running the QEMU guest agent; print their paths.
+    GuestImage,
     /// Set a fault of a running faultfs: hang, eio, delay MS, readonly, ok
     /// (each optionally `netns=NAME`), or ask for its status.
     StorageFault {
@@ -212,6 +224,10 @@ struct LabUpArgs {
     /// Timing profile: default, fast, conservative.
     #[arg(long, default_value = "default")]
     profile: String,
+    /// How many domains (vm1, vm2, ...) boot a tiny guest OS with the QEMU
+    /// guest agent instead of staying empty.
+    #[arg(long, default_value_t = 0)]
+    guest_os: u16,
 }
 
 impl LabUpArgs {
@@ -220,6 +236,7 @@ impl LabUpArgs {
         let mut spec = havirt::lab::cluster::LabSpec::new(self.hosts, self.domains, havirt);
         spec.fencing = self.fencing;
         spec.profile = self.profile.clone();
+        spec.guest_os = self.guest_os;
         Ok(spec)
     }
 
@@ -234,6 +251,7 @@ impl LabUpArgs {
             ("--domains", self.domains.to_string()),
             ("--fencing", fencing.into()),
             ("--profile", self.profile.clone()),
+            ("--guest-os", self.guest_os.to_string()),
         ]
         .into_iter()
         .flat_map(|(k, v)| [k.to_string(), v])
@@ -305,6 +323,28 @@ struct ProtectArgs {
     /// Failed starts before havirt gives up on it.
     #[arg(long)]
     max_restarts: Option<u32>,
+    /// When it is shut down from inside the guest, or by the operator
+    /// (virsh shutdown/destroy): stop (stays stopped on every host until
+    /// havirt start) or restart (here, as after a crash).
+    #[arg(long, value_parser = havirt::cli::parse_on_shutdown)]
+    on_shutdown: Option<havirt::engine::config::OnShutdown>,
+    /// Guest-agent monitoring: on (reset the guest when its QEMU guest
+    /// agent stops answering) or off.
+    #[arg(long, value_name = "on|off", value_parser = havirt::cli::parse_switch)]
+    guest_monitor: Option<bool>,
+    /// Seconds of guest-agent silence that mean a hung guest (default 30).
+    #[arg(long, value_name = "SECONDS")]
+    monitor_failure_interval: Option<u64>,
+    /// Seconds after a start or reset to wait for the agent's first answer
+    /// (default 120).
+    #[arg(long, value_name = "SECONDS")]
+    monitor_min_uptime: Option<u64>,
+    /// Resets per window before leaving a hung guest alone (default 3).
+    #[arg(long, value_name = "N")]
+    monitor_max_resets: Option<u32>,
+    /// The window of --monitor-max-resets, in seconds (default 3600).
+    #[arg(long, value_name = "SECONDS")]
+    monitor_reset_window: Option<u64>,
     #[command(flatten)]
     socket: SocketArg,
 }
@@ -368,6 +408,7 @@ fn main() -> ExitCode {
         Cmd::Events { follow, socket, .. } => print(havirt::cli::events(&socket.socket, follow)),
         Cmd::Protect(a) => protect(a),
         Cmd::Unprotect { domain, socket } => print(havirt::cli::unprotect(&socket.socket, &domain)),
+        Cmd::Start { domain, socket } => print(havirt::cli::start(&socket.socket, &domain)),
         Cmd::Lab { what: LabCmd::Faultfs { backing, mountpoint, control } } => {
             havirt::lab::faultfs::run(havirt::lab::faultfs::FaultFsOptions { backing, mountpoint, control })
                 .map(|()| ExitCode::SUCCESS)
@@ -399,6 +440,11 @@ fn main() -> ExitCode {
             .and_then(|exe| havirt::lab::bench::run(&exe, &args))
             .map(|()| ExitCode::SUCCESS),
         Cmd::Lab { what: LabCmd::Down } => print(havirt::lab::keeper::down()),
+        Cmd::Lab { what: LabCmd::GuestImage } => print(
+            havirt::lab::guest::ensure_image()
+                .map(|i| format!("kernel {}\ninitrd {}", i.kernel.display(), i.initrd.display()))
+                .map_err(|e| e.to_string()),
+        ),
         Cmd::Lab { what: LabCmd::StorageFault { control, command } } => {
             print(havirt::lab::faultfs::control(&control, &command.join(" ")).map_err(|e| e.to_string()))
         }
@@ -462,6 +508,12 @@ fn protect(a: ProtectArgs) -> Result<ExitCode, String> {
         readiness: a.readiness,
         readiness_timeout_s: a.readiness_timeout,
         max_restarts: a.max_restarts,
+        on_shutdown: a.on_shutdown,
+        guest_monitor: a.guest_monitor,
+        monitor_failure_interval_s: a.monitor_failure_interval,
+        monitor_min_uptime_s: a.monitor_min_uptime,
+        monitor_max_resets: a.monitor_max_resets,
+        monitor_reset_window_s: a.monitor_reset_window,
     };
     print(havirt::cli::protect(&a.socket.socket, &a.domain, changes))
 }

@@ -44,6 +44,7 @@ fn policy() -> DomainPolicy {
         readiness: Readiness::GuestAgent,
         readiness_timeout: EngineDuration::from_secs(30),
         max_restarts: 2,
+        ..DomainPolicy::default()
     }
 }
 
@@ -96,7 +97,10 @@ fn public_api_on_the_test_driver() {
     hv.start(id).expect("start");
     assert_eq!(next_lifecycle(&events, id), Some(HypervisorEvent::Domain { domain: id, event: DomainEvent::Started }));
     hv.destroy(id).expect("destroy");
-    assert_eq!(next_lifecycle(&events, id), Some(HypervisorEvent::Domain { domain: id, event: DomainEvent::Stopped }));
+    assert_eq!(
+        next_lifecycle(&events, id),
+        Some(HypervisorEvent::Domain { domain: id, event: DomainEvent::Destroyed })
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -173,7 +177,7 @@ fn run_tiny_domain(daemons: &Daemons) {
     assert_eq!(hv.policy(id), Ok(Some(changed)));
 
     hv.destroy(id).expect("destroy");
-    assert_eq!(next_lifecycle(&events, id), domain(DomainEvent::Stopped));
+    assert_eq!(next_lifecycle(&events, id), domain(DomainEvent::Destroyed));
     assert!(!Path::new(&format!("/proc/{pid}")).exists() || !is_live(pid), "qemu {pid} gone after destroy");
 
     // S4: libvirtd frozen (only one this test started), qemu killed directly.
@@ -201,7 +205,7 @@ fn run_tiny_domain(daemons: &Daemons) {
     assert_eq!(next_lifecycle(&events, id), domain(DomainEvent::Started));
     hv.shutdown(id).expect("shutdown request");
     hv.destroy(id).expect("destroy after the caller's timeout");
-    assert_eq!(next_lifecycle(&events, id), domain(DomainEvent::Stopped));
+    assert_eq!(next_lifecycle(&events, id), domain(DomainEvent::Destroyed));
     remove_domain(REAL_ID);
 
     // The close callback: a libvirtd that exits is reported (ours only).

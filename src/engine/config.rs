@@ -228,6 +228,54 @@ pub enum Readiness {
     TcpPort(u16),
 }
 
+/// What havirt does when a domain stops on purpose: shut down from inside
+/// the guest (libvirt STOPPED/SHUTDOWN, also `virsh shutdown`) or destroyed
+/// by the operator (`virsh destroy`). A crash (qemu died, killed, guest
+/// panic with `on_crash` destroy) is restarted either way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnShutdown {
+    /// Its desired state becomes stopped: its lease is freed with reason
+    /// `Stopped`, and no host starts it until the operator does
+    /// (`havirt start`).
+    Stop,
+    /// Restarted on the same host, as after a crash.
+    Restart,
+}
+
+/// Guest-agent monitoring (vSphere HA's VM monitoring): the host running
+/// the domain pings its QEMU guest agent; when no answer came for
+/// `failure_interval`, it resets the guest (a hard reset: qemu, its disks
+/// and the lease stay), at most `max_resets` times per `reset_window`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestMonitor {
+    pub enabled: bool,
+    /// No answer for this long after the last one means the guest hangs.
+    pub failure_interval: Duration,
+    /// After a start or a reset, the guest's first answer is waited for
+    /// this long before silence counts (its boot). Once the agent has
+    /// answered, silence counts from its last answer at once, so a long
+    /// value only delays catching a guest that hangs before its agent ever
+    /// starts.
+    pub min_uptime: Duration,
+    pub max_resets: u32,
+    pub reset_window: Duration,
+}
+
+impl Default for GuestMonitor {
+    /// vSphere's "high" sensitivity (30 s, 120 s minimum uptime, 3 resets
+    /// per hour); off until asked for.
+    fn default() -> Self {
+        GuestMonitor {
+            enabled: false,
+            failure_interval: Duration::from_secs(30),
+            min_uptime: Duration::from_secs(120),
+            max_resets: 3,
+            reset_window: Duration::from_secs(3600),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DomainPolicy {
     pub priority: Priority,
@@ -241,6 +289,8 @@ pub struct DomainPolicy {
     pub readiness_timeout: Duration,
     /// Failed starts (on any host) before havirt gives up on the domain.
     pub max_restarts: u32,
+    pub on_shutdown: OnShutdown,
+    pub monitor: GuestMonitor,
 }
 
 impl Default for DomainPolicy {
@@ -253,6 +303,8 @@ impl Default for DomainPolicy {
             readiness: Readiness::Started,
             readiness_timeout: Duration::from_secs(120),
             max_restarts: 3,
+            on_shutdown: OnShutdown::Stop,
+            monitor: GuestMonitor::default(),
         }
     }
 }

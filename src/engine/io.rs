@@ -40,6 +40,11 @@ pub enum LeaseReason {
     /// The owner live-migrated the domain and handed the lease to the host
     /// that now holds it paused (maintenance mode; `Node` has the protocol).
     Migrated,
+    /// The owner freed it after the domain stopped on purpose (a shutdown
+    /// from inside the guest, or by the operator): its desired state is
+    /// stopped. No master places a lease free for this reason; only an
+    /// operator's `havirt start` takes it (by CAS, like any start).
+    Stopped,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,6 +89,10 @@ pub enum DomainState {
         to: HostId,
         boot: BootId,
     },
+    /// Runs nowhere on purpose: the lease is free at this generation with
+    /// reason `Stopped` (reported by the host that stopped it and by the
+    /// master, so that every `havirt status` shows it).
+    Stopped,
 }
 
 /// A host's heartbeat slot (DESIGN.md §4), as the engine sees it.
@@ -206,10 +215,16 @@ pub enum CasOutcome {
 pub enum DomainEvent {
     Started,
     Ready,
-    /// Stopped after a destroy or shutdown havirt asked for.
+    /// Stopped after a destroy or shutdown havirt asked for (or stopped for
+    /// a reason that is neither a crash nor a shutdown: saved, migrated).
     Stopped,
     /// qemu died on its own.
     Crashed,
+    /// The guest shut down: from inside, or asked by someone else than
+    /// havirt (`virsh shutdown`). libvirt STOPPED/SHUTDOWN.
+    ShutDown,
+    /// The operator destroyed it (`virsh destroy`). libvirt STOPPED/DESTROYED.
+    Destroyed,
     /// The start failed; `disk_locked` means another qemu holds its disks.
     StartFailed {
         disk_locked: bool,
@@ -234,6 +249,20 @@ pub enum OperatorCommand {
     /// Enter (true) or leave (false) maintenance mode on this host. Entering
     /// again retries the domains whose migration failed.
     Maintenance(bool),
+    /// `havirt start`: start this domain, stopped on purpose, on this host
+    /// (its free lease is taken by CAS first).
+    Start(DomainId),
+}
+
+/// What one guest-agent ping found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentPing {
+    /// The agent answered `guest-ping`.
+    Answered,
+    /// libvirt answered that the agent did not (not connected, timed out).
+    NoAnswer,
+    /// libvirt itself failed: nothing is known about the guest.
+    Unknown,
 }
 
 /// Everything that happens to a node, except the passing of time.
@@ -328,6 +357,11 @@ pub enum Input {
         reachable: bool,
     },
     Operator(OperatorCommand),
+    /// The answer to `Action::PingGuestAgent`.
+    GuestAgent {
+        domain: DomainId,
+        result: AgentPing,
+    },
 }
 
 /// Everything a node asks of the world. Plain data: the driver executes it
@@ -406,6 +440,16 @@ pub enum Action {
         readiness: super::config::Readiness,
     },
     PetWatchdog,
+    /// Guest-agent monitoring: `guest-ping` the domain's agent, answered
+    /// with `Input::GuestAgent`.
+    PingGuestAgent {
+        domain: DomainId,
+    },
+    /// Hard-reset the guest of a domain running here (libvirt
+    /// `virDomainReset`): qemu, its disks and the lease stay. No answer.
+    ResetDomain {
+        domain: DomainId,
+    },
     Emit(Event),
 }
 

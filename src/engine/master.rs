@@ -92,6 +92,15 @@ impl Master {
         self.waiting_logged.remove(&d);
     }
 
+    /// Free leases of domains stopped on purpose, as cached (stopped.rs).
+    pub(super) fn stopped_leases(&self) -> Vec<(DomainId, u64)> {
+        self.leases
+            .iter()
+            .filter(|(_, l)| l.owner.is_none() && l.reason == LeaseReason::Stopped)
+            .map(|(d, l)| (*d, l.generation))
+            .collect()
+    }
+
     /// The lease generation in our cache, if read.
     pub(super) fn lease_generation(&self, d: DomainId) -> Option<u64> {
         self.leases.get(&d).map(|l| l.generation)
@@ -296,9 +305,11 @@ impl Node {
         result: Result<CasOutcome, StorageError>,
     ) {
         let pending = self.finish_op(now, op);
-        if let Some(PendingOp { kind: OpKind::Renew(d), .. }) = pending {
-            self.renewed(now, d, result);
-            return;
+        match pending {
+            Some(PendingOp { kind: OpKind::Renew(d), .. }) => return self.renewed(now, d, result),
+            Some(PendingOp { kind: OpKind::Park(d), .. }) => return self.park_cas(now, d, result),
+            Some(PendingOp { kind: OpKind::OperatorStart(d), .. }) => return self.operator_start_cas(now, d, result),
+            _ => {}
         }
         if let Some(PendingOp { kind: OpKind::Handoff(d), .. }) = pending {
             self.handed_over(now, d, Some(result));
@@ -682,7 +693,10 @@ impl Node {
                 continue;
             }
             for (d, r) in &slot.domains {
-                if !matches!(r.state, DomainState::Released { .. } | DomainState::HandedOver { .. }) {
+                if !matches!(
+                    r.state,
+                    DomainState::Released { .. } | DomainState::HandedOver { .. } | DomainState::Stopped
+                ) {
                     out.insert(*d, (*h, *r));
                 }
             }
@@ -723,6 +737,9 @@ impl Node {
                         *d,
                         Lease { owner: Some(owner), generation: r.generation, reason: LeaseReason::Migrated },
                     ));
+                } else if r.state == DomainState::Stopped {
+                    // Freed by its owner when it stopped on purpose.
+                    seen.push((*d, Lease { owner: None, generation: r.generation, reason: LeaseReason::Stopped }));
                 } else if r.generation > 0 && !matches!(r.state, DomainState::Released { .. }) {
                     let owner = Owner { host: *h, boot: slot.boot };
                     seen.push((
@@ -761,6 +778,22 @@ impl Node {
             }
             !ready
         });
+        // Given up on, yet running again under a newer lease (its owner
+        // retried it once its release aged out): judged afresh if it stops
+        // again, or it would never be restarted after a later failure (L1).
+        // A dead host's slot still lists its old run: only a generation
+        // past the last counted failure counts.
+        let runs = |d: &DomainId| {
+            let counted = m.retries.get(d).map_or(0, |r| r.counted_generation);
+            reports.get(d).is_some_and(|(_, r)| {
+                matches!(r.state, DomainState::Running | DomainState::Ready) && r.generation > counted
+            })
+        };
+        let again: Vec<DomainId> = m.given_up.iter().filter(|d| runs(d)).copied().collect();
+        for d in again {
+            m.given_up.remove(&d);
+            m.retries.remove(&d);
+        }
         for e in events {
             self.emit(now, "master", e);
         }
@@ -786,6 +819,8 @@ impl Node {
             // Judged by the lease alone: a dead owner's slot still lists the
             // domain as running, so reports do not count here.
             let reason = match lease.owner {
+                // Stopped on purpose: only the operator starts it (stopped.rs).
+                None if lease.reason == LeaseReason::Stopped => continue,
                 None => Some(LeaseReason::Acquired),
                 Some(o) => self.takeover_reason(now, o, LeaseKey::Domain(*d), lease.generation),
             };

@@ -6,10 +6,12 @@ pub mod config;
 pub mod io;
 pub mod maintenance;
 pub mod master;
+mod monitor;
 pub mod node;
 pub mod peers;
 pub mod planner;
 mod protect;
+mod stopped;
 #[cfg(test)]
 mod tests;
 pub mod time;

@@ -148,6 +148,10 @@ pub(super) enum OpKind {
     Renew(DomainId),
     /// Handing our lease to a migration target.
     Handoff(DomainId),
+    /// Freeing our lease of a domain stopped on purpose (stopped.rs).
+    Park(DomainId),
+    /// Taking a free lease for `havirt start` (stopped.rs).
+    OperatorStart(DomainId),
     Record,
     Fence,
 }
@@ -158,6 +162,8 @@ pub(super) enum ReadPurpose {
     Audit,
     Master,
     MasterLoad,
+    Park,
+    OperatorStart,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -245,6 +251,10 @@ pub struct Node {
     /// NodeConfig, whose literal the daemon writes.
     #[cfg(test)]
     pub(super) broken_ignore_unprotect: bool,
+    /// Domains stopped on purpose (stopped.rs).
+    pub(super) intent: super::stopped::Intents,
+    /// Guest-agent monitoring (monitor.rs).
+    pub(super) watch: super::monitor::Watches,
 }
 
 impl Node {
@@ -301,6 +311,8 @@ impl Node {
             failback_blocked: BTreeMap::new(),
             #[cfg(test)]
             broken_ignore_unprotect: false,
+            intent: Default::default(),
+            watch: Default::default(),
             cfg,
         };
         node.emit(
@@ -460,6 +472,8 @@ impl Node {
             Input::Operator(OperatorCommand::Maintenance(enter)) => self.set_maintenance(now, enter),
             Input::Incoming { domain } => self.handle_incoming(now, domain),
             Input::Migrated { domain, result, running_here } => self.handle_migrated(now, domain, result, running_here),
+            Input::Operator(OperatorCommand::Start(d)) => self.handle_operator_start(now, d),
+            Input::GuestAgent { domain, result } => self.handle_guest_agent(now, domain, result),
         }
     }
 
@@ -578,7 +592,10 @@ impl Node {
             LocalState::Incoming { since } => Some(since),
             _ => None,
         });
-        if !self.cfg.spec.domains.contains_key(&d) || (self.local.contains_key(&d) && incoming_since.is_none()) {
+        if !self.cfg.spec.domains.contains_key(&d)
+            || (self.local.contains_key(&d) && incoming_since.is_none())
+            || self.intent.parking(d)
+        {
             return;
         }
         if !self.storage_healthy(now) || self.self_fence != SelfFence::Healthy {
@@ -679,6 +696,8 @@ impl Node {
             }
             (ReadPurpose::MasterLoad, LeaseKey::Domain(d)) => self.master_loaded(now, op, d, result),
             (ReadPurpose::Verify, LeaseKey::Domain(d)) => self.verified(now, d, result),
+            (ReadPurpose::Park, LeaseKey::Domain(d)) => self.park_read(now, d, result),
+            (ReadPurpose::OperatorStart, LeaseKey::Domain(d)) => self.operator_start_read(now, d, result),
             (ReadPurpose::Audit, LeaseKey::Domain(d)) => {
                 if let Ok(l) = result {
                     self.audit(now, d, l);
@@ -726,7 +745,9 @@ impl Node {
         // A generation we released is not ours any more, even while the
         // lease still names us (the master may be moving it right now).
         let released = self.released.get(&d).is_some_and(|r| r.0 >= lease.generation);
-        let ours = lease.owner == Some(me) && !released;
+        // Nor is one being freed because the domain stopped on purpose: a
+        // qemu started meanwhile (virsh start) would run on a free lease.
+        let ours = lease.owner == Some(me) && !released && !self.intent.parking(d);
         match local.state {
             LocalState::Adopting if ours => {
                 self.emit(now, "node", format!("adopted running domain {}", self.domain_name(d)));
@@ -745,7 +766,15 @@ impl Node {
     /// S5: a domain runs here but its lease names someone else.
     fn destroy_zombie(&mut self, now: Instant, d: DomainId, lease: Lease) {
         let owner = lease.owner.map(|o| o.host.to_string()).unwrap_or_else(|| "nobody".into());
-        self.emit(now, "node", format!("zombie {}: lease owned by {owner}; destroying", self.domain_name(d)));
+        let name = self.domain_name(d);
+        let text = if lease.owner.is_none() && lease.reason == LeaseReason::Stopped {
+            format!(
+                "zombie {name}: started outside havirt, but its desired state is stopped; destroying (havirt start {name} starts it)"
+            )
+        } else {
+            format!("zombie {name}: lease owned by {owner}; destroying")
+        };
+        self.emit(now, "node", text);
         self.stop_domain(now, d, false, AfterStop::Forget);
     }
 
@@ -826,6 +855,12 @@ impl Node {
             }
             DomainEvent::Stopped => self.domain_gone(now, d, local, false),
             DomainEvent::Crashed => self.domain_gone(now, d, local, true),
+            // havirt's own stops end in `Stopping`, whatever libvirt calls them.
+            DomainEvent::ShutDown | DomainEvent::Destroyed if matches!(local.state, LocalState::Stopping { .. }) => {
+                self.domain_gone(now, d, local, false)
+            }
+            DomainEvent::ShutDown => self.stopped_on_purpose(now, d, local, "shut down (guest or operator)"),
+            DomainEvent::Destroyed => self.stopped_on_purpose(now, d, local, "destroyed by the operator"),
             DomainEvent::StartFailed { disk_locked } => self.start_failed(now, d, local, disk_locked),
         }
     }
@@ -946,6 +981,8 @@ impl Node {
             self.check_self_fence(now);
             self.check_isolation(now);
             self.local_timers(now);
+            self.monitor_tick(now);
+            self.intent_tick(now);
             self.prune_released(now);
             self.maybe_audit(now);
             self.maintenance_tick(now);
@@ -972,6 +1009,11 @@ impl Node {
                 OpKind::Fence => self.fence_timed_out(now, op),
                 OpKind::Renew(d) => self.abandon_verify(d),
                 OpKind::Handoff(d) => self.handed_over(now, d, None),
+                OpKind::Park(_)
+                | OpKind::OperatorStart(_)
+                | OpKind::LeaseRead { purpose: ReadPurpose::Park | ReadPurpose::OperatorStart } => {
+                    self.intent_op_expired(op)
+                }
                 OpKind::LeaseRead { purpose: ReadPurpose::MasterLoad } => self.master_load_expired(op),
                 _ => {}
             }
@@ -1073,6 +1115,13 @@ impl Node {
         let handed: Vec<_> = handed.map(|(d, (to, boot, g, _))| (*d, *to, *boot, *g)).collect();
         for (d, to, boot, g) in handed {
             domains.insert(d, DomainReport { state: DomainState::HandedOver { to, boot }, generation: g });
+        }
+        // Then the desired-stopped domains we know of (stopped.rs).
+        for (d, report) in self.stopped_reports() {
+            if domains.len() >= super::planner::MAX_DOMAINS_PER_HOST as usize {
+                break;
+            }
+            domains.entry(d).or_insert(report);
         }
         let (mem, cpu) = self.used();
         let size = self.cfg.spec.host(self.cfg.host);

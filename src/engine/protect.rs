@@ -62,6 +62,8 @@ impl Node {
         self.local.remove(&d);
         self.released.remove(&d);
         self.assignments_seen.remove(&d);
+        self.intent.forget(d);
+        self.watch.forget(d);
         if let Some(m) = self.master.as_mut() {
             m.forget(d);
         }

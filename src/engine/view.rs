@@ -165,9 +165,14 @@ impl Node {
             let state = DomainState::Released { failed_start: *failed_start };
             consider((true, *g, false), self.cfg.host, DomainReport { state, generation: *g });
         }
+        if let Some(g) = self.intent.stopped(d.id) {
+            consider((true, g, false), self.cfg.host, DomainReport { state: DomainState::Stopped, generation: g });
+        }
         let local = self.local.get(&d.id);
         let (host, state, generation) = match (local, best) {
             (Some(l), _) => (Some(self.cfg.host), Some(reported_state(l.state)), l.generation),
+            // Stopped on purpose runs nowhere, whoever reports it.
+            (None, Some((_, _, r))) if r.state == DomainState::Stopped => (None, Some(r.state), Some(r.generation)),
             (None, Some((_, h, r))) => (Some(h), Some(r.state), Some(r.generation)),
             (None, None) => (None, None, None),
         };

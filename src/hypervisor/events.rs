@@ -16,12 +16,17 @@
 //! | STARTED / MIGRATED (arrived paused by live migration) | `HypervisorEvent::Incoming` |
 //! | STARTED (any other detail) | `DomainEvent::Started` |
 //! | STOPPED / CRASHED, STOPPED / FAILED (qemu died) | `DomainEvent::Crashed` |
-//! | STOPPED / other (shutdown, destroyed, saved, migrated, snapshot) | `DomainEvent::Stopped` |
+//! | STOPPED / SHUTDOWN (guest powered off, `virsh shutdown`) | `DomainEvent::ShutDown` |
+//! | STOPPED / DESTROYED (`virsh destroy`, and havirt's own destroys) | `DomainEvent::Destroyed` |
+//! | STOPPED / other (saved, migrated, snapshot) | `DomainEvent::Stopped` |
 //! | DEFINED, UNDEFINED | `HypervisorEvent::Defined` / `Undefined` |
 //! | SUSPENDED, RESUMED, SHUTDOWN (guest began), PMSUSPENDED, CRASHED (guest panic, qemu kept) | nothing: qemu still runs |
 //!
-//! `Stopped` and `Crashed` mean "no qemu any more", which is what the engine
-//! acts on; a guest panic with `on_crash` destroy arrives as STOPPED/CRASHED.
+//! Each of them means "no qemu any more". The engine restarts a crash, and
+//! takes a shutdown or destroy it did not ask for as the guest's or the
+//! operator's intent (policy `on_shutdown`); a guest panic with `on_crash`
+//! destroy arrives as STOPPED/CRASHED, a qemu killed by SIGKILL as
+//! STOPPED/FAILED (libvirt saw no SHUTDOWN event before the monitor closed).
 
 #![deny(unsafe_code)]
 
@@ -131,6 +136,8 @@ pub fn map_lifecycle(domain: DomainId, event: c_int, detail: c_int) -> Option<Hy
             sys::VIR_DOMAIN_EVENT_STOPPED_CRASHED | sys::VIR_DOMAIN_EVENT_STOPPED_FAILED => {
                 domain_event(DomainEvent::Crashed)
             }
+            sys::VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN => domain_event(DomainEvent::ShutDown),
+            sys::VIR_DOMAIN_EVENT_STOPPED_DESTROYED => domain_event(DomainEvent::Destroyed),
             _ => domain_event(DomainEvent::Stopped),
         },
         _ => None,
@@ -291,12 +298,15 @@ mod tests {
             ev(sys::VIR_DOMAIN_EVENT_STARTED, sys::VIR_DOMAIN_EVENT_STARTED_MIGRATED),
             Some(HypervisorEvent::Incoming { domain: D })
         );
-        for detail in [
-            sys::VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN,
-            sys::VIR_DOMAIN_EVENT_STOPPED_DESTROYED,
-            sys::VIR_DOMAIN_EVENT_STOPPED_SAVED,
-            sys::VIR_DOMAIN_EVENT_STOPPED_MIGRATED,
-        ] {
+        assert_eq!(
+            ev(sys::VIR_DOMAIN_EVENT_STOPPED, sys::VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN),
+            domain(DomainEvent::ShutDown)
+        );
+        assert_eq!(
+            ev(sys::VIR_DOMAIN_EVENT_STOPPED, sys::VIR_DOMAIN_EVENT_STOPPED_DESTROYED),
+            domain(DomainEvent::Destroyed)
+        );
+        for detail in [sys::VIR_DOMAIN_EVENT_STOPPED_SAVED, sys::VIR_DOMAIN_EVENT_STOPPED_MIGRATED] {
             assert_eq!(ev(sys::VIR_DOMAIN_EVENT_STOPPED, detail), domain(DomainEvent::Stopped), "{detail}");
         }
         for detail in [sys::VIR_DOMAIN_EVENT_STOPPED_CRASHED, sys::VIR_DOMAIN_EVENT_STOPPED_FAILED] {

@@ -243,6 +243,11 @@ impl Hypervisor for LibvirtHypervisor {
         dom.resume().map(|_| true).map_err(|e| domain_error("resume", id, e))
     }
 
+    fn reset(&self, id: DomainId) -> Result<(), HypervisorError> {
+        let dom = self.lookup(id)?;
+        dom.reset().map(drop).map_err(|e| domain_error("reset", id, e))
+    }
+
     fn kill_qemu(&self, id: DomainId) -> Result<Vec<u32>, HypervisorError> {
         self.opts
             .paths
@@ -443,6 +448,7 @@ mod tests {
             readiness: Readiness::GuestAgent,
             readiness_timeout: Duration::from_secs(60),
             max_restarts: 5,
+            ..DomainPolicy::default()
         };
         hv.set_policy(id, &policy).expect("set policy");
         assert_eq!(hv.policy(id), Ok(Some(policy.clone())));
@@ -537,11 +543,11 @@ mod tests {
         hv.start(id).expect("start");
         assert_eq!(next_event(&events, id), domain(DomainEvent::Started));
         hv.destroy(id).expect("destroy");
-        assert_eq!(next_event(&events, id), domain(DomainEvent::Stopped));
+        assert_eq!(next_event(&events, id), domain(DomainEvent::Destroyed));
         hv.start(id).expect("start");
         assert_eq!(next_event(&events, id), domain(DomainEvent::Started));
         hv.shutdown(id).expect("shutdown");
-        assert_eq!(next_event(&events, id), domain(DomainEvent::Stopped));
+        assert_eq!(next_event(&events, id), domain(DomainEvent::ShutDown));
         drop(events);
         // A second stream after the first is gone works (callbacks released).
         let again = hv.events().expect("subscribe again");

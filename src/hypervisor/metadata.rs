@@ -8,7 +8,9 @@
 //! <metadata>
 //!   <havirt:policy xmlns:havirt="https://havirt.dev/xmlns/policy/1"
 //!       priority="high" isolation-response="shutdown" anti-affinity="db"
-//!       readiness="guest-agent" readiness-timeout-s="120" max-restarts="3">
+//!       readiness="guest-agent" readiness-timeout-s="120" max-restarts="3"
+//!       on-shutdown="stop" guest-monitor="on" monitor-failure-interval-s="30"
+//!       monitor-min-uptime-s="120" monitor-max-resets="3" monitor-reset-window-s="3600">
 //!     <havirt:affinity host="h1"/>
 //!     <havirt:affinity host="h2"/>
 //!   </havirt:policy>
@@ -23,6 +25,12 @@
 //! | `readiness` | `started`, `guest-agent`, `tcp:PORT` (PORT 1-65535) | `started` |
 //! | `readiness-timeout-s` | seconds, 1 to 86400 | `120` |
 //! | `max-restarts` | 0 to 1000 | `3` |
+//! | `on-shutdown` | `stop` (a shutdown from inside the guest, `virsh shutdown` or `virsh destroy` leaves it stopped everywhere), `restart` | `stop` |
+//! | `guest-monitor` | `on`, `off`: reset the guest when its QEMU guest agent stops answering | `off` |
+//! | `monitor-failure-interval-s` | seconds, 1 to 86400: agent silence that means a hung guest | `30` |
+//! | `monitor-min-uptime-s` | seconds, 0 to 86400: after a start or reset, wait this long for the agent's first answer | `120` |
+//! | `monitor-max-resets` | 0 to 1000 resets per window, then leave it running | `3` |
+//! | `monitor-reset-window-s` | seconds, 1 to 604800 | `3600` |
 //!
 //! Each `<havirt:affinity host="hN"/>` child (`N` is the host id; a bare `N`
 //! is accepted too) adds a host the domain may run on; none means any host.
@@ -34,7 +42,7 @@
 
 #![deny(unsafe_code)]
 
-use crate::engine::config::{DomainPolicy, HostId, IsolationResponse, Priority, Readiness};
+use crate::engine::config::{DomainPolicy, HostId, IsolationResponse, OnShutdown, Priority, Readiness};
 use crate::engine::time::Duration;
 use std::fmt::Write as _;
 
@@ -52,10 +60,18 @@ pub const ANTI_AFFINITY_NAME_MAX_CHARS: usize = 64;
 pub const READINESS_TIMEOUT_S_MAX: u64 = 86_400;
 /// `max-restarts` range.
 pub const MAX_RESTARTS_MAX: u32 = 1000;
+/// `monitor-failure-interval-s` and `monitor-min-uptime-s` at most.
+pub const MONITOR_SECONDS_MAX: u64 = 86_400;
+/// `monitor-reset-window-s` at most (a week).
+pub const MONITOR_WINDOW_S_MAX: u64 = 604_800;
+/// `monitor-max-resets` at most.
+pub const MONITOR_MAX_RESETS_MAX: u32 = 1000;
 
 pub const PRIORITIES: &str = "disabled, lowest, low, medium, high, highest";
 pub const ISOLATION_RESPONSES: &str = "keep, shutdown, poweroff";
 pub const READINESS_VALUES: &str = "started, guest-agent, tcp:PORT (PORT 1-65535)";
+pub const ON_SHUTDOWN_VALUES: &str = "stop, restart";
+pub const SWITCH_VALUES: &str = "on, off";
 
 /// Why a policy element was refused. Every message names what to fix.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -63,7 +79,7 @@ pub enum PolicyError {
     #[error("havirt policy: {attribute}=\"{value}\" is not valid; accepted values: {accepted}")]
     BadValue { attribute: &'static str, value: String, accepted: &'static str },
     #[error(
-        "havirt policy: unknown attribute {name:?} on <{element}>; accepted: priority, isolation-response, anti-affinity, readiness, readiness-timeout-s, max-restarts (and host on <affinity>)"
+        "havirt policy: unknown attribute {name:?} on <{element}>; accepted: priority, isolation-response, anti-affinity, readiness, readiness-timeout-s, max-restarts, on-shutdown, guest-monitor, monitor-failure-interval-s, monitor-min-uptime-s, monitor-max-resets, monitor-reset-window-s (and host on <affinity>)"
     )]
     UnknownAttribute { element: &'static str, name: String },
     #[error("havirt policy: attribute {name:?} given twice")]
@@ -98,6 +114,13 @@ pub fn render_policy(policy: &DomainPolicy) -> String {
     let _ = write!(s, " readiness=\"{}\"", readiness_str(policy.readiness));
     let _ = write!(s, " readiness-timeout-s=\"{}\"", policy.readiness_timeout.as_millis() / 1000);
     let _ = write!(s, " max-restarts=\"{}\"", policy.max_restarts);
+    let _ = write!(s, " on-shutdown=\"{}\"", on_shutdown_str(policy.on_shutdown));
+    let m = &policy.monitor;
+    let _ = write!(s, " guest-monitor=\"{}\"", if m.enabled { "on" } else { "off" });
+    let _ = write!(s, " monitor-failure-interval-s=\"{}\"", m.failure_interval.as_millis() / 1000);
+    let _ = write!(s, " monitor-min-uptime-s=\"{}\"", m.min_uptime.as_millis() / 1000);
+    let _ = write!(s, " monitor-max-resets=\"{}\"", m.max_resets);
+    let _ = write!(s, " monitor-reset-window-s=\"{}\"", m.reset_window.as_millis() / 1000);
     if policy.affinity.is_empty() {
         s.push_str("/>");
         return s;
@@ -203,9 +226,73 @@ fn apply_attribute(p: &mut DomainPolicy, name: &str, value: &str) -> Result<(), 
                 .filter(|n| *n <= MAX_RESTARTS_MAX)
                 .ok_or_else(|| bad("max-restarts", "a whole number from 0 to 1000"))?;
         }
+        other => return apply_monitor_attribute(p, other, value),
+    }
+    Ok(())
+}
+
+/// The intentional-stop and guest-monitoring attributes (issue 5).
+fn apply_monitor_attribute(p: &mut DomainPolicy, name: &str, value: &str) -> Result<(), PolicyError> {
+    let bad = |attribute: &'static str, accepted: &'static str| PolicyError::BadValue {
+        attribute,
+        value: value.to_string(),
+        accepted,
+    };
+    let seconds = |attribute: &'static str, min: u64, max: u64, accepted: &'static str| {
+        parse_decimal::<u64>(value)
+            .filter(|s| (min..=max).contains(s))
+            .map(Duration::from_secs)
+            .ok_or_else(|| bad(attribute, accepted))
+    };
+    let m = &mut p.monitor;
+    match name {
+        "on-shutdown" => {
+            p.on_shutdown = parse_on_shutdown(value).ok_or_else(|| bad("on-shutdown", ON_SHUTDOWN_VALUES))?
+        }
+        "guest-monitor" => m.enabled = parse_switch(value).ok_or_else(|| bad("guest-monitor", SWITCH_VALUES))?,
+        "monitor-failure-interval-s" => {
+            m.failure_interval =
+                seconds("monitor-failure-interval-s", 1, MONITOR_SECONDS_MAX, "whole seconds from 1 to 86400")?
+        }
+        "monitor-min-uptime-s" => {
+            m.min_uptime = seconds("monitor-min-uptime-s", 0, MONITOR_SECONDS_MAX, "whole seconds from 0 to 86400")?
+        }
+        "monitor-max-resets" => {
+            m.max_resets = parse_decimal::<u32>(value)
+                .filter(|n| *n <= MONITOR_MAX_RESETS_MAX)
+                .ok_or_else(|| bad("monitor-max-resets", "a whole number from 0 to 1000"))?
+        }
+        "monitor-reset-window-s" => {
+            m.reset_window =
+                seconds("monitor-reset-window-s", 1, MONITOR_WINDOW_S_MAX, "whole seconds from 1 to 604800")?
+        }
         other => return Err(PolicyError::UnknownAttribute { element: "policy", name: other.to_string() }),
     }
     Ok(())
+}
+
+pub fn parse_on_shutdown(s: &str) -> Option<OnShutdown> {
+    match s {
+        "stop" => Some(OnShutdown::Stop),
+        "restart" => Some(OnShutdown::Restart),
+        _ => None,
+    }
+}
+
+pub fn on_shutdown_str(o: OnShutdown) -> &'static str {
+    match o {
+        OnShutdown::Stop => "stop",
+        OnShutdown::Restart => "restart",
+    }
+}
+
+/// `on` / `off`.
+pub fn parse_switch(s: &str) -> Option<bool> {
+    match s {
+        "on" => Some(true),
+        "off" => Some(false),
+        _ => None,
+    }
 }
 
 /// Plain ASCII digits only: no sign, no spaces, no leading `+`.
@@ -494,6 +581,7 @@ fn unescape(raw: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::config::GuestMonitor;
 
     fn full() -> DomainPolicy {
         DomainPolicy {
@@ -504,6 +592,14 @@ mod tests {
             readiness: Readiness::TcpPort(5432),
             readiness_timeout: Duration::from_secs(90),
             max_restarts: 5,
+            on_shutdown: OnShutdown::Restart,
+            monitor: GuestMonitor {
+                enabled: true,
+                failure_interval: Duration::from_secs(20),
+                min_uptime: Duration::ZERO,
+                max_resets: 2,
+                reset_window: Duration::from_secs(600),
+            },
         }
     }
 
@@ -558,6 +654,12 @@ mod tests {
             ("readiness-timeout-s=\"-1\"", "readiness-timeout-s", "1 to 86400"),
             ("max-restarts=\"lots\"", "max-restarts", "0 to 1000"),
             ("anti-affinity=\"a b\"", "anti-affinity", "group name"),
+            ("on-shutdown=\"halt\"", "on-shutdown", "restart"),
+            ("guest-monitor=\"yes\"", "guest-monitor", "on, off"),
+            ("monitor-failure-interval-s=\"0\"", "monitor-failure-interval-s", "1 to 86400"),
+            ("monitor-min-uptime-s=\"86401\"", "monitor-min-uptime-s", "0 to 86400"),
+            ("monitor-max-resets=\"1001\"", "monitor-max-resets", "0 to 1000"),
+            ("monitor-reset-window-s=\"0\"", "monitor-reset-window-s", "1 to 604800"),
         ];
         for (attr, name, accepted) in cases {
             let xml = format!("<havirt:policy xmlns:havirt=\"{POLICY_NS}\" {attr}/>");

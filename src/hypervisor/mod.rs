@@ -50,6 +50,9 @@ pub trait Hypervisor: Send + Sync {
     /// caller waits for the `Stopped` event and destroys after its timeout.
     /// `Ok` also when the domain was not running.
     fn shutdown(&self, id: DomainId) -> Result<(), HypervisorError>;
+    /// Hard reset of the guest (`virDomainReset`, as the reset button):
+    /// the same qemu process keeps running, with its disks and lease.
+    fn reset(&self, id: DomainId) -> Result<(), HypervisorError>;
     /// S4 fallback when libvirtd hangs: SIGKILL the domain's qemu found from
     /// libvirt's pidfile or `/proc`, and wait (bounded) until it has exited.
     /// Never talks to libvirt. Returns the pids killed (empty: none ran).

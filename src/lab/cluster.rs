@@ -13,7 +13,9 @@
 //! LAB_DIR/cluster.key     its key (0600)
 //! LAB_DIR/bmc.pw          every BMC's password, the fence agents' password_file (0600)
 //! LAB_DIR/ds/cluster      the cluster's datastore (through faultfs)
-//! LAB_DIR/ds/images       the domains' qcow2 disks (through faultfs)
+//! LAB_DIR/ds/images       the domains' qcow2 disks (through faultfs), and
+//!                         guest-vmlinuz, guest-initrd.gz: the tiny guest OS
+//!                         of `LabSpec::guest_os` domains (guest.rs)
 //! LAB_DIR/domains/NAME.xml  the domains' definitions as first defined
 //! LAB_DIR/faultfs.log     faultfs's output
 //! ```
@@ -41,6 +43,9 @@ use std::time::{Duration, Instant};
 pub const CLUSTER: &str = "lab";
 /// Every lab BMC's password (a lab secret; in LAB_DIR/bmc.pw, 0600).
 pub const BMC_PASSWORD: &str = "havirt-lab-pw";
+/// The guest OS kernel and initramfs on the datastore (`LabSpec::guest_os`).
+pub const GUEST_KERNEL: &str = "ds/images/guest-vmlinuz";
+pub const GUEST_INITRD: &str = "ds/images/guest-initrd.gz";
 /// The lab domains' size (LAB-NOTES: 64 MiB, 1 vCPU, ~45 MB RSS idle).
 pub const DOMAIN_MEMORY_MIB: u32 = 64;
 /// Their disks' virtual size.
@@ -59,6 +64,10 @@ pub const SETTLE_WAIT: Duration = Duration::from_secs(90);
 pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 /// One `virsh` or `qemu-img` call of the lab.
 pub const TOOL_TIMEOUT_S: u32 = 10;
+/// How long one guest-agent command may take (`Lab::guest_agent`).
+pub const AGENT_COMMAND_TIMEOUT_S: u32 = 3;
+/// How often a guest fault's agent command is tried.
+pub const AGENT_COMMAND_TRIES: u32 = 5;
 /// How long a power-off through the BMC may take until the host is off.
 pub const POWER_WAIT: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(100);
@@ -98,6 +107,11 @@ pub struct LabSpec {
     /// Where the domains first run: all on this host, or (None) spread
     /// round-robin over the hosts.
     pub home: Option<u16>,
+    /// How many domains (the first: vm1, vm2, ...) boot the tiny guest OS
+    /// of `guest.rs` (a kernel, and qemu-ga answering on its channel)
+    /// instead of idling in the BIOS. 0, the default, keeps every domain
+    /// empty and the lab fast.
+    pub guest_os: u16,
     /// Per-host LAN bridges and network maps (issue 5); None: no guest NICs.
     pub lan: Option<LanSpec>,
 }
@@ -120,7 +134,16 @@ pub fn lan_bridge(host: u16) -> String {
 impl LabSpec {
     /// `hosts` hosts, `domains` domains, fence_ipmilan, default profile.
     pub fn new(hosts: u16, domains: u16, havirt: PathBuf) -> LabSpec {
-        LabSpec { hosts, domains, fencing: Fencing::Ipmilan, profile: "default".into(), havirt, home: None, lan: None }
+        LabSpec {
+            hosts,
+            domains,
+            fencing: Fencing::Ipmilan,
+            profile: "default".into(),
+            havirt,
+            home: None,
+            guest_os: 0,
+            lan: None,
+        }
     }
 }
 
@@ -163,12 +186,19 @@ pub enum Fault {
     KillDaemon(u16),
     KillLibvirtd(u16),
     KillQemu(u16, String),
+    /// The guest OS of DOMAIN on host H panics (`echo c >
+    /// /proc/sysrq-trigger` through its agent's `guest-exec`); with
+    /// `panic=0` it hangs for good: its agent stops answering.
+    GuestPanic(u16, String),
+    /// The guest OS of DOMAIN on host H shuts itself down (its agent's
+    /// `guest-shutdown`: /sbin/shutdown inside the guest powers it off).
+    GuestShutdown(u16, String),
 }
 
 pub const FAULT_USAGE: &str = "power-off H | power-on H | bmc-dead H | bmc-alive H | pause H | resume H | \
 partition H[,H...] [H[,H...]] [--one-way] | isolate H | heal | storage-hang H | storage-eio H | \
-storage-delay H MS | storage-ok H | kill-daemon H | kill-libvirtd H | kill-qemu H DOMAIN \
-(H: a host number or hN)";
+storage-delay H MS | storage-ok H | kill-daemon H | kill-libvirtd H | kill-qemu H DOMAIN | \
+guest-panic H DOMAIN | guest-shutdown H DOMAIN (H: a host number or hN)";
 
 fn host_word(s: &str) -> Result<u16, String> {
     s.strip_prefix('h').unwrap_or(s).parse().map_err(|_| format!("{s:?} is not a host (write 2 or h2)"))
@@ -196,6 +226,8 @@ impl Fault {
             }
             ["storage-delay", h, ms] => Fault::StorageDelay(host_word(h)?, ms.parse().map_err(|_| bad())?),
             ["kill-qemu", h, domain] => Fault::KillQemu(host_word(h)?, (*domain).to_string()),
+            ["guest-panic", h, domain] => Fault::GuestPanic(host_word(h)?, (*domain).to_string()),
+            ["guest-shutdown", h, domain] => Fault::GuestShutdown(host_word(h)?, (*domain).to_string()),
             [kind, h] => {
                 let h = host_word(h)?;
                 match *kind {
@@ -242,6 +274,8 @@ impl fmt::Display for Fault {
             Fault::KillDaemon(h) => write!(f, "kill-daemon h{h}"),
             Fault::KillLibvirtd(h) => write!(f, "kill-libvirtd h{h}"),
             Fault::KillQemu(h, d) => write!(f, "kill-qemu h{h} {d}"),
+            Fault::GuestPanic(h, d) => write!(f, "guest-panic h{h} {d}"),
+            Fault::GuestShutdown(h, d) => write!(f, "guest-shutdown h{h} {d}"),
         }
     }
 }
@@ -471,6 +505,9 @@ impl Lab {
         }
         self.wait_daemons()?;
         say("havirt daemons answering");
+        if self.spec.guest_os > 0 {
+            self.install_guest_image()?;
+        }
         for i in 1..=self.spec.domains {
             self.add_domain(i)?;
         }
@@ -564,7 +601,14 @@ impl Lab {
             .arg(&disk)
             .arg(DOMAIN_DISK))?;
         let xml_path = lab_path(&format!("domains/{name}.xml"));
-        let mut xml = domain_xml(&name, &uuid);
+        let mut xml = if i <= self.spec.guest_os {
+            // TCG: this machine's (nested, paravirtual) KVM hangs a Linux
+            // guest in its decompressor; TCG boots it in a few seconds.
+            let (kernel, initrd) = (lab_path(GUEST_KERNEL), lab_path(GUEST_INITRD));
+            super::guest::guest_os_xml(&name, &uuid, "qemu", &disk, &kernel, &initrd)
+        } else {
+            domain_xml(&name, &uuid)
+        };
         if self.spec.lan.is_some() {
             xml = with_lan_nic(&xml, &lan_bridge(home));
         }
@@ -575,6 +619,19 @@ impl Lab {
         self.havirt_on(home, &["protect", &name, "--priority", priority])?;
         say(&format!("{name}: started on h{home}, protected (priority {priority})"));
         self.domains.push(LabDomain { name, uuid, home, priority });
+        Ok(())
+    }
+
+    /// The guest OS image (built once per machine) onto the datastore,
+    /// where every host's qemu reads it.
+    fn install_guest_image(&self) -> Result<(), LabError> {
+        let image = super::guest::ensure_image()?;
+        for (from, to) in [(&image.kernel, GUEST_KERNEL), (&image.initrd, GUEST_INITRD)] {
+            let to = lab_path(to);
+            fs::copy(from, &to).map_err(io_error(from))?;
+            fs::set_permissions(&to, fs::Permissions::from_mode(0o644)).map_err(io_error(&to))?;
+        }
+        say(&format!("guest OS {} on the datastore", image.key));
         Ok(())
     }
 
@@ -783,8 +840,39 @@ impl Lab {
                 self.host(*n)?.kill_libvirtd()?;
             }
             Fault::KillQemu(n, domain) => self.kill_qemu(*n, domain)?,
+            Fault::GuestPanic(n, domain) => {
+                let exec = r#"{"execute":"guest-exec","arguments":{"path":"/bin/sh","arg":["-c","echo c > /proc/sysrq-trigger"]}}"#;
+                self.guest_agent_retried(*n, domain, exec)?;
+            }
+            Fault::GuestShutdown(n, domain) => {
+                // libvirt's agent shutdown: qemu-ga's guest-shutdown, which
+                // never answers (the guest is gone), handled by libvirt.
+                virsh(&self.host(*n)?.libvirt_uri(), &["shutdown", "--mode", "agent", domain])?;
+            }
         }
         Ok(())
+    }
+
+    /// One guest-agent command (JSON) to `domain` on host N, through its
+    /// libvirtd; the agent's answer. An error when the agent does not
+    /// answer within AGENT_COMMAND_TIMEOUT_S.
+    pub fn guest_agent(&self, n: u16, domain: &str, json: &str) -> Result<String, LabError> {
+        let timeout = AGENT_COMMAND_TIMEOUT_S.to_string();
+        virsh(&self.host(n)?.libvirt_uri(), &["qemu-agent-command", domain, json, "--timeout", &timeout])
+    }
+
+    /// `guest_agent`, tried up to AGENT_COMMAND_TRIES times: the agent
+    /// serves one command at a time, and the daemon's monitoring pings
+    /// share it (a busy agent fails libvirt's sync: "not available for now").
+    fn guest_agent_retried(&self, n: u16, domain: &str, json: &str) -> Result<String, LabError> {
+        let mut tries = 1;
+        loop {
+            match self.guest_agent(n, domain, json) {
+                Err(_) if tries < AGENT_COMMAND_TRIES => tries += 1,
+                other => return other,
+            }
+            std::thread::sleep(POLL);
+        }
     }
 
     /// SIGKILL of the qemu process of `domain` on host N.

@@ -57,6 +57,7 @@ pub mod cluster;
 pub mod demo;
 mod down;
 pub mod faultfs;
+pub mod guest;
 pub mod host;
 pub mod keeper;
 pub mod net;

@@ -45,11 +45,13 @@ pub struct Checker {
     zombie_since: BTreeMap<(HostId, DomainId), (u64, bool)>,
     last_exempt: u64,
     /// Last instant each host had a fault that justifies a failover (L2).
-    last_fault: BTreeMap<HostId, u64>,
+    pub last_fault: BTreeMap<HostId, u64>,
     storage_fault_since: BTreeMap<HostId, u64>,
     /// Last instant each domain had a fault of its own (crash, broken).
     pub domain_fault: BTreeMap<DomainId, u64>,
     pub fault_clear_at: BTreeMap<HostId, u64>,
+    /// Domains stopped on purpose (guest.rs).
+    pub intents: super::guest::StopIntents,
 }
 
 impl Checker {
@@ -69,6 +71,7 @@ impl Checker {
             storage_fault_since: BTreeMap::new(),
             domain_fault: BTreeMap::new(),
             fault_clear_at: BTreeMap::new(),
+            intents: Default::default(),
         }
     }
 
@@ -116,7 +119,7 @@ impl Checker {
 }
 
 impl World {
-    fn violation(&mut self, invariant: &'static str, detail: String) {
+    pub(super) fn violation(&mut self, invariant: &'static str, detail: String) {
         let start = self.log.len().saturating_sub(TIMELINE_LINES);
         let timeline = self.log[start..].to_vec();
         self.log_at("ERROR", "checker", &format!("{invariant} violated: {detail}"));
@@ -166,6 +169,7 @@ impl World {
                 format!("{h} starts {} while the lease names {:?}", self.domain_name(d), owner.map(|o| o.host));
             self.violation("S2", detail);
         }
+        self.check_stopped_start(h, d);
     }
 
     /// The host's daemon was given the latest registry. One that lags (it
@@ -203,6 +207,7 @@ impl World {
 
     /// S3 and L2 on every lease transfer.
     pub fn lease_changed(&mut self, by: HostId, key: LeaseKey, old: Lease, new: Lease) {
+        self.note_stopped_lease(key, new);
         let LeaseKey::Domain(d) = key else { return };
         let Some(from) = old.owner else { return };
         if new.owner.is_some_and(|o| o.host == from.host && o.boot == from.boot) {
@@ -232,9 +237,11 @@ impl World {
             self.violation("S3", detail);
         }
         // A release is judged when the domain is stopped (checker_on_stop);
-        // a handoff after a live migration is the owner's own choice.
+        // a lease freed after a stop on purpose by guest.rs, and a handoff
+        // after a live migration, are the owner's own choice.
+        let own_release = matches!(new.reason, LeaseReason::Released | LeaseReason::Stopped);
         let handoff = new.reason == LeaseReason::Migrated && by == from.host;
-        if same_boot_up && new.reason != LeaseReason::Released && !handoff && !self.justified(from.host, Some(d)) {
+        if same_boot_up && !own_release && !handoff && !self.justified(from.host, Some(d)) {
             self.checker.false_failovers += 1;
             let detail =
                 format!("{by} moves {} away from healthy {} ({:?})", self.domain_name(d), from.host, new.reason);
@@ -358,9 +365,13 @@ impl World {
     /// L1 after healing: every protected domain that is not broken runs on
     /// exactly one host.
     pub fn check_converged(&mut self) {
+        let stopped = self.check_stopped_converged();
         let mut found = Vec::new();
         for (d, spec) in self.spec.domains.iter() {
-            if spec.policy.priority == crate::engine::config::Priority::Disabled || self.broken_domains.contains(d) {
+            let skip = spec.policy.priority == crate::engine::config::Priority::Disabled
+                || self.broken_domains.contains(d)
+                || stopped.contains(d);
+            if skip {
                 continue;
             }
             let n = self.hosts.values().filter(|x| x.running() && x.qemu.contains_key(d)).count();

@@ -22,6 +22,9 @@ impl World {
         if is_fault(&c) {
             self.checker.fault_times.push(self.now);
         }
+        if self.apply_guest_command(&c) {
+            return;
+        }
         match c {
             Command::PowerOff(h) => {
                 let class = self.power_loss_class(h);
@@ -132,6 +135,10 @@ impl World {
             Command::Maintenance { host, enter } => {
                 self.deliver(host, Input::Operator(OperatorCommand::Maintenance(enter)));
             }
+            Command::GuestHang { .. }
+            | Command::GuestRecover(_)
+            | Command::GuestStop { .. }
+            | Command::OperatorStart { .. } => {}
         }
     }
 
@@ -192,6 +199,7 @@ impl World {
         spec.domains.remove(&d);
         self.spec = Arc::new(spec);
         self.protected_at.remove(&d);
+        self.checker.intents.forget(d);
         self.registry_changed(None);
     }
 
@@ -256,6 +264,9 @@ fn is_fault(c: &Command) -> bool {
             | Command::Protect { .. }
             | Command::Unprotect(_)
             | Command::Maintenance { .. }
+            | Command::GuestRecover(_)
+            | Command::GuestStop { .. }
+            | Command::OperatorStart { .. }
     )
 }
 
@@ -300,5 +311,15 @@ fn describe(c: &Command, w: &World) -> String {
         Command::Unprotect(d) => format!("unprotect {}", w.domain_name(*d)),
         Command::Maintenance { host, enter: true } => format!("maintenance enter {host}"),
         Command::Maintenance { host, enter: false } => format!("maintenance exit {host}"),
+        Command::GuestHang { domain, always: false } => format!("guest of {} hangs", w.domain_name(*domain)),
+        Command::GuestHang { domain, always: true } => {
+            format!("guest of {} hangs, and at every boot", w.domain_name(*domain))
+        }
+        Command::GuestRecover(d) => format!("guest of {} boots normally again", w.domain_name(*d)),
+        Command::GuestStop { domain, destroy: false } => {
+            format!("guest of {} shuts itself down", w.domain_name(*domain))
+        }
+        Command::GuestStop { domain, destroy: true } => format!("operator destroys {}", w.domain_name(*domain)),
+        Command::OperatorStart { domain, host } => format!("operator starts {} on {host}", w.domain_name(*domain)),
     }
 }

@@ -103,4 +103,23 @@ pub enum Command {
         host: HostId,
         enter: bool,
     },
+    /// The guest of this domain hangs (its agent stops answering) until a
+    /// reset; `always`: also after every reset or start (a broken OS).
+    GuestHang {
+        domain: DomainId,
+        always: bool,
+    },
+    /// The guest no longer hangs at every boot (the next reset cures it).
+    GuestRecover(DomainId),
+    /// The guest powers itself off (`destroy`: the operator runs `virsh
+    /// destroy`) where it runs and has booted: a stop on purpose.
+    GuestStop {
+        domain: DomainId,
+        destroy: bool,
+    },
+    /// `havirt start` of the domain on `host` (retried while it runs nowhere).
+    OperatorStart {
+        domain: DomainId,
+        host: HostId,
+    },
 }

@@ -7,6 +7,7 @@
 pub mod checker;
 pub mod commands;
 pub mod faults;
+pub mod guest;
 pub mod random;
 pub mod report;
 pub mod scenario;
@@ -149,6 +150,40 @@ mod tests {
         assert!(kinds.contains(&"UNMANAGED"), "expected an UNMANAGED violation, got {kinds:?}");
         let real = run_commands(&s.setup, WorldParams::default(), &s.commands, s.end_ms, None);
         assert!(real.violations.is_empty(), "{:?}", real.violations);
+    }
+
+    /// Proof that the checker bites on intentional stops: an engine that
+    /// restarts a guest that shut itself down is reported (STOPPED); the
+    /// real engine leaves it stopped until the operator's start.
+    #[test]
+    fn checker_reports_a_restart_of_a_domain_stopped_on_purpose() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios/guest-shutdown-stays-stopped");
+        let s = scenario::load(&dir).expect("guest-shutdown-stays-stopped loads");
+        let params = WorldParams { broken_engine_restart_stopped: true, ..WorldParams::default() };
+        let out = run_commands(&s.setup, params, &s.commands, s.end_ms, None);
+        let kinds: Vec<&str> = out.violations.iter().map(|v| v.invariant).collect();
+        assert!(kinds.contains(&"STOPPED"), "expected a STOPPED violation, got {kinds:?}");
+        let real = run_commands(&s.setup, WorldParams::default(), &s.commands, s.end_ms, None);
+        assert!(real.violations.is_empty(), "{:?}", real.violations);
+    }
+
+    /// The random runs do exercise guest monitoring and intentional stops
+    /// (a suite that never resets or stops a guest proves nothing of them).
+    #[test]
+    fn random_runs_hang_reset_stop_and_start_guests() {
+        let o = RandomOptions { hosts: 5, domains: 40, duration_ms: 20 * 60_000, profile: Profile::Default };
+        let mut counts = [0usize; 4];
+        let marks = ["resetting the guest", "reached the limit", "lease freed", "(operator; lease"];
+        for seed in 1..=80 {
+            let out = run_seed(seed, &o, None);
+            assert!(out.violations.is_empty(), "seed {seed}: {:?}", out.violations);
+            for (count, mark) in counts.iter_mut().zip(marks) {
+                *count += out.log.iter().filter(|l| l.contains(mark)).count();
+            }
+        }
+        for (count, mark) in counts.iter().zip(marks) {
+            assert!(*count > 0, "no {mark:?} in 80 random runs");
+        }
     }
 
     /// One seed, one exact run: the whole timeline is identical twice.

@@ -96,6 +96,7 @@ pub fn random_setup(seed: u64, o: &RandomOptions) -> SimSetup {
             readiness,
             readiness_timeout: Duration::from_secs(60),
             max_restarts: 3,
+            ..DomainPolicy::default()
         };
         let memory_mib = 1024 * rng.range(1, 4);
         let vcpus = u32::try_from(rng.range(1, 4)).unwrap_or(1);
@@ -109,8 +110,37 @@ pub fn random_setup(seed: u64, o: &RandomOptions) -> SimSetup {
         memory_overcommit: 1.0,
         vcpu_overcommit: 4.0,
     };
+    let mut spec = spec;
+    random_guest_policies(seed, &mut spec);
     let initial = initial_placement(&spec);
     SimSetup { spec, initial, unprotected: Default::default(), seed }
+}
+
+/// Domains with guest-agent monitoring (percent).
+pub const MONITORED_DOMAINS_PERCENT: u64 = 25;
+/// Domains restarted after a shutdown on purpose (percent; the others stay stopped).
+pub const RESTART_ON_SHUTDOWN_PERCENT: u64 = 15;
+
+/// Guest policies, from a stream of their own (the rest of a seed's
+/// cluster stays as it was): some domains are monitored (short settings,
+/// so that resets and their limit happen within a run), some are
+/// restarted after a shutdown on purpose.
+fn random_guest_policies(seed: u64, spec: &mut ClusterSpec) {
+    let mut rng = Rng::new(seed ^ 0x6E57_A6E7_u64);
+    for d in spec.domains.values_mut() {
+        if rng.chance(MONITORED_DOMAINS_PERCENT) {
+            d.policy.monitor = GuestMonitor {
+                enabled: true,
+                failure_interval: Duration::from_secs(rng.range(10, 40)),
+                min_uptime: Duration::from_secs(rng.range(10, 120)),
+                max_resets: u32::try_from(rng.range(1, 4)).unwrap_or(3),
+                reset_window: Duration::from_secs(600),
+            };
+        }
+        if rng.chance(RESTART_ON_SHUTDOWN_PERCENT) {
+            d.policy.on_shutdown = OnShutdown::Restart;
+        }
+    }
 }
 
 /// Place every domain with the planner on empty hosts (no start cap).
@@ -234,6 +264,7 @@ pub fn random_faults(seed: u64, o: &RandomOptions, setup: &SimSetup) -> Vec<(u64
     }
     heal(&mut out, last_fault, &hosts, setup);
     out.extend(random_registry_changes(seed, setup, last_fault));
+    out.extend(random_guest_events(seed, setup, last_fault));
     out.sort_by_key(|(at, _)| *at);
     out
 }
@@ -264,6 +295,52 @@ fn random_registry_changes(seed: u64, setup: &SimSetup, last_fault: u64) -> Vec<
         if rng.chance(75) {
             let on = (off + rng.range(1_000, 150_000)).min(last_fault);
             out.push((on, Command::Protect { domain: d, host: None }));
+        }
+    }
+    out
+}
+
+/// Runs with guest events (percent), and how many at most per run.
+pub const GUEST_EVENT_RUNS_PERCENT: u64 = 50;
+pub const GUEST_EVENTS_PER_RUN_MAX: u64 = 4;
+
+/// Guests failing and operators stopping and starting domains, from a
+/// stream of their own: hangs (sometimes at every boot, sometimes cured
+/// later), shutdowns from inside the guest or `virsh destroy`, and most of
+/// those started again later by `havirt start` on a random host (a domain
+/// left stopped must not run at the end; one started must, L1).
+fn random_guest_events(seed: u64, setup: &SimSetup, last_fault: u64) -> Vec<(u64, Command)> {
+    let mut rng = Rng::new(seed ^ 0x9E57_0E7E_u64);
+    let mut out = Vec::new();
+    let n = setup.spec.domains.len() as u64;
+    let hosts: Vec<HostId> = setup.spec.hosts.iter().map(|h| h.id).collect();
+    if n == 0 || last_fault <= 30_000 || !rng.chance(GUEST_EVENT_RUNS_PERCENT) {
+        return out;
+    }
+    // Hangs mostly hit monitored guests (an unmonitored one just stays hung).
+    let monitored: Vec<DomainId> =
+        setup.spec.domains.values().filter(|d| d.policy.monitor.enabled).map(|d| d.id).collect();
+    for _ in 0..rng.range(1, GUEST_EVENTS_PER_RUN_MAX) {
+        let mut domain = DomainId(u128::from(rng.range(1, n)));
+        let at = rng.range(20_000, last_fault);
+        if rng.chance(50) {
+            if !monitored.is_empty() && rng.chance(80) {
+                domain = rng.pick(&monitored);
+            }
+            let always = rng.chance(30);
+            out.push((at, Command::GuestHang { domain, always }));
+            if always && rng.chance(50) {
+                out.push(((at + rng.range(30_000, 300_000)).min(last_fault), Command::GuestRecover(domain)));
+            }
+            continue;
+        }
+        out.push((at, Command::GuestStop { domain, destroy: rng.chance(50) }));
+        if rng.chance(75) {
+            let host = rng.pick(&hosts);
+            out.push((
+                (at + rng.range(1_000, 150_000)).min(last_fault + 60_000),
+                Command::OperatorStart { domain, host },
+            ));
         }
     }
     out

@@ -44,13 +44,20 @@
 //! protect D                     the same, wherever D runs (nowhere: the
 //!                               master starts it)
 //! unprotect D                   D keeps running, unmanaged
+//! guest hang D                  D's guest hangs (agent silent) until a reset
+//! guest hang-always D           ...and at every boot after it (a broken OS)
+//! guest recover D               its guest boots normally again
+//! guest shutdown D              the guest powers itself off (on purpose)
+//! guest destroy D               the operator runs `virsh destroy D`
+//! start D H                     the operator runs `havirt start D` on H
 //! end                           required, last: the run stops here
 //! ```
 
 use super::SimSetup;
 use super::faults::{AgentMode, Command, StorageFault};
 use crate::engine::config::{
-    ClusterSpec, DomainId, DomainPolicy, DomainSpec, HostId, HostSpec, IsolationResponse, Priority, Profile, Readiness,
+    ClusterSpec, DomainId, DomainPolicy, DomainSpec, GuestMonitor, HostId, HostSpec, IsolationResponse, OnShutdown,
+    Priority, Profile, Readiness,
 };
 use crate::engine::time::Duration;
 use serde::Deserialize;
@@ -71,7 +78,7 @@ pub struct Scenario {
 
 /// The first words `cmdlist` accepts, for error messages.
 const COMMAND_WORDS: &str = "power, partition, drop, heal, isolate, unisolate, loss, storage, \
-     pause, resume, daemon, fence, domain, confirm, protect, unprotect, end";
+     pause, resume, daemon, fence, domain, confirm, protect, unprotect, guest, start, end";
 
 /// Why a scenario directory cannot be loaded. Every message names the file
 /// (and, for `cmdlist`, the line) and says what was expected.
@@ -196,6 +203,15 @@ struct DomainEntry {
     readiness: Option<String>,
     readiness_timeout_s: Option<u64>,
     max_restarts: Option<u32>,
+    /// `stop` (default) or `restart`.
+    on_shutdown: Option<OnShutdown>,
+    /// Guest-agent monitoring and its settings (defaults: GuestMonitor).
+    #[serde(default)]
+    guest_monitor: bool,
+    monitor_failure_interval_s: Option<u64>,
+    monitor_min_uptime_s: Option<u64>,
+    monitor_max_resets: Option<u32>,
+    monitor_reset_window_s: Option<u64>,
     /// `false`: runs on `host` unprotected at time zero (see `protect`).
     #[serde(default = "default_true")]
     protected: bool,
@@ -352,9 +368,23 @@ fn build_domain(
         readiness,
         readiness_timeout: d.readiness_timeout_s.map_or(defaults.readiness_timeout, Duration::from_secs),
         max_restarts: d.max_restarts.unwrap_or(defaults.max_restarts),
+        on_shutdown: d.on_shutdown.unwrap_or(defaults.on_shutdown),
+        monitor: monitor_policy(d),
     };
     let spec = DomainSpec { id, name: d.name.clone(), memory_mib: d.memory_mib, vcpus: d.vcpus, policy };
     Ok((spec, host))
+}
+
+fn monitor_policy(d: &DomainEntry) -> GuestMonitor {
+    let m = GuestMonitor::default();
+    let secs = |v: Option<u64>, default: Duration| v.map_or(default, Duration::from_secs);
+    GuestMonitor {
+        enabled: d.guest_monitor,
+        failure_interval: secs(d.monitor_failure_interval_s, m.failure_interval),
+        min_uptime: secs(d.monitor_min_uptime_s, m.min_uptime),
+        max_resets: d.monitor_max_resets.unwrap_or(m.max_resets),
+        reset_window: secs(d.monitor_reset_window_s, m.reset_window),
+    }
 }
 
 fn parse_readiness(word: &str) -> Option<Readiness> {
@@ -496,6 +526,11 @@ impl Line<'_> {
             "unprotect" => {
                 let [d] = self.args::<1>(word, "one DOMAIN", args)?;
                 one(Command::Unprotect(self.domain(d)?))
+            }
+            "guest" => one(self.guest(args)?),
+            "start" => {
+                let [d, h] = self.args::<2>(word, "DOMAIN HOST", args)?;
+                one(Command::OperatorStart { domain: self.domain(d)?, host: self.host(h)? })
             }
             _ => Err(ScenarioError::UnknownCommand {
                 file: self.file.to_string(),
@@ -707,6 +742,21 @@ impl Line<'_> {
         }
     }
 
+    fn guest(&self, args: &[&str]) -> Result<Command, ScenarioError> {
+        const EXPECTED: &str =
+            "'hang DOMAIN', 'hang-always DOMAIN', 'recover DOMAIN', 'shutdown DOMAIN' or 'destroy DOMAIN'";
+        let [verb, d] = self.args::<2>("guest", EXPECTED, args)?;
+        let domain = self.domain(d)?;
+        match verb {
+            "hang" => Ok(Command::GuestHang { domain, always: false }),
+            "hang-always" => Ok(Command::GuestHang { domain, always: true }),
+            "recover" => Ok(Command::GuestRecover(domain)),
+            "shutdown" => Ok(Command::GuestStop { domain, destroy: false }),
+            "destroy" => Ok(Command::GuestStop { domain, destroy: true }),
+            _ => Err(self.bad_args("guest", EXPECTED, args)),
+        }
+    }
+
     fn domain_command(&self, args: &[&str]) -> Result<Command, ScenarioError> {
         const EXPECTED: &str = "'crash DOMAIN', 'break DOMAIN' or 'fix DOMAIN'";
         let [verb, d] = self.args::<2>("domain", EXPECTED, args)?;
@@ -847,6 +897,12 @@ protected = false
 13 unprotect web1
 14 protect web1 h2
 14 protect db2
+15 guest hang web1
+15 guest hang-always db2
+15 guest recover db2
+16 guest shutdown web1
+16 guest destroy db2
+17 start web1 h3
 20 end
 ";
         let (cmds, end_ms) = cmdlist(text).expect("parses");
@@ -884,6 +940,12 @@ protected = false
             (13_000, C::Unprotect(DomainId(1))),
             (14_000, C::Protect { domain: DomainId(1), host: Some(h2) }),
             (14_000, C::Protect { domain: DomainId(2), host: None }),
+            (15_000, C::GuestHang { domain: DomainId(1), always: false }),
+            (15_000, C::GuestHang { domain: DomainId(2), always: true }),
+            (15_000, C::GuestRecover(DomainId(2))),
+            (16_000, C::GuestStop { domain: DomainId(1), destroy: false }),
+            (16_000, C::GuestStop { domain: DomainId(2), destroy: true }),
+            (17_000, C::OperatorStart { domain: DomainId(1), host: h3 }),
         ];
         assert_eq!(cmds, expected);
     }
@@ -950,8 +1012,13 @@ protected = false
             ),
             (
                 "1",
-                "t/cmdlist:1: missing command after the time (expected one of: power, partition, drop, heal, isolate, unisolate, loss, storage, pause, resume, daemon, fence, domain, confirm, protect, unprotect, end)",
+                "t/cmdlist:1: missing command after the time (expected one of: power, partition, drop, heal, isolate, unisolate, loss, storage, pause, resume, daemon, fence, domain, confirm, protect, unprotect, guest, start, end)",
             ),
+            (
+                "1 guest nap web1",
+                "t/cmdlist:1: 'guest' expects 'hang DOMAIN', 'hang-always DOMAIN', 'recover DOMAIN', 'shutdown DOMAIN' or 'destroy DOMAIN', found 'nap web1'",
+            ),
+            ("1 start web1", "t/cmdlist:1: 'start' expects DOMAIN HOST, found 'web1'"),
             ("1 protect", "t/cmdlist:1: 'protect' expects 'DOMAIN HOST' or 'DOMAIN', found nothing"),
             ("1 unprotect web1 h1", "t/cmdlist:1: 'unprotect' expects one DOMAIN, found 'web1 h1'"),
         ];

@@ -43,6 +43,8 @@ pub struct WorldParams {
     pub broken_engine_skip_s3: bool,
     #[cfg(test)]
     pub broken_engine_ignore_unprotect: bool,
+    #[cfg(test)]
+    pub broken_engine_restart_stopped: bool,
 }
 
 impl Default for WorldParams {
@@ -64,6 +66,8 @@ impl Default for WorldParams {
             broken_engine_skip_s3: false,
             #[cfg(test)]
             broken_engine_ignore_unprotect: false,
+            #[cfg(test)]
+            broken_engine_restart_stopped: false,
         }
     }
 }
@@ -241,6 +245,8 @@ pub enum Ev {
         domain: DomainId,
         why: &'static str,
     },
+    /// Guest agents and operator starts (guest.rs).
+    Guest(super::guest::GuestEv),
     Command(Command),
     Check,
 }
@@ -280,6 +286,8 @@ pub struct World {
     pub log_cap: Option<usize>,
     pub checker: Checker,
     pub events_processed: u64,
+    /// Which guests hang (guest.rs).
+    pub guests: super::guest::Guests,
 }
 
 /// The fence agent name that means a storage poison request.
@@ -357,6 +365,7 @@ impl World {
             log_cap: None,
             checker,
             events_processed: 0,
+            guests: Default::default(),
         };
         w.place_initial(setup);
         let ids: Vec<HostId> = w.hosts.keys().copied().collect();
@@ -511,6 +520,7 @@ impl World {
                     self.input(from, Input::Migrated { domain, result, running_here });
                 }
             }
+            Ev::Guest(g) => self.guest_event(g),
             Ev::Command(c) => self.apply_command(c),
             Ev::Check => {
                 self.check_invariants();
@@ -519,7 +529,7 @@ impl World {
         }
     }
 
-    fn epoch(&self, h: HostId) -> Option<u64> {
+    pub(super) fn epoch(&self, h: HostId) -> Option<u64> {
         self.hosts.get(&h).filter(|x| x.node.is_some()).map(|x| x.daemon_epoch)
     }
 
@@ -653,12 +663,14 @@ impl World {
                 let ready = self.hosts[&h]
                     .qemu
                     .get(&domain)
-                    .is_some_and(|q| q.state == QemuState::Running && q.ready_at <= self.now);
+                    .is_some_and(|q| q.state == QemuState::Running && q.ready_at <= self.now)
+                    && !self.guest_hung(h, domain);
                 if ready {
                     let serial = self.hosts[&h].qemu[&domain].serial;
                     self.schedule(5, Ev::QemuReady { host: h, domain, serial });
                 }
             }
+            Action::PingGuestAgent { .. } | Action::ResetDomain { .. } => self.execute_guest_action(h, a),
             Action::PetWatchdog => {
                 if self.spec.host(h).is_some_and(|s| s.watchdog) {
                     let deadline = self.now + self.spec.timings.watchdog_timeout.as_millis();
@@ -1101,6 +1113,10 @@ impl World {
         if self.params.broken_engine_ignore_unprotect {
             node.break_ignore_unprotect();
         }
+        #[cfg(test)]
+        if self.params.broken_engine_restart_stopped {
+            node.break_restart_stopped();
+        }
         self.registry_seen.insert(h, self.registry_version);
         if let Some(host) = self.hosts.get_mut(&h) {
             host.node = Some(node);
@@ -1196,6 +1212,7 @@ fn ev_host(ev: &Ev) -> Option<HostId> {
         | Ev::RegistryPoll { host, .. }
         | Ev::DaemonStart { host } => Some(*host),
         Ev::Deliver { to, .. } => Some(*to),
+        Ev::Guest(super::guest::GuestEv::Ping { host, .. }) => Some(*host),
         _ => None,
     }
 }

@@ -20,6 +20,7 @@
 //! process): its daemons log failed pets, and no host is reset any more.
 
 mod failover;
+mod guest;
 mod harness;
 mod maintenance;
 mod metrics;
