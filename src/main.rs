@@ -308,7 +308,8 @@ struct ProtectArgs {
     /// What to do with it when this host is isolated: keep, shutdown, poweroff.
     #[arg(long, value_parser = havirt::cli::parse_isolation_response)]
     isolation_response: Option<havirt::engine::config::IsolationResponse>,
-    /// Hosts it may run on, comma-separated ("" for any host).
+    /// Hosts it may run on, comma-separated ("" for any host); the first is
+    /// preferred: it returns there by live migration when it can (failback).
     #[arg(long, value_name = "HOSTS")]
     affinity: Option<String>,
     /// Domains of one group never share a host ("" to leave the group).

@@ -109,7 +109,7 @@ pub fn render_policy(policy: &DomainPolicy) -> String {
     let _ = write!(s, " priority=\"{}\"", priority_str(policy.priority));
     let _ = write!(s, " isolation-response=\"{}\"", isolation_str(policy.isolation_response));
     if let Some(group) = &policy.anti_affinity {
-        let _ = write!(s, " anti-affinity=\"{}\"", escape(group));
+        let _ = write!(s, " anti-affinity=\"{}\"", quick_xml::escape::escape(group));
     }
     let _ = write!(s, " readiness=\"{}\"", readiness_str(policy.readiness));
     let _ = write!(s, " readiness-timeout-s=\"{}\"", policy.readiness_timeout.as_millis() / 1000);
@@ -360,21 +360,6 @@ pub fn readiness_str(r: Readiness) -> String {
         Readiness::GuestAgent => "guest-agent".into(),
         Readiness::TcpPort(port) => format!("tcp:{port}"),
     }
-}
-
-fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&apos;"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 // ---------------------------------------------------------------------------
@@ -721,6 +706,5 @@ mod tests {
     #[test]
     fn entities_are_decoded() {
         assert_eq!(unescape("a&amp;b&#x41;&#66;&lt;").as_deref(), Some("a&bAB<"));
-        assert_eq!(escape("<\"&'>"), "&lt;&quot;&amp;&apos;&gt;");
     }
 }

@@ -181,7 +181,7 @@ fn rewrite<'x, 'm>(xml: &'x str, to: impl Fn(NetKind, &str) -> Option<&'m str>) 
     for site in scan(xml)? {
         let Some(new) = to(site.kind, &site.name).filter(|new| *new != site.name) else { continue };
         out.push_str(&xml[copied..site.value.start]);
-        out.push_str(&escape_attribute(new));
+        out.push_str(&quick_xml::escape::escape(new));
         (copied, changed) = (site.value.end, true);
     }
     if !changed {
@@ -309,25 +309,6 @@ fn attribute(
         found = Some((decoded.into_owned(), range));
     }
     Ok(found)
-}
-
-/// Escapes a value for either quote style.
-fn escape_attribute(s: &str) -> Cow<'_, str> {
-    if !s.contains(['&', '<', '>', '"', '\'']) {
-        return Cow::Borrowed(s);
-    }
-    let mut out = String::with_capacity(s.len() + 8);
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&apos;"),
-            c => out.push(c),
-        }
-    }
-    Cow::Owned(out)
 }
 
 #[cfg(test)]
