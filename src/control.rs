@@ -869,21 +869,7 @@ mod tests {
     use crate::engine::config::DomainId;
 
     fn host(id: u16, name: &str, verdict: &str) -> HostView {
-        HostView {
-            id: HostId(id),
-            name: name.to_string(),
-            verdict: verdict.to_string(),
-            net_age: None,
-            slot_age: None,
-            boot: None,
-            isolated: false,
-            self_fenced: false,
-            maintenance: false,
-            memory_mib: 0,
-            vcpus: 0,
-            used_memory_mib: 0,
-            used_vcpus: 0,
-        }
+        HostView::sample(id, name, verdict)
     }
 
     /// Two hosts (this one, node-a, is master), one partitioned and isolated

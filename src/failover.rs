@@ -458,19 +458,10 @@ mod tests {
 
     fn host(id: u16, verdict: &str, net_ms: Option<u64>, slot_ms: Option<u64>) -> HostView {
         HostView {
-            id: HostId(id),
-            name: format!("h{id}"),
-            verdict: verdict.into(),
             net_age: net_ms.map(Duration),
             slot_age: slot_ms.map(Duration),
             boot: Some(0xb00 + u64::from(id)),
-            isolated: false,
-            self_fenced: false,
-            maintenance: false,
-            memory_mib: 0,
-            vcpus: 0,
-            used_memory_mib: 0,
-            used_vcpus: 0,
+            ..HostView::sample(id, &format!("h{id}"), verdict)
         }
     }
 

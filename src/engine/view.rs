@@ -77,6 +77,29 @@ pub struct DomainView {
     pub local: Option<String>,
 }
 
+impl HostView {
+    /// A host with this verdict and nothing else known: the tests' base
+    /// (fill in what a test needs with struct update syntax).
+    #[cfg(test)]
+    pub fn sample(id: u16, name: &str, verdict: &str) -> HostView {
+        HostView {
+            id: HostId(id),
+            name: name.to_string(),
+            verdict: verdict.to_string(),
+            net_age: None,
+            slot_age: None,
+            boot: None,
+            isolated: false,
+            self_fenced: false,
+            maintenance: false,
+            memory_mib: 0,
+            vcpus: 0,
+            used_memory_mib: 0,
+            used_vcpus: 0,
+        }
+    }
+}
+
 impl Node {
     /// What this node knows now, for `havirt status` and the control socket.
     /// Reading it changes nothing.
