@@ -864,6 +864,7 @@ impl Source<'_> {
                 vec!["host_dead_timeout", "renew_timeout", "watchdog_timeout", "io_timeout"]
             }
             TimingsError::RenewTooShort { .. } => vec!["renew_timeout", "io_timeout", "storage_write_interval"],
+            TimingsError::SuspectTooLong { .. } => vec!["suspect_after", "renew_timeout"],
             TimingsError::TooTight { name, base_name, .. } => vec![name, base_name],
             TimingsError::Zero { name } => vec![name],
         };

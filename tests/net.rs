@@ -28,7 +28,7 @@ fn heartbeat(host: HostId, boot: u64, seq: u64) -> NetMessage {
         incarnation: 1,
         seq,
         storage_lost: false,
-        exempt: false,
+        hears_all_lost: false,
         self_fenced: false,
         released: vec![],
     })

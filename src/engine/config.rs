@@ -147,6 +147,10 @@ pub enum TimingsError {
         "unsafe timings: renew_timeout ({renew}) must exceed io_timeout ({io}) + storage_write_interval ({write}), or one slow write self-fences the host"
     )]
     RenewTooShort { renew: Duration, io: Duration, write: Duration },
+    #[error(
+        "unsafe timings: suspect_after ({suspect}) must be shorter than renew_timeout ({renew}): a host that holds its domains without storage (every member lost storage, DESIGN.md §3) lets go of them up to suspect_after after the last claim a taker's S3(b) clock counts from, and host_dead_timeout is checked against renew_timeout"
+    )]
+    SuspectTooLong { suspect: Duration, renew: Duration },
     #[error("invalid timings: {name} must be greater than zero")]
     Zero { name: &'static str },
 }
@@ -183,6 +187,9 @@ impl Timings {
                 io: t.io_timeout,
                 write: t.storage_write_interval,
             });
+        }
+        if t.suspect_after >= t.renew_timeout {
+            return Err(TimingsError::SuspectTooLong { suspect: t.suspect_after, renew: t.renew_timeout });
         }
         let pairs = [
             ("suspect_after", t.suspect_after, "net_heartbeat_interval", t.net_heartbeat_interval),
@@ -384,6 +391,15 @@ mod tests {
         let mut t = Profile::Default.timings();
         t.renew_timeout = Duration::from_millis(2400);
         assert!(matches!(t.validate(), Err(TimingsError::RenewTooShort { .. })));
+    }
+
+    #[test]
+    fn suspect_after_not_shorter_than_renew_is_refused() {
+        let mut t = Profile::Default.timings();
+        t.suspect_after = t.renew_timeout;
+        let err = t.validate().unwrap_err();
+        assert!(matches!(err, TimingsError::SuspectTooLong { .. }), "{err}");
+        assert!(err.to_string().contains("suspect_after (8.000s)"), "{err}");
     }
 
     #[test]

@@ -174,9 +174,14 @@ pub struct Heartbeat {
     pub seq: u64,
     /// The sender's own slot writes are failing (past storage_silent_after).
     pub storage_lost: bool,
-    /// The sender is storage-lost but holds on to its domains because every
-    /// member lost storage (DESIGN.md §3); observers restart its S3(b) clock.
-    pub exempt: bool,
+    /// The sender is storage-lost and hears every peer report lost storage
+    /// (DESIGN.md §3). A host holds on to its domains without storage only
+    /// while it hears this claim from every peer, and the sender restarts
+    /// its own S3(b) clocks whenever it makes it (`Node::exempt`). Its wire
+    /// name is the older `exempt` (same claim; packets stay the same size,
+    /// and an older peer reads it as before).
+    #[serde(rename = "exempt")]
+    pub hears_all_lost: bool,
     /// The sender self-fenced (informational; takes no assignments).
     pub self_fenced: bool,
     /// S3(c) over the network: lease generations the sender stopped and gave

@@ -435,7 +435,7 @@ impl Node {
         }
         let watchdog = self.cfg.spec.host(owner.host).is_some_and(|h| h.watchdog);
         let issued = self.last_read_issued()?;
-        if watchdog && peer.dead_by_timeout(issued, &self.t) {
+        if watchdog && peer.dead_by_timeout(issued, self.all_lost_claimed, &self.t) {
             return Some(LeaseReason::HostDeadTimeout);
         }
         None

@@ -203,6 +203,10 @@ pub struct Node {
     next_read: Instant,
     /// Issue and completion of our latest successful storage read.
     pub(super) last_read: Option<(Instant, Instant)>,
+    /// When we last sent a heartbeat claiming `hears_all_lost`: a peer may
+    /// hold its domains on that claim (the exemption), so our S3(b) clock
+    /// for every peer restarts there.
+    pub(super) all_lost_claimed: Option<Instant>,
     pub(super) self_fence: SelfFence,
     // Isolation.
     last_probe_ok: Option<Instant>,
@@ -283,6 +287,7 @@ impl Node {
             last_good_write: None,
             next_read: now + jitter,
             last_read: None,
+            all_lost_claimed: None,
             self_fence: SelfFence::Healthy,
             last_probe_ok: None,
             next_probe: now,
@@ -419,12 +424,27 @@ impl Node {
         self.last_read.map(|(issued, _)| issued)
     }
 
-    /// DESIGN.md §3: every member lost storage but all still hear each other.
-    pub(super) fn exempt(&self, now: Instant) -> bool {
+    /// Our storage is lost, and we hear every peer say its storage is lost
+    /// too (and that it has not self-fenced): what our heartbeats claim as
+    /// `hears_all_lost`. One-way evidence only: on its own it exempts nothing.
+    fn hears_all_lost(&self, now: Instant) -> bool {
         if !self.storage_lost(now) || self.peers.is_empty() {
             return false;
         }
-        self.peers.values().all(|p| p.net_fresh(now, &self.t) && p.heartbeat.as_ref().is_some_and(|h| h.storage_lost))
+        self.peers.values().all(|p| {
+            p.net_fresh(now, &self.t) && p.heartbeat.as_ref().is_some_and(|h| h.storage_lost && !h.self_fenced)
+        })
+    }
+
+    /// DESIGN.md §3, the all-lost exemption from S4: every member lost
+    /// storage and all hear each other, *both ways*: we hear every peer, and
+    /// every peer's latest heartbeat claims it hears all (us included).
+    /// Each claim restarts its sender's own S3(b) clocks (`all_lost_claimed`),
+    /// so no peer may take our leases before host_dead_timeout after the last
+    /// claim we relied on; we drop the exemption at most suspect_after after
+    /// that claim was sent, which leaves watchdog_timeout + margin.
+    pub(super) fn exempt(&self, now: Instant) -> bool {
+        self.hears_all_lost(now) && self.peers.values().all(|p| p.heartbeat.as_ref().is_some_and(|h| h.hears_all_lost))
     }
 
     // ---- inputs ------------------------------------------------------
@@ -1022,13 +1042,17 @@ impl Node {
 
     fn send_heartbeat(&mut self, now: Instant) {
         self.hb_seq += 1;
+        let hears_all_lost = self.hears_all_lost(now);
+        if hears_all_lost {
+            self.all_lost_claimed = Some(now);
+        }
         let hb = Heartbeat {
             host: self.cfg.host,
             boot: self.cfg.boot,
             incarnation: self.cfg.incarnation,
             seq: self.hb_seq,
             storage_lost: self.storage_lost(now),
-            exempt: self.exempt(now),
+            hears_all_lost,
             self_fenced: matches!(self.self_fence, SelfFence::Fenced { .. }),
             released: self.released_for_heartbeat(),
         };

@@ -31,8 +31,6 @@ pub struct Peer {
     net_released: BTreeMap<LeaseKey, (u64, bool)>,
     net_released_boot: Option<BootId>,
     pub heard_at: Option<Instant>,
-    /// When we last heard it claim the all-lost exemption (restarts S3(b)).
-    pub exempt_heard_at: Option<Instant>,
     /// Latest slot read, with its (incarnation, seq) identity.
     pub slot: Option<Slot>,
     slot_key: Option<(BootId, u64, u64)>,
@@ -56,9 +54,6 @@ impl Peer {
             && hb.seq <= old.seq
         {
             return None;
-        }
-        if hb.exempt {
-            self.exempt_heard_at = Some(now);
         }
         if self.net_released_boot != Some(hb.boot) {
             self.net_released.clear();
@@ -101,15 +96,14 @@ impl Peer {
 
     /// S3(b): the slot has not advanced for host_dead_timeout, measured from
     /// the first read that showed its current content to the issue of a later
-    /// read that still showed it, and no exemption was claimed since.
-    pub fn dead_by_timeout(&self, last_read_issued: Instant, t: &Timings) -> bool {
+    /// read that still showed it, and not since `all_lost_claimed` (when we
+    /// last told the cluster we hear all lost: the peer may have held its
+    /// domains on that claim, DESIGN.md §3).
+    pub fn dead_by_timeout(&self, last_read_issued: Instant, all_lost_claimed: Option<Instant>, t: &Timings) -> bool {
         let Some(seen) = self.slot_seen_at else {
             return false;
         };
-        let mut since = seen;
-        if let Some(e) = self.exempt_heard_at {
-            since = since.max(e);
-        }
+        let since = all_lost_claimed.map_or(seen, |c| seen.max(c));
         last_read_issued > since && last_read_issued.since(since) >= t.host_dead_timeout
     }
 
@@ -199,31 +193,25 @@ mod tests {
         let mut p = Peer::default();
         p.observe_slot(Instant(1000), None, Some(&slot(1)));
         // Same content read 21.9 s later: not yet dead.
-        assert!(!p.dead_by_timeout(Instant(1000) + Duration(21_999), &t));
-        assert!(p.dead_by_timeout(Instant(1000) + t.host_dead_timeout, &t));
+        assert!(!p.dead_by_timeout(Instant(1000) + Duration(21_999), None, &t));
+        assert!(p.dead_by_timeout(Instant(1000) + t.host_dead_timeout, None, &t));
         // A change restarts the clock.
         p.observe_slot(Instant(30_000), Some(Instant(29_750)), Some(&slot(2)));
-        assert!(!p.dead_by_timeout(Instant(40_000), &t));
+        assert!(!p.dead_by_timeout(Instant(40_000), None, &t));
     }
 
+    /// Our own all-lost claim restarts the clock: a peer may have held its
+    /// domains on it. Hearing the peer is not needed (one-way loss).
     #[test]
-    fn exemption_restarts_the_s3b_clock() {
+    fn own_all_lost_claim_restarts_the_s3b_clock() {
         let t = Profile::Default.timings();
         let mut p = Peer::default();
         p.observe_slot(Instant(0), None, Some(&slot(1)));
-        let hb = Heartbeat {
-            host: HostId(2),
-            boot: 7,
-            incarnation: 1,
-            seq: 1,
-            storage_lost: true,
-            exempt: true,
-            self_fenced: false,
-            released: Vec::new(),
-        };
-        assert!(p.observe_heartbeat(Instant(20_000), hb).is_some());
-        assert!(!p.dead_by_timeout(Instant(30_000), &t));
-        assert!(p.dead_by_timeout(Instant(42_000), &t));
+        let claimed = Some(Instant(20_000));
+        assert!(p.dead_by_timeout(Instant(30_000), None, &t));
+        assert!(!p.dead_by_timeout(Instant(30_000), claimed, &t));
+        assert!(!p.dead_by_timeout(Instant(41_999), claimed, &t));
+        assert!(p.dead_by_timeout(Instant(42_000), claimed, &t));
     }
 
     #[test]
@@ -247,7 +235,7 @@ mod tests {
             incarnation: 1,
             seq: 5,
             storage_lost: false,
-            exempt: false,
+            hears_all_lost: false,
             self_fenced: false,
             released: Vec::new(),
         };
@@ -266,7 +254,7 @@ mod tests {
             incarnation: 1,
             seq,
             storage_lost: true,
-            exempt: false,
+            hears_all_lost: false,
             self_fenced: true,
             released: doms
                 .map(|d| Release {

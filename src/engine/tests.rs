@@ -89,6 +89,9 @@ struct FakePeer {
     storage: bool,
     /// What its heartbeats say about its own storage.
     storage_lost: bool,
+    /// Its heartbeats claim it hears every member lost (false: it does not
+    /// hear us, a one-way loss).
+    hears_all: bool,
     hb_seq: u64,
     slot: Slot,
 }
@@ -350,7 +353,7 @@ fn fake_peer(h: HostId) -> FakePeer {
         memory_mib: 16_384,
         vcpus: 8,
     };
-    FakePeer { net: true, storage: true, storage_lost: false, hb_seq: 0, slot }
+    FakePeer { net: true, storage: true, storage_lost: false, hears_all: true, hb_seq: 0, slot }
 }
 
 fn peer_heartbeat(h: HostId, p: &FakePeer) -> Heartbeat {
@@ -360,7 +363,7 @@ fn peer_heartbeat(h: HostId, p: &FakePeer) -> Heartbeat {
         incarnation: 1,
         seq: p.hb_seq,
         storage_lost: p.storage_lost,
-        exempt: p.storage_lost,
+        hears_all_lost: p.storage_lost && p.hears_all,
         self_fenced: false,
         released: Vec::new(),
     }
@@ -465,6 +468,24 @@ fn all_hosts_lost_storage_exempts_from_s4_until_one_peer_recovers() {
     assert!(first >= recovered_at, "destroyed at {first} before H3 recovered");
     let promptly = recovered_at + h.t.net_heartbeat_interval + TICK;
     assert!(first <= promptly, "destroyed at {first}, later than {promptly}");
+}
+
+/// DESIGN.md §3 under one-way loss: we hear every member say its storage
+/// is lost, but H3 does not hear us (its heartbeats do not claim it hears
+/// all): no exemption, S4 at renew_timeout as usual.
+#[test]
+fn all_lost_heard_one_way_does_not_exempt() {
+    let mut h = Harness::new();
+    let anchor = run_d1_then_lose_storage(&mut h);
+    for p in [H2, H3] {
+        h.peer(p).storage_lost = true;
+        h.peer(p).storage = false;
+    }
+    h.peer(H3).hears_all = false;
+    h.drive_bounded(anchor + h.t.renew_timeout + ms(1_000));
+    let first = *h.destroys(D1).first().unwrap_or_else(|| panic!("no self-fence under one-way loss:\n{}", h.events()));
+    assert!(first >= anchor + h.t.renew_timeout, "destroyed at {first}, before renew_timeout");
+    assert!(first <= anchor + h.t.renew_timeout + TICK, "destroyed at {first}, later than renew_timeout + TICK");
 }
 
 /// S5 at daemon start: a running domain whose lease names another host (D2)

@@ -425,7 +425,7 @@ mod tests {
             incarnation: 5,
             seq,
             storage_lost: false,
-            exempt: false,
+            hears_all_lost: false,
             self_fenced: false,
             released: vec![],
         })
@@ -596,7 +596,7 @@ mod tests {
             incarnation: u64::MAX,
             seq: u64::MAX,
             storage_lost: false,
-            exempt: false,
+            hears_all_lost: false,
             self_fenced: false,
             released: vec![release; released],
         })
