@@ -85,6 +85,11 @@ impl Node {
         if self.self_fence != SelfFence::Healthy || !self.storage_healthy(now) || self.isolated {
             return;
         }
+        if now.since(self.observing_since) < self.t.suspect_after.max(self.t.storage_silent_after) {
+            // Just started or resumed: no target is known alive yet, and a
+            // drain planned now would give up on every domain.
+            return;
+        }
         let busy =
             self.local.values().any(|l| matches!(l.state, LocalState::Migrating { .. } | LocalState::Handoff { .. }));
         if busy {

@@ -985,8 +985,15 @@ impl World {
             x.qemu.insert(d, Qemu { state: QemuState::Paused, ready_at: u64::MAX, serial });
         }
         self.input(to, Input::Incoming { domain: d });
-        if self.epoch(from) == Some(epoch) {
-            self.input(from, Input::Migrated { domain: d, result: Ok(()), running_here: false });
+        match self.epoch(from) {
+            Some(e) if e == epoch => {
+                self.input(from, Input::Migrated { domain: d, result: Ok(()), running_here: false })
+            }
+            // The daemon that asked restarted meanwhile: the new one knows
+            // nothing of the job and, as from libvirt, gets only the
+            // source's STOPPED/MIGRATED event.
+            Some(_) => self.input(from, Input::Domain { domain: d, event: DomainEvent::Stopped }),
+            None => {}
         }
     }
 
