@@ -844,13 +844,22 @@ impl Node {
     }
 
     fn handle_domain_event(&mut self, now: Instant, d: DomainId, event: DomainEvent) {
-        let Some(local) = self.local.get(&d).cloned() else {
+        let Some(mut local) = self.local.get(&d).cloned() else {
             return;
         };
         let readiness = self.cfg.spec.domains.get(&d).map(|s| s.policy.readiness);
         match (local.state, event) {
-            // The migration's answer decides (its qemu leaves by design).
-            (LocalState::Migrating { .. } | LocalState::Handoff { .. }, _) => return,
+            // The migration's answer decides (its qemu leaves by design, with
+            // a STOPPED/MIGRATED event before the answer).
+            (LocalState::Handoff { .. }, _) => return,
+            (LocalState::Migrating { .. }, DomainEvent::Stopped | DomainEvent::Started | DomainEvent::Ready) => return,
+            // qemu died, or the guest or the operator stopped it, during the
+            // migration: the migration fails, and this is why (an operator's
+            // destroy stays a destroy).
+            (LocalState::Migrating { .. }, _) => {
+                local.state = LocalState::Running;
+                self.set_state(d, LocalState::Running);
+            }
             // Paused here; gone again (the migration was aborted).
             (LocalState::Incoming { .. }, DomainEvent::Stopped | DomainEvent::Crashed) => {
                 self.local.remove(&d);

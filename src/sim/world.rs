@@ -966,7 +966,16 @@ impl World {
         let source_ok = self.hosts.get(&from).is_some_and(|x| x.powered) && self.qemu_serial(from, d) == Some(serial);
         let target_ok = self.hosts.get(&to).is_some_and(|x| x.powered && !x.qemu.contains_key(&d));
         if !source_ok {
-            return; // the source died or its qemu went: the job is aborted
+            // The source's qemu went (or the host died): the job is aborted,
+            // and libvirt's migrate call fails for the daemon that asked.
+            // (Answered here, late; a qemu started since means the daemon
+            // already handled the stop, and the answer of this old job
+            // must not look like that of a newer migration.)
+            if self.epoch(from) == Some(epoch) && self.qemu_serial(from, d).is_none() {
+                let result = Err("the domain's qemu went away".to_string());
+                self.input(from, Input::Migrated { domain: d, result, running_here: false });
+            }
+            return;
         }
         if !target_ok {
             if self.epoch(from) == Some(epoch) {
