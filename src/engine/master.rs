@@ -101,6 +101,16 @@ impl Master {
             .collect()
     }
 
+    /// A host that went silent may have taken a free `Stopped` lease by
+    /// `havirt start` (read, CAS, start) and died before its slot said so:
+    /// read those leases again, or that domain would stay down (L1).
+    fn reread_stopped(&mut self) {
+        let stopped: Vec<DomainId> = self.stopped_leases().into_iter().map(|(d, _)| d).collect();
+        for d in stopped {
+            self.learn(d);
+        }
+    }
+
     /// The lease generation in our cache, if read.
     pub(super) fn lease_generation(&self, d: DomainId) -> Option<u64> {
         self.leases.get(&d).map(|l| l.generation)
@@ -457,6 +467,11 @@ impl Node {
         for (h, v) in changes {
             let first = !self.verdicts.contains_key(&h);
             self.verdicts.insert(h, v);
+            if v == Verdict::Suspect
+                && let Some(m) = self.master.as_mut()
+            {
+                m.reread_stopped();
+            }
             if !(first && v == Verdict::Alive) {
                 self.emit(now, "master", format!("{h} is {}", verdict_name(v)));
             }
@@ -619,6 +634,9 @@ impl Node {
             p.fenced_boots.insert(boot);
         }
         self.emit(now, "fence", format!("{target} confirmed powered off ({by})"));
+        if let Some(m) = self.master.as_mut() {
+            m.reread_stopped();
+        }
         let op = self.new_op(now, OpKind::Record);
         let record = FencedRecord { host: target, boot, by: self.cfg.host };
         self.actions.push_back(Action::WriteFenced { op, record });
