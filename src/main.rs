@@ -2,7 +2,7 @@
 
 use clap::{CommandFactory, Parser, Subcommand};
 use havirt::engine::config::Profile;
-use havirt::sim::random::{RandomOptions, run_seed};
+use havirt::sim::random::{RandomOptions, Shape, run_seed};
 use havirt::sim::report::run_seeds;
 use havirt::sim::{run_scenario, scenario};
 use std::path::PathBuf;
@@ -365,6 +365,10 @@ struct SimulateArgs {
     hosts: u16,
     #[arg(long, default_value_t = 40)]
     domains: u32,
+    /// Draw each seed's cluster shape from the seed: 2, 3, 4, 5 or 7 hosts
+    /// (seed mod 5), 4 to 20 protected domains per host.
+    #[arg(long, conflicts_with_all = ["hosts", "domains"])]
+    matrix: bool,
     /// Simulated time per run, e.g. 20m, 90s.
     #[arg(long, default_value = "20m")]
     duration: String,
@@ -585,8 +589,8 @@ fn simulate(a: SimulateArgs) -> Result<ExitCode, String> {
     let profile = Profile::parse(&a.profile)
         .ok_or_else(|| format!("--profile {:?}: use fast, default or conservative", a.profile))?;
     profile.timings().validate().map_err(|e| e.to_string())?;
-    let o =
-        RandomOptions { hosts: a.hosts.max(2), domains: a.domains, duration_ms: parse_duration(&a.duration)?, profile };
+    let shape = if a.matrix { Shape::Matrix } else { Shape::Fixed { hosts: a.hosts.max(2), domains: a.domains } };
+    let o = RandomOptions { shape, duration_ms: parse_duration(&a.duration)?, profile };
     if let Some(seed) = a.seed {
         let out = run_seed(seed, &o, None);
         println!("SEED={seed}");
@@ -614,9 +618,11 @@ fn simulate(a: SimulateArgs) -> Result<ExitCode, String> {
                 eprintln!("    {l}");
             }
         }
+        let shape =
+            if a.matrix { "--matrix".to_string() } else { format!("--hosts {} --domains {}", a.hosts, a.domains) };
         eprintln!(
-            "  replay: havirt simulate --seed {} --hosts {} --domains {} --duration {} --profile {} --verbose",
-            r.seed, a.hosts, a.domains, a.duration, a.profile
+            "  replay: havirt simulate --seed {} {shape} --duration {} --profile {} --verbose",
+            r.seed, a.duration, a.profile
         );
     };
     let (summary, _) = run_seeds(from, to, &o, workers, &print_violation);
@@ -647,7 +653,11 @@ fn simulate(a: SimulateArgs) -> Result<ExitCode, String> {
 fn demo() -> Result<ExitCode, String> {
     use havirt::engine::config::HostId;
     use havirt::sim::faults::Command;
-    let o = RandomOptions { hosts: 5, domains: 40, duration_ms: 20 * 60_000, profile: Profile::Default };
+    let o = RandomOptions {
+        shape: Shape::Fixed { hosts: 5, domains: 40 },
+        duration_ms: 20 * 60_000,
+        profile: Profile::Default,
+    };
     let setup = havirt::sim::random::random_setup(1, &o);
     println!("== One host loses power: 5 hosts, 40 protected domains, default timings");
     let commands = vec![(30_000, Command::PowerOff(HostId(2)))];
@@ -665,6 +675,7 @@ fn demo() -> Result<ExitCode, String> {
         scenario: None,
         hosts: 5,
         domains: 40,
+        matrix: false,
         duration: "20m".into(),
         profile: "default".into(),
         json: false,

@@ -5,7 +5,7 @@
 
 use havirt::engine::config::Profile;
 use havirt::sim::RunOutcome;
-use havirt::sim::random::RandomOptions;
+use havirt::sim::random::{RandomOptions, Shape};
 use havirt::sim::report::run_seeds;
 
 /// Seeds the suite runs by default (the issue asks for at least 2,000).
@@ -22,7 +22,11 @@ fn seed_range() -> (u64, u64) {
 #[test]
 fn random_seeds_keep_every_invariant() {
     let (from, to) = seed_range();
-    let o = RandomOptions { hosts: 5, domains: 40, duration_ms: 20 * 60_000, profile: Profile::Default };
+    let o = RandomOptions {
+        shape: Shape::Fixed { hosts: 5, domains: 40 },
+        duration_ms: 20 * 60_000,
+        profile: Profile::Default,
+    };
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let report = |r: &RunOutcome| {
         eprintln!("SEED={} failed; replay: havirt simulate --seed {} --verbose", r.seed, r.seed);
@@ -55,7 +59,11 @@ fn random_seeds_keep_every_invariant() {
 /// power loss with a fence agent p99 <= 4 s, watchdog only p99 <= 25 s.
 #[test]
 fn recovery_meets_the_default_profile_targets() {
-    let o = RandomOptions { hosts: 5, domains: 40, duration_ms: 20 * 60_000, profile: Profile::Default };
+    let o = RandomOptions {
+        shape: Shape::Fixed { hosts: 5, domains: 40 },
+        duration_ms: 20 * 60_000,
+        profile: Profile::Default,
+    };
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (summary, _) = run_seeds(1, 300, &o, workers, &|_| {});
     let fenced = summary.recovery_by_class["fenced_power_loss"];

@@ -47,6 +47,9 @@ pub struct RunOutcome {
     pub false_failovers: u64,
     pub sim_ms: u64,
     pub events: u64,
+    /// The cluster's shape: hosts and protected domains.
+    pub hosts: usize,
+    pub domains: usize,
     pub log: Vec<String>,
 }
 
@@ -73,6 +76,8 @@ pub fn run_commands(
         false_failovers: w.checker.false_failovers,
         sim_ms: end_ms,
         events: w.events_processed,
+        hosts: setup.spec.hosts.len(),
+        domains: setup.spec.domains.len(),
         log: std::mem::take(&mut w.log),
     }
 }
@@ -89,7 +94,7 @@ pub fn run_scenario(s: &scenario::Scenario) -> ScenarioOutcome {
 
 #[cfg(test)]
 mod tests {
-    use super::random::{RandomOptions, run_seed};
+    use super::random::{RandomOptions, Shape, run_seed};
     use super::world::WorldParams;
     use super::*;
     use crate::engine::config::Profile;
@@ -171,7 +176,11 @@ mod tests {
     /// (a suite that never resets or stops a guest proves nothing of them).
     #[test]
     fn random_runs_hang_reset_stop_and_start_guests() {
-        let o = RandomOptions { hosts: 5, domains: 40, duration_ms: 20 * 60_000, profile: Profile::Default };
+        let o = RandomOptions {
+            shape: Shape::Fixed { hosts: 5, domains: 40 },
+            duration_ms: 20 * 60_000,
+            profile: Profile::Default,
+        };
         let mut counts = [0usize; 4];
         let marks = ["resetting the guest", "reached the limit", "lease freed", "(operator; lease"];
         for seed in 1..=80 {
@@ -189,7 +198,11 @@ mod tests {
     /// One seed, one exact run: the whole timeline is identical twice.
     #[test]
     fn a_seed_replays_exactly() {
-        let o = RandomOptions { hosts: 5, domains: 40, duration_ms: 300_000, profile: Profile::Default };
+        let o = RandomOptions {
+            shape: Shape::Fixed { hosts: 5, domains: 40 },
+            duration_ms: 300_000,
+            profile: Profile::Default,
+        };
         for seed in [3, 77] {
             let a = run_seed(seed, &o, None);
             let b = run_seed(seed, &o, None);

@@ -13,10 +13,39 @@ use std::collections::BTreeMap;
 
 #[derive(Clone, Debug)]
 pub struct RandomOptions {
-    pub hosts: u16,
-    pub domains: u32,
+    pub shape: Shape,
     pub duration_ms: u64,
     pub profile: Profile,
+}
+
+/// How many hosts and protected domains a random run's cluster has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shape {
+    /// Every seed the same cluster size.
+    Fixed { hosts: u16, domains: u32 },
+    /// The clusters users run, drawn from the seed (`shape_of`): every run
+    /// of `MATRIX_HOSTS.len()` consecutive seeds covers each host count.
+    Matrix,
+}
+
+/// Host counts of `Shape::Matrix`: two-host clusters (no tie-breaker) and
+/// three first, as most homelabs and small shops run them, up to seven.
+pub const MATRIX_HOSTS: [u16; 5] = [2, 3, 4, 5, 7];
+/// Protected domains per host of `Shape::Matrix`, from a few to dense.
+pub const MATRIX_DOMAINS_PER_HOST: (u32, u32) = (4, 20);
+
+/// (hosts, domains) of the cluster a seed runs.
+pub fn shape_of(seed: u64, shape: Shape) -> (u16, u32) {
+    match shape {
+        Shape::Fixed { hosts, domains } => (hosts, domains),
+        Shape::Matrix => {
+            let hosts = MATRIX_HOSTS[usize::try_from(seed % MATRIX_HOSTS.len() as u64).unwrap_or(0)];
+            let (lo, hi) = MATRIX_DOMAINS_PER_HOST;
+            // A stream of its own: the rest of the seed's draws do not move.
+            let per_host = u32::try_from(Rng::new(seed ^ 0x5A4E_u64).range(u64::from(lo), u64::from(hi))).unwrap_or(lo);
+            (hosts, u32::from(hosts) * per_host)
+        }
+    }
 }
 
 /// The last part of every random run has no new fault: time to converge.
@@ -26,7 +55,8 @@ pub const RANDOM_LOG_CAP: usize = 400;
 
 pub fn random_setup(seed: u64, o: &RandomOptions) -> SimSetup {
     let mut rng = Rng::new(seed ^ 0x5E7u64);
-    let hosts: Vec<HostSpec> = (1..=o.hosts)
+    let (host_count, domain_count) = shape_of(seed, o.shape);
+    let hosts: Vec<HostSpec> = (1..=host_count)
         .map(|i| {
             let fence_agents = match rng.range(0, 9) {
                 0 => vec![],
@@ -50,9 +80,9 @@ pub fn random_setup(seed: u64, o: &RandomOptions) -> SimSetup {
     let mut domains = BTreeMap::new();
     // A group larger than the hosts left after two failures could not be
     // placed: keep groups small enough that L1 is always achievable.
-    let group_max = u32::from(o.hosts.saturating_sub(2).max(1));
+    let group_max = u32::from(host_count.saturating_sub(2).max(1));
     let mut group_sizes: BTreeMap<&str, u32> = BTreeMap::new();
-    for i in 1..=o.domains {
+    for i in 1..=domain_count {
         let id = DomainId(u128::from(i));
         let priority = rng.pick(&[
             Priority::Lowest,

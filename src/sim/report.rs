@@ -59,6 +59,26 @@ pub struct Summary {
     pub false_failovers: u64,
     pub sim_seconds_per_wall_second: f64,
     pub events: u64,
+    /// Runs, violations and false failovers per cluster shape, keyed
+    /// `<hosts>x<domains>` and ordered by hosts, then domains.
+    pub by_shape: BTreeMap<String, ShapeCounts>,
+    /// The same per host count (`<hosts>h`), whatever the domain count.
+    pub by_hosts: BTreeMap<String, ShapeCounts>,
+}
+
+#[derive(Serialize, Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct ShapeCounts {
+    pub runs: u64,
+    pub violations: u64,
+    pub false_failovers: u64,
+}
+
+impl ShapeCounts {
+    fn add(&mut self, r: &RunOutcome) {
+        self.runs += 1;
+        self.violations += r.violations.len() as u64;
+        self.false_failovers += r.false_failovers;
+    }
 }
 
 /// Run seeds `from..=to` on `workers` threads. `on_violation` sees each
@@ -106,6 +126,7 @@ pub fn summarize(runs: &[RunOutcome], wall_s: f64) -> Summary {
     let (all, by_class) = collect(runs.iter().map(|r| &r.recoveries));
     let mut violations = Vec::new();
     let (mut false_failovers, mut sim_ms, mut events) = (0, 0, 0);
+    let (mut by_shape, mut by_hosts) = (BTreeMap::new(), BTreeMap::new());
     for r in runs {
         for v in &r.violations {
             violations.push(SeedViolation {
@@ -118,6 +139,9 @@ pub fn summarize(runs: &[RunOutcome], wall_s: f64) -> Summary {
         false_failovers += r.false_failovers;
         sim_ms += r.sim_ms;
         events += r.events;
+        // Zero-padded so that the keys sort by size.
+        by_shape.entry(format!("{:02}x{:03}", r.hosts, r.domains)).or_insert_with(ShapeCounts::default).add(r);
+        by_hosts.entry(format!("{:02}h", r.hosts)).or_insert_with(ShapeCounts::default).add(r);
     }
     Summary {
         runs: runs.len() as u64,
@@ -129,6 +153,8 @@ pub fn summarize(runs: &[RunOutcome], wall_s: f64) -> Summary {
         false_failovers,
         sim_seconds_per_wall_second: (sim_ms as f64 / 1000.0) / wall_s,
         events,
+        by_shape,
+        by_hosts,
     }
 }
 
