@@ -284,9 +284,13 @@ pub fn random_faults(seed: u64, o: &RandomOptions, setup: &SimSetup) -> Vec<(u64
                 for x in &hosts {
                     out.push((t, Command::StorageFault { host: *x, fault: StorageFault::Hang }));
                 }
+                let mut restored = Vec::new();
                 for x in &hosts {
-                    out.push((t + rng.range(5_000, 30_000), Command::StorageRestore(*x)));
+                    let at = t + rng.range(5_000, 30_000);
+                    restored.push(at);
+                    out.push((at, Command::StorageRestore(*x)));
                 }
+                one_way_during(seed, t, &hosts, &restored, &mut out);
             }
         }
         // Mostly one episode at a time; sometimes the next starts early.
@@ -394,6 +398,29 @@ fn heal(out: &mut Vec<(u64, Command)>, at: u64, hosts: &[HostId], setup: &SimSet
             out.push((at, Command::FenceAgent { target: *h, agent, mode: AgentMode::Works }));
         }
     }
+}
+
+/// Percent of all-storage outages with a one-way network drop during them:
+/// the rules a host decides from what it hears (the all-lost exemption,
+/// isolation, master election) meet asymmetric evidence (issue 11).
+pub const ONE_WAY_DURING_STORAGE_LOSS_PERCENT: u64 = 50;
+
+/// Maybe a one-way drop between two hosts, starting around the outage at
+/// `t` and healed after the last storage restore. A stream of its own, so
+/// the rest of the schedule stays as it was.
+fn one_way_during(seed: u64, t: u64, hosts: &[HostId], restored: &[u64], out: &mut Vec<(u64, Command)>) {
+    let mut rng = Rng::new(seed ^ t ^ 0x0E_4A_u64);
+    if hosts.len() < 2 || !rng.chance(ONE_WAY_DURING_STORAGE_LOSS_PERCENT) {
+        return;
+    }
+    let from = rng.pick(hosts);
+    let others: Vec<HostId> = hosts.iter().copied().filter(|h| *h != from).collect();
+    let to = rng.pick(&others);
+    // Before the outage, at its start, or in its middle.
+    let start = (t + rng.range(0, 10_000)).saturating_sub(5_000);
+    let end = restored.iter().copied().max().unwrap_or(t) + rng.range(0, 20_000);
+    out.push((start, Command::DropOneWay { from, to }));
+    out.push((end, Command::HealNetwork));
 }
 
 pub fn run_seed(seed: u64, o: &RandomOptions, log_cap: Option<usize>) -> RunOutcome {
