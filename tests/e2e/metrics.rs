@@ -136,8 +136,7 @@ fn run_until(host: u16, args: &[&str], done: impl Fn(&str) -> bool) -> String {
     let out = child.wait_with_output().unwrap_or_else(|e| panic!("havirt {args:?}: {e}"));
     let _ = reader.join();
     assert!(out.stderr.is_empty(), "havirt {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    let text = printed.lock().expect("not poisoned").clone();
-    text
+    printed.lock().expect("not poisoned").clone()
 }
 
 /// `status --watch` redrew at least twice, each redraw a whole status (the
