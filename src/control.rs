@@ -590,6 +590,14 @@ fn host_name(v: &NodeView, id: HostId) -> String {
     v.hosts.iter().find(|h| h.id == id).map_or_else(|| id.to_string(), |h| h.name.clone())
 }
 
+/// The verdict `havirt status` shows: "fenced" for a host whose current
+/// boot was confirmed powered off and that is not heard from (its engine
+/// verdict stays suspect or unknown: silence), else the engine's verdict.
+pub fn shown_verdict(h: &HostView) -> &str {
+    let heard = matches!(h.verdict.as_str(), "self" | "alive" | "partitioned" | "isolated" | "storage-lost");
+    if h.fenced && !heard { "fenced" } else { &h.verdict }
+}
+
 fn host_row(v: &NodeView, h: &HostView) -> Vec<String> {
     let mut flags = Vec::new();
     if v.master == Some(h.id) {
@@ -608,7 +616,7 @@ fn host_row(v: &NodeView, h: &HostView) -> Vec<String> {
     vec![
         h.id.to_string(),
         h.name.clone(),
-        h.verdict.clone(),
+        shown_verdict(h).to_string(),
         h.net_age.map_or_else(|| "-".to_string(), age),
         h.slot_age.map_or_else(|| "-".to_string(), age),
         format!("{}/{}", mib(h.used_memory_mib), size(h.memory_mib > 0, mib(h.memory_mib))),
@@ -755,7 +763,8 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 ///   `storage_healthy` (S4), `last_good_write_age_ms`
 /// - `tolerates_host_failures`, `tolerates_fault_domain_failures`: null
 ///   unless this host is the master
-/// - `hosts[]`: `id`, `name`, `verdict`, `net_age_ms`, `slot_age_ms`, `boot`
+/// - `hosts[]`: `id`, `name`, `verdict` ("fenced" for a silent host whose
+///   boot was confirmed off, else the engine's), `fenced`, `net_age_ms`, `slot_age_ms`, `boot`
 ///   (16 hex digits or null), `isolated`, `self_fenced`, `memory_mib` (0:
 ///   unknown), `used_memory_mib`, `vcpus` (0: unknown), `used_vcpus`
 /// - `domains[]` (by uuid): `uuid` (8-4-4-4-12), `name`, `priority`, `host`
@@ -809,6 +818,7 @@ struct HostJson<'a> {
     id: u16,
     name: &'a str,
     verdict: &'a str,
+    fenced: bool,
     net_age_ms: Option<u64>,
     slot_age_ms: Option<u64>,
     boot: Option<String>,
@@ -836,7 +846,8 @@ fn host_json(h: &HostView) -> HostJson<'_> {
     HostJson {
         id: h.id.0,
         name: &h.name,
-        verdict: &h.verdict,
+        verdict: shown_verdict(h),
+        fenced: h.fenced,
         net_age_ms: h.net_age.map(Duration::as_millis),
         slot_age_ms: h.slot_age.map(Duration::as_millis),
         boot: h.boot.map(|b| format!("{b:016x}")),
@@ -958,6 +969,25 @@ Counters: packets 1200 accepted, 3 rejected   records 0 rejected   storage 0 err
         assert!(text.contains("DOMAINS\n(none protected)\n"), "{text}");
         assert!(!text.contains("Failover"), "{text}");
         assert!(!text.lines().any(|l| l.ends_with(' ')), "no trailing blanks:\n{text}");
+    }
+
+    #[test]
+    fn a_silent_host_confirmed_off_shows_fenced() {
+        let fenced = HostView { fenced: true, ..host(2, "node-b", "suspect") };
+        assert_eq!(shown_verdict(&fenced), "fenced");
+        assert_eq!(shown_verdict(&HostView { fenced: true, ..host(2, "node-b", "unknown") }), "fenced");
+        // Heard again (a new boot clears `fenced`; until then its verdict wins).
+        assert_eq!(shown_verdict(&HostView { fenced: true, ..host(2, "node-b", "alive") }), "alive");
+        assert_eq!(shown_verdict(&host(2, "node-b", "suspect")), "suspect");
+        let mut r = report();
+        r.view.hosts[1] = HostView { fenced: true, ..host(2, "node-b", "suspect") };
+        let text = render_status(&r);
+        assert!(text.lines().any(|l| l.starts_with("h2 ") && l.contains(" fenced ")), "{text}");
+        let json: serde_json::Value = serde_json::from_str(&status_json(&r)).expect("json");
+        assert_eq!(
+            (json["hosts"][1]["verdict"].as_str(), json["hosts"][1]["fenced"].as_bool()),
+            (Some("fenced"), Some(true))
+        );
     }
 
     #[test]

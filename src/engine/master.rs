@@ -51,6 +51,12 @@ pub struct Master {
     waiting_logged: BTreeSet<DomainId>,
     next_tolerance: Instant,
     tolerance: Option<planner::Tolerance>,
+    /// The live hosts `tolerance` was computed for: a change (a host dead,
+    /// back, in maintenance) recomputes it at once, not TOLERANCE_INTERVAL
+    /// later, so `havirt status` never shows the figure of before.
+    tolerance_hosts: BTreeSet<HostId>,
+    /// The figure last logged; the log keeps the TOLERANCE_INTERVAL cadence.
+    tolerance_logged: Option<planner::Tolerance>,
 }
 
 impl Master {
@@ -252,6 +258,8 @@ impl Node {
             waiting_logged: BTreeSet::new(),
             next_tolerance: now,
             tolerance: None,
+            tolerance_hosts: BTreeSet::new(),
+            tolerance_logged: None,
         });
         self.master_load(now);
     }
@@ -675,22 +683,31 @@ impl Node {
     }
 
     /// Admission control (DESIGN.md §6): how many host and fault-domain
-    /// failures the live hosts can absorb with what runs now. Logged when it
-    /// changes, recomputed every TOLERANCE_INTERVAL while nothing is orphaned.
+    /// failures the live hosts can absorb with what runs now. Recomputed
+    /// every TOLERANCE_INTERVAL while nothing is orphaned, and logged then
+    /// when it changed; recomputed at once (not logged) when the set of
+    /// live hosts changed: a dead host must not count in `havirt status`.
     fn admission_figure(&mut self, now: Instant, reports: &BTreeMap<DomainId, (HostId, DomainReport)>) {
-        if self.master.as_ref().is_none_or(|m| now < m.next_tolerance) {
+        let Some(m) = self.master.as_ref() else { return };
+        let due = now >= m.next_tolerance;
+        let rooms: BTreeSet<HostId> = self.host_rooms(now, reports).iter().map(|r| r.id).collect();
+        if !due && self.master.as_ref().is_some_and(|m| m.tolerance_hosts == rooms) {
             return;
         }
-        let rooms: BTreeSet<HostId> = self.host_rooms(now, reports).iter().map(|r| r.id).collect();
         let mut live = (*self.cfg.spec).clone();
         live.hosts = live.hosts.iter().filter(|h| rooms.contains(&h.id)).map(|h| self.sized(h)).collect();
         let Some(m) = self.master.as_mut() else { return };
         let mut placement: BTreeMap<DomainId, HostId> = reports.iter().map(|(d, (h, _))| (*d, *h)).collect();
         placement.extend(m.starting.iter().map(|(d, s)| (*d, s.host)));
         let t = planner::tolerance(&live, &placement);
+        m.tolerance = Some(t);
+        m.tolerance_hosts = rooms;
+        if !due {
+            return;
+        }
         m.next_tolerance = now + TOLERANCE_INTERVAL;
-        if m.tolerance != Some(t) {
-            m.tolerance = Some(t);
+        if m.tolerance_logged != Some(t) {
+            m.tolerance_logged = Some(t);
             let text = format!(
                 "cluster tolerates {} host failure(s), {} fault-domain failure(s) ({} live hosts)",
                 t.host_failures,

@@ -50,6 +50,11 @@ pub struct HostView {
     pub boot: Option<BootId>,
     pub isolated: bool,
     pub self_fenced: bool,
+    /// Its current boot was confirmed powered off (fence agent, operator,
+    /// or a `fenced/` record on storage) and it has not come back since:
+    /// `havirt status` calls it fenced rather than by its verdict.
+    #[serde(default)]
+    pub fenced: bool,
     /// In maintenance mode (takes no restarts; drains by live migration).
     #[serde(default)]
     pub maintenance: bool,
@@ -91,6 +96,7 @@ impl HostView {
             boot: None,
             isolated: false,
             self_fenced: false,
+            fenced: false,
             maintenance: false,
             memory_mib: 0,
             vcpus: 0,
@@ -139,6 +145,7 @@ impl Node {
                 boot: Some(self.cfg.boot),
                 isolated: self.isolated,
                 self_fenced: matches!(self.self_fence, SelfFence::Fenced { .. }),
+                fenced: false,
                 maintenance: self.maintenance,
                 memory_mib: h.memory_mib,
                 vcpus: h.vcpus,
@@ -158,6 +165,7 @@ impl Node {
             boot: slot.map(|s| s.boot).or_else(|| peer.and_then(|p| p.heartbeat.as_ref()).map(|hb| hb.boot)),
             isolated: slot.is_some_and(|s| s.isolated),
             self_fenced: slot.is_some_and(|s| s.self_fenced),
+            fenced: peer.is_some_and(|p| p.current_boot().is_some_and(|b| p.fenced_boots.contains(&b))),
             maintenance: slot.is_some_and(|s| s.maintenance),
             memory_mib,
             vcpus,

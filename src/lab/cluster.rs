@@ -24,7 +24,7 @@ use super::bmc::{Bmc, BmcSpec};
 use super::host::{Host, HostOptions, share_datastore_mount};
 use super::net::{GATEWAY_ADDR, Network, bmc_addr, heartbeat_addr, host_ns};
 use super::supervisor::Supervisor;
-use super::sys::{self, LabError, io_error, run, run_args, wait_for};
+use super::sys::{self, LabError, io_error, run, run_args};
 use super::{FAULTFS_SOCKET, LAB_DIR, faultfs};
 use crate::control::{self, Request, Response, StatusReport};
 use crate::engine::config::DomainId;
@@ -541,8 +541,9 @@ impl Lab {
                 source,
             })?;
         self.faultfs = Some(child);
-        wait_for(
-            || format!("faultfs answering on {} (see {})", socket.display(), log_path.display()),
+        sys::wait_for_logged(
+            || format!("faultfs answering on {}", socket.display()),
+            &log_path,
             FAULTFS_START_WAIT,
             POLL,
             || faultfs::control(&socket, "status").is_ok(),
@@ -638,8 +639,9 @@ impl Lab {
     /// Waits until every daemon answers its control socket.
     fn wait_daemons(&self) -> Result<(), LabError> {
         for n in 1..=self.spec.hosts {
-            let what = || format!("host {n}'s daemon answering (see {}/h{n}/havirt.log)", LAB_DIR);
-            wait_for(what, SETTLE_WAIT, POLL, || self.daemon_status(n).is_ok())?;
+            let what = || format!("host {n}'s daemon answering on {}", control_socket(n).display());
+            let log = self.host(n)?.dir().join("havirt.log");
+            sys::wait_for_logged(what, &log, SETTLE_WAIT, POLL, || self.daemon_status(n).is_ok())?;
         }
         Ok(())
     }
@@ -780,11 +782,24 @@ impl Lab {
     }
 
     /// Powers host N on through its BMC and waits for its libvirtd.
+    /// A failure names the log that says why: the BMC's (ipmi_sim runs
+    /// the host's start command, whose output it logs) while the host is
+    /// not up, then its libvirtd's.
     fn power_on(&mut self, n: u16) -> Result<(), LabError> {
-        self.bmc(n)?.power_on().map_err(bmc_err)?;
+        let bmc = self.bmc(n)?;
+        bmc.power_on().map_err(bmc_err)?;
+        let bmc_log = bmc.spec().log_path();
         let host = self.host(n)?;
-        wait_for(|| format!("host {n} on after its BMC's power on"), POWER_WAIT, super::host::POLL, || host.is_on())?;
-        host.wait_libvirt(LIBVIRT_START_WAIT)
+        let what = || format!("host {n} on after its BMC's power on (ipmi_sim runs its start command)");
+        sys::wait_for_logged(what, &bmc_log, POWER_WAIT, super::host::POLL, || host.is_on())?;
+        host.wait_libvirt(LIBVIRT_START_WAIT).map_err(|e| {
+            if host.is_on() {
+                e
+            } else {
+                let what = format!("host {n} went off by itself after its BMC's power on ({e})");
+                LabError::FailedSee { what, tail: sys::log_tail(&bmc_log), log: bmc_log.clone() }
+            }
+        })
     }
 
     fn faultfs_command(&self, command: &str) -> Result<(), LabError> {
@@ -805,7 +820,8 @@ impl Lab {
                     self.bmc(n)?.power_off().map_err(bmc_err)?;
                     let host = self.host(n)?;
                     let what = || format!("host {n} off after its BMC's power off");
-                    wait_for(what, POWER_WAIT, super::host::POLL, || !host.is_on())?;
+                    let log = self.bmc(n)?.spec().log_path();
+                    sys::wait_for_logged(what, &log, POWER_WAIT, super::host::POLL, || !host.is_on())?;
                 }
             }
             Fault::PowerOn(n) => self.power_on(*n)?,

@@ -35,7 +35,8 @@ pub const RESPAWN_DELAY_S: &str = "0.5";
 const LIBVIRT_POLL: Duration = Duration::from_millis(50);
 /// `pause` repeats its sweep while processes appear (forks) during it.
 const PAUSE_SWEEPS_MAX: usize = 10;
-/// The host's state directories, bind-mounted over libvirt's paths inside.
+/// The host's state directories, bind-mounted over libvirt's paths inside
+/// (each mount point made when missing: see `inner_script`).
 const STATE_DIRS: [(&str, &str); 5] = [
     ("run", "/run/libvirt"),
     ("lib", "/var/lib/libvirt"),
@@ -105,9 +106,15 @@ impl Host {
         let etc = self.dir.join("etc");
         if !etc.exists() {
             run_args("cp", &[Path::new("-a"), Path::new("/etc/libvirt"), &etc])?;
-            for entry in fs::read_dir(etc.join("qemu")).map_err(io_error(&etc))?.flatten() {
-                if entry.path().extension().is_some_and(|e| e == "xml") {
-                    fs::remove_file(entry.path()).map_err(io_error(&entry.path()))?;
+            // Nothing another libvirtd of this machine defined or marked
+            // for autostart: domains, and networks (a lab host would start
+            // the machine's NAT network, with its dnsmasq, in its netns).
+            for dir in ["qemu", "qemu/autostart", "qemu/networks", "qemu/networks/autostart"] {
+                let dir = etc.join(dir);
+                for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+                    if entry.path().extension().is_some_and(|e| e == "xml") {
+                        fs::remove_file(entry.path()).map_err(io_error(&entry.path()))?;
+                    }
                 }
             }
             let conf = etc.join("qemu.conf");
@@ -144,8 +151,15 @@ impl Host {
     /// What runs inside the namespaces, as PID 1's child.
     fn inner_script(&self) -> String {
         let r = self.dir.display();
-        let mut lines: Vec<String> =
-            STATE_DIRS.iter().map(|(sub, target)| format!("mount --bind {r}/{sub} {target}")).collect();
+        // Each mount point is made first: on a machine where no libvirtd
+        // ever ran, /run/libvirt does not exist (libvirtd makes it at its
+        // first start), and the lab must not depend on one having run
+        // (issue 12). The directory is made on the machine's filesystem
+        // (a mount namespace shares it), empty, as libvirtd would make it.
+        let mut lines: Vec<String> = STATE_DIRS
+            .iter()
+            .map(|(sub, target)| format!("mkdir -p {target} && mount --bind {r}/{sub} {target}"))
+            .collect();
         // Every boot of every host has a boot id of its own, as real machines
         // do (they all share this machine's kernel): a lease belongs to a
         // (host, boot), and a rebooted host must not take its old leases for
@@ -237,7 +251,13 @@ links down
             .spawn()
             .map_err(|source| LabError::Spawn { command: format!("setsid {}", start.display()), source })?;
         self.start = Some(child);
-        wait_for(|| format!("host {} powering on (its init)", self.n), POWER_ON_WAIT, POLL, || self.is_on())
+        let what = || format!("host {} powering on (its init)", self.n);
+        sys::wait_for_logged(what, &log_path, POWER_ON_WAIT, POLL, || self.is_on())
+    }
+
+    /// Where the host's libvirtd (and virtlogd) write their output.
+    pub fn libvirtd_log(&self) -> PathBuf {
+        self.dir.join("libvirtd.log")
     }
 
     /// SIGKILL of the host's init: every process of the host dies at once,
@@ -318,12 +338,13 @@ links down
             let _ = tx.send(answered);
         });
         spawned.map_err(|source| LabError::Io { path: self.dir.clone(), source })?;
-        rx.recv_timeout(timeout + LIBVIRT_POLL).unwrap_or_else(|_| {
+        let answered = rx.recv_timeout(timeout + LIBVIRT_POLL).unwrap_or_else(|_| {
             Err(LabError::Timeout {
                 what: format!("host {}: a libvirt connection returning", self.n),
                 waited_ms: timeout.as_millis(),
             })
-        })
+        });
+        answered.map_err(|e| sys::with_log(e, &self.libvirtd_log()))
     }
 
     /// Runs `cmd` inside the host (its mount, network and PID namespaces;

@@ -24,6 +24,12 @@ pub enum LabError {
     BadHost { host: u16, max: u16 },
     #[error("{what}: not done within {waited_ms} ms")]
     Timeout { what: String, waited_ms: u128 },
+    /// A wait that failed with the log that says why (its path and end).
+    #[error("{what}: not done within {waited_ms} ms; see {}, which ends with:\n{tail}", log.display())]
+    TimeoutSee { what: String, waited_ms: u128, log: PathBuf, tail: String },
+    /// A step that failed with the log that says why (its path and end).
+    #[error("{what}; see {}, which ends with:\n{tail}", log.display())]
+    FailedSee { what: String, log: PathBuf, tail: String },
     #[error("{what}")]
     State { what: String },
 }
@@ -138,6 +144,54 @@ pub(crate) fn wait_for(
             return Err(LabError::Timeout { what: what(), waited_ms: timeout.as_millis() });
         }
         std::thread::sleep(poll);
+    }
+}
+
+/// How many last lines of a log an error quotes.
+pub const LOG_TAIL_LINES: usize = 12;
+/// At most this many bytes of a log are read for its tail.
+const LOG_TAIL_BYTES_MAX: u64 = 64 * 1024;
+
+/// The last `LOG_TAIL_LINES` lines of the log at `path`, indented, for an
+/// error message; says so when the log is missing or empty.
+pub fn log_tail(path: &Path) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = fs::File::open(path) else {
+        return "    (no such file)".into();
+    };
+    let len = file.metadata().map_or(0, |m| m.len());
+    let _ = file.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL_BYTES_MAX)));
+    let mut raw = Vec::new();
+    let _ = file.take(LOG_TAIL_BYTES_MAX).read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    if lines.is_empty() {
+        return "    (empty)".into();
+    }
+    lines[lines.len().saturating_sub(LOG_TAIL_LINES)..]
+        .iter()
+        .map(|l| format!("    {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `wait_for`, whose timeout names `log` (where to look) and quotes its end.
+pub(crate) fn wait_for_logged(
+    what: impl FnOnce() -> String,
+    log: &Path,
+    timeout: std::time::Duration,
+    poll: std::time::Duration,
+    done: impl FnMut() -> bool,
+) -> Result<(), LabError> {
+    wait_for(what, timeout, poll, done).map_err(|e| with_log(e, log))
+}
+
+/// A timeout (or any failure) of a step with the log that says why.
+pub(crate) fn with_log(e: LabError, log: &Path) -> LabError {
+    let tail = log_tail(log);
+    match e {
+        LabError::Timeout { what, waited_ms } => LabError::TimeoutSee { what, waited_ms, log: log.to_path_buf(), tail },
+        other => LabError::FailedSee { what: other.to_string(), log: log.to_path_buf(), tail },
     }
 }
 

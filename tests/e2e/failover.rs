@@ -45,9 +45,43 @@ fn power_off(t: &mut E2e, victim: u16, before: &[Fault], lower: Duration, upper:
 fn power_off_fenced_through_fence_ipmilan() {
     let Some(mut t) = E2e::up("power_off_fenced", |_| {}) else { return };
     let victim = t.busiest_non_master();
+    let master = t.master();
     power_off(&mut t, victim, &[], Duration::ZERO, fenced_bound());
     assert!(fence_confirmed_on_storage(victim), "no fence confirmation of h{victim} on storage");
+    assert_status_shows_fenced(&t, master, victim);
     t.finish();
+}
+
+/// `havirt status` on a master must show the new state within this after
+/// the recovery (the next storage reads: a few 0.5 s intervals).
+const STATUS_SHOWS_WAIT: Duration = Duration::from_secs(10);
+
+/// After the fenced power-off of `victim`: the master's `havirt status`
+/// calls it `fenced` (not suspect), and its "tolerates N host failure(s)"
+/// counts the live hosts only (at most HOSTS - 2 with one dead).
+fn assert_status_shows_fenced(t: &E2e, master: u16, victim: u16) {
+    let tolerates = |text: &str| -> Option<u32> {
+        let rest = text.split("Failover: tolerates ").nth(1)?;
+        rest.split(' ').next()?.parse().ok()
+    };
+    let fenced_row = |text: &str| {
+        text.lines().any(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            cols.get(1) == Some(&format!("h{victim}").as_str()) && cols.get(2) == Some(&"fenced")
+        })
+    };
+    let mut seen = String::new();
+    let shown = poll_until(STATUS_SHOWS_WAIT, || {
+        seen = t.lab().havirt_on(master, &["status"]).unwrap_or_else(|e| e.to_string());
+        (fenced_row(&seen) && tolerates(&seen).is_some_and(|n| n + 2 <= u32::from(HOSTS))).then_some(())
+    });
+    println!("power_off_fenced: h{master}'s status after the failover:\n{seen}");
+    assert!(
+        shown.is_some(),
+        "h{master}'s havirt status did not show h{victim} fenced and at most {} tolerated host failure(s) \
+         within {STATUS_SHOWS_WAIT:?}; it showed:\n{seen}",
+        HOSTS - 2
+    );
 }
 
 /// Case 2: the host's BMC dies, then the host loses power: fencing fails,

@@ -8,7 +8,9 @@
 use crate::harness::{E2e, HOSTS, fenced_bound, poll_until};
 use havirt::lab::cluster::{Fault, control_socket};
 use havirt::metrics::{Exposition, parse};
+use std::io::Read;
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// The default metrics_address, inside each lab host.
@@ -102,9 +104,14 @@ fn assert_settled_view(t: &E2e, e: &Exposition, n: u16, master: u16) {
     assert_eq!(e.sum("havirt_storage_records_rejected_total", &[]), 0.0, "h{n}: rejected records in a clean lab");
 }
 
-/// Runs `havirt ARGS --socket (host's)` for `run`, then kills it (it runs
-/// until interrupted); returns what it printed.
-fn run_for(host: u16, args: &[&str], run: Duration) -> String {
+/// A running `status --watch` or `events --follow` must have printed what
+/// is asserted within this.
+const FOLLOW_WAIT: Duration = Duration::from_secs(15);
+
+/// Runs `havirt ARGS --socket (host's)` (it runs until interrupted) until
+/// what it printed satisfies `done`, or `FOLLOW_WAIT` passed; then kills it
+/// and returns what it printed, for the caller to assert `done` on.
+fn run_until(host: u16, args: &[&str], done: impl Fn(&str) -> bool) -> String {
     let socket = control_socket(host);
     let mut child = Command::new(env!("CARGO_BIN_EXE_havirt"))
         .args(args)
@@ -115,11 +122,29 @@ fn run_for(host: u16, args: &[&str], run: Duration) -> String {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("havirt {args:?}: {e}"));
-    std::thread::sleep(run);
+    let printed = Arc::new(Mutex::new(String::new()));
+    let mut stdout = child.stdout.take().expect("piped");
+    let sink = Arc::clone(&printed);
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = stdout.read(&mut buf) {
+            sink.lock().expect("not poisoned").push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    let _ = poll_until(FOLLOW_WAIT, || done(&printed.lock().expect("not poisoned")).then_some(()));
     let _ = child.kill();
     let out = child.wait_with_output().unwrap_or_else(|e| panic!("havirt {args:?}: {e}"));
+    let _ = reader.join();
     assert!(out.stderr.is_empty(), "havirt {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    printed.lock().expect("not poisoned").clone()
+}
+
+/// `status --watch` redrew at least twice, each redraw a whole status (the
+/// last one may be cut short by the kill).
+fn redrawn(watch: &str) -> bool {
+    let draws: Vec<&str> = watch.split(havirt::cli::CLEAR_SCREEN).skip(1).collect();
+    let whole = draws.iter().filter(|d| d.contains("HOSTS")).count();
+    whole >= 2 && draws.iter().rev().skip(1).all(|d| d.contains("HOSTS"))
 }
 
 /// After the fenced power-off of `victim`: the master counted `moved`
@@ -179,14 +204,11 @@ fn metrics_and_failover_timeline() {
     let failovers_before = before.sum("havirt_failovers_total", &[("reason", "fence_confirmed")]);
     let recoveries_before = before.value("havirt_failover_recovery_seconds_count", &[]).unwrap_or(0.0);
 
-    let watch = run_for(master, &["status", "--watch", "--interval", "0.3"], Duration::from_millis(1500));
-    let redraws = watch.matches(havirt::cli::CLEAR_SCREEN).count();
-    assert!(
-        redraws >= 2 && watch.matches("HOSTS").count() == redraws,
-        "status --watch redrew {redraws} times:\n{watch}"
-    );
-    let follow = run_for(master, &["events", "--follow"], Duration::from_millis(1500));
-    assert!(follow.contains("daemon started") && follow.contains("became master"), "events --follow:\n{follow}");
+    let watch = run_until(master, &["status", "--watch", "--interval", "0.3"], redrawn);
+    assert!(redrawn(&watch), "status --watch did not redraw twice within {FOLLOW_WAIT:?}:\n{watch}");
+    let followed = |t: &str| t.contains("daemon started") && t.contains("became master");
+    let follow = run_until(master, &["events", "--follow"], followed);
+    assert!(followed(&follow), "events --follow within {FOLLOW_WAIT:?}:\n{follow}");
 
     let t0 = t.fault(&Fault::PowerOff(victim));
     t.assert_recovered(&stopped, t0, Duration::ZERO, fenced_bound(), |h| h != victim);
