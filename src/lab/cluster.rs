@@ -68,6 +68,13 @@ pub const TOOL_TIMEOUT_S: u32 = 10;
 pub const AGENT_COMMAND_TIMEOUT_S: u32 = 3;
 /// How often a guest fault's agent command is tried.
 pub const AGENT_COMMAND_TRIES: u32 = 5;
+/// How long after its agent's `guest-exec` the guest panics. qemu-ga
+/// answers a guest-exec once it has spawned the command; a panic at once
+/// can win that race (seen in CI on a loaded machine), and then the
+/// answer never comes, the command times out and every retry finds the
+/// agent gone, although the fault happened. A second's delay lets the
+/// answer out first.
+pub const GUEST_PANIC_DELAY_S: u64 = 1;
 /// How long a power-off through the BMC may take until the host is off.
 pub const POWER_WAIT: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(100);
@@ -187,8 +194,9 @@ pub enum Fault {
     KillLibvirtd(u16),
     KillQemu(u16, String),
     /// The guest OS of DOMAIN on host H panics (`echo c >
-    /// /proc/sysrq-trigger` through its agent's `guest-exec`); with
-    /// `panic=0` it hangs for good: its agent stops answering.
+    /// /proc/sysrq-trigger` through its agent's `guest-exec`,
+    /// GUEST_PANIC_DELAY_S after the agent answered); with `panic=0` it
+    /// hangs for good: its agent stops answering.
     GuestPanic(u16, String),
     /// The guest OS of DOMAIN on host H shuts itself down (its agent's
     /// `guest-shutdown`: /sbin/shutdown inside the guest powers it off).
@@ -857,8 +865,9 @@ impl Lab {
             }
             Fault::KillQemu(n, domain) => self.kill_qemu(*n, domain)?,
             Fault::GuestPanic(n, domain) => {
-                let exec = r#"{"execute":"guest-exec","arguments":{"path":"/bin/sh","arg":["-c","echo c > /proc/sysrq-trigger"]}}"#;
-                self.guest_agent_retried(*n, domain, exec)?;
+                let script = format!("sleep {GUEST_PANIC_DELAY_S}; echo c > /proc/sysrq-trigger");
+                let exec = serde_json::json!({"execute": "guest-exec", "arguments": {"path": "/bin/sh", "arg": ["-c", script]}});
+                self.guest_agent_retried(*n, domain, &exec.to_string())?;
             }
             Fault::GuestShutdown(n, domain) => {
                 // libvirt's agent shutdown: qemu-ga's guest-shutdown, which

@@ -10,7 +10,7 @@
 use crate::harness::{CI_MARGIN, E2e, HOSTS, now, poll_until, qemu_pids};
 use havirt::control::{self, Request, Response};
 use havirt::engine::io::DomainState;
-use havirt::lab::cluster::{Fault, Lab, control_socket};
+use havirt::lab::cluster::{Fault, GUEST_PANIC_DELAY_S, Lab, control_socket};
 use std::time::{Duration, Instant};
 
 /// The domain that boots the guest OS.
@@ -87,18 +87,20 @@ fn hung_guest_is_reset_and_answers_again() {
 
     let hang_ms = unix_ms_now();
     let t0 = t.fault(&Fault::GuestPanic(host, GUEST.into()));
-    // Silent from the panic on: the reset comes after the failure interval,
-    // plus at most one ping interval (2 s) and one agent timeout (2 s) for
-    // the silence to be seen, plus the CI margin.
-    let bound = Duration::from_secs(FAILURE_INTERVAL_S + 4) + CI_MARGIN;
+    // Silent from the panic on (GUEST_PANIC_DELAY_S after the fault): the
+    // reset comes after the failure interval, plus at most one ping
+    // interval (2 s) and one agent timeout (2 s) for the silence to be
+    // seen, plus the CI margin.
+    let bound = Duration::from_secs(GUEST_PANIC_DELAY_S + FAILURE_INTERVAL_S + 4) + CI_MARGIN;
     let lab = t.lab();
     let reset = poll_until(bound + CI_MARGIN, || events_with(host, &format!("{GUEST}: guest agent silent")).pop());
     let (reset_ms, text) = reset.unwrap_or_else(|| panic!("no reset of {GUEST} within {bound:?}"));
     let to_reset = Duration::from_millis(reset_ms.saturating_sub(hang_ms));
     println!("GUEST hang -> reset decided in {:.2} s: {text}", to_reset.as_secs_f64());
     // Silence counts from the last answer, which may precede the panic by
-    // one ping interval (a third of the failure interval: 2 s).
-    let lower = Duration::from_secs(FAILURE_INTERVAL_S - FAILURE_INTERVAL_S / 3);
+    // one ping interval (a third of the failure interval: 2 s); the panic
+    // comes GUEST_PANIC_DELAY_S after the fault.
+    let lower = Duration::from_secs(GUEST_PANIC_DELAY_S + FAILURE_INTERVAL_S - FAILURE_INTERVAL_S / 3);
     assert!(to_reset >= lower, "reset {to_reset:?} after the hang, before {lower:?}: {text}");
     assert!(to_reset <= bound, "reset {to_reset:?} after the hang, bound {bound:?}");
     let back = wait_agent(lab, host, BOOT).unwrap_or_else(|| panic!("{GUEST}'s agent never answered after the reset"));
