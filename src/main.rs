@@ -630,10 +630,11 @@ fn simulate(a: SimulateArgs) -> Result<ExitCode, String> {
         println!("{}", serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())?);
     } else {
         println!(
-            "{} runs, {} violations, {} false failovers; {:.0} sim s per wall s\nrecovery from fault to running, clean episodes (one fault on a healthy cluster): p50 {:.2}s p99 {:.2}s max {:.2}s",
+            "{} runs, {} violations, {} false failovers, {} domains down for want of room at the end; {:.0} sim s per wall s\nrecovery from fault to running, clean episodes (one fault on a healthy cluster): p50 {:.2}s p99 {:.2}s max {:.2}s",
             summary.runs,
             summary.violations.len(),
             summary.false_failovers,
+            summary.capacity_waits,
             summary.sim_seconds_per_wall_second,
             summary.recovery_seconds.p50,
             summary.recovery_seconds.p99,

@@ -41,6 +41,9 @@ pub struct Checker {
     episode_members: BTreeMap<u64, Vec<DomainId>>,
     spec: std::sync::Arc<ClusterSpec>,
     pub false_failovers: u64,
+    /// Domains that ran nowhere at the end because no host allowed to
+    /// take them had room (L1 does not apply to them).
+    pub capacity_waits: u64,
     /// Zombie first seen, and whether it was reported.
     zombie_since: BTreeMap<(HostId, DomainId), (u64, bool)>,
     last_exempt: u64,
@@ -65,6 +68,7 @@ impl Checker {
             episode_members: BTreeMap::new(),
             spec,
             false_failovers: 0,
+            capacity_waits: 0,
             zombie_since: BTreeMap::new(),
             last_exempt: 0,
             last_fault: BTreeMap::new(),
@@ -366,7 +370,7 @@ impl World {
     /// exactly one host.
     pub fn check_converged(&mut self) {
         let stopped = self.check_stopped_converged();
-        let mut found = Vec::new();
+        let (mut found, mut waits) = (Vec::new(), Vec::new());
         for (d, spec) in self.spec.domains.iter() {
             let skip = spec.policy.priority == crate::engine::config::Priority::Disabled
                 || self.broken_domains.contains(d)
@@ -375,12 +379,63 @@ impl World {
                 continue;
             }
             let n = self.hosts.values().filter(|x| x.running() && x.qemu.contains_key(d)).count();
+            if n == 0
+                && let Some(why) = self.no_room_for(spec)
+            {
+                // L1 holds "whenever the survivors have the capacity":
+                // nothing rebalances running domains to make room.
+                waits.push(format!("{} runs nowhere, as L1 allows: {why}", spec.name));
+                continue;
+            }
             if n != 1 {
                 found.push(format!("{} runs on {n} hosts after healing", spec.name));
             }
         }
+        for text in waits {
+            self.checker.capacity_waits += 1;
+            self.log_at("info", "checker", &text);
+        }
         for detail in found {
             self.violation("L1", detail);
         }
+    }
+
+    /// Why no host may take `want` as the cluster runs now, if none may:
+    /// every running host its affinity allows lacks memory or vCPUs (with
+    /// the overcommit), or runs a member of its anti-affinity group. The
+    /// checker's own arithmetic over the qemu processes that exist, not the
+    /// engine's view.
+    fn no_room_for(&self, want: &crate::engine::config::DomainSpec) -> Option<String> {
+        let mut refused = Vec::new();
+        for hs in &self.spec.hosts {
+            let Some(x) = self.hosts.get(&hs.id).filter(|x| x.running()) else { continue };
+            if !want.policy.affinity.is_empty() && !want.policy.affinity.contains(&hs.id) {
+                continue;
+            }
+            let running: Vec<_> = x.qemu.keys().filter_map(|d| self.spec.domains.get(d)).collect();
+            let group = want.policy.anti_affinity.as_ref();
+            if group.is_some() && running.iter().any(|r| r.policy.anti_affinity.as_ref() == group) {
+                refused.push(format!("{}: runs a member of its anti-affinity group", hs.name));
+                continue;
+            }
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+            let (memory, vcpus) = (
+                (hs.memory_mib as f64 * self.spec.memory_overcommit).floor() as u64,
+                (f64::from(hs.vcpus) * self.spec.vcpu_overcommit).floor() as u64,
+            );
+            let used_memory: u64 = running.iter().map(|r| r.memory_mib).sum();
+            let used_vcpus: u64 = running.iter().map(|r| u64::from(r.vcpus)).sum();
+            let (free_memory, free_vcpus) = (memory.saturating_sub(used_memory), vcpus.saturating_sub(used_vcpus));
+            if free_memory >= want.memory_mib && free_vcpus >= u64::from(want.vcpus) {
+                return None;
+            }
+            refused.push(format!("{}: {free_memory} MiB and {free_vcpus} vCPUs free", hs.name));
+        }
+        Some(format!(
+            "no host its affinity allows has room for {} MiB and {} vCPUs ({})",
+            want.memory_mib,
+            want.vcpus,
+            if refused.is_empty() { "none runs".to_string() } else { refused.join("; ") }
+        ))
     }
 }

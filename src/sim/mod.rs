@@ -45,6 +45,8 @@ pub struct RunOutcome {
     pub recoveries: BTreeMap<&'static str, Vec<u64>>,
     pub clean_recoveries: BTreeMap<&'static str, Vec<u64>>,
     pub false_failovers: u64,
+    /// Domains down at the end for want of room (`Checker::capacity_waits`).
+    pub capacity_waits: u64,
     pub sim_ms: u64,
     pub events: u64,
     /// The cluster's shape: hosts and protected domains.
@@ -74,6 +76,7 @@ pub fn run_commands(
         recoveries: std::mem::take(&mut w.checker.recoveries),
         clean_recoveries: std::mem::take(&mut w.checker.clean_recoveries),
         false_failovers: w.checker.false_failovers,
+        capacity_waits: w.checker.capacity_waits,
         sim_ms: end_ms,
         events: w.events_processed,
         hosts: setup.spec.hosts.len(),

@@ -57,6 +57,9 @@ pub struct Summary {
     pub recovery_seconds_all_episodes: Percentiles,
     pub recovery_by_class_all_episodes: BTreeMap<String, Percentiles>,
     pub false_failovers: u64,
+    /// Domains that ran nowhere at the end of a run because no host their
+    /// affinity allows had room: L1 holds only with capacity.
+    pub capacity_waits: u64,
     pub sim_seconds_per_wall_second: f64,
     pub events: u64,
     /// Runs, violations and false failovers per cluster shape, keyed
@@ -125,7 +128,7 @@ pub fn summarize(runs: &[RunOutcome], wall_s: f64) -> Summary {
     let (clean, clean_by_class) = collect(runs.iter().map(|r| &r.clean_recoveries));
     let (all, by_class) = collect(runs.iter().map(|r| &r.recoveries));
     let mut violations = Vec::new();
-    let (mut false_failovers, mut sim_ms, mut events) = (0, 0, 0);
+    let (mut false_failovers, mut capacity_waits, mut sim_ms, mut events) = (0, 0, 0, 0);
     let (mut by_shape, mut by_hosts) = (BTreeMap::new(), BTreeMap::new());
     for r in runs {
         for v in &r.violations {
@@ -137,6 +140,7 @@ pub fn summarize(runs: &[RunOutcome], wall_s: f64) -> Summary {
             });
         }
         false_failovers += r.false_failovers;
+        capacity_waits += r.capacity_waits;
         sim_ms += r.sim_ms;
         events += r.events;
         // Zero-padded so that the keys sort by size.
@@ -151,6 +155,7 @@ pub fn summarize(runs: &[RunOutcome], wall_s: f64) -> Summary {
         recovery_seconds_all_episodes: Percentiles::of(&all),
         recovery_by_class_all_episodes: by_class,
         false_failovers,
+        capacity_waits,
         sim_seconds_per_wall_second: (sim_ms as f64 / 1000.0) / wall_s,
         events,
         by_shape,
