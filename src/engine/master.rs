@@ -24,6 +24,8 @@ pub const MASTER_TAKE_DELAY_PER_RANK: Duration = Duration::from_secs(2);
 #[derive(Clone, Debug)]
 struct Starting {
     host: HostId,
+    /// The lease generation the master assigned.
+    generation: u64,
     since: Instant,
     priority: Priority,
 }
@@ -386,7 +388,7 @@ impl Node {
                 m.leases.insert(d, l);
                 let Some(to) = to else { return };
                 let priority = self.cfg.spec.domains.get(&d).map_or(Priority::Medium, |s| s.policy.priority);
-                m.starting.insert(d, Starting { host: to, since: now, priority });
+                m.starting.insert(d, Starting { host: to, generation: l.generation, since: now, priority });
                 if to == self.cfg.host {
                     self.handle_assignment(now, d, l.generation);
                 } else {
@@ -798,7 +800,12 @@ impl Node {
             return;
         };
         m.starting.retain(|d, s| {
-            let ready = reports.get(d).is_some_and(|(h, r)| *h == s.host && r.state == DomainState::Ready);
+            // Ready where it was assigned, or wherever a later generation
+            // took it (a failback right after the start hands it over): a
+            // dead host's slot may still say Ready for an older run.
+            let ready = reports
+                .get(d)
+                .is_some_and(|(h, r)| r.state == DomainState::Ready && (*h == s.host || r.generation > s.generation));
             let timeout = spec.domains.get(d).map_or(Duration::ZERO, |x| x.policy.readiness_timeout);
             if !ready && now.since(s.since) >= timeout {
                 events.push(format!(

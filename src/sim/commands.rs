@@ -14,6 +14,8 @@ pub const FAULT_TAIL_MS: u64 = 15_000;
 pub const PROTECT_RETRY_MS: u64 = 10_000;
 /// ...at most this many times, then gives up (the domain stays unprotected).
 pub const PROTECT_ATTEMPTS_MAX: u32 = 12;
+/// How often `Command::EndMaintenance` tries again.
+pub const MAINTENANCE_EXIT_RETRY_MS: u64 = 5_000;
 
 impl World {
     pub fn apply_command(&mut self, c: Command) {
@@ -134,6 +136,14 @@ impl World {
             Command::Unprotect(d) => self.unprotect(d),
             Command::Maintenance { host, enter } => {
                 self.deliver(host, Input::Operator(OperatorCommand::Maintenance(enter)));
+            }
+            Command::EndMaintenance(host) => {
+                self.deliver(host, Input::Operator(OperatorCommand::Maintenance(false)));
+                let node = self.hosts.get(&host).map(|x| x.node.as_ref().map(|n| n.in_maintenance()));
+                // None: no such host. Some(None): its daemon does not run.
+                if matches!(node, Some(None | Some(true))) {
+                    self.schedule(MAINTENANCE_EXIT_RETRY_MS, Ev::Command(Command::EndMaintenance(host)));
+                }
             }
             Command::GuestHang { .. }
             | Command::GuestRecover(_)
@@ -264,6 +274,7 @@ fn is_fault(c: &Command) -> bool {
             | Command::Protect { .. }
             | Command::Unprotect(_)
             | Command::Maintenance { .. }
+            | Command::EndMaintenance(_)
             | Command::GuestRecover(_)
             | Command::GuestStop { .. }
             | Command::OperatorStart { .. }
@@ -311,6 +322,7 @@ fn describe(c: &Command, w: &World) -> String {
         Command::Unprotect(d) => format!("unprotect {}", w.domain_name(*d)),
         Command::Maintenance { host, enter: true } => format!("maintenance enter {host}"),
         Command::Maintenance { host, enter: false } => format!("maintenance exit {host}"),
+        Command::EndMaintenance(host) => format!("maintenance exit {host} (until it is done)"),
         Command::GuestHang { domain, always: false } => format!("guest of {} hangs", w.domain_name(*domain)),
         Command::GuestHang { domain, always: true } => {
             format!("guest of {} hangs, and at every boot", w.domain_name(*domain))

@@ -103,6 +103,11 @@ pub enum Command {
         host: HostId,
         enter: bool,
     },
+    /// The operator ends a host's maintenance for sure: `havirt maintenance
+    /// exit` on it, repeated every MAINTENANCE_EXIT_RETRY_MS while its
+    /// daemon is down (the command fails there, and a real operator tries
+    /// again) or it still says maintenance.
+    EndMaintenance(HostId),
     /// The guest of this domain hangs (its agent stops answering) until a
     /// reset; `always`: also after every reset or start (a broken OS).
     GuestHang {

@@ -392,8 +392,9 @@ fn heal(out: &mut Vec<(u64, Command)>, at: u64, hosts: &[HostId], setup: &SimSet
         out.push((at, Command::PowerOn(*h)));
         out.push((at + 10_000, Command::DaemonStart(*h)));
         // An "exit" sent while the host was off never arrived: the
-        // operator ends every maintenance once the daemons run again.
-        out.push((at + 15_000, Command::Maintenance { host: *h, enter: false }));
+        // operator ends every maintenance once the daemons run again, and
+        // tries again while a host is still down (fenced during the heal).
+        out.push((at + 15_000, Command::EndMaintenance(*h)));
         for agent in setup.spec.host(*h).map(|s| s.fence_agents.clone()).unwrap_or_default() {
             out.push((at, Command::FenceAgent { target: *h, agent, mode: AgentMode::Works }));
         }
