@@ -232,9 +232,17 @@ impl World {
     }
 
     /// Every lease change: a free `Stopped` lease makes the intent durable,
-    /// and must follow an intentional stop.
+    /// and must follow an intentional stop; a lease taken by a host the
+    /// operator asked to start the domain ends the intent.
     pub fn note_stopped_lease(&mut self, key: LeaseKey, new: Lease) {
         let LeaseKey::Domain(d) = key else { return };
+        let asked = |h: HostId| self.checker.intents.start_requested.get(&d).is_some_and(|hs| hs.contains(&h));
+        if new.owner.is_some_and(|o| asked(o.host)) {
+            // `havirt start` took the lease: the domain is protected as any
+            // other from now on, and restarted elsewhere if that start fails.
+            self.checker.intents.forget(d);
+            return;
+        }
         if new.owner.is_some() || new.reason != LeaseReason::Stopped {
             return;
         }
