@@ -301,3 +301,27 @@ fn disagreeing_leaders_are_an_error_not_a_choice() {
     put(&a, &mut disk, &Dblock { mbal: 2, lver: 1, leader: lease(1, 1), ..Dblock::empty(a.key, HostId(1)) });
     assert_eq!(a.lease(&disk), Err(PaxosError::Disagreement { generation: 1, a: HostId(0), b: HostId(1) }));
 }
+
+/// Why there is no shared leader sector: host 0's commit of generation 1
+/// stalls and lands after host 2 committed generation 2. It lands in host
+/// 0's own sector, so the committed lease stays at 2 (a shared sector
+/// would be back at 1, naming the previous owner).
+#[test]
+fn a_commit_that_lands_late_cannot_roll_the_lease_back() {
+    let a = area();
+    let mut disk = blank(&a);
+    let g1 = lease(0, 1);
+    put(
+        &a,
+        &mut disk,
+        &Dblock { mbal: 5, bal: 5, lver: 1, inp: Some(g1), leader: g1, ..Dblock::empty(a.key, HostId(1)) },
+    );
+    let (f, _) = drive(proposer(a, 2).cas(1, lease(2, 2)), &mut disk, |_, _| {});
+    assert_eq!(f.outcome, Ok(Outcome::Done(lease(2, 2))));
+    put(
+        &a,
+        &mut disk,
+        &Dblock { mbal: 1, bal: 1, lver: 1, inp: Some(g1), leader: g1, ..Dblock::empty(a.key, HostId(0)) },
+    );
+    assert_eq!(a.lease(&disk), Ok(lease(2, 2)));
+}
