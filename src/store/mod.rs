@@ -8,6 +8,8 @@
 //!   (or a plain file): heartbeat slots, poison requests, fenced and
 //!   assignment records. No leases (see its module doc).
 //! - `direct`: aligned O_DIRECT block I/O both backends share.
+//! - `paxos`: lease compare-and-swap on a raw LUN without locks (Disk
+//!   Paxos), as a pure state machine with its per-sector ballot records.
 //! - `inventory`: each host's bridges and libvirt networks, for `havirt
 //!   check` on the others (dir datastores only; informational).
 //!
@@ -18,6 +20,7 @@ pub mod block;
 pub mod dir;
 pub mod direct;
 pub mod inventory;
+pub mod paxos;
 pub mod record;
 
 use crate::engine::config::HostId;
