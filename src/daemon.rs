@@ -22,7 +22,7 @@ use crate::control::{self, Counters, EventRecord, PolicyChanges, Request, Respon
 use crate::engine::config::{ClusterSpec, DomainId, DomainPolicy, HostId, Readiness};
 use crate::engine::io::{
     Action, AgentPing, BootId, CasOutcome, DomainEvent, Event, FenceOutcome, Input, Lease, LeaseKey, LeaseReason,
-    OperatorCommand, Owner, StorageError,
+    OperatorCommand, Owner, StartFailure, StorageError,
 };
 use crate::engine::node::{LocalState, Node, NodeConfig};
 use crate::engine::time::{Duration, Instant};
@@ -1234,25 +1234,27 @@ fn start_domain(s: &Shared, d: DomainId) -> DomainEvent {
             )));
             if let Err(e) = hv.destroy(d) {
                 s.send(Internal::Problem(format!("destroying the paused copy of {}: {e}", uuid_string(d))));
-                return DomainEvent::StartFailed { disk_locked: false };
+                return DomainEvent::StartFailed { cause: start_failure(&e) };
             }
         }
     }
     match s.store.read_domain_xml(d) {
         Ok(Some(xml)) => {
             let defined = match s.net_map.to_local(&xml) {
-                Ok(local) => hv.define(&local).map_err(|e| e.to_string()),
-                Err(e) => Err(format!("mapping its bridges and networks to this host's names: {e}")),
+                Ok(local) => hv.define(&local).map_err(|e| (start_failure(&e), e.to_string())),
+                Err(e) => {
+                    Err((StartFailure::Refused, format!("mapping its bridges and networks to this host's names: {e}")))
+                }
             };
-            if let Err(e) = defined {
+            if let Err((cause, e)) = defined {
                 s.send(Internal::Problem(format!("defining {} from the datastore failed: {e}", uuid_string(d))));
-                return DomainEvent::StartFailed { disk_locked: false };
+                return DomainEvent::StartFailed { cause };
             }
         }
         Ok(None) => {}
         Err(e) => {
             s.send(Internal::Problem(format!("reading the definition of {}: {e}", uuid_string(d))));
-            return DomainEvent::StartFailed { disk_locked: false };
+            return DomainEvent::StartFailed { cause: StartFailure::Refused };
         }
     }
     if let Err(e) = hv.set_autostart(d, false) {
@@ -1263,12 +1265,22 @@ fn start_domain(s: &Shared, d: DomainId) -> DomainEvent {
         Err(e) => {
             let text = e.to_string();
             // qemu's image locking: another qemu still holds the disks.
-            let disk_locked =
-                text.contains("Failed to get \"write\" lock") || text.contains("Is another process using");
+            let cause = if text.contains("Failed to get \"write\" lock") || text.contains("Is another process using") {
+                StartFailure::DisksLocked
+            } else {
+                start_failure(&e)
+            };
             s.send(Internal::Problem(format!("start of {} failed: {text}", uuid_string(d))));
-            DomainEvent::StartFailed { disk_locked }
+            DomainEvent::StartFailed { cause }
         }
     }
+}
+
+/// A failure of libvirt's connection (libvirtd hung, restarting, its
+/// keepalive timed out) says nothing of the domain, and the call may still
+/// be carried out: `HypervisorDown`. Any other error is libvirt's refusal.
+fn start_failure(e: &HypervisorError) -> StartFailure {
+    if e.is_connection_failure() { StartFailure::HypervisorDown } else { StartFailure::Refused }
 }
 
 /// Stores this host's definition of `d` under the cluster's bridge and

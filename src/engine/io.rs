@@ -230,10 +230,25 @@ pub enum DomainEvent {
     ShutDown,
     /// The operator destroyed it (`virsh destroy`). libvirt STOPPED/DESTROYED.
     Destroyed,
-    /// The start failed; `disk_locked` means another qemu holds its disks.
+    /// The start failed, for `cause`.
     StartFailed {
-        disk_locked: bool,
+        cause: StartFailure,
     },
+}
+
+/// Why a start failed: it decides what the node may do next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StartFailure {
+    /// libvirt refused it (bad definition, missing disk or bridge): the
+    /// domain cannot run here, and the lease goes back to the master.
+    Refused,
+    /// qemu's image locking: another qemu still holds the disks.
+    DisksLocked,
+    /// libvirtd did not answer (hung, restarting, connection lost). The
+    /// start may still happen once libvirtd gets to it, so the lease is
+    /// kept: released, another host could start the domain while this
+    /// late start runs it here too (S1).
+    HypervisorDown,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

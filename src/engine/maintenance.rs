@@ -314,7 +314,8 @@ impl Node {
                 state: LocalState::Incoming { since: now },
                 generation: None,
                 restarts: 0,
-                disk_locked_retries: 0,
+                start_retries: 0,
+                start_in_doubt: false,
                 incoming_since: Some(now),
             },
         );

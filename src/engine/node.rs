@@ -110,7 +110,12 @@ pub struct Local {
     /// Generation of the lease we own (None while adopting).
     pub generation: Option<u64>,
     pub restarts: u32,
-    pub disk_locked_retries: u32,
+    /// Starts retried here after `DisksLocked` or `HypervisorDown`.
+    pub start_retries: u32,
+    /// A start libvirtd did not answer may still happen (StartFailure::
+    /// HypervisorDown): the lease stays ours, and a self-fence destroys it
+    /// like a running domain rather than forgetting it.
+    pub start_in_doubt: bool,
     /// A paused copy that arrived by migration exists here (since then)
     /// while we verify its lease: a failed verify goes back to waiting
     /// (`Incoming`), never forgets that copy.
@@ -511,7 +516,8 @@ impl Node {
                     state: LocalState::Adopting,
                     generation: None,
                     restarts: 0,
-                    disk_locked_retries: 0,
+                    start_retries: 0,
+                    start_in_doubt: false,
                     incoming_since: None,
                 },
             );
@@ -628,7 +634,8 @@ impl Node {
                 state: LocalState::Verifying,
                 generation: Some(generation),
                 restarts: 0,
-                disk_locked_retries: 0,
+                start_retries: 0,
+                start_in_doubt: false,
                 incoming_since,
             },
         );
@@ -871,9 +878,15 @@ impl Node {
         match event {
             DomainEvent::Started => {
                 let s = if readiness == Some(Readiness::Started) { LocalState::Ready } else { LocalState::Running };
-                if local.state == LocalState::Starting {
+                // A start libvirtd kept while it hung has run after all: it is
+                // this lease's start (the lease stayed ours).
+                let late = local.start_in_doubt && matches!(local.state, LocalState::Backoff { .. });
+                if local.state == LocalState::Starting || late {
                     self.emit(now, "node", format!("{} running", self.domain_name(d)));
                     self.set_state(d, s);
+                    if let Some(l) = self.local.get_mut(&d) {
+                        l.start_in_doubt = false;
+                    }
                 }
             }
             DomainEvent::Ready => {
@@ -890,7 +903,7 @@ impl Node {
             }
             DomainEvent::ShutDown => self.stopped_on_purpose(now, d, local, "shut down (guest or operator)"),
             DomainEvent::Destroyed => self.stopped_on_purpose(now, d, local, "destroyed by the operator"),
-            DomainEvent::StartFailed { disk_locked } => self.start_failed(now, d, local, disk_locked),
+            DomainEvent::StartFailed { cause } => self.start_failed(now, d, local, cause),
         }
     }
 
@@ -939,25 +952,36 @@ impl Node {
         }
     }
 
-    fn start_failed(&mut self, now: Instant, d: DomainId, local: Local, disk_locked: bool) {
+    fn start_failed(&mut self, now: Instant, d: DomainId, local: Local, cause: StartFailure) {
         if local.state != LocalState::Starting {
             return;
         }
-        if disk_locked && local.disk_locked_retries < MAX_DISK_LOCKED_RETRIES {
-            let until = now + self.backoff(local.disk_locked_retries.min(3));
-            if local.disk_locked_retries == 0 {
-                self.emit(now, "node", format!("{}: disks locked by another qemu; retrying", self.domain_name(d)));
+        let name = self.domain_name(d);
+        let retry = match cause {
+            StartFailure::DisksLocked if local.start_retries < MAX_DISK_LOCKED_RETRIES => {
+                (local.start_retries == 0).then(|| format!("{name}: disks locked by another qemu; retrying"))
             }
-            if let Some(l) = self.local.get_mut(&d) {
-                l.disk_locked_retries += 1;
-                l.state = LocalState::Backoff { until };
+            // Never released for this: the start may still run here.
+            StartFailure::HypervisorDown => (local.start_retries == 0).then(|| {
+                format!("{name}: libvirtd did not answer the start; keeping the lease (the start may still happen) and retrying")
+            }),
+            StartFailure::DisksLocked | StartFailure::Refused => {
+                self.emit(now, "node", format!("start of {name} failed; lease released"));
+                self.local.remove(&d);
+                if let Some(g) = local.generation {
+                    self.release(now, d, g, true);
+                }
+                return;
             }
-            return;
+        };
+        if let Some(text) = retry {
+            self.emit(now, "node", text);
         }
-        self.emit(now, "node", format!("start of {} failed; lease released", self.domain_name(d)));
-        self.local.remove(&d);
-        if let Some(g) = local.generation {
-            self.release(now, d, g, true);
+        let until = now + self.backoff(local.start_retries.min(3));
+        if let Some(l) = self.local.get_mut(&d) {
+            l.start_retries += 1;
+            l.start_in_doubt |= cause == StartFailure::HypervisorDown;
+            l.state = LocalState::Backoff { until };
         }
     }
 
@@ -1238,7 +1262,7 @@ impl Node {
                 self.set_state(d, LocalState::Stopping { kill_at, then: release });
             }
             Some((LocalState::Verifying | LocalState::Backoff { .. }, g))
-                if self.local.get(&d).is_none_or(|l| l.incoming_since.is_none()) =>
+                if self.local.get(&d).is_none_or(|l| l.incoming_since.is_none() && !l.start_in_doubt) =>
             {
                 // Not running here (a renew in flight may still land: then
                 // the lease is ours at a newer generation and stays so).

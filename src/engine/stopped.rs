@@ -307,7 +307,8 @@ impl Node {
             state: LocalState::Starting,
             generation: Some(lease.generation),
             restarts: 0,
-            disk_locked_retries: 0,
+            start_retries: 0,
+            start_in_doubt: false,
             incoming_since: None,
         };
         self.local.insert(d, local);

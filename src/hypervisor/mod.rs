@@ -169,6 +169,22 @@ pub enum HypervisorError {
     Events(#[from] events::EventsError),
 }
 
+impl HypervisorError {
+    /// The connection to libvirtd failed (closed, keepalive timeout, RPC
+    /// error): libvirtd may not have seen the call, or may still carry it
+    /// out. Not an answer about the domain.
+    pub fn is_connection_failure(&self) -> bool {
+        use virt::error::{ErrorDomain, ErrorNumber};
+        match self {
+            HypervisorError::Libvirt { source, .. } | HypervisorError::Domain { source, .. } => {
+                source.domain() == ErrorDomain::Rpc
+                    || matches!(source.code(), ErrorNumber::NoConnect | ErrorNumber::InvalidConn | ErrorNumber::Rpc)
+            }
+            _ => false,
+        }
+    }
+}
+
 /// A domain id printed the way libvirt prints it (8-4-4-4-12 lowercase hex).
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Uuid(pub DomainId);

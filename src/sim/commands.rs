@@ -88,9 +88,13 @@ impl World {
                 self.clear_fault_later(h);
             }
             Command::Hypervisor { host, hung, qemu_stuck } => {
+                let was_hung = self.hosts.get(&host).is_some_and(|x| x.libvirt_hung);
                 if let Some(x) = self.hosts.get_mut(&host) {
                     x.libvirt_hung = hung;
                     x.qemu_stuck = qemu_stuck;
+                }
+                if was_hung && !hung {
+                    self.libvirt_answers(host);
                 }
             }
             Command::DaemonCrash(h) => self.crash_daemon(h),

@@ -115,6 +115,8 @@ pub struct SimHost {
     /// libvirtd does not answer; and qemu cannot even be killed.
     pub libvirt_hung: bool,
     pub qemu_stuck: bool,
+    /// Starts asked of the hung libvirtd, which it may still carry out.
+    pub pending_starts: BTreeSet<DomainId>,
     /// Issue time of the last slot write that succeeded (ground truth for S4).
     pub last_good_write_issue: Option<u64>,
     pub last_resume: Option<u64>,
@@ -181,7 +183,7 @@ pub enum Ev {
         host: HostId,
         epoch: u64,
         domain: DomainId,
-        disk_locked: bool,
+        cause: StartFailure,
     },
     FenceDone {
         host: HostId,
@@ -332,6 +334,7 @@ impl World {
                     isolated: false,
                     libvirt_hung: false,
                     qemu_stuck: false,
+                    pending_starts: BTreeSet::new(),
                     last_good_write_issue: None,
                     last_resume: None,
                     daemon_started_at: 0,
@@ -484,9 +487,9 @@ impl World {
                     self.input(host, Input::Domain { domain, event: DomainEvent::Stopped });
                 }
             }
-            Ev::StartRefused { host, epoch, domain, disk_locked } => {
+            Ev::StartRefused { host, epoch, domain, cause } => {
                 if self.epoch(host) == Some(epoch) {
-                    self.input(host, Input::Domain { domain, event: DomainEvent::StartFailed { disk_locked } });
+                    self.input(host, Input::Domain { domain, event: DomainEvent::StartFailed { cause } });
                 }
             }
             Ev::FenceDone { host, epoch, op, target, outcome } => {
@@ -617,10 +620,15 @@ impl World {
             | Action::WriteFenced { .. }
             | Action::WriteAssignments { .. } => self.storage_submit(h, a),
             Action::StartDomain { domain } if self.hosts[&h].libvirt_hung => {
-                // The adapter bounds the call and reports a failed start.
+                // libvirt's keepalive closes the connection and the call
+                // fails; libvirtd keeps the request and may still carry it
+                // out when it answers again (`libvirt_answers`).
                 let epoch = self.hosts[&h].daemon_epoch;
                 let after = self.spec.timings.io_timeout.as_millis();
-                self.schedule(after, Ev::StartRefused { host: h, epoch, domain, disk_locked: false });
+                if let Some(x) = self.hosts.get_mut(&h) {
+                    x.pending_starts.insert(domain);
+                }
+                self.schedule(after, Ev::StartRefused { host: h, epoch, domain, cause: StartFailure::HypervisorDown });
             }
             Action::StartDomain { domain } => self.qemu_start(h, domain),
             Action::DestroyDomain { domain, kill } => {
@@ -882,13 +890,13 @@ impl World {
             return;
         }
         if self.broken_domains.contains(&d) {
-            self.schedule(200, Ev::StartRefused { host: h, epoch, domain: d, disk_locked: false });
+            self.schedule(200, Ev::StartRefused { host: h, epoch, domain: d, cause: StartFailure::Refused });
             return;
         }
         let locked =
             self.params.disk_locks && self.hosts.values().any(|x| x.id != h && x.powered && x.qemu.contains_key(&d));
         if locked {
-            self.schedule(50, Ev::StartRefused { host: h, epoch, domain: d, disk_locked: true });
+            self.schedule(50, Ev::StartRefused { host: h, epoch, domain: d, cause: StartFailure::DisksLocked });
             return;
         }
         self.seq += 1;
@@ -913,7 +921,27 @@ impl World {
             q.ready_at = ready_at;
         }
         self.checker.domain_running(self.now, d);
-        self.input(h, Input::Domain { domain: d, event: DomainEvent::Started });
+        let tracked = self.hosts[&h].node.as_ref().is_some_and(|n| n.local_domains().contains_key(&d));
+        if tracked {
+            self.input(h, Input::Domain { domain: d, event: DomainEvent::Started });
+        } else {
+            // As the daemon does: a protected domain started behind its
+            // back is adopted, which destroys it unless the lease is ours.
+            self.input(h, Input::DomainsAtStart(vec![d]));
+        }
+    }
+
+    /// libvirtd answers again and works off what it was asked while hung:
+    /// every start it kept runs now, although its caller has long been told
+    /// the call failed (the worst case for the engine).
+    pub fn libvirt_answers(&mut self, h: HostId) {
+        let pending = self.hosts.get_mut(&h).map(|x| std::mem::take(&mut x.pending_starts)).unwrap_or_default();
+        for d in pending {
+            if self.hosts[&h].powered {
+                self.log_sim(&format!("libvirtd on {h} carries out its late start of {}", self.domain_name(d)));
+                self.qemu_start(h, d);
+            }
+        }
     }
 
     /// qemu of `d` on `h` is gone (destroyed, crashed, or host power loss).
@@ -1071,6 +1099,7 @@ impl World {
         host.watchdog_deadline = None;
         host.held_ops.clear();
         host.held_events.clear();
+        host.pending_starts.clear();
         let doms: Vec<DomainId> = host.qemu.keys().copied().collect();
         for d in doms {
             self.qemu_gone(h, d);
