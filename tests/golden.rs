@@ -1,23 +1,25 @@
 //! Golden scenarios (Proxmox ha-manager's `src/test/` in Rust): every
-//! directory under `tests/scenarios/` is loaded, run on the simulator with
-//! the invariant checker on, and its event log compared with `log.expect`.
+//! directory under `tests/scenarios/` is one test: loaded, run on the
+//! simulator with the invariant checker on, and its event log compared with
+//! `log.expect`. The harness is libtest-mimic, so each scenario passes or
+//! fails by name and the usual filter picks some (`cargo test --test golden
+//! power-`).
 //!
-//! - `HAVIRT_BLESS=1 cargo test --test golden` writes `log.expect` instead of
-//!   comparing (only for runs without invariant violations). Review the diff
-//!   of every blessed file before committing it.
-//! - `HAVIRT_SCENARIO=power-` runs only the directories whose name contains
-//!   that text (the minimum count is still checked on the whole directory).
+//! - `HAVIRT_BLESS=1 cargo test --test golden [NAME]` writes `log.expect`
+//!   instead of comparing (only for runs without invariant violations).
+//!   Review the diff of every blessed file before committing it.
 //!
 //! On a mismatch the actual log is also written to
 //! `$CARGO_TARGET_TMPDIR/golden/<name>.log` for a closer look.
 
 use havirt::sim::scenario;
+use libtest_mimic::{Arguments, Failed, Trial};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 /// The suite must cover at least this many cases; fewer means scenarios
 /// were lost (deleted or renamed away), not that the engine got simpler.
-const SCENARIOS_MIN: usize = 15;
+const SCENARIOS_MIN: usize = 40;
 
 /// Lines of unchanged context around each change in a diff.
 const DIFF_CONTEXT_LINES: usize = 3;
@@ -26,32 +28,30 @@ const DIFF_CONTEXT_LINES: usize = 3;
 /// beyond it the diff shows the first difference only, to bound memory.
 const DIFF_LINES_MAX: usize = 4000;
 
-#[test]
-fn golden_scenarios() {
+fn main() {
+    let args = Arguments::from_args();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios");
     let dirs = scenario_dirs(&root);
-    assert!(
-        dirs.len() >= SCENARIOS_MIN,
-        "{} has {} scenario directories, expected at least {SCENARIOS_MIN}",
-        root.display(),
-        dirs.len()
-    );
     let bless = std::env::var("HAVIRT_BLESS").is_ok_and(|v| v == "1");
-    let filter = std::env::var("HAVIRT_SCENARIO").unwrap_or_default();
-    let mut ran = 0;
-    let mut failures = Vec::new();
-    for dir in dirs.iter().filter(|d| dir_name(d).contains(filter.as_str())) {
-        ran += 1;
-        match check(dir, bless) {
-            Ok(()) => eprintln!("golden: {} ok", dir_name(dir)),
-            Err(report) => {
-                eprintln!("golden: {} FAILED", dir_name(dir));
-                failures.push(report);
+    let count = dirs.len();
+    let mut trials = vec![
+        Trial::test("scenario_count", move || {
+            if count >= SCENARIOS_MIN {
+                Ok(())
+            } else {
+                Err(format!("{} has {count} scenario directories, expected at least {SCENARIOS_MIN}", root.display())
+                    .into())
             }
-        }
-    }
-    assert!(ran > 0, "HAVIRT_SCENARIO={filter:?} matches no scenario");
-    assert!(failures.is_empty(), "{} of {ran} golden scenarios failed:\n\n{}", failures.len(), failures.join("\n\n"));
+        }),
+        Trial::test(
+            "diff_shows_changes_with_context_and_line_numbers",
+            diff_shows_changes_with_context_and_line_numbers,
+        ),
+    ];
+    trials.extend(
+        dirs.into_iter().map(|dir| Trial::test(dir_name(&dir), move || check(&dir, bless).map_err(Failed::from))),
+    );
+    libtest_mimic::run(&args, trials).exit();
 }
 
 fn scenario_dirs(root: &Path) -> Vec<PathBuf> {
@@ -90,7 +90,7 @@ fn check(dir: &Path, bless: bool) -> Result<(), String> {
         Err(e) => {
             return Err(format!(
                 "=== {name}: cannot read {} ({e}); review the run and create it with \
-                 HAVIRT_BLESS=1 HAVIRT_SCENARIO={name} cargo test --test golden",
+                 HAVIRT_BLESS=1 cargo test --test golden {name}",
                 expect_path.display()
             ));
         }
@@ -204,14 +204,18 @@ fn render_hunks(edits: &[(Edit, &str)], out: &mut String) {
     }
 }
 
-#[test]
-fn diff_shows_changes_with_context_and_line_numbers() {
+fn diff_shows_changes_with_context_and_line_numbers() -> Result<(), Failed> {
     let expected = "a\nb\nc\nd\ne\nf\ng\nh\ni\nj\nk\nl\nm\nn\n";
     let actual = "a\nb\nc\nd\nE\nf\ng\nh\ni\nj\nk\nl\nm\nn\no\n";
     let text = diff(expected, actual);
     let want = "--- log.expect\n+++ actual\n\
                 @@ -2 +2 @@\n b\n c\n d\n-e\n+E\n f\n g\n h\n\
                 @@ -12 +12 @@\n l\n m\n n\n+o\n";
-    assert_eq!(text, want);
-    assert!(diff("a\n", "a").contains("only in line endings"));
+    if text != want {
+        return Err(format!("diff gave\n{text}\nwanted\n{want}").into());
+    }
+    if !diff("a\n", "a").contains("only in line endings") {
+        return Err("a missing final newline is not named".into());
+    }
+    Ok(())
 }
