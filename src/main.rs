@@ -3,7 +3,7 @@
 use clap::{CommandFactory, Parser, Subcommand};
 use havirt::engine::config::Profile;
 use havirt::sim::random::{RandomOptions, Shape, run_seed};
-use havirt::sim::report::run_seeds;
+use havirt::sim::report::{Verdict, run_seeds};
 use havirt::sim::{run_scenario, scenario};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -138,7 +138,9 @@ enum Cmd {
         #[command(subcommand)]
         what: LabCmd,
     },
-    /// Run the deterministic cluster simulator.
+    /// Run the deterministic cluster simulator. Exits 0 when every run is
+    /// clean, 3 when a safety invariant broke, 4 when only liveness did (or
+    /// a false failover), 5 when a run crashed; 2 on a usage error.
     Simulate(SimulateArgs),
     /// The built-in demo: one power loss step by step on a 5-host, 40-domain
     /// cluster, then 100 random fault schedules with every invariant checked.
@@ -584,7 +586,7 @@ fn simulate(a: SimulateArgs) -> Result<ExitCode, String> {
         for v in &out.violations {
             println!("VIOLATION {v}");
         }
-        return Ok(if out.violations.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) });
+        return Ok(ExitCode::from(Verdict::of(out.invariants.iter().copied(), 0).exit_code()));
     }
     let profile = Profile::parse(&a.profile)
         .ok_or_else(|| format!("--profile {:?}: use fast, default or conservative", a.profile))?;
@@ -606,7 +608,8 @@ fn simulate(a: SimulateArgs) -> Result<ExitCode, String> {
         if a.json {
             println!("{}", serde_json::to_string_pretty(&s).map_err(|e| e.to_string())?);
         }
-        return Ok(if out.violations.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) });
+        let found = out.violations.iter().map(|v| v.invariant);
+        return Ok(ExitCode::from(Verdict::of(found, out.false_failovers).exit_code()));
     }
     let (from, to) = parse_range(a.seeds.as_deref().unwrap_or("1..100"))?;
     let workers = a.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -644,11 +647,8 @@ fn simulate(a: SimulateArgs) -> Result<ExitCode, String> {
             println!("  {class:<22} n={:<5} p50 {:.2}s p99 {:.2}s max {:.2}s", p.samples, p.p50, p.p99, p.max);
         }
     }
-    Ok(if summary.violations.is_empty() && summary.false_failovers == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    let found = summary.violations.iter().map(|v| v.invariant);
+    Ok(ExitCode::from(Verdict::of(found, summary.false_failovers).exit_code()))
 }
 
 fn demo() -> Result<ExitCode, String> {

@@ -36,6 +36,8 @@ pub struct SimSetup {
 pub struct ScenarioOutcome {
     pub log: String,
     pub violations: Vec<String>,
+    /// The invariant each violation broke, in the same order.
+    pub invariants: Vec<&'static str>,
 }
 
 /// The outcome of one simulated run.
@@ -90,9 +92,10 @@ pub fn run_scenario(s: &scenario::Scenario) -> ScenarioOutcome {
     let out = run_commands(&s.setup, WorldParams::default(), &s.commands, s.end_ms, None);
     let violations =
         out.violations.iter().map(|v| format!("{} at {} ms: {}", v.invariant, v.at_ms, v.detail)).collect();
+    let invariants = out.violations.iter().map(|v| v.invariant).collect();
     let mut log = out.log.join("\n");
     log.push('\n');
-    ScenarioOutcome { log, violations }
+    ScenarioOutcome { log, violations, invariants }
 }
 
 #[cfg(test)]

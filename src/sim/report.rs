@@ -106,7 +106,9 @@ pub fn run_seeds(
                     if seed > to {
                         break;
                     }
-                    let mut out = run_seed(seed, o, Some(RANDOM_LOG_CAP));
+                    let run = || run_seed(seed, o, Some(RANDOM_LOG_CAP));
+                    let mut out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+                        .unwrap_or_else(|panic| crashed(seed, o, panic.as_ref()));
                     if !out.violations.is_empty() {
                         on_violation(&out);
                     }
@@ -122,6 +124,73 @@ pub fn run_seeds(
     let mut runs = results.into_inner().unwrap_or_default();
     runs.sort_by_key(|r| r.seed);
     (summarize(&runs, wall_s), runs)
+}
+
+/// The invariant name of a run that panicked (the engine's or the
+/// simulator's own assertion): the other seeds still run.
+pub const CRASH: &str = "CRASH";
+
+/// A seed whose run panicked, as a run with one `CRASH` violation.
+fn crashed(seed: u64, o: &RandomOptions, panic: &(dyn std::any::Any + Send)) -> RunOutcome {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into());
+    let setup = super::random::random_setup(seed, o);
+    RunOutcome {
+        seed,
+        violations: vec![super::checker::Violation { invariant: CRASH, at_ms: 0, detail: text, timeline: Vec::new() }],
+        recoveries: BTreeMap::new(),
+        clean_recoveries: BTreeMap::new(),
+        false_failovers: 0,
+        capacity_waits: 0,
+        sim_ms: 0,
+        events: 0,
+        hosts: setup.spec.hosts.len(),
+        domains: setup.spec.domains.len(),
+        log: Vec::new(),
+    }
+}
+
+/// What runs found, worst last: `havirt simulate` exits with its code, so a
+/// script tells a broken safety invariant from a slow recovery or a crash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Verdict {
+    Clean,
+    /// L1, L2 or a livelock broken, or a false failover: nothing unsafe.
+    Liveness,
+    /// A safety invariant (S1-S5), or havirt touched what it must not: an
+    /// unprotected domain, one stopped on purpose, a guest that answers.
+    Safety,
+    /// A run panicked.
+    Crash,
+}
+
+impl Verdict {
+    pub fn of<'a>(invariants: impl IntoIterator<Item = &'a str>, false_failovers: u64) -> Verdict {
+        let start = if false_failovers > 0 { Verdict::Liveness } else { Verdict::Clean };
+        invariants.into_iter().map(Verdict::of_invariant).fold(start, Verdict::max)
+    }
+
+    fn of_invariant(name: &str) -> Verdict {
+        match name {
+            CRASH => Verdict::Crash,
+            "UNMANAGED" | "STOPPED" | "RESET" => Verdict::Safety,
+            s if s.starts_with('S') => Verdict::Safety,
+            _ => Verdict::Liveness,
+        }
+    }
+
+    /// 0 clean, 3 safety, 4 liveness, 5 crash (2 stays the usage error).
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Verdict::Clean => 0,
+            Verdict::Safety => 3,
+            Verdict::Liveness => 4,
+            Verdict::Crash => 5,
+        }
+    }
 }
 
 pub fn summarize(runs: &[RunOutcome], wall_s: f64) -> Summary {
@@ -178,4 +247,21 @@ fn collect<'a>(
     }
     let by_class = by_class.into_iter().map(|(k, v)| (k, Percentiles::of(&v))).collect();
     (all, by_class)
+}
+
+#[cfg(test)]
+mod verdict_tests {
+    use super::Verdict;
+
+    #[test]
+    fn the_worst_finding_decides_the_exit_code() {
+        assert_eq!(Verdict::of([], 0).exit_code(), 0);
+        assert_eq!(Verdict::of([], 2), Verdict::Liveness);
+        assert_eq!(Verdict::of(["L1", "L2", "LIVELOCK"], 0), Verdict::Liveness);
+        assert_eq!(Verdict::of(["L1", "S4"], 0), Verdict::Safety);
+        assert_eq!(Verdict::of(["STOPPED"], 0), Verdict::Safety);
+        assert_eq!(Verdict::of(["S1", super::CRASH, "L1"], 0), Verdict::Crash);
+        let codes = [Verdict::Liveness, Verdict::Safety, Verdict::Crash].map(Verdict::exit_code);
+        assert_eq!(codes, [4, 3, 5]);
+    }
 }
