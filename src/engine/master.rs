@@ -431,9 +431,14 @@ impl Node {
             };
             if owner.boot != self.cfg.boot {
                 // A lease of our previous boot: that boot's qemu is gone.
+                cov_mark::hit!(s3a_off);
                 return Some(LeaseReason::FenceConfirmed);
             }
-            return released.filter(|g| *g >= generation).map(|_| LeaseReason::Released);
+            let released = released.filter(|g| *g >= generation);
+            if released.is_some() {
+                cov_mark::hit!(s3c_released);
+            }
+            return released.map(|_| LeaseReason::Released);
         }
         #[cfg(test)]
         if self.cfg.broken_skip_s3 && self.peers.get(&owner.host).is_some_and(|p| !p.net_fresh(_now, &self.t)) {
@@ -443,19 +448,26 @@ impl Node {
             // Not a member any more: only the operator can say it is off.
             return None;
         };
+        // S3(a): that boot is off, confirmed by a fence agent or the operator.
         if peer.fenced_boots.contains(&owner.boot) {
+            cov_mark::hit!(s3a_off);
             return Some(LeaseReason::FenceConfirmed);
         }
         if peer.current_boot().is_some_and(|b| b != owner.boot) {
             // It rebooted since it took the lease: that boot's qemu is gone.
+            cov_mark::hit!(s3a_off);
             return Some(LeaseReason::FenceConfirmed);
         }
+        // S3(c): it said it released this generation.
         if peer.released(owner.boot, key).is_some_and(|(g, _)| g >= generation) {
+            cov_mark::hit!(s3c_released);
             return Some(LeaseReason::Released);
         }
+        // S3(b): its storage heartbeat stopped for host_dead_timeout.
         let watchdog = self.cfg.spec.host(owner.host).is_some_and(|h| h.watchdog);
         let issued = self.last_read_issued()?;
         if watchdog && peer.dead_by_timeout(issued, self.all_lost_claimed, &self.t) {
+            cov_mark::hit!(s3b_dead_by_timeout);
             return Some(LeaseReason::HostDeadTimeout);
         }
         None
