@@ -41,7 +41,6 @@ fn power_off(t: &mut E2e, victim: u16, before: &[Fault], lower: Duration, upper:
 /// Case 1: a non-master host loses power; fence_ipmilan confirms it off
 /// and its domains run again on the survivors well before the watchdog
 /// rule could have freed their leases.
-#[test]
 fn power_off_fenced_through_fence_ipmilan() {
     let Some(mut t) = E2e::up("power_off_fenced", |_| {}) else { return };
     let victim = t.busiest_non_master();
@@ -87,7 +86,6 @@ fn assert_status_shows_fenced(t: &E2e, master: u16, victim: u16) {
 /// Case 2: the host's BMC dies, then the host loses power: fencing fails,
 /// and only the watchdog rule (S3(b)) may free its leases, not before
 /// host_dead_timeout.
-#[test]
 fn power_off_with_dead_bmc_waits_for_the_watchdog_rule() {
     let Some(mut t) = E2e::up("power_off_bmc_dead", |_| {}) else { return };
     let victim = t.busiest_non_master();
@@ -96,7 +94,6 @@ fn power_off_with_dead_bmc_waits_for_the_watchdog_rule() {
 }
 
 /// Case 3: no fence agent configured: the watchdog rule alone.
-#[test]
 fn power_off_without_fencing_waits_for_the_watchdog_rule() {
     let Some(mut t) = E2e::up("power_off_no_fencing", |s| s.fencing = Fencing::Disabled) else { return };
     let victim = t.busiest_non_master();
@@ -106,7 +103,6 @@ fn power_off_without_fencing_waits_for_the_watchdog_rule() {
 
 /// Case 4: the master loses power: a survivor becomes master, fences it
 /// and restarts its domains.
-#[test]
 fn master_power_off() {
     let Some(mut t) = E2e::up("master_power_off", |_| {}) else { return };
     let master = t.master();
@@ -124,7 +120,6 @@ fn master_power_off() {
 /// Case 12: a domain's qemu is killed: the host restarts it itself
 /// (libvirt reports the crash at once; first restart after at most
 /// restart_backoff 1 s + a start 1 s + CI margin 5 s = 7 s).
-#[test]
 fn killed_qemu_restarts_on_the_same_host() {
     let Some(mut t) = E2e::up("kill_qemu", |_| {}) else { return };
     let host = t.busiest_non_master();
@@ -141,7 +136,6 @@ fn killed_qemu_restarts_on_the_same_host() {
 /// Case 13: a fenced host is powered on again: it rejoins (every daemon
 /// sees it alive), runs none of the domains that moved, and they stay
 /// where they are.
-#[test]
 fn returning_host_rejoins_without_taking_back() {
     let Some(mut t) = E2e::up("returning_host", |_| {}) else { return };
     let victim = t.busiest_non_master();
@@ -175,7 +169,6 @@ fn returning_host_rejoins_without_taking_back() {
 /// bound, the host is really off (the confirmation was true), and when the
 /// 60 s are over it runs none of its old domains (a resumed zombie would
 /// break S1; S5 would have to destroy it).
-#[test]
 fn paused_host_is_fenced_and_never_runs_its_domains_again() {
     let Some(mut t) = E2e::up("pause_60s", |_| {}) else { return };
     let victim = t.busiest_non_master();
@@ -213,7 +206,6 @@ const POWER_SETTLE: Duration = Duration::from_secs(10);
 /// storage, cannot be killed, so its watchdog resets it; the survivors
 /// restart its domains, at the latest by the watchdog rule. Then its
 /// storage comes back.
-#[test]
 fn hung_storage_self_fences_and_the_others_restart() {
     let Some(mut t) = E2e::up("storage_hang", |_| {}) else { return };
     let victim = t.busiest_non_master();
@@ -262,7 +254,6 @@ fn hung_storage_self_fences_and_the_others_restart() {
 /// interval, 0.5 s) + the master reading it and the assignee reading its
 /// assignment (two read intervals, 0.5 s) + a start (1 s) + CI margin
 /// (5 s) = 12 s.
-#[test]
 fn isolated_host_powers_off_and_the_others_restart() {
     let Some(mut t) = E2e::up("isolated_poweroff", |_| {}) else { return };
     let victim = t.busiest_non_master();
@@ -289,4 +280,31 @@ fn isolated_host_powers_off_and_the_others_restart() {
     }
     t.assert_kept_running(&untouched);
     t.finish();
+}
+
+/// This file's tests, for the harness (main.rs); `true`: ignored unless asked for.
+pub fn tests() -> Vec<(&'static str, fn(), bool)> {
+    vec![
+        ("power_off_fenced_through_fence_ipmilan", power_off_fenced_through_fence_ipmilan, false),
+        (
+            "power_off_with_dead_bmc_waits_for_the_watchdog_rule",
+            power_off_with_dead_bmc_waits_for_the_watchdog_rule,
+            false,
+        ),
+        (
+            "power_off_without_fencing_waits_for_the_watchdog_rule",
+            power_off_without_fencing_waits_for_the_watchdog_rule,
+            false,
+        ),
+        ("master_power_off", master_power_off, false),
+        ("killed_qemu_restarts_on_the_same_host", killed_qemu_restarts_on_the_same_host, false),
+        ("returning_host_rejoins_without_taking_back", returning_host_rejoins_without_taking_back, false),
+        (
+            "paused_host_is_fenced_and_never_runs_its_domains_again",
+            paused_host_is_fenced_and_never_runs_its_domains_again,
+            false,
+        ),
+        ("hung_storage_self_fences_and_the_others_restart", hung_storage_self_fences_and_the_others_restart, false),
+        ("isolated_host_powers_off_and_the_others_restart", isolated_host_powers_off_and_the_others_restart, false),
+    ]
 }

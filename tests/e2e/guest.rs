@@ -68,7 +68,6 @@ fn unix_ms_now() -> u64 {
 /// the guest after the failure interval (the same qemu process: a reset,
 /// not a restart), and the guest boots and answers again. No domain
 /// stopped or moved, S1 throughout.
-#[test]
 fn hung_guest_is_reset_and_answers_again() {
     let Some(mut t) = lab_up("guest_hang") else { return };
     let host = only_host(&t, GUEST);
@@ -120,7 +119,6 @@ fn hung_guest_is_reset_and_answers_again() {
 /// (b) The guest shuts itself down (its agent's guest-shutdown): it stays
 /// stopped on every host for a while, every daemon's status says stopped;
 /// then `havirt start` on two other hosts at once runs it exactly once.
-#[test]
 fn guest_shutdown_stays_stopped_until_havirt_start() {
     let Some(mut t) = lab_up("guest_shutdown") else { return };
     let host = only_host(&t, GUEST);
@@ -178,4 +176,12 @@ fn assert_stayed_stopped(t: &E2e, t0: Instant) {
     let key = seen.key(GUEST).expect("seen");
     let after: Vec<_> = seen.timeline[&key].iter().filter(|i| i.first_seen > since).cloned().collect();
     assert!(after.is_empty(), "{GUEST} ran again after its shutdown: {after:?}");
+}
+
+/// This file's tests, for the harness (main.rs); `true`: ignored unless asked for.
+pub fn tests() -> Vec<(&'static str, fn(), bool)> {
+    vec![
+        ("hung_guest_is_reset_and_answers_again", hung_guest_is_reset_and_answers_again, false),
+        ("guest_shutdown_stays_stopped_until_havirt_start", guest_shutdown_stays_stopped_until_havirt_start, false),
+    ]
 }

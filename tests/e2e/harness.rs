@@ -138,6 +138,12 @@ pub fn unavailable() -> Option<String> {
     None
 }
 
+thread_local! {
+    /// Why `E2e::up` could not run this thread's test: the harness then
+    /// reports it ignored, not passed.
+    pub static SKIPPED: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
 // ------------------------------------------------------------------ E2e
 
 /// One test's lab, watched by an observer from before the first fault to
@@ -157,6 +163,7 @@ impl E2e {
     pub fn up(name: &'static str, adjust: impl FnOnce(&mut LabSpec)) -> Option<E2e> {
         if let Some(why) = unavailable() {
             println!("SKIPPED {name}: {why}");
+            SKIPPED.with(|s| *s.borrow_mut() = Some(why));
             return None;
         }
         let mut spec = LabSpec::new(HOSTS, DOMAINS, PathBuf::from(env!("CARGO_BIN_EXE_havirt")));

@@ -11,9 +11,10 @@
 //! in `harness`, with the arithmetic named), or, for the faults the design
 //! says to ride out, that nothing moved.
 //!
-//! Root only; SKIPPED (passing, saying why) when not root or a lab tool is
-//! missing. Run with `--test-threads=1` (labs serialize on the machine's
-//! lab lock anyway). A failing test copies the lab's logs to
+//! Root only: when not root or a lab tool is missing each test is reported
+//! *ignored* with the reason (libtest-mimic's runtime ignore), never passed.
+//! One test at a time unless `--test-threads` says otherwise (labs
+//! serialize on the machine's lab lock anyway). A failing test copies the lab's logs to
 //! `target/e2e-logs/TEST/`; with `HAVIRT_E2E_KEEP=1` it also leaves the
 //! lab up for a look (run that one test alone; the next `lab up` removes it).
 //! The kept lab has no watchdog supervisors (they are threads of the test
@@ -26,3 +27,35 @@ mod maintenance;
 mod metrics;
 mod netmap;
 mod steady;
+
+use libtest_mimic::{Arguments, Completion, Failed, Trial};
+
+fn main() {
+    let mut args = Arguments::from_args();
+    args.test_threads = args.test_threads.or(Some(1));
+    let tests =
+        [steady::tests(), failover::tests(), guest::tests(), maintenance::tests(), metrics::tests(), netmap::tests()];
+    let trials =
+        tests.into_iter().flatten().map(|(name, run, ignored)| trial(name, run).with_ignored_flag(ignored)).collect();
+    libtest_mimic::run(&args, trials).exit();
+}
+
+/// A test fails by panicking, as under libtest; a lab that cannot come up
+/// here makes it ignored, with the reason.
+fn trial(name: &'static str, run: fn()) -> Trial {
+    Trial::ignorable_test(name, move || {
+        harness::SKIPPED.with(|s| s.borrow_mut().take());
+        if let Err(panic) = std::panic::catch_unwind(run) {
+            let text = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "panicked".into());
+            return Err(Failed::from(text));
+        }
+        Ok(match harness::SKIPPED.with(|s| s.borrow_mut().take()) {
+            Some(why) => Completion::ignored_with(why),
+            None => Completion::Completed,
+        })
+    })
+}

@@ -183,7 +183,6 @@ fn assert_failovers_counted(
     assert_eq!(down, Some(0.0), "h{master} still sees {victim_name} alive");
 }
 
-#[test]
 fn metrics_and_failover_timeline() {
     if Command::new("curl").arg("--version").stdout(Stdio::null()).status().is_err() {
         println!("SKIPPED metrics: no curl (Debian: curl; .ci/setup installs it)");
@@ -229,4 +228,9 @@ fn metrics_and_failover_timeline() {
     let events = t.lab().havirt_on(master, &["events"]).unwrap_or_else(|e| panic!("{e}"));
     assert!(events.contains(&format!("failover of {victim_name}: ")), "no summary event:\n{events}");
     t.finish();
+}
+
+/// This file's tests, for the harness (main.rs); `true`: ignored unless asked for.
+pub fn tests() -> Vec<(&'static str, fn(), bool)> {
+    vec![("metrics_and_failover_timeline", metrics_and_failover_timeline, false)]
 }

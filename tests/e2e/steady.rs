@@ -60,7 +60,6 @@ fn hold_network_fault(t: &E2e, cut: u16, t0: Instant) -> BTreeSet<String> {
 /// DESIGN.md §3 and §5: a host alive on storage is partitioned, never
 /// fenced; nothing is restarted and its leases stay valid. So nothing
 /// moves, for longer than any takeover rule could wait; then heal.
-#[test]
 fn partition_with_healthy_storage_moves_nothing() {
     let Some(mut t) = E2e::up("partition_2_1", |_| {}) else { return };
     let cut = HOSTS;
@@ -76,7 +75,6 @@ fn partition_with_healthy_storage_moves_nothing() {
 /// Case 7, keep: an isolated host whose domains say `keep` keeps running
 /// them (it says it is isolated, within isolation_timeout 5 s + CI margin
 /// 5 s); the others do not restart them; nothing doubles.
-#[test]
 fn isolated_host_keeps_its_domains() {
     let Some(mut t) = E2e::up("isolated_keep", |_| {}) else { return };
     let victim = t.busiest_non_master();
@@ -103,7 +101,6 @@ fn isolated_host_keeps_its_domains() {
 /// 12-17 requests per write). At 50 ms a write takes ~0.6 s, under
 /// io_timeout (2 s) and far under renew_timeout (8 s): (L2) no
 /// self-fence, no fence, nothing moves.
-#[test]
 fn storage_delay_below_io_timeout_moves_nothing() {
     storage_delay("storage_delay_50ms", 50);
 }
@@ -113,9 +110,6 @@ fn storage_delay_below_io_timeout_moves_nothing() {
 /// through faultfs, under io_timeout); its reopening every SLOT_FILE_REOPEN
 /// (5 s) takes ~4 s (path lookups, open, fstat). Still the host self-fences
 /// after renew_timeout: not yet explained (see the issue note).
-#[test]
-#[ignore = "known gap: at 500 ms per storage request the host still self-fences after renew_timeout; \
-            a kept-open slot write measures 1.0 s, so something else in the heartbeat path is slow (issue 4 note)"]
 fn storage_delay_500ms_moves_nothing() {
     storage_delay("storage_delay_500ms", 500);
 }
@@ -153,7 +147,6 @@ const COME_BACK: Duration = Duration::from_secs(10);
 /// Case 10: the daemon of a host is killed: its domains keep running (the
 /// same qemu processes), the daemon comes back (a new one: uptime younger
 /// than the kill) and reclaims its leases, and nothing moves.
-#[test]
 fn killed_daemon_comes_back_and_nothing_moves() {
     let Some(mut t) = E2e::up("kill_daemon", |_| {}) else { return };
     let victim = t.busiest_non_master();
@@ -176,7 +169,6 @@ fn killed_daemon_comes_back_and_nothing_moves() {
 /// libvirtd comes back, and nothing moves. (The observer cannot list the
 /// host while libvirtd is down, so its domains show a gap there; the
 /// unchanged qemu pids prove they kept running.)
-#[test]
 fn killed_libvirtd_comes_back_and_nothing_moves() {
     let Some(mut t) = E2e::up("kill_libvirtd", |_| {}) else { return };
     let victim = t.busiest_non_master();
@@ -192,4 +184,16 @@ fn killed_libvirtd_comes_back_and_nothing_moves() {
     let elsewhere: Vec<String> = t.before.keys().filter(|d| !t.before[*d].contains(&victim)).cloned().collect();
     t.assert_kept_running(&elsewhere);
     t.finish();
+}
+
+/// This file's tests, for the harness (main.rs); `true`: ignored unless asked for.
+pub fn tests() -> Vec<(&'static str, fn(), bool)> {
+    vec![
+        ("partition_with_healthy_storage_moves_nothing", partition_with_healthy_storage_moves_nothing, false),
+        ("isolated_host_keeps_its_domains", isolated_host_keeps_its_domains, false),
+        ("storage_delay_below_io_timeout_moves_nothing", storage_delay_below_io_timeout_moves_nothing, false),
+        ("storage_delay_500ms_moves_nothing", storage_delay_500ms_moves_nothing, true),
+        ("killed_daemon_comes_back_and_nothing_moves", killed_daemon_comes_back_and_nothing_moves, false),
+        ("killed_libvirtd_comes_back_and_nothing_moves", killed_libvirtd_comes_back_and_nothing_moves, false),
+    ]
 }
