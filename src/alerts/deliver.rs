@@ -53,9 +53,21 @@ pub enum Target {
 impl std::fmt::Debug for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Target::Webhook { url, .. } => write!(f, "webhook {url}"),
+            Target::Webhook { url, .. } => write!(f, "webhook {}", url_origin(url)),
             Target::Command { argv } => write!(f, "command {argv:?}"),
         }
+    }
+}
+
+/// `scheme://host:port` of a URL, for logs: its path and query may hold
+/// a token (chat webhooks put theirs there).
+pub fn url_origin(url: &str) -> String {
+    match url.parse::<ureq::http::Uri>() {
+        Ok(u) => {
+            let port = u.port_u16().map(|p| format!(":{p}")).unwrap_or_default();
+            format!("{}://{}{port}/...", u.scheme_str().unwrap_or("?"), u.host().unwrap_or("?"))
+        }
+        Err(_) => "(unparsable URL)".into(),
     }
 }
 
@@ -341,5 +353,152 @@ fn command(sink: &Sink, argv: &[String], body: &[u8]) -> Try {
             Try::Again(format!("{program} did not finish within {} ms and was killed", sink.policy.timeout.as_millis()))
         }
         Err(e) => Try::Again(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alerts::AlertKind;
+    use std::sync::Mutex;
+
+    fn alert(id: &str) -> Alert {
+        Alert {
+            format: crate::alerts::FORMAT,
+            id: id.into(),
+            kind: AlertKind::HostFenced,
+            cluster: "prod".into(),
+            host: "h2".into(),
+            domain: None,
+            sender: "h1".into(),
+            unix_ms: 1,
+            text: "h2 is fenced".into(),
+            failover: None,
+            timeline: None,
+        }
+    }
+
+    fn policy(attempts: u32, timeout_ms: u64) -> Policy {
+        Policy { attempts, timeout: Duration::from_millis(timeout_ms), backoff: Duration::from_millis(5) }
+    }
+
+    fn command(argv: &[&str], p: Policy) -> Sink {
+        Sink {
+            name: "cmd".into(),
+            target: Target::Command { argv: argv.iter().map(|s| s.to_string()).collect() },
+            policy: p,
+        }
+    }
+
+    type Seen = Arc<Mutex<Vec<(String, String, Outcome)>>>;
+
+    fn recorder() -> (Report, Seen) {
+        let seen: Seen = Arc::default();
+        let s = Arc::clone(&seen);
+        let report: Report = Arc::new(move |sink: &str, id: &str, o| {
+            s.lock().expect("lock").push((sink.to_string(), id.to_string(), o));
+        });
+        (report, seen)
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_bound() {
+        let p = Policy { attempts: 5, timeout: Duration::from_secs(5), backoff: Duration::from_secs(1) };
+        let pauses: Vec<u64> = (1..=8).map(|a| p.backoff_after(a).as_secs()).collect();
+        assert_eq!(pauses, [1, 2, 4, 8, 16, 32, 60, 60]);
+        assert_eq!(p.backoff_after(u32::MAX), BACKOFF_MAX, "no overflow");
+    }
+
+    #[test]
+    fn statuses_are_judged_as_a_receiver_means_them() {
+        assert_eq!(judge_status(200), Try::Delivered);
+        assert_eq!(judge_status(204), Try::Delivered);
+        for code in [408, 429, 500, 502, 503] {
+            assert_eq!(judge_status(code), Try::Again(format!("HTTP {code}")));
+        }
+        for code in [301, 400, 401, 403, 404] {
+            assert_eq!(judge_status(code), Try::Refused(format!("HTTP {code}")));
+        }
+    }
+
+    #[test]
+    fn the_signature_verifies_under_its_key_only() {
+        let body = br#"{"id":"x"}"#;
+        let sig = signature(b"k1", body);
+        assert!(sig.starts_with("sha256=") && sig.len() == 7 + 64, "{sig}");
+        assert!(verify(b"k1", body, &sig));
+        assert!(!verify(b"k2", body, &sig), "another key");
+        assert!(!verify(b"k1", br#"{"id":"y"}"#, &sig), "another body");
+        assert!(!verify(b"k1", body, &sig[..40]), "cut");
+        assert!(!verify(b"k1", body, "sha1=00"), "another scheme");
+        // RFC 4231 test case 2: HMAC-SHA256("Jefe", "what do ya want for nothing?").
+        assert_eq!(
+            signature(b"Jefe", b"what do ya want for nothing?"),
+            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+
+    #[test]
+    fn a_url_is_logged_without_its_path() {
+        assert_eq!(url_origin("https://hooks.example.org/services/T0/B0/secret"), "https://hooks.example.org/...");
+        assert_eq!(url_origin("http://127.0.0.1:8080/x?token=1"), "http://127.0.0.1:8080/...");
+    }
+
+    #[test]
+    fn a_command_gets_the_alert_on_stdin() {
+        let out = std::env::temp_dir().join(format!("havirt-alert-cmd-{}", std::process::id()));
+        let script = format!("cat > {}", out.display());
+        let sink = command(&["sh", "-c", &script], policy(1, 5_000));
+        let (report, seen) = recorder();
+        let a = alert("a1");
+        assert_eq!(deliver(&sink, &Client::new(&sink), &a, &report), (1, Outcome::Sent));
+        let got: Alert = serde_json::from_slice(&std::fs::read(&out).expect("written")).expect("JSON");
+        assert_eq!(got, a);
+        let _ = std::fs::remove_file(&out);
+        assert_eq!(seen.lock().expect("lock").as_slice(), [("cmd".to_string(), "a1".to_string(), Outcome::Sent)]);
+    }
+
+    #[test]
+    fn a_failing_command_is_retried_within_its_bound_with_its_stderr() {
+        let sink = command(&["sh", "-c", "echo 'mail: relay refused' >&2; exit 3"], policy(3, 5_000));
+        let (report, seen) = recorder();
+        assert_eq!(deliver(&sink, &Client::new(&sink), &alert("a2"), &report), (3, Outcome::Failed));
+        let outcomes: Vec<Outcome> = seen.lock().expect("lock").iter().map(|s| s.2).collect();
+        assert_eq!(outcomes, [Outcome::Retried, Outcome::Retried, Outcome::Failed]);
+        let client = Client::new(&sink);
+        let Try::Again(why) = client.try_once(&sink, &alert("a2"), b"{}") else { panic!("a failure") };
+        assert!(why.contains("exit 3") && why.contains("mail: relay refused"), "{why}");
+    }
+
+    #[test]
+    fn a_hanging_command_is_killed_at_its_timeout_and_a_missing_one_refused() {
+        let sink = command(&["sh", "-c", "sleep 30"], policy(1, 200));
+        let (report, _) = recorder();
+        let started = std::time::Instant::now();
+        assert_eq!(deliver(&sink, &Client::new(&sink), &alert("a3"), &report), (1, Outcome::Failed));
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+        let missing = command(&["/nonexistent/havirt-notify"], policy(5, 200));
+        assert_eq!(
+            deliver(&missing, &Client::new(&missing), &alert("a4"), &report),
+            (1, Outcome::Failed),
+            "not retried"
+        );
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_without_waiting() {
+        // The receiver hangs on its first alert; the queue holds QUEUE_MAX more.
+        // (sleep 5: a child left behind when the test binary exits ends soon.)
+        let sink = command(&["sh", "-c", "sleep 5"], policy(1, 10_000));
+        let (report, seen) = recorder();
+        let d = Dispatcher::start(vec![sink], report);
+        let started = std::time::Instant::now();
+        for i in 0..QUEUE_MAX + 10 {
+            d.send(&alert(&format!("q{i}")));
+        }
+        assert!(started.elapsed() < Duration::from_secs(1), "send waited: {:?}", started.elapsed());
+        let dropped = seen.lock().expect("lock").iter().filter(|s| s.2 == Outcome::Dropped).count();
+        // The thread took one alert off the queue, or not yet.
+        assert!((9..=10).contains(&dropped), "{dropped} dropped");
     }
 }
