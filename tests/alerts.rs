@@ -20,6 +20,12 @@ const KEY: &[u8] = b"0123456789abcdef0123456789abcdef-alert-test-key";
 /// Longest a test waits for something that should happen in milliseconds.
 const WAIT_MAX: Duration = Duration::from_secs(10);
 
+/// The wall clock: these tests time real sockets and threads.
+#[allow(clippy::disallowed_methods, reason = "tests time real sockets and threads in wall time")]
+fn now() -> Instant {
+    Instant::now()
+}
+
 /// One request as the receiver read it.
 #[derive(Clone, Debug)]
 struct Request {
@@ -65,7 +71,7 @@ impl Receiver {
 
     /// Waits (bounded) until `n` requests came.
     fn wait_for(&self, n: usize) -> Vec<Request> {
-        let start = Instant::now();
+        let start = now();
         while start.elapsed() < WAIT_MAX {
             let r = self.requests();
             if r.len() >= n {
@@ -101,7 +107,7 @@ fn serve(stream: TcpStream, answer: Answer, seen: &Mutex<Vec<Request>>) {
     }
     let n = {
         let mut s = seen.lock().expect("lock");
-        s.push(Request { at: Instant::now(), line: line.trim().to_string(), headers, body });
+        s.push(Request { at: now(), line: line.trim().to_string(), headers, body });
         s.len()
     };
     let mut stream = stream;
@@ -181,7 +187,7 @@ fn a_receiver_that_answers_500_gets_a_bounded_number_of_tries_with_backoff_and_o
     let rx = Receiver::start(Answer::Status { fail: usize::MAX });
     let sink = webhook("broken", &rx.url, 3, 2_000, 100);
     let (report, seen) = recorder();
-    let started = Instant::now();
+    let started = now();
     assert_eq!(deliver(&sink, &Client::new(&sink), &alert("id-500"), &report), (3, Outcome::Failed));
     std::thread::sleep(Duration::from_millis(300));
     let r = rx.requests();
@@ -210,7 +216,7 @@ fn a_hanging_receiver_delays_neither_the_sender_nor_the_other_receivers() {
     let (report, seen) = recorder();
     let sinks = vec![webhook("hang", &hang.url, 2, 300, 50), webhook("ok", &ok.url, 2, 2_000, 50)];
     let d = Dispatcher::start(sinks, report);
-    let started = Instant::now();
+    let started = now();
     for i in 0..5 {
         d.send(&alert(&format!("id-{i}")));
     }
@@ -223,7 +229,7 @@ fn a_hanging_receiver_delays_neither_the_sender_nor_the_other_receivers() {
     // The hanging one: each try ends at its timeout, two tries per alert.
     let first = hang.wait_for(2);
     assert!(first[1].at - first[0].at < Duration::from_secs(2), "a try ends at its timeout");
-    let bound = Instant::now();
+    let bound = now();
     while outcomes_of(&seen, "hang").iter().filter(|o| **o == Outcome::Failed).count() < 1 {
         assert!(bound.elapsed() < WAIT_MAX, "the hanging receiver's first alert never failed");
         std::thread::sleep(Duration::from_millis(10));
@@ -238,7 +244,7 @@ fn a_full_queue_behind_a_hanging_receiver_drops_and_counts() {
     let (report, seen) = recorder();
     let d = Dispatcher::start(vec![webhook("hang", &hang.url, 1, 5_000, 10)], report);
     hang.wait_for(0);
-    let started = Instant::now();
+    let started = now();
     for i in 0..QUEUE_MAX + 20 {
         d.send(&alert(&format!("q-{i}")));
     }

@@ -390,6 +390,11 @@ mod tests {
         }
     }
 
+    #[allow(clippy::disallowed_methods, reason = "tests time real child processes in wall time")]
+    fn now() -> std::time::Instant {
+        std::time::Instant::now()
+    }
+
     type Seen = Arc<Mutex<Vec<(String, String, Outcome)>>>;
 
     fn recorder() -> (Report, Seen) {
@@ -474,7 +479,7 @@ mod tests {
     fn a_hanging_command_is_killed_at_its_timeout_and_a_missing_one_refused() {
         let sink = command(&["sh", "-c", "sleep 30"], policy(1, 200));
         let (report, _) = recorder();
-        let started = std::time::Instant::now();
+        let started = now();
         assert_eq!(deliver(&sink, &Client::new(&sink), &alert("a3"), &report), (1, Outcome::Failed));
         assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
         let missing = command(&["/nonexistent/havirt-notify"], policy(5, 200));
@@ -492,7 +497,7 @@ mod tests {
         let sink = command(&["sh", "-c", "sleep 5"], policy(1, 10_000));
         let (report, seen) = recorder();
         let d = Dispatcher::start(vec![sink], report);
-        let started = std::time::Instant::now();
+        let started = now();
         for i in 0..QUEUE_MAX + 10 {
             d.send(&alert(&format!("q{i}")));
         }
