@@ -854,3 +854,26 @@ fn at_most_eight_alert_receivers() {
     let t = format!("{BASE}{}", one.repeat(9));
     refused("alert-too-many", &t, t.lines().count() - 2, "alert", &["9 [[alert]] tables listed; give at most 8"]);
 }
+
+/// The commented [[alert]] examples in config/havirt.toml load as written
+/// once uncommented (the documentation is a test).
+#[test]
+fn shipped_alert_examples_load_when_uncommented() {
+    use havirt::config::AlertTarget;
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/havirt.toml");
+    let text = std::fs::read_to_string(path).expect("the example");
+    let (head, tail) = text.split_once("# Optional alert receivers").expect("the alert section");
+    // An example: "# [[alert]]" and the "# key = value" lines after it, up to a bare "#".
+    let mut in_example = false;
+    let mut uncommented = Vec::new();
+    for l in tail.lines() {
+        in_example = (in_example && l != "#") || l == "# [[alert]]";
+        uncommented.push(if in_example { l.trim_start_matches("# ").to_string() } else { l.to_string() });
+    }
+    let (config, warnings) = loads("shipped-alerts", &format!("{head}#{}\n", uncommented.join("\n")));
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let names: Vec<&str> = config.alerts.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(names, ["ops-hook", "mail"]);
+    assert!(matches!(&config.alerts[0].target, AlertTarget::Webhook { secret_file: Some(_), .. }));
+    assert!(matches!(&config.alerts[1].target, AlertTarget::Command { argv } if argv.len() == 2));
+}
