@@ -676,6 +676,25 @@ mod tests {
     }
 
     #[test]
+    fn alerts_are_counted_by_receiver_result_and_kind() {
+        let m = Metrics::new();
+        m.alert("ops", "retried");
+        m.alert("ops", "sent");
+        m.clone().alert("ops", "sent");
+        m.alert("mail", "dropped");
+        m.alert_raised("host_fenced");
+        let e = rendered(&m);
+        assert_eq!(e.value("havirt_alerts_total", &[("sink", "ops"), ("result", "sent")]), Some(2.0));
+        assert_eq!(e.value("havirt_alerts_total", &[("sink", "ops"), ("result", "retried")]), Some(1.0));
+        assert_eq!(e.value("havirt_alerts_total", &[("sink", "mail"), ("result", "dropped")]), Some(1.0));
+        assert_eq!(e.value("havirt_alerts_raised_total", &[("kind", "host_fenced")]), Some(1.0));
+        assert_eq!(
+            e.types.get("havirt_alerts_total").or(e.types.get("havirt_alerts")).map(String::as_str),
+            Some("counter")
+        );
+    }
+
+    #[test]
     fn the_parser_reads_the_format_and_names_bad_lines() {
         let text = "# HELP x_total A counter.\n# TYPE x_total counter\n\
                     x_total{a=\"1\",b=\"q\\\"uote\\\\ \\n\"} 3 1700000000000\n# a comment\n\ny +Inf\n";
