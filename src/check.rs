@@ -141,6 +141,7 @@ pub fn run(opts: &CheckOptions) -> Vec<Finding> {
             out.push(check_watchdog(host, &config.cluster.timings));
         }
         check_fencing(config, local, &mut out);
+        check_alerts(config, &mut out);
         networks::check(config, local, &opts.libvirt_uri, &mut out);
         out.push(other_hosts_note(config, local));
         if let Datastore::Dir { path } = &config.cluster.datastore {
@@ -251,6 +252,41 @@ fn check_key(path: &Path, out: &mut Vec<Finding>) {
             }
         }
         Err(e) => out.push(error("key", e.to_string())),
+    }
+}
+
+/// Each `[[alert]]` receiver as the daemon would start it: a webhook's
+/// secret file must pass the cluster key's checks (the daemon refuses to
+/// start otherwise), a command's program must be found. Nothing is sent.
+fn check_alerts(config: &Config, out: &mut Vec<Finding>) {
+    use crate::config::AlertTarget;
+    for a in &config.alerts {
+        let what = format!("alert {}", a.name);
+        let tries = format!("{} tries of at most {} ms", a.attempts, a.timeout_ms);
+        out.push(match &a.target {
+            AlertTarget::Webhook { url, secret_file } => {
+                let origin = crate::alerts::deliver::url_origin(url);
+                match secret_file {
+                    None => ok(&what, format!("webhook {origin}, signed with the cluster key, {tries}")),
+                    Some(path) => match config::check_key_file(path) {
+                        Ok(key) => ok(
+                            &what,
+                            format!("webhook {origin}, signed with {} ({} bytes), {tries}", path.display(), key.len()),
+                        ),
+                        Err(e) => error(&what, format!("secret_file: {e}")),
+                    },
+                }
+            }
+            AlertTarget::Command { argv } => {
+                let program = argv.first().map_or("", String::as_str);
+                match AgentEnv::default().find_program(program) {
+                    Ok(found) => ok(&what, format!("command {} ({}), {tries}", argv.join(" "), found.display())),
+                    Err(why) => {
+                        error(&what, format!("command {program}: {why}; install it or name it by its absolute path"))
+                    }
+                }
+            }
+        });
     }
 }
 

@@ -63,6 +63,24 @@ pub const BRIDGE_NAME_MAX_BYTES: usize = 15;
 pub const NETWORK_NAME_MAX_BYTES: usize = 64;
 /// Lines searched back from a value for its `key =` (multi-line arrays).
 const KEY_LOOKBACK_LINES: usize = 64;
+/// `[[alert]]` receivers; each has a thread and a queue in the daemon.
+pub const ALERTS_MAX: usize = 8;
+/// Words of one alert `command`.
+pub const ALERT_ARGV_MAX: usize = 64;
+/// A webhook URL longer than this is not one.
+pub const ALERT_URL_MAX_BYTES: usize = 2048;
+/// One try of one alert (`timeout_ms`), and the first pause (`backoff_ms`).
+pub const ALERT_TIMEOUT_MAX_MS: i64 = 300_000;
+pub const ALERT_BACKOFF_MAX_MS: i64 = 60_000;
+/// Tries of one alert, the first included (`attempts`).
+pub const ALERT_ATTEMPTS_MAX: i64 = 10;
+/// Defaults: a webhook is retried (receivers restart, networks blink); a
+/// command runs once unless told otherwise (it may not be idempotent).
+pub const DEFAULT_WEBHOOK_TIMEOUT_MS: u64 = 5_000;
+pub const DEFAULT_WEBHOOK_ATTEMPTS: u32 = 5;
+pub const DEFAULT_COMMAND_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_COMMAND_ATTEMPTS: u32 = 1;
+pub const DEFAULT_ALERT_BACKOFF_MS: u64 = 1_000;
 
 // ---------------------------------------------------------------- typed config
 
@@ -74,6 +92,31 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// In file order.
     pub hosts: Vec<HostConfig>,
+    /// `[[alert]]` receivers, in file order (`crate::alerts`).
+    pub alerts: Vec<AlertConfig>,
+}
+
+/// One `[[alert]]` receiver.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AlertConfig {
+    /// The `name` key, else `KIND-N` (N: its place among the [[alert]]s).
+    pub name: String,
+    pub target: AlertTarget,
+    /// One try: an HTTP request with its answer, or the command's run.
+    pub timeout_ms: u64,
+    /// Tries per alert, the first included.
+    pub attempts: u32,
+    /// The pause after the first failed try (doubles after each).
+    pub backoff_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AlertTarget {
+    /// POST the alert as JSON, signed with HMAC-SHA256 under the key in
+    /// `secret_file` (None: the cluster key).
+    Webhook { url: String, secret_file: Option<PathBuf> },
+    /// Run argv with the alert as JSON on stdin.
+    Command { argv: Vec<String> },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -290,6 +333,8 @@ pub enum ConfigProblem {
         "\"{local}\" is already the local name of \"{first}\"; map each cluster name to a local name of its own (havirt maps a definition back to the cluster names when it stores it, and cannot tell two names on one apart)"
     )]
     DuplicateLocalName { local: String, first: String },
+    #[error("alert name \"{name}\" is used by two [[alert]] tables; give each its own name = \"...\"")]
+    DuplicateAlertName { name: String },
     #[error("havirt passes \"{key}\" to the agent itself; remove it from options")]
     ReservedOption { key: String },
     #[error("{source}; the timings in effect are profile \"{profile}\" with the [cluster.timings] overrides applied")]
@@ -339,6 +384,8 @@ pub enum ConfigWarning {
     NoAutomaticTakeover { at: Location, host: String },
     /// A host with a different number of addresses than the first host.
     RingMismatch { at: Location, host: String, count: usize, expected: usize },
+    /// A webhook signed with the cluster key: its receiver holds that key.
+    AlertClusterKey { at: Location, name: String },
 }
 
 impl fmt::Display for ConfigWarning {
@@ -352,6 +399,10 @@ impl fmt::Display for ConfigWarning {
                 f,
                 "{at}: host \"{host}\" has {count} address(es) but the first host has {expected}; the rings it lacks do not reach it, give every host one address per ring"
             ),
+            ConfigWarning::AlertClusterKey { at, name } => write!(
+                f,
+                "{at}: webhook \"{name}\" has no secret_file, so its signatures use the cluster key, and whoever checks them holds the key that authenticates heartbeats; give it a key of its own: secret_file = \"/etc/havirt/alert.key\" (root-only, the same file on every host)"
+            ),
         }
     }
 }
@@ -364,6 +415,29 @@ struct RawFile {
     cluster: Spanned<RawCluster>,
     #[serde(default)]
     host: Vec<Spanned<RawHost>>,
+    #[serde(default)]
+    alert: Vec<Spanned<RawAlert>>,
+}
+
+/// One `[[alert]]`: the keys of both kinds, checked per kind by hand.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAlert {
+    kind: Spanned<String>,
+    #[serde(default)]
+    name: Option<Spanned<String>>,
+    #[serde(default)]
+    url: Option<Spanned<String>>,
+    #[serde(default)]
+    secret_file: Option<Spanned<String>>,
+    #[serde(default)]
+    command: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    timeout_ms: Ms,
+    #[serde(default)]
+    attempts: Option<Spanned<i64>>,
+    #[serde(default)]
+    backoff_ms: Ms,
 }
 
 #[derive(Deserialize)]
@@ -594,8 +668,9 @@ impl Config {
             }
             return Err(src.invalid(at, ConfigProblem::TooFewHosts { count: hosts.len() }));
         }
-        let warnings = src.warnings(&raw.host, &hosts);
-        Ok((Config { path: path.as_ref().to_path_buf(), cluster, hosts }, warnings))
+        let mut warnings = src.warnings(&raw.host, &hosts);
+        let alerts = src.alerts(&raw.alert, &mut warnings)?;
+        Ok((Config { path: path.as_ref().to_path_buf(), cluster, hosts, alerts }, warnings))
     }
 
     /// The `[[host]]` this daemon runs as: `name` from `--host` or the
@@ -1221,6 +1296,146 @@ impl Source<'_> {
         Ok(())
     }
 
+    /// Every `[[alert]]`, with a warning for each webhook signed with the
+    /// cluster key.
+    fn alerts(&self, raws: &[Spanned<RawAlert>], warnings: &mut Vec<ConfigWarning>) -> Res<Vec<AlertConfig>> {
+        if raws.len() > ALERTS_MAX {
+            let problem = ConfigProblem::TooMany { count: raws.len(), what: "[[alert]] tables", max: ALERTS_MAX };
+            return Err(self.invalid(self.at(raws[ALERTS_MAX].span().start, "alert"), problem));
+        }
+        let mut out: Vec<AlertConfig> = Vec::with_capacity(raws.len());
+        for (i, raw) in raws.iter().enumerate() {
+            let alert = self.alert(raw, i + 1)?;
+            if out.iter().any(|a| a.name == alert.name) {
+                let r = raw.get_ref();
+                let (span, key) = r.name.as_ref().map_or((r.kind.span(), "kind"), |n| (n.span(), "name"));
+                return self.err_at(span, key, ConfigProblem::DuplicateAlertName { name: alert.name });
+            }
+            if matches!(alert.target, AlertTarget::Webhook { secret_file: None, .. }) {
+                let at = self.at_key(raw.get_ref().kind.span(), "secret_file");
+                warnings.push(ConfigWarning::AlertClusterKey { at, name: alert.name.clone() });
+            }
+            out.push(alert);
+        }
+        Ok(out)
+    }
+
+    fn alert(&self, raw: &Spanned<RawAlert>, ordinal: usize) -> Res<AlertConfig> {
+        let a = raw.get_ref();
+        let kind = a.kind.get_ref().as_str();
+        let (takes, timeout, attempts) = match kind {
+            "webhook" => (
+                "url, secret_file, name, timeout_ms, attempts, backoff_ms",
+                DEFAULT_WEBHOOK_TIMEOUT_MS,
+                DEFAULT_WEBHOOK_ATTEMPTS,
+            ),
+            "command" => (
+                "command, name, timeout_ms, attempts, backoff_ms",
+                DEFAULT_COMMAND_TIMEOUT_MS,
+                DEFAULT_COMMAND_ATTEMPTS,
+            ),
+            _ => {
+                let problem = ConfigProblem::NotOneOf { value: kind.to_owned(), allowed: "\"webhook\", \"command\"" };
+                return self.err_at(a.kind.span(), "kind", problem);
+            }
+        };
+        let other: [(&str, Option<Range<usize>>); 3] = [
+            ("url", a.url.as_ref().map(Spanned::span)),
+            ("secret_file", a.secret_file.as_ref().map(Spanned::span)),
+            ("command", a.command.as_ref().map(Spanned::span)),
+        ];
+        for (key, span) in other {
+            if let Some(span) = span
+                && !takes.split(", ").any(|k| k == key)
+            {
+                return self.err_at(span, key, ConfigProblem::NotForKind { kind: kind.to_owned(), allowed: takes });
+            }
+        }
+        let target = if kind == "webhook" {
+            let example = "url = \"https://alerts.example.org/havirt\"";
+            let url = self.alert_url(self.need(raw.span().start, &a.url, kind, "url", example)?)?;
+            let secret_file = match &a.secret_file {
+                Some(p) => Some(self.abs_path(p, "secret_file")?),
+                None => None,
+            };
+            AlertTarget::Webhook { url, secret_file }
+        } else {
+            AlertTarget::Command { argv: self.alert_argv(raw, a.command.as_ref())? }
+        };
+        let name = match &a.name {
+            Some(n) => self.label(n, "name", "alert name", LABEL_RULE)?,
+            None => format!("{kind}-{ordinal}"),
+        };
+        let timeout_ms = self.int(a.timeout_ms.as_ref(), "timeout_ms", 0, 1, ALERT_TIMEOUT_MAX_MS, " ms")?;
+        let tries = self.int(a.attempts.as_ref(), "attempts", i64::from(attempts), 1, ALERT_ATTEMPTS_MAX, "")?;
+        let backoff_ms = self.int(a.backoff_ms.as_ref(), "backoff_ms", 0, 1, ALERT_BACKOFF_MAX_MS, " ms")?;
+        Ok(AlertConfig {
+            name,
+            target,
+            timeout_ms: if a.timeout_ms.is_some() { timeout_ms.unsigned_abs() } else { timeout },
+            attempts: u32::try_from(tries).unwrap_or(attempts),
+            backoff_ms: if a.backoff_ms.is_some() { backoff_ms.unsigned_abs() } else { DEFAULT_ALERT_BACKOFF_MS },
+        })
+    }
+
+    /// An http:// or https:// URL with a host, on one line.
+    fn alert_url(&self, v: &Spanned<String>) -> Res<String> {
+        let s = v.get_ref();
+        let parsed = s.parse::<ureq::http::Uri>().ok();
+        let ok = s.len() <= ALERT_URL_MAX_BYTES
+            && !s.chars().any(|c| c.is_control() || c.is_whitespace())
+            && parsed.as_ref().is_some_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some_and(|h| !h.is_empty())
+            });
+        if !ok {
+            let rule = "an http:// or https:// URL with a host, such as \"https://alerts.example.org/havirt\" (at most 2048 characters, no spaces)";
+            return self.err_at(
+                v.span(),
+                "url",
+                ConfigProblem::BadName { value: s.clone(), what: "webhook URL", rule },
+            );
+        }
+        Ok(s.clone())
+    }
+
+    /// `command = ["program", "arg", ...]`: a program name or absolute
+    /// path, then its arguments, each on one line.
+    fn alert_argv(&self, raw: &Spanned<RawAlert>, v: Option<&Spanned<Vec<Spanned<String>>>>) -> Res<Vec<String>> {
+        let example = "command = [\"/usr/local/bin/havirt-mail\", \"ops@example.org\"] (the alert JSON comes on stdin)";
+        let Some(v) = v else {
+            let problem = ConfigProblem::RequiredForKind { kind: "command".into(), example };
+            return Err(self.invalid(self.at(raw.span().start, "command"), problem));
+        };
+        let words = v.get_ref();
+        if words.is_empty() {
+            return self.err_at(v.span(), "command", ConfigProblem::EmptyList { what: "word (the program)" });
+        }
+        if words.len() > ALERT_ARGV_MAX {
+            let problem = ConfigProblem::TooMany { count: words.len(), what: "words", max: ALERT_ARGV_MAX };
+            return self.err_at(v.span(), "command", problem);
+        }
+        let program = &words[0];
+        let p = program.get_ref();
+        let bare = !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-+".contains(&b));
+        let path = p.starts_with('/') && !p.chars().any(|c| c.is_whitespace() || c.is_control());
+        if !(bare || path) {
+            let rule = "a program name such as \"havirt-mail\" or its absolute path, alone in the first word (arguments go in the next words)";
+            let problem = ConfigProblem::BadName { value: p.clone(), what: "program", rule };
+            return Err(self.invalid(self.at(program.span().start, "command"), problem));
+        }
+        let mut out = Vec::with_capacity(words.len());
+        for w in words {
+            let s = w.get_ref();
+            if s.len() > 4096 || s.chars().any(char::is_control) {
+                let rule = "at most 4096 characters, no line breaks or control characters";
+                let problem = ConfigProblem::BadName { value: s.clone(), what: "command word", rule };
+                return Err(self.invalid(self.at(w.span().start, "command"), problem));
+            }
+            out.push(s.clone());
+        }
+        Ok(out)
+    }
+
     fn warnings(&self, raws: &[Spanned<RawHost>], hosts: &[HostConfig]) -> Vec<ConfigWarning> {
         let mut out = Vec::new();
         let expected = hosts.first().map_or(0, |h| h.addresses.len());
@@ -1498,7 +1713,7 @@ fn header_name(line: &str) -> Option<String> {
 /// line; tables written inline are attributed to their parent.
 fn table_context(s: &str, offset: usize) -> String {
     let mut current = String::new();
-    let (mut host_n, mut fence_n) = (0usize, 0usize);
+    let (mut host_n, mut fence_n, mut alert_n) = (0usize, 0usize, 0usize);
     let mut begin = 0usize;
     for line in s.split_inclusive('\n') {
         if begin > offset {
@@ -1515,6 +1730,10 @@ fn table_context(s: &str, offset: usize) -> String {
             ("host.fence", true) => {
                 fence_n += 1;
                 format!("[[host]] #{host_n} [[host.fence]] #{fence_n}")
+            }
+            ("alert", true) => {
+                alert_n += 1;
+                format!("[[alert]] #{alert_n}")
             }
             (n, true) => format!("[[{n}]]"),
             (n, false) if n.starts_with("host.") && host_n > 0 => format!("[[host]] #{host_n} [{n}]"),

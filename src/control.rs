@@ -923,6 +923,7 @@ mod tests {
             domains: vec![web, db],
             tolerance: Some((1, 0)),
             migration_failures: Vec::new(),
+            given_up: Vec::new(),
         };
         let counters = Counters { packets_accepted: 1200, packets_rejected: 3, ..Counters::default() };
         StatusReport {

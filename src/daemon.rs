@@ -62,6 +62,9 @@ pub const LIBVIRT_CONNECT_WAIT: std::time::Duration = std::time::Duration::from_
 pub const LIBVIRT_RECONNECT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 /// How often the daemon tells systemd what it is doing (STATUS=).
 pub const STATUS_NOTIFY_INTERVAL: Duration = Duration::from_secs(5);
+/// How often the alerts look at the engine's view even when nothing else
+/// made them look (a storage loss shows no event until renew_timeout).
+pub const ALERT_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 
 /// How to run one daemon.
 #[derive(Clone, Debug)]
@@ -104,6 +107,12 @@ pub enum DaemonError {
          Its protected domains may run elsewhere now: reboot this host; havirt refuses to run in this boot"
     )]
     FencedBoot { boot: BootId, by: HostId },
+    #[error("[[alert]] \"{name}\": secret_file: {source}")]
+    AlertSecret {
+        name: String,
+        #[source]
+        source: ConfigError,
+    },
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -323,6 +332,10 @@ struct Daemon {
     next_status_notify: Instant,
     /// A protect or unprotect is running (one at a time).
     registry_busy: bool,
+    /// Alerts (`crate::alerts`): what raises them and what sends them.
+    alerts: crate::alerts::Observer,
+    alert_sinks: crate::alerts::deliver::Dispatcher,
+    next_alert_check: Instant,
 }
 
 impl Daemon {
@@ -431,6 +444,7 @@ impl Daemon {
         };
         let (net, net_rx) = Bound::bind(&local).await?.start(identity, peers)?;
 
+        let alert_sinks = start_alert_sinks(&config, &key, &shared.metrics)?;
         let listener = control::bind(&opts.socket)?;
         let (control_tx, control_rx) = mpsc::channel(64);
         tokio::spawn(control::serve(listener, control_tx));
@@ -487,6 +501,14 @@ impl Daemon {
             metrics_rx,
             next_status_notify: now,
             registry_busy: false,
+            alerts: crate::alerts::Observer::new(
+                &config.cluster.name,
+                me.id,
+                incarnation,
+                config.cluster.timings.storage_silent_after,
+            ),
+            alert_sinks,
+            next_alert_check: now,
             config,
         })
     }
@@ -516,6 +538,10 @@ impl Daemon {
                 self.node.handle_timeout(now);
             }
             self.execute_actions().await;
+            if now >= self.next_alert_check {
+                let view = self.node.view(now);
+                self.raise_alerts(now, &view);
+            }
             if now >= self.next_status_notify {
                 self.next_status_notify = now + STATUS_NOTIFY_INTERVAL;
                 let status = self.status_line();
@@ -1150,6 +1176,22 @@ impl Daemon {
             let event = Event { at: now, host: self.shared.me, role: "failover".into(), text };
             self.log_event(event);
         }
+        self.raise_alerts(now, &view);
+    }
+
+    /// Hands the alerts this view raises to the receivers' queues (never
+    /// waits: `alerts::deliver`). Nothing is looked at without receivers.
+    fn raise_alerts(&mut self, now: Instant, view: &crate::engine::view::NodeView) {
+        self.next_alert_check = now + ALERT_CHECK_INTERVAL;
+        if self.alert_sinks.is_empty() {
+            return;
+        }
+        let records = self.failovers.records();
+        for alert in self.alerts.observe(now, unix_ms(), view, &records) {
+            info!(role = "alert", id = %alert.id, kind = alert.kind.name(), "{}", alert.text);
+            self.shared.metrics.alert_raised(alert.kind.name());
+            self.alert_sinks.send(&alert);
+        }
     }
 
     /// The Prometheus exposition, from what the daemon knows now.
@@ -1174,6 +1216,41 @@ impl Daemon {
             self.events.pop_front();
         }
     }
+}
+
+/// One thread and queue per `[[alert]]`; a webhook signs with its
+/// secret_file (checked as the cluster key is), else the cluster key.
+fn start_alert_sinks(
+    config: &Config,
+    cluster_key: &[u8],
+    metrics: &Metrics,
+) -> Result<crate::alerts::deliver::Dispatcher, DaemonError> {
+    use crate::alerts::deliver::{Dispatcher, Policy, Report, Sink, Target};
+    use crate::config::AlertTarget;
+    let mut sinks = Vec::with_capacity(config.alerts.len());
+    for a in &config.alerts {
+        let target = match &a.target {
+            AlertTarget::Webhook { url, secret_file } => {
+                let key = match secret_file {
+                    Some(path) => crate::config::check_key_file(path)
+                        .map_err(|source| DaemonError::AlertSecret { name: a.name.clone(), source })?,
+                    None => cluster_key.to_vec(),
+                };
+                Target::Webhook { url: url.clone(), key }
+            }
+            AlertTarget::Command { argv } => Target::Command { argv: argv.clone() },
+        };
+        let policy = Policy {
+            attempts: a.attempts,
+            timeout: std::time::Duration::from_millis(a.timeout_ms),
+            backoff: std::time::Duration::from_millis(a.backoff_ms),
+        };
+        info!("alerts to {} ({target:?}, {} tries of at most {} ms each)", a.name, a.attempts, a.timeout_ms);
+        sinks.push(Sink { name: a.name.clone(), target, policy });
+    }
+    let metrics = metrics.clone();
+    let report: Report = Arc::new(move |sink: &str, _id: &str, outcome| metrics.alert(sink, outcome.name()));
+    Ok(Dispatcher::start(sinks, report))
 }
 
 /// Starts `metrics_http` on `address` (None: metrics off). A port that

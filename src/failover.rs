@@ -496,6 +496,7 @@ mod tests {
             domains: vec![domain(WEB, "web", web.0, web.1, web.2), domain(APP, "app", app.0, app.1, app.2)],
             tolerance: None,
             migration_failures: Vec::new(),
+            given_up: Vec::new(),
         }
     }
 

@@ -1,5 +1,6 @@
 //! havirt: high availability for KVM/libvirt hosts.
 
+pub mod alerts;
 pub mod check;
 pub mod cli;
 pub mod config;

@@ -100,6 +100,8 @@ pub struct Metrics {
     fence_attempts: Family<Labels, Counter>,
     failovers: Family<Labels, Counter>,
     recovery: Histogram,
+    alerts: Family<Labels, Counter>,
+    alerts_raised: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -129,6 +131,8 @@ impl Metrics {
             fence_attempts: Family::default(),
             failovers,
             recovery: Histogram::new(RECOVERY_BUCKETS_S),
+            alerts: Family::default(),
+            alerts_raised: Family::default(),
         }
     }
 
@@ -156,6 +160,16 @@ impl Metrics {
         if let Some(s) = recovery_s {
             self.recovery.observe(s);
         }
+    }
+
+    /// One alert's fate at one receiver (`alerts::deliver::Outcome::name`).
+    pub fn alert(&self, sink: &str, result: &str) {
+        self.alerts.get_or_create(&vec![("sink".into(), sink.into()), ("result".into(), result.into())]).inc();
+    }
+
+    /// This daemon raised an alert of `kind` (`alerts::AlertKind::name`).
+    pub fn alert_raised(&self, kind: &str) {
+        self.alerts_raised.get_or_create(&vec![("kind".into(), kind.into())]).inc();
     }
 
     /// The whole exposition: these metrics and the snapshot's.
@@ -188,6 +202,17 @@ impl Metrics {
              heartbeat (network or storage, whichever came later) to the domain reported running on the survivor \
              (a remote survivor's report arrives with the next storage read)",
             self.recovery.clone(),
+        );
+        r.register(
+            "alerts",
+            "Alerts by [[alert]] receiver and result (sent; retried: a try failed and another follows; failed: \
+             every try failed or the receiver refused it; dropped: its queue was full, never tried)",
+            self.alerts.clone(),
+        );
+        r.register(
+            "alerts_raised",
+            "Alerts this daemon raised, by kind (each alert is raised by one daemon of the cluster)",
+            self.alerts_raised.clone(),
         );
         let mut out = String::new();
         // Writing into a String cannot fail.
@@ -582,6 +607,7 @@ mod tests {
             domains: vec![domain(1, 1, Some("running")), domain(2, 1, Some("adopting")), domain(3, 2, None)],
             tolerance: None,
             migration_failures: Vec::new(),
+            given_up: Vec::new(),
         }
     }
 
@@ -647,6 +673,25 @@ mod tests {
         assert_eq!(e.bucket("havirt_failover_recovery_seconds", 3.0, &[]), Some(1.0));
         assert_eq!(e.bucket("havirt_failover_recovery_seconds", 2.5, &[]), Some(0.0));
         assert_eq!(e.bucket("havirt_failover_recovery_seconds", f64::INFINITY, &[]), Some(1.0));
+    }
+
+    #[test]
+    fn alerts_are_counted_by_receiver_result_and_kind() {
+        let m = Metrics::new();
+        m.alert("ops", "retried");
+        m.alert("ops", "sent");
+        m.clone().alert("ops", "sent");
+        m.alert("mail", "dropped");
+        m.alert_raised("host_fenced");
+        let e = rendered(&m);
+        assert_eq!(e.value("havirt_alerts_total", &[("sink", "ops"), ("result", "sent")]), Some(2.0));
+        assert_eq!(e.value("havirt_alerts_total", &[("sink", "ops"), ("result", "retried")]), Some(1.0));
+        assert_eq!(e.value("havirt_alerts_total", &[("sink", "mail"), ("result", "dropped")]), Some(1.0));
+        assert_eq!(e.value("havirt_alerts_raised_total", &[("kind", "host_fenced")]), Some(1.0));
+        assert_eq!(
+            e.types.get("havirt_alerts_total").or(e.types.get("havirt_alerts")).map(String::as_str),
+            Some("counter")
+        );
     }
 
     #[test]

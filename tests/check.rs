@@ -337,3 +337,35 @@ fn a_missing_stale_or_corrupt_inventory_is_unknown_not_fine() {
     fs::write(inventory::path(&datastore, HostId(2)), "{\"bridges\":[\"br-x\"]}\n").expect("corrupt");
     warned("the inventory of h2 was rejected");
 }
+
+#[test]
+fn alert_receivers_are_checked_as_the_daemon_starts_them() {
+    let dir = scratch("alerts");
+    let datastore = dir.join(CLUSTER);
+    DirStore::init(&datastore, CLUSTER).expect("init datastore");
+    let (config, _) = setup(&dir, &datastore, 0o600);
+    let good = dir.join("alert.key");
+    fs::write(&good, [9u8; 32]).expect("write alert key");
+    fs::set_permissions(&good, fs::Permissions::from_mode(0o600)).expect("chmod");
+    let open = dir.join("open.key");
+    fs::write(&open, [9u8; 32]).expect("write alert key");
+    fs::set_permissions(&open, fs::Permissions::from_mode(0o644)).expect("chmod");
+    let alerts = format!(
+        "\n[[alert]]\nkind = \"webhook\"\nname = \"hook\"\nurl = \"https://alerts.example.org/x/token\"\nsecret_file = \"{}\"\n\
+         \n[[alert]]\nkind = \"webhook\"\nname = \"open\"\nurl = \"https://alerts.example.org/y\"\nsecret_file = \"{}\"\n\
+         \n[[alert]]\nkind = \"command\"\nname = \"sh\"\ncommand = [\"sh\", \"-c\", \"cat\"]\n\
+         \n[[alert]]\nkind = \"command\"\nname = \"gone\"\ncommand = [\"/nonexistent/notify\"]\n",
+        good.display(),
+        open.display()
+    );
+    let mut text = fs::read_to_string(&config).expect("config");
+    text.push_str(&alerts);
+    fs::write(&config, text).expect("write config");
+    let findings = check::run(&options(&config));
+    all_ok(&findings, "alert hook");
+    let hook = &about(&findings, "alert hook")[0].detail;
+    assert!(hook.contains("https://alerts.example.org/...") && !hook.contains("token"), "{hook}");
+    has_error(&findings, "alert open", "chmod 600");
+    all_ok(&findings, "alert sh");
+    has_error(&findings, "alert gone", "/nonexistent/notify");
+}

@@ -738,3 +738,142 @@ fn migration_uri_defaults_to_ssh_on_the_first_address_and_refuses_a_bare_name() 
     );
     refused("migration_uri_bare", &text, 15, "migration_uri", &["qemu+ssh://"]);
 }
+
+// ---------------------------------------------------------------- [[alert]]
+
+const ALERTS: &str = r#"
+[[alert]]
+kind = "webhook"
+url = "https://alerts.example.org/havirt"
+secret_file = "/etc/havirt/alert.key"
+
+[[alert]]
+kind = "command"
+name = "mail"
+command = ["/usr/local/bin/havirt-mail", "ops@example.org"]
+timeout_ms = 3000
+attempts = 2
+backoff_ms = 500
+"#;
+
+/// The 1-based line of the only line of `text` holding `needle`.
+fn line_of(text: &str, needle: &str) -> usize {
+    let lines: Vec<usize> = text.lines().enumerate().filter(|(_, l)| l.contains(needle)).map(|(i, _)| i + 1).collect();
+    assert_eq!(lines.len(), 1, "test bug: {needle:?} must be on one line");
+    lines[0]
+}
+
+#[test]
+fn alerts_load_with_their_defaults() {
+    use havirt::config::AlertTarget;
+    let (config, warnings) = loads("alerts", &format!("{BASE}{ALERTS}"));
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let [hook, mail] = config.alerts.as_slice() else { panic!("two alerts: {:?}", config.alerts) };
+    assert_eq!(hook.name, "webhook-1", "named by kind and place");
+    assert_eq!(
+        hook.target,
+        AlertTarget::Webhook {
+            url: "https://alerts.example.org/havirt".into(),
+            secret_file: Some("/etc/havirt/alert.key".into())
+        }
+    );
+    assert_eq!((hook.timeout_ms, hook.attempts, hook.backoff_ms), (5_000, 5, 1_000));
+    assert_eq!(mail.name, "mail");
+    assert_eq!(
+        mail.target,
+        AlertTarget::Command { argv: vec!["/usr/local/bin/havirt-mail".into(), "ops@example.org".into()] }
+    );
+    assert_eq!((mail.timeout_ms, mail.attempts, mail.backoff_ms), (3_000, 2, 500));
+    assert!(loads("no-alerts", BASE).0.alerts.is_empty());
+}
+
+#[test]
+fn a_webhook_without_a_secret_file_is_signed_with_the_cluster_key_and_warned_of() {
+    let text = format!("{BASE}\n[[alert]]\nkind = \"webhook\"\nurl = \"http://127.0.0.1:8080/hook\"\n");
+    let (config, warnings) = loads("alert-cluster-key", &text);
+    assert_eq!(config.alerts.len(), 1);
+    let [ConfigWarning::AlertClusterKey { at, name }] = warnings.as_slice() else { panic!("{warnings:?}") };
+    assert_eq!(
+        (name.as_str(), at.line, at.table.as_str()),
+        ("webhook-1", line_of(&text, "kind = \"webhook\""), "[[alert]] #1")
+    );
+    let shown = warnings[0].to_string();
+    assert!(shown.contains("secret_file = \"/etc/havirt/alert.key\""), "{shown}");
+}
+
+#[test]
+fn alert_errors_name_the_line_the_key_and_the_fix() {
+    let with = |extra: &str| format!("{BASE}{ALERTS}{extra}");
+    let t = with("\n[[alert]]\nkind = \"pager\"\n");
+    refused("alert-kind", &t, line_of(&t, "\"pager\""), "kind", &["[[alert]] #3", "\"webhook\", \"command\""]);
+    let t = with("\n[[alert]]\nkind = \"webhook\"\nsecret_file = \"/k\"\n");
+    let msg = refused("alert-no-url", &t, t.lines().count() - 2, "url", &["kind = \"webhook\" needs this key"]);
+    assert!(msg.contains("url = \"https://"), "{msg}");
+    let t = with("\n[[alert]]\nkind = \"webhook\"\nurl = \"ftp://example.org/x\"\n");
+    refused("alert-bad-url", &t, line_of(&t, "ftp://"), "url", &["http:// or https:// URL"]);
+    let t = with("\n[[alert]]\nkind = \"webhook\"\nurl = \"https:///nohost\"\n");
+    refused("alert-no-host", &t, line_of(&t, "nohost"), "url", &["with a host"]);
+    let t = with("\n[[alert]]\nkind = \"webhook\"\nurl = \"https://a.example\"\ncommand = [\"x\"]\n");
+    refused(
+        "alert-command-on-webhook",
+        &t,
+        line_of(&t, "command = [\"x\"]"),
+        "command",
+        &["does not apply to kind = \"webhook\""],
+    );
+    let t = with("\n[[alert]]\nkind = \"command\"\nurl = \"https://a.example\"\n");
+    refused(
+        "alert-url-on-command",
+        &t,
+        line_of(&t, "https://a.example"),
+        "url",
+        &["does not apply to kind = \"command\""],
+    );
+    let t = with("\n[[alert]]\nkind = \"command\"\ncommand = []\n");
+    refused("alert-empty-command", &t, line_of(&t, "command = []"), "command", &["give at least one word"]);
+    let t = with("\n[[alert]]\nkind = \"command\"\ncommand = [\"mail -s x\"]\n");
+    refused("alert-program-with-args", &t, line_of(&t, "mail -s x"), "command", &["arguments go in the next words"]);
+    let t = with("\n[[alert]]\nkind = \"command\"\nname = \"x\"\n");
+    refused("alert-no-command", &t, t.lines().count() - 2, "command", &["kind = \"command\" needs this key"]);
+    let t = with("\n[[alert]]\nkind = \"command\"\ncommand = [\"true\"]\nattempts = 0\n");
+    refused("alert-attempts", &t, line_of(&t, "attempts = 0"), "attempts", &["from 1 to 10"]);
+    let t = with("\n[[alert]]\nkind = \"command\"\ncommand = [\"true\"]\ntimeout_ms = 999999\n");
+    refused("alert-timeout", &t, line_of(&t, "999999"), "timeout_ms", &["from 1 to 300000 ms"]);
+    let t = with("\n[[alert]]\nkind = \"command\"\nname = \"mail\"\ncommand = [\"true\"]\n");
+    let dup = t.lines().count() - 1;
+    refused("alert-duplicate-name", &t, dup, "name", &["\"mail\" is used by two [[alert]] tables"]);
+    let t = with("\n[[alert]]\nkind = \"command\"\ncommand = [\"true\"]\nevery = 3\n");
+    refused("alert-unknown-key", &t, line_of(&t, "every = 3"), "every", &["unknown key"]);
+    let t = with("\n[[alert]]\nkind = \"webhook\"\nurl = \"https://a.example\"\nsecret_file = \"alert.key\"\n");
+    refused("alert-relative-secret", &t, line_of(&t, "\"alert.key\""), "secret_file", &["absolute path"]);
+}
+
+#[test]
+fn at_most_eight_alert_receivers() {
+    let one = "\n[[alert]]\nkind = \"command\"\ncommand = [\"true\"]\n";
+    let t = format!("{BASE}{}", one.repeat(9));
+    refused("alert-too-many", &t, t.lines().count() - 2, "alert", &["9 [[alert]] tables listed; give at most 8"]);
+}
+
+/// The commented [[alert]] examples in config/havirt.toml load as written
+/// once uncommented (the documentation is a test).
+#[test]
+fn shipped_alert_examples_load_when_uncommented() {
+    use havirt::config::AlertTarget;
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/havirt.toml");
+    let text = std::fs::read_to_string(path).expect("the example");
+    let (head, tail) = text.split_once("# Optional alert receivers").expect("the alert section");
+    // An example: "# [[alert]]" and the "# key = value" lines after it, up to a bare "#".
+    let mut in_example = false;
+    let mut uncommented = Vec::new();
+    for l in tail.lines() {
+        in_example = (in_example && l != "#") || l == "# [[alert]]";
+        uncommented.push(if in_example { l.trim_start_matches("# ").to_string() } else { l.to_string() });
+    }
+    let (config, warnings) = loads("shipped-alerts", &format!("{head}#{}\n", uncommented.join("\n")));
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let names: Vec<&str> = config.alerts.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(names, ["ops-hook", "mail"]);
+    assert!(matches!(&config.alerts[0].target, AlertTarget::Webhook { secret_file: Some(_), .. }));
+    assert!(matches!(&config.alerts[1].target, AlertTarget::Command { argv } if argv.len() == 2));
+}

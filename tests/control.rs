@@ -55,6 +55,7 @@ fn report() -> StatusReport {
         domains: vec![],
         tolerance: None,
         migration_failures: vec![],
+        given_up: Vec::new(),
     };
     StatusReport {
         cluster: "test".to_string(),

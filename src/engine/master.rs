@@ -128,6 +128,11 @@ impl Master {
     pub(super) fn tolerance(&self) -> Option<(u32, u32)> {
         self.tolerance.map(|t| (t.host_failures, t.fault_domain_failures))
     }
+
+    /// Domains given up on after max_restarts failed starts (alerts).
+    pub(super) fn given_up(&self) -> Vec<DomainId> {
+        self.given_up.iter().copied().collect()
+    }
 }
 
 #[derive(Clone, Debug)]

@@ -34,6 +34,10 @@ pub struct NodeView {
     /// Maintenance mode: domains that did not move off this host, and why.
     #[serde(default)]
     pub migration_failures: Vec<(DomainId, String)>,
+    /// Master only: domains given up on after max_restarts failed starts
+    /// (not placed again until they run again), by id.
+    #[serde(default)]
+    pub given_up: Vec<DomainId>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -130,6 +134,7 @@ impl Node {
             domains: self.cfg.spec.domains.values().map(|d| self.domain_view(d)).collect(),
             tolerance: self.master.as_ref().and_then(|m| m.tolerance()),
             migration_failures: self.migration_failed.iter().map(|(d, why)| (*d, why.clone())).collect(),
+            given_up: self.master.as_ref().map(|m| m.given_up()).unwrap_or_default(),
         }
     }
 

@@ -25,13 +25,13 @@
 //!
 //! Layout: [`command`] (fence-agents programs), [`ipmi`] (ipmitool),
 //! [`libvirt`] (virsh, for nested labs), [`StorageAgent`] (here), the shared
-//! process runner in `process`, password files in `secret`, and the
+//! process runner in `process` (alert commands use it too), password files in `secret`, and the
 //! [`watchdog`].
 
 pub mod command;
 pub mod ipmi;
 pub mod libvirt;
-mod process;
+pub(crate) mod process;
 mod secret;
 pub mod watchdog;
 

@@ -121,6 +121,9 @@ pub struct LabSpec {
     pub guest_os: u16,
     /// Per-host LAN bridges and network maps (issue 5); None: no guest NICs.
     pub lan: Option<LanSpec>,
+    /// TOML appended to the cluster's config as is, after the hosts (e.g.
+    /// `[[alert]]` tables for a test's receivers); empty by default.
+    pub extra_config: String,
 }
 
 /// The lab's network mapping setup: host N gets a bridge [`lan_bridge`]`(N)`
@@ -150,6 +153,7 @@ impl LabSpec {
             home: None,
             guest_os: 0,
             lan: None,
+            extra_config: String::new(),
         }
     }
 }
@@ -381,6 +385,10 @@ pub fn config_text(spec: &LabSpec) -> String {
         if n != 1 && spec.lan.as_ref().is_some_and(|l| l.mapped.contains(&n)) {
             text.push_str(&format!("\n[host.bridge_map]\n\"{}\" = \"{}\"\n", lan_bridge(1), lan_bridge(n)));
         }
+    }
+    if !spec.extra_config.is_empty() {
+        text.push('\n');
+        text.push_str(&spec.extra_config);
     }
     text
 }

@@ -20,6 +20,7 @@
 //! The kept lab has no watchdog supervisors (they are threads of the test
 //! process): its daemons log failed pets, and no host is reset any more.
 
+mod alerts;
 mod failover;
 mod guest;
 mod harness;
