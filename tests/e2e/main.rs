@@ -34,8 +34,15 @@ use libtest_mimic::{Arguments, Completion, Failed, Trial};
 fn main() {
     let mut args = Arguments::from_args();
     args.test_threads = args.test_threads.or(Some(1));
-    let tests =
-        [steady::tests(), failover::tests(), guest::tests(), maintenance::tests(), metrics::tests(), netmap::tests()];
+    let tests = [
+        alerts::tests(),
+        steady::tests(),
+        failover::tests(),
+        guest::tests(),
+        maintenance::tests(),
+        metrics::tests(),
+        netmap::tests(),
+    ];
     let trials =
         tests.into_iter().flatten().map(|(name, run, ignored)| trial(name, run).with_ignored_flag(ignored)).collect();
     libtest_mimic::run(&args, trials).exit();
