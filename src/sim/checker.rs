@@ -299,7 +299,10 @@ impl World {
                 // waits for its lease that long before it is destroyed.
                 let paused = x.qemu.get(d).is_some_and(|q| q.state == super::world::QemuState::Paused);
                 let grace = if paused { zombie_grace + handoff_ms } else { zombie_grace };
-                if self.now - entry.0 > grace && !entry.1 {
+                // A daemon that started after the copy arrived cannot know
+                // since when it waits: its handoff clock starts with it.
+                let since = if paused { entry.0.max(x.daemon_started_at) } else { entry.0 };
+                if self.now - since > grace && !entry.1 {
                     entry.1 = true;
                     found.push((
                         "S5",
