@@ -32,11 +32,12 @@ pub const AUDIT_INTERVAL: Duration = Duration::from_secs(1);
 /// the daemon was frozen: what it heard before is stale.
 pub const FROZEN_GAP: Duration = Duration::from_secs(1);
 /// Released leases listed in one network heartbeat: it must fit one UDP
-/// packet (net::wire allows 10 at most). The newest go in every heartbeat,
+/// packet (at most net::wire's MAX_RELEASED_PER_PACKET, asserted there). The newest go in every heartbeat,
 /// the others take turns, so a burst of releases all get out.
 pub const MAX_RELEASED_PER_HEARTBEAT: usize = 10;
 /// Of those, how many are always the newest.
 pub const NEWEST_RELEASED_PER_HEARTBEAT: usize = 5;
+const _: () = assert!(NEWEST_RELEASED_PER_HEARTBEAT < MAX_RELEASED_PER_HEARTBEAT);
 /// How often readiness conditions of running domains are probed.
 pub const READINESS_POLL: Duration = Duration::from_secs(1);
 /// How often a non-master reads the master lease.

@@ -83,6 +83,9 @@ pub const MAX_PAYLOAD_BYTES: usize = MAX_PACKET_BYTES - HEADER_BYTES - MAC_BYTES
 /// heartbeat (checked by `worst_case_heartbeat_fits`). The engine must not
 /// list more per heartbeat, or `encode` refuses it with `TooLarge`.
 pub const MAX_RELEASED_PER_PACKET: usize = 10;
+// The engine lists at most this many per heartbeat (it cannot import the
+// wire: the engine is pure): tied here, at compile time.
+const _: () = assert!(crate::engine::node::MAX_RELEASED_PER_HEARTBEAT <= MAX_RELEASED_PER_PACKET);
 
 /// Errors of encoding or accepting a packet; each names why it was dropped.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
