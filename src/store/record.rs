@@ -16,7 +16,7 @@
 //!      8     2  format version   u16, FORMAT_VERSION (= 1)
 //!     10     2  record kind      u16, RecordKind (1 slot, 2 lease, 3 fenced,
 //!                                4 assignments, 5 poison, 6 device header,
-//!                                7 chunk, 8 domain entry, 16 ballot block)
+//!                                7 blob header, 16 ballot block)
 //!     12    16  cluster id       first 16 bytes of SHA-256("havirt-cluster-id\0" ++ name)
 //!     28     4  payload length   u32, at most MAX_PAYLOAD_BYTES (= 4060; S - 36)
 //!     32     n  payload          postcard (compact serde binary) of the record
@@ -88,11 +88,10 @@ pub enum RecordKind {
     Poison = 5,
     /// Block 0 of a shared block device (see `store::block`).
     DeviceHeader = 6,
-    /// One chunk of a variable-size record chain on a block device (a
-    /// domain's XML, a host's inventory: `store::block`).
-    Chunk = 7,
-    /// The protected-domain registry's entry for one domain (`store::block`).
-    Domain = 8,
+    /// The header of a variable-size copy on a block device (the registry
+    /// of protected domains, a host's inventory): its version, length and
+    /// checksum (`store::block::registry`).
+    Blob = 7,
     /// A Disk Paxos ballot block, one device sector (`store::paxos`). Kept
     /// apart from the 4 KiB kinds so a sector copied onto one is refused.
     Dblock = 16,
