@@ -432,6 +432,16 @@ pub struct BlockStore {
     rejects: Mutex<RejectCounters>,
     proposers: lease::Proposers,
     registry: registry::RegistryState,
+    /// Every read and write this store issued after open (for the cost
+    /// figures in tests and `havirt check`).
+    ios: IoCounts,
+}
+
+/// Reads and writes issued, each one I/O call (a write includes its fdatasync).
+#[derive(Debug, Default)]
+pub struct IoCounts {
+    pub reads: std::sync::atomic::AtomicU64,
+    pub writes: std::sync::atomic::AtomicU64,
 }
 
 impl BlockStore {
@@ -502,6 +512,7 @@ impl BlockStore {
             rejects: Mutex::default(),
             proposers: lease::Proposers::default(),
             registry: registry::RegistryState::default(),
+            ios: IoCounts::default(),
         })
     }
 
@@ -527,6 +538,30 @@ impl BlockStore {
     /// Records rejected by this store since it was opened.
     pub fn rejects(&self) -> RejectCounters {
         *self.rejects.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// (reads, writes) issued since open.
+    pub fn io_counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.ios.reads.load(Relaxed), self.ios.writes.load(Relaxed))
+    }
+
+    fn read_at(&self, offset: u64, len: usize) -> Result<direct::AlignedBuf, BlockError> {
+        self.ios.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(direct::read_exact_at(&self.file, &self.path, offset, len)?)
+    }
+
+    fn write_at(&self, offset: u64, buf: &direct::AlignedBuf) -> Result<(), BlockError> {
+        self.ios.writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(direct::write_all_at(&self.file, &self.path, offset, buf)?)
+    }
+
+    fn read_block_at(&self, block: u64) -> Result<direct::AlignedBuf, BlockError> {
+        self.read_at(block * BLOCK_BYTES as u64, BLOCK_BYTES)
+    }
+
+    fn write_block_at(&self, block: u64, bytes: &[u8]) -> Result<(), BlockError> {
+        self.write_at(block * BLOCK_BYTES as u64, &direct::AlignedBuf::from_slice(bytes))
     }
 
     fn count_reject(&self, e: &RecordError) {
@@ -617,8 +652,7 @@ impl BlockStore {
 
     /// Withdraws any poison request aimed at `host` (writes an all-zero block).
     pub fn clear_poison(&self, host: HostId) -> Result<(), BlockError> {
-        let offset = self.layout.block(Region::Poison, host)? * BLOCK_BYTES as u64;
-        Ok(direct::write_block(&self.file, &self.path, offset, &AlignedBlock::zeroed())?)
+        self.write_block_at(self.layout.block(Region::Poison, host)?, &[0u8; BLOCK_BYTES])
     }
 
     pub fn write_fenced(&self, rec: &FencedRecord) -> Result<(), BlockError> {
@@ -652,9 +686,8 @@ impl BlockStore {
         kind: RecordKind,
         v: &T,
     ) -> Result<(), BlockError> {
-        let offset = self.layout.block(region, host)? * BLOCK_BYTES as u64;
         let bytes = encode(kind, self.cluster, v).map_err(BlockError::Encode)?;
-        Ok(direct::write_block(&self.file, &self.path, offset, &AlignedBlock::from_bytes(&bytes))?)
+        self.write_block_at(self.layout.block(region, host)?, &bytes)
     }
 
     fn read_record<T>(
@@ -668,8 +701,8 @@ impl BlockStore {
         T: DeserializeOwned,
     {
         let block = self.layout.block(region, host)?;
-        let (data, len) = direct::read_block(&self.file, &self.path, block * BLOCK_BYTES as u64)?;
-        decode_for(kind, self.cluster, &data.0[..len], subject, host).map_err(|source| {
+        let data = self.read_block_at(block)?;
+        decode_for(kind, self.cluster, data.as_slice(), subject, host).map_err(|source| {
             self.rejects.lock().unwrap_or_else(PoisonError::into_inner).count(&source);
             BlockError::Rejected { path: self.path.clone(), block, source }
         })

@@ -37,7 +37,7 @@
 
 use super::{AreaIndex, BlockError, BlockStore};
 use crate::engine::io::{CasOutcome, Lease, LeaseKey};
-use crate::store::direct::{self, AlignedBuf};
+use crate::store::direct::AlignedBuf;
 use crate::store::paxos::{Area, Completed, Outcome, PaxosError, Proposer, Step};
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hasher};
@@ -183,7 +183,7 @@ impl BlockStore {
 
     fn read_area_bytes(&self, index: AreaIndex) -> Result<AlignedBuf, BlockError> {
         let offset = self.layout.area_offset(index)?;
-        Ok(direct::read_exact_at(&self.file, &self.path, offset, self.layout.paxos().area_bytes())?)
+        self.read_at(offset, self.layout.paxos().area_bytes())
     }
 
     /// A rejected ballot sector is counted, and the lease is unreadable (it
@@ -254,12 +254,12 @@ impl BlockStore {
             Step::Read { first_sector, sectors } => {
                 let len = usize::from(*sectors) * self.layout.sector.bytes();
                 let at = base + u64::from(*first_sector) * sector;
-                let buf = direct::read_exact_at(&self.file, &self.path, at, len)?;
+                let buf = self.read_at(at, len)?;
                 Ok(Completed::Read(buf.as_slice().to_vec()))
             }
             Step::Write { sector: s, bytes } => {
                 let at = base + u64::from(*s) * sector;
-                direct::write_all_at(&self.file, &self.path, at, &AlignedBuf::from_slice(bytes))?;
+                self.write_at(at, &AlignedBuf::from_slice(bytes))?;
                 Ok(Completed::Written)
             }
         }

@@ -38,7 +38,7 @@
 use super::{AreaIndex, BlockError, BlockStore, CopyArea};
 use crate::engine::config::{DomainId, HostId};
 use crate::engine::io::{CasOutcome, Lease, LeaseKey, LeaseReason, Owner};
-use crate::store::direct::{self, AlignedBlock, AlignedBuf};
+use crate::store::direct::AlignedBuf;
 use crate::store::record::{BLOCK_BYTES, RecordError, RecordKind, decode_for, encode};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -96,6 +96,9 @@ fn area_tag(which: CopyArea) -> u8 {
 pub(super) struct RegistryState {
     cached: Mutex<Option<(Lease, Registry)>>,
     changing: Mutex<()>,
+    /// Every domain's table index seen: an index, once given, never
+    /// changes, so a lease operation on a known domain reads no registry.
+    indexes: Mutex<BTreeMap<DomainId, u32>>,
 }
 
 /// Copy areas.
@@ -104,9 +107,9 @@ impl BlockStore {
         let mut out = [None, None];
         for (c, slot) in (0u8..).zip(out.iter_mut()) {
             let block = self.layout.copy_block(which, host, c)?;
-            let (data, len) = direct::read_block(&self.file, &self.path, block * BLOCK_BYTES as u64)?;
+            let data = self.read_block_at(block)?;
             let subject = |h: &CopyHeader| (h.area, h.host);
-            let header = decode_for(RecordKind::Blob, self.cluster, &data.0[..len], subject, (area_tag(which), host));
+            let header = decode_for(RecordKind::Blob, self.cluster, data.as_slice(), subject, (area_tag(which), host));
             *slot = header.map_err(|source| self.rejected(block, source))?;
         }
         Ok(out)
@@ -125,8 +128,7 @@ impl BlockStore {
             return Err(self.rejected(block, RecordError::PayloadTooLarge { len, max }));
         }
         let blocks = len.div_ceil(BLOCK_BYTES).max(1);
-        let buf =
-            direct::read_exact_at(&self.file, &self.path, (block + 1) * BLOCK_BYTES as u64, blocks * BLOCK_BYTES)?;
+        let buf = self.read_at((block + 1) * BLOCK_BYTES as u64, blocks * BLOCK_BYTES)?;
         let body = &buf.as_slice()[..len];
         let computed = crc32c::crc32c(body);
         if computed != h.crc {
@@ -154,10 +156,10 @@ impl BlockStore {
         let block = self.layout.copy_block(which, me, c)?;
         let mut buf = AlignedBuf::zeroed(body.len().div_ceil(BLOCK_BYTES).max(1) * BLOCK_BYTES);
         buf.as_mut_slice()[..body.len()].copy_from_slice(body);
-        direct::write_all_at(&self.file, &self.path, (block + 1) * BLOCK_BYTES as u64, &buf)?;
+        self.write_at((block + 1) * BLOCK_BYTES as u64, &buf)?;
         let header = CopyHeader { area: area_tag(which), host: me, version, len, crc: crc32c::crc32c(body) };
         let rec = encode(RecordKind::Blob, self.cluster, &header).map_err(BlockError::Encode)?;
-        direct::write_block(&self.file, &self.path, block * BLOCK_BYTES as u64, &AlignedBlock::from_bytes(&rec))?;
+        self.write_block_at(block, &rec)?;
         Ok(header)
     }
 }
@@ -198,8 +200,15 @@ impl BlockStore {
         let block = self.layout.copy_block(CopyArea::Registry, author.host, c)?;
         let r: Registry =
             postcard::from_bytes(&body).map_err(|e| self.rejected(block, RecordError::Malformed(e.to_string())))?;
-        *self.registry.cached.lock().unwrap_or_else(PoisonError::into_inner) = Some((*v, r.clone()));
+        self.cache_registry(*v, &r);
         Ok(Some(r))
+    }
+
+    fn cache_registry(&self, at: Lease, r: &Registry) {
+        let mut known = self.registry.indexes.lock().unwrap_or_else(PoisonError::into_inner);
+        known.extend(r.domains.iter().map(|(d, e)| (*d, e.lease_index)));
+        drop(known);
+        *self.registry.cached.lock().unwrap_or_else(PoisonError::into_inner) = Some((at, r.clone()));
     }
 
     /// Applies `change` to the committed registry and commits the result
@@ -227,7 +236,7 @@ impl BlockStore {
                 }
             };
             if let CasOutcome::Done(l) = self.commit_registry(me, &v, &header)? {
-                *self.registry.cached.lock().unwrap_or_else(PoisonError::into_inner) = Some((l, next.clone()));
+                self.cache_registry(l, &next);
                 return Ok(next);
             }
         }
@@ -270,6 +279,9 @@ impl BlockStore {
     pub(super) fn domain_index(&self, d: DomainId, add: bool) -> Result<Option<u32>, BlockError> {
         if d == REGISTRY_KEY_DOMAIN {
             return Err(BlockError::ReservedDomain(d));
+        }
+        if let Some(i) = self.registry.indexes.lock().unwrap_or_else(PoisonError::into_inner).get(&d) {
+            return Ok(Some(*i));
         }
         if let Some(e) = self.read_registry()?.domains.get(&d) {
             return Ok(Some(e.lease_index));
