@@ -36,9 +36,9 @@ use crate::hypervisor::{parse_uuid, uuid_string};
 use crate::metrics::{Metrics, StorageOp};
 use crate::net::udp::{Bound, Identity, Transport};
 use crate::net::wire::{ClusterId as WireClusterId, ClusterKey};
-use crate::store::{Store, StoreError};
 use crate::store::inventory;
 use crate::store::record::PoisonRequest;
+use crate::store::{Store, StoreError};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -144,7 +144,10 @@ fn open_datastore(config: &Config, me: HostId) -> Result<Store, DaemonError> {
     match rx.recv_timeout(std_duration(config.cluster.timings.io_timeout)) {
         Ok(r) => Ok(r?),
         Err(_) => {
-            warn!("datastore {} does not answer; starting anyway (S4 self-fences what runs here)", datastore_name(config));
+            warn!(
+                "datastore {} does not answer; starting anyway (S4 self-fences what runs here)",
+                datastore_name(config)
+            );
             Ok(Store::open_unchecked(&config.cluster.datastore, &config.cluster.name, me)?)
         }
     }

@@ -72,7 +72,7 @@ pub const MAX_BLOCK_DOMAINS: u32 = 65_536;
 pub const LAYOUT_VERSION: u16 = 2;
 /// `havirt init` defaults: room for 16 hosts, 256 protected domains, a
 /// registry copy of 2 MiB (256 definitions of 8 KiB) and an inventory copy
-/// of 64 KiB; about 36 MiB with 512-byte sectors.
+/// of 64 KiB: 68 MiB with 512-byte sectors (the registry copies are most of it).
 pub const DEFAULT_MAX_HOSTS: u16 = 16;
 pub const DEFAULT_MAX_DOMAINS: u32 = 256;
 pub const DEFAULT_REGISTRY_BLOCKS: u32 = 512;

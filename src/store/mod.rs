@@ -233,10 +233,10 @@ impl Store {
                 let version = mtime.duration_since(std::time::UNIX_EPOCH).map_or(0, |t| t.as_nanos());
                 Ok(Some(XmlStamp { version, len: meta.len() }))
             }
-            Store::Block(b) => Ok(b.get()?.read_domain_xml(d)?.map(|x| XmlStamp {
-                version: u128::from(crc32c::crc32c(x.as_bytes())),
-                len: x.len() as u64,
-            })),
+            Store::Block(b) => Ok(b
+                .get()?
+                .read_domain_xml(d)?
+                .map(|x| XmlStamp { version: u128::from(crc32c::crc32c(x.as_bytes())), len: x.len() as u64 })),
         }
     }
 
