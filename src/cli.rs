@@ -39,6 +39,7 @@ pub type Outcome = Result<String, String>;
 pub struct BlockInit {
     pub max_hosts: u16,
     pub max_domains: u32,
+    pub registry_blocks: u32,
     pub force: bool,
 }
 
@@ -86,7 +87,12 @@ fn init_datastore(cluster: &str, datastore: &Path, b: BlockInit) -> Result<&'sta
         DirStore::init(datastore, cluster).map_err(|e| format!("datastore {shown}: {e}"))?;
         return Ok("path");
     }
-    let format = BlockFormat { max_hosts: b.max_hosts, max_domains: b.max_domains, ..BlockFormat::default() };
+    let format = BlockFormat {
+        max_hosts: b.max_hosts,
+        max_domains: b.max_domains,
+        registry_blocks: b.registry_blocks,
+        ..BlockFormat::default()
+    };
     let st = BlockStore::init(datastore, cluster, format, b.force).map_err(|e| format!("datastore {shown}: {e}"))?;
     let l = st.layout();
     eprintln!(

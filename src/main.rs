@@ -63,6 +63,10 @@ enum Cmd {
         /// Block datastore: domain leases (protected domains, ever).
         #[arg(long, value_name = "N", default_value_t = havirt::store::block::DEFAULT_MAX_DOMAINS)]
         max_domains: u32,
+        /// Block datastore: 4 KiB blocks of each copy of the registry (all
+        /// protected domains' definitions), two per host.
+        #[arg(long, value_name = "N", default_value_t = havirt::store::block::DEFAULT_REGISTRY_BLOCKS)]
+        registry_blocks: u32,
         /// Block datastore: format a device that holds data or another
         /// cluster's header (destroys it).
         #[arg(long)]
@@ -415,8 +419,8 @@ fn main() -> ExitCode {
         Cmd::Demo => demo(),
         Cmd::Daemon { this, socket } => daemon(this, socket.socket),
         Cmd::Check { this } => check(this),
-        Cmd::Init { cluster, datastore, key_file, max_hosts, max_domains, force } => {
-            let block = havirt::cli::BlockInit { max_hosts, max_domains, force };
+        Cmd::Init { cluster, datastore, key_file, max_hosts, max_domains, registry_blocks, force } => {
+            let block = havirt::cli::BlockInit { max_hosts, max_domains, registry_blocks, force };
             print(havirt::cli::init(&cluster, &datastore, &key_file, block))
         }
         Cmd::Status { json, watch: false, socket, .. } => print(havirt::cli::status(&socket.socket, json)),

@@ -330,7 +330,9 @@ pub enum BlockError {
         "the domain table is full ({max_domains} domains, index {index}); reformat the LUN for more (havirt init --max-domains)"
     )]
     DomainTableFull { max_domains: u32, index: u32 },
-    #[error("{path}: {what} of {len} bytes does not fit its copy area of {max} bytes (havirt init --registry-blocks)")]
+    #[error(
+        "{path}: {what} of {len} bytes does not fit its copy area of {max} bytes; reformat the LUN with larger copy areas (havirt init --registry-blocks)"
+    )]
     CopyTooLarge { path: PathBuf, what: &'static str, len: usize, max: usize },
     #[error("{path}: the registry changed under every one of {attempts} attempts; try again")]
     RegistryBusy { path: PathBuf, attempts: u32 },
