@@ -281,6 +281,71 @@ fn racing_hosts_never_both_win_on_a_file() {
     racing_hosts_never_both_win(&path);
 }
 
+/// One racer in a process of its own, when `racing_processes_never_both_win`
+/// runs this test binary with its device and host in the environment (a
+/// plain test run: nothing to do). Prints `RACE won G` and `RACE seen G H`.
+#[test]
+fn racer_process() {
+    let (Ok(dev), Ok(host)) = (std::env::var("HAVIRT_RACE_DEVICE"), std::env::var("HAVIRT_RACE_HOST")) else { return };
+    let h: u16 = host.parse().expect("host id");
+    let st = host_store(Path::new(&dev), h);
+    for _ in 0..RACE_ROUNDS {
+        let Ok(cur) = st.read_lease(LeaseKey::Master) else { continue };
+        let new = lease(h, cur.generation + 1, LeaseReason::HostDeadTimeout);
+        let seen = match st.cas_lease(LeaseKey::Master, cur.generation, new) {
+            Ok(CasOutcome::Done(l)) => {
+                println!("RACE won {}", l.generation);
+                l
+            }
+            Ok(CasOutcome::Conflict(l)) => l,
+            Err(_) => continue,
+        };
+        let owner = seen.owner.map_or(u16::MAX, |o| o.host.0);
+        println!("RACE seen {} {owner}", seen.generation);
+    }
+}
+
+/// As `racing_hosts_never_both_win`, with each host a process of its own.
+#[test]
+fn racing_processes_never_both_win() {
+    let Some(lo) = Loop::new("race_processes", 8 << 20, 512) else { return };
+    BlockStore::init(&lo.dev, CLUSTER, small(), false).expect("init");
+    let exe = std::env::current_exe().expect("this test binary");
+    let children: Vec<_> = (0..RACERS)
+        .map(|h| {
+            Command::new(&exe)
+                .args(["--exact", "racer_process", "--nocapture", "--test-threads", "1"])
+                .env("HAVIRT_RACE_DEVICE", &lo.dev)
+                .env("HAVIRT_RACE_HOST", h.to_string())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn a racer")
+        })
+        .collect();
+    let (mut won, mut seen): (BTreeMap<u64, Vec<u16>>, BTreeMap<u64, Vec<u16>>) = Default::default();
+    for (h, child) in (0u16..).zip(children) {
+        let out = child.wait_with_output().expect("racer");
+        assert!(out.status.success(), "racer {h} failed");
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let w: Vec<&str> = line.split_whitespace().collect();
+            match w.as_slice() {
+                ["RACE", "won", g] => won.entry(g.parse().expect("g")).or_default().push(h),
+                ["RACE", "seen", g, o] => seen.entry(g.parse().expect("g")).or_default().push(o.parse().expect("o")),
+                _ => {}
+            }
+        }
+    }
+    assert!(won.values().all(|w| w.len() == 1), "two winners of one generation: {won:?}");
+    for (g, owners) in &seen {
+        assert!(owners.iter().all(|o| *o == owners[0]), "generation {g} seen with owners {owners:?}");
+        if let Some(w) = won.get(g) {
+            assert_eq!(owners[0], w[0], "generation {g}");
+        }
+    }
+    assert!(!won.is_empty(), "someone won");
+    println!("{} processes: {} generations won, none twice, all seen alike", RACERS, won.len());
+}
+
 #[test]
 fn racing_hosts_never_both_win_on_loop_devices() {
     for sector in [512, 4096] {

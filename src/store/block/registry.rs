@@ -341,6 +341,20 @@ impl BlockStore {
         Ok(self.read_registry()?.domains.get(&d).and_then(|e| e.xml.clone()))
     }
 
+    /// `read_domain_xml` in the registry as this store last read it (by
+    /// `list_domain_xml` a moment before), without reading its version
+    /// again: for the daemon's poll, which lists, then stamps each domain.
+    pub fn read_domain_xml_cached(&self, d: DomainId) -> Result<Option<String>, BlockError> {
+        let cached = self.registry.cached.lock().unwrap_or_else(PoisonError::into_inner);
+        match cached.as_ref() {
+            Some((_, r)) => Ok(r.domains.get(&d).and_then(|e| e.xml.clone())),
+            None => {
+                drop(cached);
+                self.read_domain_xml(d)
+            }
+        }
+    }
+
     /// Every domain with a stored definition (the protected domains), sorted.
     pub fn list_domain_xml(&self) -> Result<Vec<DomainId>, BlockError> {
         let r = self.read_registry()?;
