@@ -4,6 +4,15 @@
 //! at `expect_generation` and is now `new`, `Conflict(current)` when it was
 //! not (or another host's change won), an error when the outcome is unknown.
 //!
+//! One difference in what a `Conflict` may hide: a ballot of ours that lost
+//! a round (`Retry`) may still be finished by another host (Disk Paxos
+//! adopts an accepted value), and then be superseded by a later change
+//! before our next attempt reads the area. That attempt then answers
+//! `Conflict(the lease now)`: the engine learns the current lease, as from
+//! a dir CAS, and never believes it holds a lease it does not (`Done` only
+//! ever reports a value committed as ours). The race tests in tests/block.rs
+//! count such generations ("committed, no `Done`").
+//!
 //! # Cost and timeout arithmetic
 //!
 //! One attempt is at most 6 I/Os, in sequence: 3 reads of the whole area
