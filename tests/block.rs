@@ -174,6 +174,41 @@ fn registry_and_definitions_on_the_device() {
     assert_eq!(b.read_inventory(HostId(3)).expect("inv"), None);
 }
 
+/// A copy header being rewritten (or corrupt) is counted and skipped: the
+/// committed copy still reads; the committed copy itself rejected is an
+/// error, never an empty registry.
+#[test]
+fn a_rejected_copy_is_skipped_and_never_read_as_empty() {
+    use havirt::store::block::CopyArea;
+    let path = scratch("registry_corrupt").join("lun.img");
+    fs::File::create(&path).expect("create");
+    let st = BlockStore::init(&path, CLUSTER, small(), false).expect("init").for_host(HostId(0)).expect("host");
+    st.write_domain_xml(DomainId(1), "<one/>").expect("v1");
+    st.write_domain_xml(DomainId(2), "<two/>").expect("v2");
+    let reader = || host_store(&path, 1);
+    let mut readable = Vec::new();
+    for c in 0..2u8 {
+        let block = st.layout().copy_block(CopyArea::Registry, HostId(0), c).expect("copy");
+        let at = usize::try_from(block).expect("small") * 4096 + 50;
+        let mut img = fs::read(&path).expect("read");
+        img[at] ^= 0xff;
+        fs::write(&path, &img).expect("corrupt");
+        let r = reader();
+        match r.list_domain_xml() {
+            Ok(list) => {
+                assert_eq!(list, vec![DomainId(1), DomainId(2)], "copy {c} corrupt: the other is committed");
+                readable.push(c);
+            }
+            Err(e) => assert!(matches!(e, BlockError::RegistryBusy { .. }), "copy {c}: {e}"),
+        }
+        assert!(r.rejects().bad_checksum >= 1, "{:?}", r.rejects());
+        img[at] ^= 0xff;
+        fs::write(&path, &img).expect("repair");
+    }
+    assert_eq!(readable.len(), 1, "exactly the uncommitted copy can be lost: {readable:?}");
+    assert_eq!(reader().list_domain_xml().expect("repaired"), vec![DomainId(1), DomainId(2)]);
+}
+
 #[test]
 fn the_domain_table_has_a_limit() {
     let path = scratch("table_full").join("lun.img");

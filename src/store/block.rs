@@ -334,7 +334,9 @@ pub enum BlockError {
         "{path}: {what} of {len} bytes does not fit its copy area of {max} bytes; reformat the LUN with larger copy areas (havirt init --registry-blocks)"
     )]
     CopyTooLarge { path: PathBuf, what: &'static str, len: usize, max: usize },
-    #[error("{path}: the registry changed under every one of {attempts} attempts; try again")]
+    #[error(
+        "{path}: the registry's committed copy was not read in {attempts} attempts (it changed each time, or its copy is rejected: see the rejected records); try again"
+    )]
     RegistryBusy { path: PathBuf, attempts: u32 },
     #[error("domain {0:?} cannot be protected on a block datastore (the nil UUID keys the registry's own area)")]
     ReservedDomain(DomainId),

@@ -103,6 +103,7 @@ pub(super) struct RegistryState {
 
 /// Copy areas.
 impl BlockStore {
+    /// Both copies' headers; `None`: never written, or rejected (counted).
     fn copy_headers(&self, which: CopyArea, host: HostId) -> Result<[Option<CopyHeader>; 2], BlockError> {
         let mut out = [None, None];
         for (c, slot) in (0u8..).zip(out.iter_mut()) {
@@ -110,7 +111,13 @@ impl BlockStore {
             let data = self.read_block_at(block)?;
             let subject = |h: &CopyHeader| (h.area, h.host);
             let header = decode_for(RecordKind::Blob, self.cluster, data.as_slice(), subject, (area_tag(which), host));
-            *slot = header.map_err(|source| self.rejected(block, source))?;
+            // A rejected header (being rewritten as we read it, or corrupt)
+            // is counted and read as no copy: the other copy may be the one
+            // wanted, and a reader never fails on a copy it does not need.
+            *slot = header.unwrap_or_else(|source| {
+                self.rejected(block, source);
+                None
+            });
         }
         Ok(out)
     }
