@@ -24,9 +24,12 @@
 //! [`CAS_BUDGET`] has passed since the call began. So a call issues at most
 //! `6 × MAX_CAS_ATTEMPTS` = 18 I/Os and takes at most
 //! `CAS_BUDGET + 6 × t_io + CAS_BACKOFF_MAX`, t_io being one I/O's latency;
-//! with every I/O answering within io_timeout (2 s by default) the daemon's
-//! own io_timeout on the call fires only when the device is slower than
-//! about io_timeout / 6 per I/O, which is what a timeout should mean.
+//! uncontended, a CAS is 6 × t_io, so the engine's io_timeout on the call
+//! (2 s by default, 1 s fast) fires only when the device is slower than
+//! io_timeout / 6 per I/O, which is what a timeout should mean. Under
+//! contention the retries may outlast io_timeout (CAS_BUDGET is 1 s): the
+//! engine then sees `Timeout`, the same answer `Contended` gives, and the
+//! call's thread finishes its last attempt as below.
 //! A CAS on a domain not yet in the registry first adds it there
 //! (`block::registry`): one registry change more.
 //!
