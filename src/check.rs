@@ -515,6 +515,68 @@ fn check_lock(scratch: &Path) -> Finding {
     }
 }
 
+/// The header's layout against this device and this configuration: sector
+/// sizes, host slots, the domain table, and that leases and the registry
+/// read (the same header on every host means the same LUN).
+fn check_block_layout(input: &StorageInput, store: &BlockStore) -> Vec<Finding> {
+    let shown = store.path().display();
+    let layout = store.layout();
+    let mut out = Vec::new();
+    let geo = std::fs::File::open(store.path())
+        .map_err(|e| e.to_string())
+        .and_then(|f| crate::store::block::geometry(store.path(), &f).map_err(|e| e.to_string()));
+    match geo {
+        Ok(g) => out.push(ok(
+            "sector_size",
+            format!(
+                "{shown}: logical sectors of {} bytes, physical {} bytes; each ballot is one {}-byte sector, so no write tears into a neighbour's",
+                g.logical_bytes,
+                g.physical_bytes,
+                layout.sector.bytes()
+            ),
+        )),
+        Err(e) => out.push(warning("sector_size", format!("{shown}: sector sizes unknown: {e}"))),
+    }
+    out.push(ok(
+        "datastore",
+        format!(
+            "{shown}: havirt header of cluster \"{}\": {} host slots, {} domain leases, {} bytes used",
+            input.cluster,
+            layout.max_hosts,
+            layout.max_domains,
+            layout.device_bytes()
+        ),
+    ));
+    out.push(ok("o_direct", format!("{shown} opens and reads with O_DIRECT")));
+    for host in &input.hosts {
+        if let Err(e) = layout.block(Region::Slot, *host) {
+            out.push(error(
+                "datastore",
+                format!("{shown}: {e}; reformat the LUN for more hosts (havirt init --max-hosts)"),
+            ));
+        }
+    }
+    match store.read_lease(crate::engine::io::LeaseKey::Master).and_then(|_| store.read_registry()) {
+        Ok(r) => {
+            let used = r.next_index;
+            let line = format!(
+                "{shown}: leases and registry read; {used} of {} domain table entries used",
+                layout.max_domains
+            );
+            out.push(if u64::from(used) * 5 >= u64::from(layout.max_domains) * 4 {
+                warning(
+                    "domains",
+                    format!("{line}: nearly full, reformat a larger table before it is (havirt init --max-domains)"),
+                )
+            } else {
+                ok("domains", line)
+            });
+        }
+        Err(e) => out.push(error("datastore", format!("{e}"))),
+    }
+    out
+}
+
 fn check_block(input: &StorageInput, device: &Path) -> Vec<Finding> {
     let shown = device.display();
     let mut out = Vec::new();
@@ -523,9 +585,9 @@ fn check_block(input: &StorageInput, device: &Path) -> Vec<Finding> {
             out.push(error("datastore", format!("{shown}: {e}: the shared LUN is not visible on this host; check the iSCSI/FC session and multipath, and name it by /dev/disk/by-id/...")));
             return out;
         }
-        Ok(m) if !m.file_type().is_block_device() => out.push(warning(
+        Ok(m) if m.is_file() => out.push(error(
             "datastore",
-            format!("{shown} is a plain file, not a block device: hosts share it only if they share the filesystem it is on (a lab)"),
+            format!("{shown} is a regular file, not a block device: hosts do not share it as they share a LUN. Name the shared LUN (/dev/disk/by-id/...), or in a lab attach the file as a loop device (losetup -f --show --direct-io=on {shown})"),
         )),
         Ok(_) => {}
     }
@@ -536,22 +598,7 @@ fn check_block(input: &StorageInput, device: &Path) -> Vec<Finding> {
             return out;
         }
     };
-    // Leases need file locks, which a raw LUN does not have (store::block).
-    out.push(error(
-        "datastore",
-        format!("{shown}: a block datastore carries heartbeats and fence requests but no leases; the daemon needs a dir datastore (kind = \"dir\") for domain leases"),
-    ));
-    let layout = store.layout();
-    out.push(ok(
-        "datastore",
-        format!("{shown}: havirt header of cluster \"{}\", {} host slots", input.cluster, layout.max_hosts),
-    ));
-    out.push(ok("o_direct", format!("{shown} opens and reads with O_DIRECT")));
-    for host in &input.hosts {
-        if let Err(e) = layout.block(Region::Slot, *host) {
-            out.push(error("datastore", format!("{shown}: {e}; reformat the LUN for more hosts (havirt init)")));
-        }
-    }
+    out.extend(check_block_layout(input, &store));
     // Writes would overwrite a live record: only reads are timed here.
     let probe = input.local.or(input.hosts.first().copied()).unwrap_or(HostId(0));
     let mut samples = Vec::with_capacity(LATENCY_SAMPLES);

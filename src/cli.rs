@@ -34,11 +34,21 @@ pub const START_WAIT: Duration = Duration::from_secs(15);
 /// What a command prints and how it exits.
 pub type Outcome = Result<String, String>;
 
+/// `havirt init`'s options for a block datastore.
+#[derive(Clone, Copy, Debug)]
+pub struct BlockInit {
+    pub max_hosts: u16,
+    pub max_domains: u32,
+    pub registry_blocks: u32,
+    pub force: bool,
+}
+
 /// `havirt init`: the datastore layout and a cluster key. Idempotent: an
 /// existing datastore keeps its records, an existing key is checked and
-/// kept.
-pub fn init(cluster: &str, datastore: &Path, key_file: &Path) -> Outcome {
-    DirStore::init(datastore, cluster).map_err(|e| format!("datastore {}: {e}", datastore.display()))?;
+/// kept. A block device or an existing regular file is formatted as a
+/// block datastore; any other path is a dir datastore's directory.
+pub fn init(cluster: &str, datastore: &Path, key_file: &Path, block: BlockInit) -> Outcome {
+    let kind = init_datastore(cluster, datastore, block)?;
     let key_note = if key_file.exists() {
         crate::config::check_key_file(key_file).map_err(|e| e.to_string())?;
         format!("kept the existing cluster key {}", key_file.display())
@@ -49,13 +59,50 @@ pub fn init(cluster: &str, datastore: &Path, key_file: &Path) -> Outcome {
     Ok(format!(
         "initialized datastore {} for cluster {cluster:?}\n{key_note}\n\nnext:\n  \
          1. copy {} to every host (same path, root-only)\n  \
-         2. write /etc/havirt/havirt.toml on every host (cluster name {cluster:?}, datastore path {})\n  \
+         2. write /etc/havirt/havirt.toml on every host (cluster name {cluster:?}, datastore {kind} {})\n  \
          3. havirt check\n  \
          4. systemctl enable --now havirt",
         datastore.display(),
         key_file.display(),
         datastore.display()
     ))
+}
+
+/// Formats or creates the datastore; returns what the config says of it.
+fn init_datastore(cluster: &str, datastore: &Path, b: BlockInit) -> Result<&'static str, String> {
+    use crate::store::block::{BlockFormat, BlockStore};
+    use std::os::unix::fs::FileTypeExt;
+    let shown = datastore.display();
+    let meta = std::fs::metadata(datastore);
+    let is_block = meta.as_ref().is_ok_and(|m| m.file_type().is_block_device() || m.is_file());
+    if !is_block && datastore.starts_with("/dev") {
+        return Err(match meta {
+            Err(e) => format!(
+                "datastore {shown}: {e}: the LUN is not visible on this host; check the iSCSI/FC session and multipath, and name it by /dev/disk/by-id/..."
+            ),
+            Ok(_) => format!("datastore {shown} is not a block device; name the shared LUN (/dev/disk/by-id/...)"),
+        });
+    }
+    if !is_block {
+        DirStore::init(datastore, cluster).map_err(|e| format!("datastore {shown}: {e}"))?;
+        return Ok("path");
+    }
+    let format = BlockFormat {
+        max_hosts: b.max_hosts,
+        max_domains: b.max_domains,
+        registry_blocks: b.registry_blocks,
+        ..BlockFormat::default()
+    };
+    let st = BlockStore::init(datastore, cluster, format, b.force).map_err(|e| format!("datastore {shown}: {e}"))?;
+    let l = st.layout();
+    eprintln!(
+        "block datastore {shown}: {} host slots, {} domain leases, {}-byte ballot sectors, {} bytes (kind = \"block\")",
+        l.max_hosts,
+        l.max_domains,
+        l.sector.bytes(),
+        l.device_bytes()
+    );
+    Ok("(kind = \"block\") device")
 }
 
 fn write_new_key(path: &Path) -> Result<(), String> {

@@ -36,9 +36,9 @@ use crate::hypervisor::{parse_uuid, uuid_string};
 use crate::metrics::{Metrics, StorageOp};
 use crate::net::udp::{Bound, Identity, Transport};
 use crate::net::wire::{ClusterId as WireClusterId, ClusterKey};
-use crate::store::dir::{DirError, DirStore};
 use crate::store::inventory;
 use crate::store::record::PoisonRequest;
+use crate::store::{Store, StoreError};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -81,11 +81,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("datastore: {0}")]
-    Store(#[from] DirError),
-    #[error(
-        "datastore {0}: a block datastore carries heartbeats and fence requests but no leases; the daemon needs a dir datastore (kind = \"dir\") for domain leases"
-    )]
-    BlockDatastore(PathBuf),
+    Store(#[from] StoreError),
     #[error(
         "libvirt at {uri} is not reachable after {waited_s} s: {source}; is libvirtd running (systemctl status libvirtd)?"
     )]
@@ -133,11 +129,7 @@ pub fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
     };
     let me = config.local_host(&host_name)?.clone();
     let key = crate::config::check_key_file(&config.cluster.key_file)?;
-    let Datastore::Dir { path } = &config.cluster.datastore else {
-        let Datastore::Block { device } = &config.cluster.datastore else { unreachable!() };
-        return Err(DaemonError::BlockDatastore(device.clone()));
-    };
-    let store = Arc::new(open_datastore(path, &config)?);
+    let store = Arc::new(open_datastore(&config, me.id)?);
     check_watchdog_present(&me.watchdog)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -152,18 +144,28 @@ pub fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
 /// Opens the datastore, bounded by io_timeout: a datastore that is not
 /// initialized is an error, one that does not answer is opened anyway, so
 /// that the engine starts and self-fences what runs here (S4).
-fn open_datastore(path: &std::path::Path, config: &Config) -> Result<DirStore, DaemonError> {
+fn open_datastore(config: &Config, me: HostId) -> Result<Store, DaemonError> {
     let (tx, rx) = std::sync::mpsc::channel();
-    let (dir, name) = (path.to_path_buf(), config.cluster.name.clone());
+    let (ds, name) = (config.cluster.datastore.clone(), config.cluster.name.clone());
     std::thread::spawn(move || {
-        let _ = tx.send(DirStore::open(&dir, &name));
+        let _ = tx.send(Store::open(&ds, &name, me));
     });
     match rx.recv_timeout(std_duration(config.cluster.timings.io_timeout)) {
         Ok(r) => Ok(r?),
         Err(_) => {
-            warn!("datastore {} does not answer; starting anyway (S4 self-fences what runs here)", path.display());
-            Ok(DirStore::open_unchecked(path, &config.cluster.name)?)
+            warn!(
+                "datastore {} does not answer; starting anyway (S4 self-fences what runs here)",
+                datastore_name(config)
+            );
+            Ok(Store::open_unchecked(&config.cluster.datastore, &config.cluster.name, me)?)
         }
+    }
+}
+
+fn datastore_name(config: &Config) -> String {
+    match &config.cluster.datastore {
+        Datastore::Dir { path } => path.display().to_string(),
+        Datastore::Block { device } => device.display().to_string(),
     }
 }
 
@@ -261,7 +263,7 @@ impl HvSlot {
 struct Shared {
     me: HostId,
     hosts: Vec<HostId>,
-    store: Arc<DirStore>,
+    store: Arc<Store>,
     hv: HvSlot,
     libvirt_uri: String,
     fencers: Fencers,
@@ -344,7 +346,7 @@ impl Daemon {
         config: Config,
         me: HostConfig,
         key: Vec<u8>,
-        store: Arc<DirStore>,
+        store: Arc<Store>,
     ) -> Result<Daemon, DaemonError> {
         let clock = Clock { start: tokio::time::Instant::now() };
         let boot = boot_id();
@@ -395,7 +397,7 @@ impl Daemon {
             )
         };
         let protected = match read.await {
-            Ok(Ok(Ok(entries))) => entries.into_iter().map(|(d, (_, _, e))| (d, e)).collect(),
+            Ok(Ok(Ok(entries))) => entries.into_iter().map(|(d, (_, e))| (d, e)).collect(),
             failed => {
                 let why = match failed {
                     Ok(Ok(Err(e))) => e.to_string(),
@@ -1286,7 +1288,7 @@ fn libvirt_call(shared: Arc<Shared>, f: impl FnOnce(&Shared) + Send + 'static) {
     });
 }
 
-fn storage_failed(shared: &Shared, e: &DirError) -> StorageError {
+fn storage_failed(shared: &Shared, e: &StoreError) -> StorageError {
     let kind = e.storage_error();
     shared.send(Internal::StorageFailure(kind));
     kind
@@ -1409,7 +1411,7 @@ fn write_inventory(s: &Shared, cluster: &str, host: &str) -> Result<(), String> 
         bridges,
         networks,
     };
-    inventory::write(s.store.base(), s.me, &inv).map_err(|e| e.to_string())
+    s.store.write_inventory(s.me, &inv).map_err(|e| e.to_string())
 }
 
 /// One fence agent. The storage agent writes the poison request for the
@@ -1568,25 +1570,23 @@ fn apply_changes(mut p: DomainPolicy, c: &PolicyChanges, hosts: &[HostConfig]) -
     Ok(p)
 }
 
-/// Registry entries with the (mtime, length) they were read at.
-type RegistryCache = BTreeMap<DomainId, (std::time::SystemTime, u64, registry::Entry)>;
+/// Registry entries with the stamp they were read at.
+type RegistryCache = BTreeMap<DomainId, (crate::store::XmlStamp, registry::Entry)>;
 
-/// Reads every stored definition; files unchanged since `cached` are not
+/// Reads every stored definition; those unchanged since `cached` are not
 /// read again.
-fn read_registry_cached(store: &DirStore, cached: &RegistryCache) -> Result<RegistryCache, DirError> {
+fn read_registry_cached(store: &Store, cached: &RegistryCache) -> Result<RegistryCache, StoreError> {
     let mut out = BTreeMap::new();
     for d in store.list_domain_xml()? {
-        let path = store.domain_xml_path(d);
-        let Ok(meta) = std::fs::metadata(&path) else { continue };
-        let stamp = (meta.modified().unwrap_or(std::time::UNIX_EPOCH), meta.len());
-        if let Some((m, l, e)) = cached.get(&d)
-            && (*m, *l) == stamp
+        let Some(stamp) = store.xml_stamp(d)? else { continue };
+        if let Some((s, e)) = cached.get(&d)
+            && *s == stamp
         {
-            out.insert(d, (*m, *l, e.clone()));
+            out.insert(d, (*s, e.clone()));
             continue;
         }
         if let Some(xml) = store.read_domain_xml(d)? {
-            out.insert(d, (stamp.0, stamp.1, registry::entry(d, &xml)));
+            out.insert(d, (stamp, registry::entry(d, &xml)));
         }
     }
     Ok(out)
@@ -1623,7 +1623,7 @@ fn spawn_registry_poller(shared: Arc<Shared>) {
             match tokio::task::spawn_blocking(move || read_registry_cached(&store, &old)).await {
                 Ok(Ok(new)) => {
                     cache = new;
-                    let entries: BTreeMap<_, _> = cache.iter().map(|(d, (_, _, e))| (*d, e.clone())).collect();
+                    let entries: BTreeMap<_, _> = cache.iter().map(|(d, (_, e))| (*d, e.clone())).collect();
                     shared.send(Internal::Registry { epoch, entries, issued });
                 }
                 Ok(Err(e)) => shared.send(Internal::Problem(format!("reading the protected domains: {e}"))),
@@ -1720,7 +1720,7 @@ async fn connect_libvirt(uri: &str) -> Result<LibvirtHypervisor, DaemonError> {
 /// that fails or does not answer in time is no evidence: the engine's own
 /// storage checks (S4) take over.
 async fn refuse_fenced_boot(
-    store: &Arc<DirStore>,
+    store: &Arc<Store>,
     me: HostId,
     boot: BootId,
     io_wait: std::time::Duration,
@@ -1739,7 +1739,7 @@ async fn refuse_fenced_boot(
 
 /// Maintenance mode as this host's last slot left it (a daemon restart or
 /// a reboot in maintenance stays in maintenance). Unreadable: not in it.
-async fn maintenance_before(store: &Arc<DirStore>, me: HostId, io_wait: std::time::Duration) -> bool {
+async fn maintenance_before(store: &Arc<Store>, me: HostId, io_wait: std::time::Duration) -> bool {
     let store = Arc::clone(store);
     let read = tokio::time::timeout(io_wait, tokio::task::spawn_blocking(move || store.read_slot(me))).await;
     matches!(read, Ok(Ok(Ok(Some(slot)))) if slot.maintenance)

@@ -53,9 +53,24 @@ enum Cmd {
         #[arg(long)]
         cluster: String,
         /// The cluster's directory on the shared filesystem, e.g.
-        /// /mnt/nfs/.havirt/prod (the config's datastore path).
+        /// /mnt/nfs/.havirt/prod (the config's datastore path), or the
+        /// shared LUN, e.g. /dev/disk/by-id/... (formatted: kind = "block").
         #[arg(long, value_name = "PATH")]
         datastore: PathBuf,
+        /// Block datastore: host slots (host ids 0 to N-1).
+        #[arg(long, value_name = "N", default_value_t = havirt::store::block::DEFAULT_MAX_HOSTS)]
+        max_hosts: u16,
+        /// Block datastore: domain leases (protected domains, ever).
+        #[arg(long, value_name = "N", default_value_t = havirt::store::block::DEFAULT_MAX_DOMAINS)]
+        max_domains: u32,
+        /// Block datastore: 4 KiB blocks of each copy of the registry (all
+        /// protected domains' definitions), two per host.
+        #[arg(long, value_name = "N", default_value_t = havirt::store::block::DEFAULT_REGISTRY_BLOCKS)]
+        registry_blocks: u32,
+        /// Block datastore: format a device that holds data or another
+        /// cluster's header (destroys it).
+        #[arg(long)]
+        force: bool,
         /// Where to write the cluster key (kept if it exists).
         #[arg(long, value_name = "PATH", default_value = "/etc/havirt/cluster.key")]
         key_file: PathBuf,
@@ -406,7 +421,10 @@ fn main() -> ExitCode {
         Cmd::Demo => demo(),
         Cmd::Daemon { this, socket } => daemon(this, socket.socket),
         Cmd::Check { this } => check(this),
-        Cmd::Init { cluster, datastore, key_file } => print(havirt::cli::init(&cluster, &datastore, &key_file)),
+        Cmd::Init { cluster, datastore, key_file, max_hosts, max_domains, registry_blocks, force } => {
+            let block = havirt::cli::BlockInit { max_hosts, max_domains, registry_blocks, force };
+            print(havirt::cli::init(&cluster, &datastore, &key_file, block))
+        }
         Cmd::Status { json, watch: false, socket, .. } => print(havirt::cli::status(&socket.socket, json)),
         Cmd::Status { json, watch: true, interval, socket } => {
             print(havirt::cli::watch_status(&socket.socket, json, std::time::Duration::from_secs_f64(interval)))

@@ -93,6 +93,20 @@ fn node_xml(with_vm: bool) -> String {
     )
 }
 
+/// A datastore named `*.img` is a block datastore (a file standing for the
+/// LUN: both daemons run on this machine); any other, a directory.
+fn is_block(ds: &Path) -> bool {
+    ds.extension().is_some_and(|e| e == "img")
+}
+
+fn datastore_toml(ds: &Path) -> String {
+    if is_block(ds) {
+        format!("kind = \"block\"\ndevice = \"{}\"", ds.display())
+    } else {
+        format!("kind = \"dir\"\npath = \"{}\"", ds.display())
+    }
+}
+
 fn config_text(dir: &Path, ds: &Path, port: u16, how: TakeOver) -> String {
     let fence_agent = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/daemon/fence_pid");
     let a_extra = match how {
@@ -115,8 +129,7 @@ isolation_addresses = ["127.0.0.1"]
 net_port = {port}
 
 [cluster.datastore]
-kind = "dir"
-path = "{ds}"
+{datastore}
 
 [[host]]
 name = "a"
@@ -130,7 +143,7 @@ addresses = ["127.0.0.2"]
 watchdog = "none"
 "#,
         key = dir.join("cluster.key").display(),
-        ds = ds.display(),
+        datastore = datastore_toml(ds),
     )
 }
 
@@ -147,20 +160,26 @@ impl Pair {
         pair.spawn_both()
     }
 
+    /// As `start_with`, on a block datastore (a file as the LUN).
+    fn start_block(name: &str, how: TakeOver) -> Pair {
+        let dir = scratch(name);
+        let lun = dir.join("lun.img");
+        std::fs::File::create(&lun).expect("the LUN file");
+        let pair = Pair::prepare(&dir, &lun, how, None);
+        pair.spawn_both()
+    }
+
     /// Datastore, key, config and node files; no daemon yet.
     fn prepare(dir: &Path, ds: &Path, how: TakeOver, a_uri: Option<String>) -> Pair {
         let dir = dir.to_path_buf();
         let port = free_port();
         let key = dir.join("cluster.key");
-        let (ok, out) = havirt(&[
-            "init",
-            "--cluster",
-            "pair",
-            "--datastore",
-            ds.to_str().expect("utf-8"),
-            "--key-file",
-            key.to_str().expect("utf-8"),
-        ]);
+        let mut args = vec!["init", "--cluster", "pair", "--datastore", ds.to_str().expect("utf-8")];
+        args.extend(["--key-file", key.to_str().expect("utf-8")]);
+        if is_block(ds) {
+            args.extend(["--max-hosts", "4", "--max-domains", "8", "--registry-blocks", "16"]);
+        }
+        let (ok, out) = havirt(&args);
         assert!(ok, "havirt init: {out}");
         std::fs::write(dir.join("havirt.toml"), config_text(&dir, ds, port, how)).expect("config");
         std::fs::write(dir.join("a.xml"), node_xml(true)).expect("node a");
@@ -277,7 +296,10 @@ fn protected_pair(name: &str, how: TakeOver) -> Pair {
 }
 
 fn protected_pair_with(name: &str, how: TakeOver, a_uri: Option<String>) -> Pair {
-    let pair = Pair::start_with(name, how, a_uri);
+    protect_vm1(Pair::start_with(name, how, a_uri))
+}
+
+fn protect_vm1(pair: Pair) -> Pair {
     pair.wait_for("a and b see each other alive", Duration::from_secs(30), || {
         pair.status("a").is_some_and(|r| verdict(&r, 2) == "alive")
             && pair.status("b").is_some_and(|r| verdict(&r, 1) == "alive")
@@ -328,6 +350,26 @@ fn sigkilled_host_is_fenced_and_its_domain_restarted_on_the_survivor() {
     assert!(r.view.domains.is_empty(), "still listed: {:?}", r.view.domains);
     let (ok, out) = havirt(&["unprotect", "vm1", "--socket", pair.socket("b").as_str()]);
     assert!(!ok && out.contains("not a protected domain"), "{out}");
+}
+
+/// The same on a block datastore: leases by Disk Paxos, the registry on
+/// the device, no file lock anywhere.
+#[test]
+fn block_datastore_host_is_fenced_and_its_domain_restarted_on_the_survivor() {
+    let mut pair = protect_vm1(Pair::start_block("block_fence_agent", TakeOver::FenceAgent));
+    pair.kill("a");
+    let took = pair.wait_for("vm1 running on b after a was killed", HOST_DEAD + Duration::from_secs(10), || {
+        taken_over_by_b(&pair)
+    });
+    println!(
+        "block datastore: SIGKILL of a -> vm1 running on b: {:.2} s (fence agent, fast profile)",
+        took.as_secs_f64()
+    );
+    let r = pair.status("b").expect("b answers");
+    assert!(r.view.is_master, "b took the master lease");
+    assert!(took < HOST_DEAD, "fenced takeover took {took:?}");
+    let (ok, out) = havirt(&["unprotect", "vm1", "--socket", pair.socket("b").as_str()]);
+    assert!(ok && out.contains("no longer protected"), "unprotect: {out}");
 }
 
 #[test]

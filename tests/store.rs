@@ -5,7 +5,7 @@ use havirt::engine::io::{
     Assignments, CasOutcome, DomainReport, DomainState, FencedRecord, Lease, LeaseKey, LeaseReason, Owner, Slot,
 };
 use havirt::engine::time::Rng;
-use havirt::store::block::{BlockError, BlockStore, DeviceHeader, MAX_BLOCK_HOSTS};
+use havirt::store::block::{BlockError, BlockFormat, BlockStore, DeviceHeader, MAX_BLOCK_HOSTS};
 use havirt::store::dir::{DirError, DirStore, FREE_LEASE, domain_uuid};
 use havirt::store::record::{
     AssignmentsRecord, BLOCK_BYTES, Block, ClusterId, FORMAT_VERSION, LeaseRecord, MAX_PAYLOAD_BYTES, PoisonRequest,
@@ -89,7 +89,17 @@ fn every_record_kind_round_trips_in_memory() {
     round_trip(RecordKind::Fenced, FencedRecord { host: HostId(2), boot: 77, by: HostId(1) });
     round_trip(RecordKind::Assignments, AssignmentsRecord { host: HostId(2), assignments: assignments() });
     round_trip(RecordKind::Poison, PoisonRequest { target: HostId(2), boot: 77, by: HostId(1) });
-    round_trip(RecordKind::DeviceHeader, DeviceHeader { max_hosts: 16 });
+    round_trip(
+        RecordKind::DeviceHeader,
+        DeviceHeader {
+            layout: 2,
+            max_hosts: 16,
+            max_domains: 256,
+            sector_bytes: 512,
+            registry_blocks: 512,
+            inventory_blocks: 16,
+        },
+    );
 }
 
 #[test]
@@ -371,6 +381,11 @@ fn dir_concurrent_cas_from_one_daemon_never_loses_an_update() {
     race_all("dir_cas_race_threads", true);
 }
 
+/// A small layout for `max_hosts` hosts (8 domains, small copy areas).
+fn small(max_hosts: u16) -> BlockFormat {
+    BlockFormat { max_hosts, max_domains: 8, registry_blocks: 8, inventory_blocks: 4 }
+}
+
 fn block_file(name: &str) -> PathBuf {
     let path = scratch(name).join("lun.img");
     fs::File::create(&path).expect("create");
@@ -380,9 +395,12 @@ fn block_file(name: &str) -> PathBuf {
 #[test]
 fn block_slot_poison_fenced_assignments_round_trip() {
     let path = block_file("block_round_trip");
-    let st = BlockStore::init(&path, CLUSTER, 8).expect("init");
+    let st = BlockStore::init(&path, CLUSTER, small(8), false).expect("init");
     assert_eq!(fs::metadata(&path).expect("stat").len(), st.layout().device_bytes());
-    assert_eq!(st.layout().device_bytes(), (1 + 4 * 8) * BLOCK_BYTES as u64);
+    // Header, 4 per-host regions, then 2 + 8 lease areas and the copy areas.
+    let area_blocks = st.layout().area_blocks();
+    let blocks = 1 + 4 * 8 + (2 + 8) * area_blocks + 2 * 8 * 8 + 2 * 8 * 4;
+    assert_eq!(st.layout().device_bytes(), blocks * BLOCK_BYTES as u64);
     assert_eq!(st.read_slot(HostId(0)).expect("read"), None);
     st.write_slot(&slot(0, 1, 2)).expect("w");
     st.write_slot(&slot(7, 9, 0)).expect("w");
@@ -409,15 +427,18 @@ fn block_slot_poison_fenced_assignments_round_trip() {
 fn block_refuses_foreign_or_unformatted_devices_and_bad_hosts() {
     let path = block_file("block_refuse");
     assert!(matches!(BlockStore::open(&path, CLUSTER), Err(BlockError::NotInitialized { .. })));
-    assert!(matches!(BlockStore::init(&path, CLUSTER, 0), Err(BlockError::MaxHostsOutOfRange { .. })));
+    assert!(matches!(BlockStore::init(&path, CLUSTER, small(0), false), Err(BlockError::MaxHostsOutOfRange { .. })));
     let too_many = MAX_BLOCK_HOSTS + 1;
-    assert!(matches!(BlockStore::init(&path, CLUSTER, too_many), Err(BlockError::MaxHostsOutOfRange { .. })));
-    let st = BlockStore::init(&path, CLUSTER, 4).expect("init");
+    assert!(matches!(
+        BlockStore::init(&path, CLUSTER, small(too_many), false),
+        Err(BlockError::MaxHostsOutOfRange { .. })
+    ));
+    let st = BlockStore::init(&path, CLUSTER, small(4), false).expect("init");
     st.write_slot(&slot(1, 1, 0)).expect("w");
-    let again = BlockStore::init(&path, CLUSTER, 4).expect("idempotent init");
+    let again = BlockStore::init(&path, CLUSTER, small(4), false).expect("idempotent init");
     assert_eq!(again.read_slot(HostId(1)).expect("kept"), Some(slot(1, 1, 0)));
-    assert!(matches!(BlockStore::init(&path, CLUSTER, 5), Err(BlockError::NotEmpty { .. })));
-    assert!(matches!(BlockStore::init(&path, "other", 4), Err(BlockError::NotEmpty { .. })));
+    assert!(matches!(BlockStore::init(&path, CLUSTER, small(5), false), Err(BlockError::NotEmpty { .. })));
+    assert!(matches!(BlockStore::init(&path, "other", small(4), false), Err(BlockError::NotEmpty { .. })));
     let foreign = BlockStore::open(&path, "other");
     let is_foreign = matches!(foreign, Err(BlockError::Rejected { source: RecordError::ForeignCluster { .. }, .. }));
     assert!(is_foreign, "{foreign:?}");
@@ -428,7 +449,7 @@ fn block_refuses_foreign_or_unformatted_devices_and_bad_hosts() {
 #[test]
 fn block_corrupt_slot_reads_as_no_heartbeat() {
     let path = block_file("block_corrupt");
-    let st = BlockStore::init(&path, CLUSTER, 4).expect("init");
+    let st = BlockStore::init(&path, CLUSTER, small(4), false).expect("init");
     st.write_slot(&slot(2, 1, 1)).expect("w");
     let mut img = fs::read(&path).expect("read");
     let at = usize::try_from(st.layout().block(havirt::store::block::Region::Slot, HostId(2)).expect("block"))

@@ -15,7 +15,7 @@ use crate::daemon::registry;
 use crate::engine::config::HostId;
 use crate::hypervisor::netmap::{self, NetKind, NetUse};
 use crate::hypervisor::{LibvirtHypervisor, LibvirtOptions};
-use crate::store::dir::DirStore;
+use crate::store::Store;
 use crate::store::inventory::{self, INVENTORY_MAX_AGE_S, Inventory};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -44,13 +44,9 @@ enum Offer {
 
 /// The findings of this check, in domain then host order.
 pub(super) fn check(config: &Config, local: Option<&HostConfig>, uri: &str, out: &mut Vec<Finding>) {
-    let Datastore::Dir { path } = &config.cluster.datastore else {
-        out.push(ok(WHAT, "a block datastore keeps no domain definitions or inventories: bridges and networks of other hosts are not checked"));
-        return;
-    };
-    let (path, cluster) = (path.clone(), config.cluster.name.clone());
+    let (ds, cluster) = (config.cluster.datastore.clone(), config.cluster.name.clone());
     let hosts: Vec<(HostId, String)> = config.hosts.iter().map(|h| (h.id, h.name.clone())).collect();
-    let read = bounded(Duration::from_millis(STORAGE_TIMEOUT_MS), move || read_datastore(&path, &cluster, &hosts));
+    let read = bounded(Duration::from_millis(STORAGE_TIMEOUT_MS), move || read_datastore(&ds, &cluster, &hosts));
     let (domains, mut inventories) = match read {
         Ok(Ok(found)) => found,
         Ok(Err(e)) => return out.push(error(WHAT, format!("cannot read the protected domains' definitions: {e}"))),
@@ -85,11 +81,12 @@ pub(super) fn check(config: &Config, local: Option<&HostConfig>, uri: &str, out:
 type InventoryReads = BTreeMap<HostId, Result<Option<Inventory>, String>>;
 
 fn read_datastore(
-    path: &Path,
+    ds: &Datastore,
     cluster: &str,
     hosts: &[(HostId, String)],
 ) -> Result<(Vec<Stored>, InventoryReads), String> {
-    let store = DirStore::open(path, cluster).map_err(|e| e.to_string())?;
+    // Read-only: host 0 names no ballot of ours (no lease is changed here).
+    let store = Store::open(ds, cluster, HostId(0)).map_err(|e| e.to_string())?;
     let mut domains = Vec::new();
     for d in store.list_domain_xml().map_err(|e| e.to_string())? {
         let Some(xml) = store.read_domain_xml(d).map_err(|e| e.to_string())? else { continue };
@@ -98,10 +95,7 @@ fn read_datastore(
         domains.push(Stored { name: spec.name, affinity: spec.policy.affinity, uses });
     }
     domains.sort_by(|a, b| a.name.cmp(&b.name));
-    let inventories = hosts
-        .iter()
-        .map(|(id, name)| (*id, inventory::read(path, cluster, *id, name).map_err(|e| e.to_string())))
-        .collect();
+    let inventories = hosts.iter().map(|(id, name)| (*id, store.read_inventory(cluster, *id, name))).collect();
     Ok((domains, inventories))
 }
 

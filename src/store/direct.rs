@@ -32,6 +32,39 @@ impl AlignedBlock {
     }
 }
 
+/// A buffer of any multiple of 512 bytes, aligned to 4096 as O_DIRECT
+/// requires of memory (for sector-sized I/O on a block device: a Disk Paxos
+/// area, one ballot sector, a run of blocks). No unsafe: a larger Vec and
+/// the aligned window inside it.
+pub struct AlignedBuf {
+    raw: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    pub fn zeroed(len: usize) -> AlignedBuf {
+        let raw = vec![0u8; len + BLOCK_BYTES];
+        let start = raw.as_ptr().align_offset(BLOCK_BYTES);
+        assert!(start < BLOCK_BYTES, "align_offset of a u8 pointer is below the alignment");
+        AlignedBuf { raw, start, len }
+    }
+
+    pub fn from_slice(bytes: &[u8]) -> AlignedBuf {
+        let mut b = AlignedBuf::zeroed(bytes.len());
+        b.as_mut_slice().copy_from_slice(bytes);
+        b
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &self.raw[self.start..self.start + self.len]
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.raw[self.start..self.start + self.len]
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DirectIoError {
     #[error(
@@ -40,8 +73,10 @@ pub enum DirectIoError {
     Unsupported { path: PathBuf },
     #[error("{path}: {op} failed: {source}")]
     Io { op: &'static str, path: PathBuf, source: io::Error },
-    #[error("{path}: short write at offset {offset}: {written} of {BLOCK_BYTES} bytes")]
+    #[error("{path}: short write at offset {offset}: {written} bytes written")]
     ShortWrite { path: PathBuf, offset: u64, written: usize },
+    #[error("{path}: short read at offset {offset}: {read} of {wanted} bytes (past the end of the device?)")]
+    ShortRead { path: PathBuf, offset: u64, read: usize, wanted: usize },
 }
 
 impl DirectIoError {
@@ -117,6 +152,39 @@ pub fn write_block_nosync(file: &File, path: &Path, offset: u64, block: &Aligned
         return Err(DirectIoError::ShortWrite { path: path.to_path_buf(), offset, written });
     }
     Ok(())
+}
+
+/// Reads exactly `len` bytes at `offset` (both multiples of the device's
+/// logical sector size) in one call; a short read is an error (past the end
+/// of the device: the layout does not fit it).
+pub fn read_exact_at(file: &File, path: &Path, offset: u64, len: usize) -> Result<AlignedBuf, DirectIoError> {
+    let mut buf = AlignedBuf::zeroed(len);
+    let n = loop {
+        match file.read_at(buf.as_mut_slice(), offset) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(DirectIoError::from_io("read", path, e)),
+        }
+    };
+    if n != len {
+        return Err(DirectIoError::ShortRead { path: path.to_path_buf(), offset, read: n, wanted: len });
+    }
+    Ok(buf)
+}
+
+/// Writes `buf` at `offset` in one call, then fdatasync.
+pub fn write_all_at(file: &File, path: &Path, offset: u64, buf: &AlignedBuf) -> Result<(), DirectIoError> {
+    let written = loop {
+        match file.write_at(buf.as_slice(), offset) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(DirectIoError::from_io("write", path, e)),
+        }
+    };
+    if written != buf.as_slice().len() {
+        return Err(DirectIoError::ShortWrite { path: path.to_path_buf(), offset, written });
+    }
+    sync(file, path)
 }
 
 pub fn sync(file: &File, path: &Path) -> Result<(), DirectIoError> {

@@ -5,14 +5,20 @@
 //! a 4 KiB-sector device and a torn write on a 512-byte-sector device is caught
 //! by the checksum. All integers are little-endian.
 //!
+//! A record that must be written atomically on any device (a Disk Paxos
+//! ballot block) is one *sector* instead: [`encode_sized`]/[`decode_sized`]
+//! frame the same header in S = 512 or 4096 bytes, with the crc32c in the
+//! last 4 bytes of the S (offsets below for S = 4096).
+//!
 //! ```text
 //! offset  size  field
 //!      0     8  magic            b"HAVIRT\0\x01"
 //!      8     2  format version   u16, FORMAT_VERSION (= 1)
 //!     10     2  record kind      u16, RecordKind (1 slot, 2 lease, 3 fenced,
-//!                                4 assignments, 5 poison, 6 device header)
+//!                                4 assignments, 5 poison, 6 device header,
+//!                                7 blob header, 16 ballot block)
 //!     12    16  cluster id       first 16 bytes of SHA-256("havirt-cluster-id\0" ++ name)
-//!     28     4  payload length   u32, at most MAX_PAYLOAD_BYTES (= 4060)
+//!     28     4  payload length   u32, at most MAX_PAYLOAD_BYTES (= 4060; S - 36)
 //!     32     n  payload          postcard (compact serde binary) of the record
 //!   32+n     …  zero padding
 //!   4092     4  crc32c           over bytes 0..4092 (header, payload and padding)
@@ -54,6 +60,8 @@ pub const HEADER_BYTES: usize = 32;
 pub const CRC_BYTES: usize = 4;
 /// The largest payload a record can carry.
 pub const MAX_PAYLOAD_BYTES: usize = BLOCK_BYTES - HEADER_BYTES - CRC_BYTES;
+/// The smallest record: one 512-byte sector (a Disk Paxos ballot block).
+pub const MIN_RECORD_BYTES: usize = 512;
 /// The format this build writes and the newest it reads.
 pub const FORMAT_VERSION: u16 = 1;
 pub const MAGIC: [u8; 8] = *b"HAVIRT\0\x01";
@@ -62,7 +70,6 @@ const VERSION_AT: usize = 8;
 const KIND_AT: usize = 10;
 const CLUSTER_AT: usize = 12;
 const LEN_AT: usize = 28;
-const CRC_AT: usize = BLOCK_BYTES - CRC_BYTES;
 /// Domain separation for the cluster-id hash.
 const CLUSTER_ID_PREFIX: &[u8] = b"havirt-cluster-id\0";
 
@@ -81,6 +88,13 @@ pub enum RecordKind {
     Poison = 5,
     /// Block 0 of a shared block device (see `store::block`).
     DeviceHeader = 6,
+    /// The header of a variable-size copy on a block device (the registry
+    /// of protected domains, a host's inventory): its version, length and
+    /// checksum (`store::block::registry`).
+    Blob = 7,
+    /// A Disk Paxos ballot block, one device sector (`store::paxos`). Kept
+    /// apart from the 4 KiB kinds so a sector copied onto one is refused.
+    Dblock = 16,
 }
 
 /// 16 bytes that tie a record to one cluster.
@@ -202,21 +216,63 @@ impl RejectCounters {
 
 /// Encodes `value` as one record block.
 pub fn encode<T: Serialize>(kind: RecordKind, cluster: ClusterId, value: &T) -> Result<Block, RecordError> {
+    let mut block = [0u8; BLOCK_BYTES];
+    encode_into(kind, cluster, value, &mut block)?;
+    Ok(block)
+}
+
+/// Encodes `value` as one record of `record_bytes` bytes (a sector: see
+/// [`check_record_bytes`]), for records that must fit one device sector.
+pub fn encode_sized<T: Serialize>(
+    kind: RecordKind,
+    cluster: ClusterId,
+    value: &T,
+    record_bytes: usize,
+) -> Result<Vec<u8>, RecordError> {
+    check_record_bytes(record_bytes)?;
+    let mut out = vec![0u8; record_bytes];
+    encode_into(kind, cluster, value, &mut out)?;
+    Ok(out)
+}
+
+/// A record size this format frames: a power of two from
+/// [`MIN_RECORD_BYTES`] (a 512-byte sector) to [`BLOCK_BYTES`].
+pub fn check_record_bytes(record_bytes: usize) -> Result<(), RecordError> {
+    if record_bytes.is_power_of_two() && (MIN_RECORD_BYTES..=BLOCK_BYTES).contains(&record_bytes) {
+        return Ok(());
+    }
+    Err(RecordError::Malformed(format!(
+        "record size {record_bytes}: a record is a power of two from {MIN_RECORD_BYTES} to {BLOCK_BYTES} bytes"
+    )))
+}
+
+/// The largest payload a record of `record_bytes` bytes carries.
+pub fn max_payload_bytes(record_bytes: usize) -> usize {
+    record_bytes.saturating_sub(HEADER_BYTES + CRC_BYTES)
+}
+
+fn encode_into<T: Serialize>(
+    kind: RecordKind,
+    cluster: ClusterId,
+    value: &T,
+    out: &mut [u8],
+) -> Result<(), RecordError> {
+    let max = max_payload_bytes(out.len());
     let payload = postcard::to_allocvec(value).map_err(|e| RecordError::Malformed(e.to_string()))?;
     let len = u32::try_from(payload.len())
         .ok()
-        .filter(|l| *l as usize <= MAX_PAYLOAD_BYTES)
-        .ok_or(RecordError::PayloadTooLarge { len: payload.len(), max: MAX_PAYLOAD_BYTES })?;
-    let mut block = [0u8; BLOCK_BYTES];
-    block[..VERSION_AT].copy_from_slice(&MAGIC);
-    block[VERSION_AT..KIND_AT].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-    block[KIND_AT..CLUSTER_AT].copy_from_slice(&(kind as u16).to_le_bytes());
-    block[CLUSTER_AT..LEN_AT].copy_from_slice(&cluster.0);
-    block[LEN_AT..HEADER_BYTES].copy_from_slice(&len.to_le_bytes());
-    block[HEADER_BYTES..HEADER_BYTES + payload.len()].copy_from_slice(&payload);
-    let crc = crc32c::crc32c(&block[..CRC_AT]);
-    block[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
-    Ok(block)
+        .filter(|l| *l as usize <= max)
+        .ok_or(RecordError::PayloadTooLarge { len: payload.len(), max })?;
+    out[..VERSION_AT].copy_from_slice(&MAGIC);
+    out[VERSION_AT..KIND_AT].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out[KIND_AT..CLUSTER_AT].copy_from_slice(&(kind as u16).to_le_bytes());
+    out[CLUSTER_AT..LEN_AT].copy_from_slice(&cluster.0);
+    out[LEN_AT..HEADER_BYTES].copy_from_slice(&len.to_le_bytes());
+    out[HEADER_BYTES..HEADER_BYTES + payload.len()].copy_from_slice(&payload);
+    let crc_at = out.len() - CRC_BYTES;
+    let crc = crc32c::crc32c(&out[..crc_at]);
+    out[crc_at..].copy_from_slice(&crc.to_le_bytes());
+    Ok(())
 }
 
 /// Decodes one record block. `Ok(None)`: the block is all zeros, a record
@@ -226,17 +282,27 @@ pub fn decode<T: DeserializeOwned>(
     cluster: ClusterId,
     bytes: &[u8],
 ) -> Result<Option<T>, RecordError> {
-    let block: &Block = match bytes.try_into() {
-        Ok(b) => b,
-        Err(_) if bytes.len() < BLOCK_BYTES => {
-            return Err(RecordError::Truncated { len: bytes.len(), expected: BLOCK_BYTES });
-        }
-        Err(_) => return Err(RecordError::Malformed(format!("{} bytes, a record is {BLOCK_BYTES}", bytes.len()))),
-    };
-    if block.iter().all(|b| *b == 0) {
+    decode_sized(kind, cluster, bytes, BLOCK_BYTES)
+}
+
+/// Decodes one record of `record_bytes` bytes (as `encode_sized` wrote it).
+pub fn decode_sized<T: DeserializeOwned>(
+    kind: RecordKind,
+    cluster: ClusterId,
+    bytes: &[u8],
+    record_bytes: usize,
+) -> Result<Option<T>, RecordError> {
+    check_record_bytes(record_bytes)?;
+    if bytes.len() < record_bytes {
+        return Err(RecordError::Truncated { len: bytes.len(), expected: record_bytes });
+    }
+    if bytes.len() > record_bytes {
+        return Err(RecordError::Malformed(format!("{} bytes, a record is {record_bytes}", bytes.len())));
+    }
+    if bytes.iter().all(|b| *b == 0) {
         return Ok(None);
     }
-    let payload = check_header(kind, cluster, block)?;
+    let payload = check_header(kind, cluster, bytes)?;
     postcard::from_bytes(payload).map(Some).map_err(|e| RecordError::Malformed(e.to_string()))
 }
 
@@ -271,12 +337,13 @@ where
 }
 
 /// Checks everything but the payload's content; returns the payload.
-fn check_header(kind: RecordKind, cluster: ClusterId, block: &Block) -> Result<&[u8], RecordError> {
+fn check_header(kind: RecordKind, cluster: ClusterId, block: &[u8]) -> Result<&[u8], RecordError> {
     if block[..VERSION_AT] != MAGIC {
         return Err(RecordError::BadMagic);
     }
-    let stored = u32::from_le_bytes(field(block, CRC_AT));
-    let computed = crc32c::crc32c(&block[..CRC_AT]);
+    let crc_at = block.len() - CRC_BYTES;
+    let stored = u32::from_le_bytes(field(block, crc_at));
+    let computed = crc32c::crc32c(&block[..crc_at]);
     if stored != computed {
         return Err(RecordError::BadChecksum { stored, computed });
     }
@@ -296,14 +363,15 @@ fn check_header(kind: RecordKind, cluster: ClusterId, block: &Block) -> Result<&
         return Err(RecordError::WrongKind { expected: kind, found: found_kind });
     }
     let len = u32::from_le_bytes(field(block, LEN_AT)) as usize;
-    if len > MAX_PAYLOAD_BYTES {
-        return Err(RecordError::PayloadTooLarge { len, max: MAX_PAYLOAD_BYTES });
+    let max = max_payload_bytes(block.len());
+    if len > max {
+        return Err(RecordError::PayloadTooLarge { len, max });
     }
     Ok(&block[HEADER_BYTES..HEADER_BYTES + len])
 }
 
-/// The `N` bytes at `at` (every call site is a constant offset inside the block).
-fn field<const N: usize>(block: &Block, at: usize) -> [u8; N] {
+/// The `N` bytes at `at` (every call site is an offset inside the checked length).
+fn field<const N: usize>(block: &[u8], at: usize) -> [u8; N] {
     let mut out = [0u8; N];
     out.copy_from_slice(&block[at..at + N]);
     out
@@ -390,5 +458,28 @@ mod tests {
         c.count(&RecordError::BadChecksum { stored: 1, computed: 2 });
         c.count(&RecordError::Malformed("x".into()));
         assert_eq!((c.bad_magic, c.bad_checksum, c.malformed, c.total()), (1, 2, 1, 4));
+    }
+
+    #[test]
+    fn sector_sized_records_frame_like_blocks() {
+        for n in [MIN_RECORD_BYTES, 1024, BLOCK_BYTES] {
+            let r = encode_sized(RecordKind::Fenced, cluster(), &fenced(), n).expect("fits");
+            assert_eq!(r.len(), n);
+            assert_eq!(u32::from_le_bytes(r[n - 4..].try_into().expect("4")), crc32c::crc32c(&r[..n - 4]));
+            assert_eq!(decode_sized::<FencedRecord>(RecordKind::Fenced, cluster(), &r, n), Ok(Some(fenced())));
+            let wrong = decode_sized::<FencedRecord>(RecordKind::Dblock, cluster(), &r, n);
+            assert!(matches!(wrong, Err(RecordError::WrongKind { expected: RecordKind::Dblock, found: 3 })));
+            let short = decode_sized::<FencedRecord>(RecordKind::Fenced, cluster(), &r[..n - 1], n);
+            assert_eq!(short, Err(RecordError::Truncated { len: n - 1, expected: n }));
+        }
+        let full = encode(RecordKind::Fenced, cluster(), &fenced()).expect("fits");
+        let sized = encode_sized(RecordKind::Fenced, cluster(), &fenced(), BLOCK_BYTES).expect("fits");
+        assert_eq!(full.to_vec(), sized, "a 4 KiB sized record is a block");
+        for bad in [0, 100, 511, 513, 8192] {
+            assert!(encode_sized(RecordKind::Fenced, cluster(), &fenced(), bad).is_err(), "{bad}");
+        }
+        let big = "x".repeat(max_payload_bytes(512));
+        let e = encode_sized(RecordKind::Poison, cluster(), &big, 512);
+        assert!(matches!(e, Err(RecordError::PayloadTooLarge { max: 476, .. })), "{e:?}");
     }
 }

@@ -27,9 +27,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// O_DIRECT alignment of buffers (and of offsets and sizes, which the
-/// backing filesystem checks itself).
-pub const DIRECT_ALIGN: usize = 4096;
 /// Open flags passed on to the backing file, beside the access mode.
 const PASSED_OPEN_FLAGS: i32 = libc::O_APPEND | libc::O_DIRECT | libc::O_DSYNC | libc::O_SYNC | libc::O_TRUNC;
 const ROOT_INO: u64 = INodeNo::ROOT.0;
@@ -101,29 +98,8 @@ pub struct Statfs {
     pub frsize: u32,
 }
 
-/// A buffer whose start is aligned for O_DIRECT.
-pub struct AlignedBuf {
-    raw: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    pub fn zeroed(len: usize) -> AlignedBuf {
-        let raw = vec![0u8; len + DIRECT_ALIGN];
-        let start = raw.as_ptr().align_offset(DIRECT_ALIGN);
-        assert!(start < DIRECT_ALIGN, "a byte pointer can always be aligned");
-        AlignedBuf { raw, start, len }
-    }
-
-    pub fn as_slice(&self) -> &[u8] {
-        &self.raw[self.start..self.start + self.len]
-    }
-
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut self.raw[self.start..self.start + self.len]
-    }
-}
+/// A buffer whose start is aligned for O_DIRECT (the store's own).
+pub use crate::store::direct::AlignedBuf;
 
 fn errno(e: io::Error) -> Errno {
     Errno::from(e)
@@ -575,7 +551,7 @@ mod tests {
     fn buffers_are_aligned_for_o_direct() {
         for len in [0, 1, 4096, 131072] {
             let mut b = AlignedBuf::zeroed(len);
-            assert_eq!(b.as_slice().as_ptr().addr() % DIRECT_ALIGN, 0);
+            assert_eq!(b.as_slice().as_ptr().addr() % 4096, 0, "O_DIRECT alignment");
             assert_eq!(b.as_mut_slice().len(), len);
         }
     }

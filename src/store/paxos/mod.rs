@@ -81,11 +81,9 @@
 
 mod sector;
 
-pub use sector::{DBLOCK_KIND, DblockError, PAXOS_FORMAT_VERSION};
-
 use super::block::MAX_BLOCK_HOSTS;
 use super::dir::FREE_LEASE;
-use super::record::ClusterId;
+use super::record::{ClusterId, RecordError};
 use crate::engine::config::HostId;
 use crate::engine::io::{CasOutcome, Lease, LeaseKey, StorageError};
 use serde::{Deserialize, Serialize};
@@ -199,13 +197,13 @@ pub enum PaxosError {
     #[error("read returned {got} bytes, the lease area is {expected} bytes")]
     ShortRead { got: usize, expected: usize },
     #[error("sector {sector} of the lease area (host {sector}'s ballot block) rejected: {source}")]
-    Rejected { sector: u16, source: DblockError },
+    Rejected { sector: u16, source: RecordError },
     #[error("hosts {a} and {b} hold different leases as committed at generation {generation}: corrupt area")]
     Disagreement { generation: u64, a: HostId, b: HostId },
     #[error("ballot numbers exhausted (an mbal near 2^64 on disk): corrupt area")]
     BallotOverflow,
     #[error("cannot encode ballot block: {0}")]
-    Encode(DblockError),
+    Encode(RecordError),
 }
 
 /// How a CAS ended.

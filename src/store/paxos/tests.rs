@@ -1,6 +1,7 @@
 use super::*;
 use crate::engine::config::DomainId;
 use crate::engine::io::{LeaseReason, Owner};
+use crate::store::record::RecordKind;
 
 const N: u16 = 4;
 
@@ -208,7 +209,7 @@ fn a_rejected_sector_stops_the_cas_before_any_write() {
     let mut disk = blank(&a);
     disk[2 * 512 + 100] = 1; // host 2's sector: garbage
     let (f, steps) = drive(proposer(a, 0).cas(0, lease(0, 1)), &mut disk, |_, _| {});
-    assert!(matches!(f.outcome, Err(PaxosError::Rejected { sector: 2, source: DblockError::BadMagic })));
+    assert!(matches!(f.outcome, Err(PaxosError::Rejected { sector: 2, source: RecordError::BadMagic })));
     assert_eq!(steps.len(), 1);
 }
 
@@ -227,7 +228,7 @@ fn sector_round_trip_and_zero() {
         let s = a.encode(&d).expect("fits");
         assert_eq!(s.len(), sector.bytes());
         assert_eq!(&s[..8], b"HAVIRT\0\x01");
-        assert_eq!(u16::from_le_bytes([s[10], s[11]]), DBLOCK_KIND);
+        assert_eq!(u16::from_le_bytes([s[10], s[11]]), RecordKind::Dblock as u16);
         let crc_at = sector.bytes() - 4;
         assert_eq!(u32::from_le_bytes(s[crc_at..].try_into().expect("4 bytes")), crc32c::crc32c(&s[..crc_at]));
         assert_eq!(sector::decode(&a, HostId(1), &s), Ok(Some(d)));
@@ -276,21 +277,21 @@ fn foreign_misplaced_and_inconsistent_records_are_rejected() {
     let d = Dblock { mbal: 9, lver: 1, ..Dblock::empty(a.key, HostId(1)) };
     let s = a.encode(&d).expect("fits");
     let other_cluster = Area { cluster: ClusterId::from_name("other"), ..a };
-    assert!(matches!(sector::decode(&other_cluster, HostId(1), &s), Err(DblockError::ForeignCluster { .. })));
+    assert!(matches!(sector::decode(&other_cluster, HostId(1), &s), Err(RecordError::ForeignCluster { .. })));
     let other_lease = Area { key: LeaseKey::Master, ..a };
-    assert!(matches!(sector::decode(&other_lease, HostId(1), &s), Err(DblockError::WrongResource { .. })));
+    assert!(matches!(sector::decode(&other_lease, HostId(1), &s), Err(RecordError::WrongSubject { .. })));
     assert_eq!(
         sector::decode(&a, HostId(2), &s),
-        Err(DblockError::WrongHost { expected: HostId(2), found: HostId(1) })
+        Err(RecordError::WrongSubject { expected: "HostId(2)".into(), found: "HostId(1)".into() })
     );
-    assert_eq!(sector::decode(&a, HostId(1), &s[..100]), Err(DblockError::WrongLength { len: 100, expected: 512 }));
+    assert_eq!(sector::decode(&a, HostId(1), &s[..100]), Err(RecordError::Truncated { len: 100, expected: 512 }));
     let bad = Dblock { bal: 10, inp: Some(lease(1, 1)), ..d };
-    assert!(matches!(sector::decode(&a, HostId(1), &a.encode(&bad).expect("fits")), Err(DblockError::Malformed(_))));
+    assert!(matches!(sector::decode(&a, HostId(1), &a.encode(&bad).expect("fits")), Err(RecordError::Malformed(_))));
     let mut future = s.clone();
     future[8] = 2;
     let crc = crc32c::crc32c(&future[..508]);
     future[508..].copy_from_slice(&crc.to_le_bytes());
-    assert_eq!(sector::decode(&a, HostId(1), &future), Err(DblockError::FutureVersion { found: 2, supported: 1 }));
+    assert_eq!(sector::decode(&a, HostId(1), &future), Err(RecordError::FutureVersion { found: 2, supported: 1 }));
 }
 
 #[test]
