@@ -26,6 +26,8 @@ pub const MAX_INFLIGHT_PER_KIND: usize = 2;
 pub const RELEASE_REPORT: Duration = Duration::from_secs(300);
 /// Starts refused because another qemu holds the disks, before giving up.
 pub const MAX_DISK_LOCKED_RETRIES: u32 = 100;
+/// `Stopping::kill_at` once qemu was killed directly (no later kill is due).
+const KILL_ISSUED: Instant = Instant(u64::MAX);
 /// Period of the S5 lease audit (one running domain per period).
 pub const AUDIT_INTERVAL: Duration = Duration::from_secs(1);
 /// A gap this long between two `handle_timeout` calls means the host or
@@ -673,7 +675,10 @@ impl Node {
                 if !self.storage_healthy(now) || self.self_fence != SelfFence::Healthy {
                     // Ours but we may not start now: the assignment record
                     // lists it again, with the new generation.
-                    self.drop_verifying(d);
+                    if let Some(x) = self.local.get_mut(&d) {
+                        x.generation = Some(l.generation);
+                    }
+                    self.drop_verifying(now, d);
                     return;
                 }
                 self.emit(now, "node", format!("starting {} (lease generation {})", self.domain_name(d), l.generation));
@@ -697,10 +702,15 @@ impl Node {
                 // Not ours: this generation is dead for us (assignments_seen
                 // keeps it), so a stale assignment record is not retried.
                 self.emit(now, "node", format!("not starting {}: lease is not ours", self.domain_name(d)));
-                self.drop_verifying(d);
+                // Taken by S3 (this host fenced, reset or past its watchdog
+                // rule): a late start of ours is adopted and destroyed (S5).
+                if let Some(x) = self.local.get_mut(&d) {
+                    x.start_in_doubt = false;
+                }
+                self.drop_verifying(now, d);
             }
             // Failed: perhaps applied; the master lists it again.
-            Err(_) => self.abandon_verify(d),
+            Err(_) => self.abandon_verify(now, d),
         }
     }
 
@@ -708,7 +718,7 @@ impl Node {
         let Some(p) = self.finish_op(now, op) else {
             // Expired verify: let a later assignment or retry try again.
             if let LeaseKey::Domain(d) = key {
-                self.abandon_verify(d);
+                self.abandon_verify(now, d);
             }
             return;
         };
@@ -734,17 +744,20 @@ impl Node {
         }
     }
 
-    fn abandon_verify(&mut self, d: DomainId) {
+    fn abandon_verify(&mut self, now: Instant, d: DomainId) {
         if self.local.get(&d).is_some_and(|l| l.state == LocalState::Verifying) {
-            self.drop_verifying(d);
+            self.drop_verifying(now, d);
             self.assignments_seen.remove(&d);
         }
     }
 
     /// A verify that did not end in a start: forget the domain, unless a
-    /// paused migration copy of it is here (then wait for its lease again).
-    fn drop_verifying(&mut self, d: DomainId) {
+    /// paused migration copy of it is here (then wait for its lease again)
+    /// or a start libvirtd never answered may still run it (then keep the
+    /// lease and retry: a self-fence must destroy it, not forget it).
+    fn drop_verifying(&mut self, now: Instant, d: DomainId) {
         match self.local.get_mut(&d) {
+            Some(l) if l.start_in_doubt => l.state = LocalState::Backoff { until: now },
             Some(l) if l.incoming_since.is_some() => {
                 l.state = LocalState::Incoming { since: l.incoming_since.unwrap_or_default() };
                 l.generation = None;
@@ -763,7 +776,7 @@ impl Node {
         let me = self.me();
         let Ok(lease) = result else {
             if local.state == LocalState::Verifying {
-                self.abandon_verify(d);
+                self.abandon_verify(now, d);
             } else if local.state == LocalState::Adopting {
                 // Keep it running; the audit reads the lease again.
                 self.set_state(d, LocalState::Running);
@@ -910,6 +923,21 @@ impl Node {
 
     pub(super) fn domain_gone(&mut self, now: Instant, d: DomainId, local: Local, crashed: bool) {
         match local.state {
+            // Killed directly (libvirtd did not answer the destroy) while a
+            // start libvirtd never answered may still run it: no qemu now
+            // proves nothing. The domain stays, so its lease is not released
+            // and a self-fence never completes: the watchdog resets the host
+            // (S4), which ends the late start too.
+            LocalState::Stopping { kill_at, .. } if local.start_in_doubt && kill_at == KILL_ISSUED => {
+                let name = self.domain_name(d);
+                self.emit(
+                    now,
+                    "node",
+                    format!(
+                        "{name}: killed, but libvirtd never answered its start; keeping the lease until libvirtd answers or the watchdog resets this host"
+                    ),
+                );
+            }
             LocalState::Stopping { then, .. } => {
                 self.local.remove(&d);
                 if let (AfterStop::Release { failed_start }, Some(g)) = (then, local.generation) {
@@ -1061,7 +1089,7 @@ impl Node {
         for (op, kind) in expired {
             match kind {
                 OpKind::Fence => self.fence_timed_out(now, op),
-                OpKind::Renew(d) => self.abandon_verify(d),
+                OpKind::Renew(d) => self.abandon_verify(now, d),
                 OpKind::Handoff(d) => self.handed_over(now, d, None),
                 OpKind::Park(_)
                 | OpKind::OperatorStart(_)
@@ -1363,7 +1391,7 @@ impl Node {
             match s {
                 LocalState::Stopping { kill_at, then } if now >= kill_at => {
                     self.emit(now, "node", format!("{} did not stop in time; killing qemu", self.domain_name(d)));
-                    self.set_state(d, LocalState::Stopping { kill_at: Instant(u64::MAX), then });
+                    self.set_state(d, LocalState::Stopping { kill_at: KILL_ISSUED, then });
                     self.actions.push_back(Action::DestroyDomain { domain: d, kill: true });
                 }
                 LocalState::Incoming { since } if now.since(since) >= super::maintenance::MIGRATION_HANDOFF_TIMEOUT => {
