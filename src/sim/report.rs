@@ -130,13 +130,18 @@ pub fn run_seeds(
 /// simulator's own assertion): the other seeds still run.
 pub const CRASH: &str = "CRASH";
 
-/// A seed whose run panicked, as a run with one `CRASH` violation.
-fn crashed(seed: u64, o: &RandomOptions, panic: &(dyn std::any::Any + Send)) -> RunOutcome {
-    let text = panic
+/// The message a panic carried (`panic!` gives a `&str` or a `String`).
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".into());
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+/// A seed whose run panicked, as a run with one `CRASH` violation.
+fn crashed(seed: u64, o: &RandomOptions, panic: &(dyn std::any::Any + Send)) -> RunOutcome {
+    let text = panic_message(panic);
     let setup = super::random::random_setup(seed, o);
     RunOutcome {
         seed,

@@ -54,12 +54,7 @@ fn trial(name: &'static str, run: fn()) -> Trial {
     Trial::ignorable_test(name, move || {
         harness::SKIPPED.with(|s| s.borrow_mut().take());
         if let Err(panic) = std::panic::catch_unwind(run) {
-            let text = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "panicked".into());
-            return Err(Failed::from(text));
+            return Err(Failed::from(havirt::sim::report::panic_message(panic.as_ref())));
         }
         Ok(match harness::SKIPPED.with(|s| s.borrow_mut().take()) {
             Some(why) => Completion::ignored_with(why),
