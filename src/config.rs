@@ -13,7 +13,9 @@
 //! The cluster key is not read here: the daemon calls [`check_key_file`] at
 //! start, so that the example and the tests load without a key on disk.
 
-use crate::engine::config::{ClusterSpec, HostId, HostSpec, Profile, Timings, TimingsError};
+use crate::engine::config::{
+    AdmissionMode, AdmissionPolicy, ClusterSpec, HostId, HostSpec, Profile, Timings, TimingsError,
+};
 use crate::engine::time::Duration;
 use crate::hypervisor::netmap::{NetKind, NetMap};
 use serde::Deserialize;
@@ -139,6 +141,8 @@ pub struct ClusterConfig {
     pub allow_unsafe_migration: bool,
     /// Where the daemon serves Prometheus metrics (`GET /metrics`); None: off.
     pub metrics_address: Option<std::net::SocketAddr>,
+    /// `admission`, `tolerate_host_failures`, `tolerate_fault_domain_failures`.
+    pub admission: AdmissionPolicy,
 }
 
 /// Where the shared records live (DESIGN.md §4).
@@ -463,6 +467,12 @@ struct RawCluster {
     allow_unsafe_migration: Option<Spanned<bool>>,
     #[serde(default)]
     metrics_address: Option<Spanned<String>>,
+    #[serde(default)]
+    admission: Option<Spanned<String>>,
+    #[serde(default)]
+    tolerate_host_failures: Option<Spanned<i64>>,
+    #[serde(default)]
+    tolerate_fault_domain_failures: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -720,6 +730,7 @@ impl Config {
             domains: BTreeMap::new(),
             memory_overcommit: self.cluster.memory_overcommit,
             vcpu_overcommit: self.cluster.vcpu_overcommit,
+            admission: self.cluster.admission,
         }
     }
 }
@@ -831,6 +842,7 @@ impl Source<'_> {
         let port = self.int(c.net_port.as_ref(), "net_port", i64::from(DEFAULT_NET_PORT), 1, 65_535, "")?;
         let net_port = u16::try_from(port).unwrap_or(DEFAULT_NET_PORT);
         let metrics_address = self.metrics_address(c.metrics_address.as_ref())?;
+        let admission = self.admission(c)?;
         Ok(ClusterConfig {
             name,
             key_file,
@@ -843,6 +855,43 @@ impl Source<'_> {
             net_port,
             allow_unsafe_migration: c.allow_unsafe_migration.as_ref().is_some_and(|b| *b.get_ref()),
             metrics_address,
+            admission,
+        })
+    }
+
+    /// `admission = "off" | "warn" | "strict"` (default "warn"),
+    /// `tolerate_host_failures` (default 1), `tolerate_fault_domain_failures`
+    /// (default 0): at most 64, far more than any cluster havirt runs.
+    fn admission(&self, c: &RawCluster) -> Res<AdmissionPolicy> {
+        let d = AdmissionPolicy::default();
+        let mode = match &c.admission {
+            None => d.mode,
+            Some(v) => match v.get_ref().as_str() {
+                "off" => AdmissionMode::Off,
+                "warn" => AdmissionMode::Warn,
+                "strict" => AdmissionMode::Strict,
+                other => {
+                    let allowed = "\"off\", \"warn\", \"strict\"";
+                    return self.err_at(
+                        v.span(),
+                        "admission",
+                        ConfigProblem::NotOneOf { value: other.into(), allowed },
+                    );
+                }
+            },
+        };
+        let count = |v: Option<&Spanned<i64>>, key: &str, default: u32| -> Res<u32> {
+            let n = self.int(v, key, i64::from(default), 0, 64, "")?;
+            Ok(u32::try_from(n).unwrap_or(default))
+        };
+        Ok(AdmissionPolicy {
+            mode,
+            host_failures: count(c.tolerate_host_failures.as_ref(), "tolerate_host_failures", d.host_failures)?,
+            fault_domain_failures: count(
+                c.tolerate_fault_domain_failures.as_ref(),
+                "tolerate_fault_domain_failures",
+                d.fault_domain_failures,
+            )?,
         })
     }
 

@@ -10,7 +10,7 @@
 //! blocking std, for the CLI. Rendering for the CLI: [`render_status`],
 //! [`render_events`], [`status_json`].
 
-use crate::engine::config::{HostId, IsolationResponse, OnShutdown, Priority, Readiness};
+use crate::engine::config::{AdmissionMode, HostId, IsolationResponse, OnShutdown, Priority, Readiness};
 use crate::engine::io::{DomainState, Event};
 use crate::engine::time::Duration;
 use crate::engine::view::{DomainView, HostView, NodeView};
@@ -552,6 +552,19 @@ pub fn render_status(r: &StatusReport) -> String {
     );
     if let Some((hosts, fault_domains)) = v.tolerance {
         let _ = write!(out, "\nFailover: tolerates {hosts} host failure(s), {fault_domains} fault-domain failure(s)");
+        let a = v.admission;
+        if a.mode != AdmissionMode::Off {
+            let _ = write!(
+                out,
+                "; admission control {}: needs {} host, {} fault-domain",
+                admission_word(a.mode),
+                a.host_failures,
+                a.fault_domain_failures
+            );
+        }
+        if let Some(why) = &v.admission_breach {
+            let _ = write!(out, "\nAdmission: BELOW REQUIREMENT: {}", clean(why));
+        }
     }
     out.push_str("\n\nHOSTS\n");
     let hosts: Vec<Vec<String>> = v.hosts.iter().map(|h| host_row(v, h)).collect();
@@ -763,6 +776,9 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 ///   `storage_healthy` (S4), `last_good_write_age_ms`
 /// - `tolerates_host_failures`, `tolerates_fault_domain_failures`: null
 ///   unless this host is the master
+/// - `admission`: `mode` ("off" | "warn" | "strict"), `tolerate_host_failures`,
+///   `tolerate_fault_domain_failures` (as configured), `breach` (master
+///   only: why the figure is below them, else null)
 /// - `hosts[]`: `id`, `name`, `verdict` ("fenced" for a silent host whose
 ///   boot was confirmed off, else the engine's), `fenced`, `net_age_ms`, `slot_age_ms`, `boot`
 ///   (16 hex digits or null), `isolated`, `self_fenced`, `memory_mib` (0:
@@ -787,11 +803,34 @@ pub fn status_json(r: &StatusReport) -> String {
         last_good_write_age_ms: v.last_good_write_age.map(Duration::as_millis),
         tolerates_host_failures: v.tolerance.map(|t| t.0),
         tolerates_fault_domain_failures: v.tolerance.map(|t| t.1),
+        admission: AdmissionJson {
+            mode: admission_word(v.admission.mode),
+            tolerate_host_failures: v.admission.host_failures,
+            tolerate_fault_domain_failures: v.admission.fault_domain_failures,
+            breach: v.admission_breach.as_deref(),
+        },
         hosts: v.hosts.iter().map(host_json).collect(),
         domains: v.domains.iter().map(|d| domain_json(v, d)).collect(),
         counters: r.counters,
     };
     serde_json::to_string_pretty(&json).expect("a status report always encodes")
+}
+
+#[derive(Serialize)]
+struct AdmissionJson<'a> {
+    mode: &'static str,
+    tolerate_host_failures: u32,
+    tolerate_fault_domain_failures: u32,
+    breach: Option<&'a str>,
+}
+
+/// `[cluster] admission`'s word for a mode.
+pub fn admission_word(m: AdmissionMode) -> &'static str {
+    match m {
+        AdmissionMode::Off => "off",
+        AdmissionMode::Warn => "warn",
+        AdmissionMode::Strict => "strict",
+    }
 }
 
 #[derive(Serialize)]
@@ -808,6 +847,7 @@ struct StatusJson<'a> {
     last_good_write_age_ms: Option<u64>,
     tolerates_host_failures: Option<u32>,
     tolerates_fault_domain_failures: Option<u32>,
+    admission: AdmissionJson<'a>,
     hosts: Vec<HostJson<'a>>,
     domains: Vec<DomainJson<'a>>,
     counters: Counters,
@@ -922,6 +962,8 @@ mod tests {
             hosts: vec![a, b],
             domains: vec![web, db],
             tolerance: Some((1, 0)),
+            admission: Default::default(),
+            admission_breach: None,
             migration_failures: Vec::new(),
             given_up: Vec::new(),
         };
@@ -940,7 +982,7 @@ mod tests {
         let expected = "\
 Cluster: prod   Host: node-a (h1)   Uptime: 1h02m   Master: node-a (h1, this host)
 Self-fence: healthy   Isolated: no   Storage: ok (last write 0.4s ago)
-Failover: tolerates 1 host failure(s), 0 fault-domain failure(s)
+Failover: tolerates 1 host failure(s), 0 fault-domain failure(s); admission control warn: needs 1 host, 0 fault-domain
 
 HOSTS
 ID  NAME        VERDICT      NET-AGE  SLOT-AGE  MEM(used/size)  VCPUS(used/size)  FLAGS

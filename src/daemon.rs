@@ -19,6 +19,7 @@ pub(crate) mod registry;
 
 use crate::config::{Config, ConfigError, Datastore, HostConfig, Watchdog as WatchdogConfig};
 use crate::control::{self, Counters, EventRecord, PolicyChanges, Request, Response, StatusReport};
+use crate::engine::admission::{Admission, Change};
 use crate::engine::config::{ClusterSpec, DomainId, DomainPolicy, HostId, Readiness};
 use crate::engine::io::{
     Action, AgentPing, BootId, CasOutcome, DomainEvent, Event, FenceOutcome, Input, Lease, LeaseKey, LeaseReason,
@@ -883,13 +884,15 @@ impl Daemon {
                 let shared = Arc::clone(&self.shared);
                 let (owner, hosts) = (self.owner, self.config.hosts.clone());
                 let protected = self.protected.keys().copied().collect();
+                let admission = self.node.admission(now);
                 tokio::spawn(async move {
                     let _permit = shared.libvirt_gate.acquire().await;
                     let s = Arc::clone(&shared);
-                    let result =
-                        tokio::task::spawn_blocking(move || protect(&s, owner, &hosts, &protected, &domain, &changes))
-                            .await
-                            .unwrap_or_else(|e| Err(format!("protect failed: {e}")));
+                    let result = tokio::task::spawn_blocking(move || {
+                        protect(&s, owner, &hosts, &protected, &admission, &domain, &changes)
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(format!("protect failed: {e}")));
                     shared.send(Internal::Protected { result, reply });
                 });
             }
@@ -899,12 +902,27 @@ impl Daemon {
                 let response = match found {
                     None => Response::Error(format!("{domain:?} is not a protected domain (havirt status lists them)")),
                     Some((&id, entry)) => {
-                        info!(domain = %entry.spec.name, "operator start");
-                        self.node.handle_input(now, Input::Operator(OperatorCommand::Start(id)));
-                        Response::Done(format!(
-                            "start of {} asked on {}: its lease is taken first (havirt events shows the outcome)",
-                            entry.spec.name, self.host_name
-                        ))
+                        let a =
+                            self.node.admission(now).assess(Change::Add { domain: &entry.spec, on: self.owner.host });
+                        if a.refused {
+                            Response::Error(format!(
+                                "admission control (strict) refuses to start {} on {}: {}",
+                                entry.spec.name,
+                                self.host_name,
+                                a.breach.unwrap_or_default()
+                            ))
+                        } else {
+                            info!(domain = %entry.spec.name, "operator start");
+                            self.node.handle_input(now, Input::Operator(OperatorCommand::Start(id)));
+                            let mut text = format!(
+                                "start of {} asked on {}: its lease is taken first (havirt events shows the outcome)",
+                                entry.spec.name, self.host_name
+                            );
+                            if let Some(why) = a.breach {
+                                text.push_str(&format!("\nwarning: admission control: {why}"));
+                            }
+                            Response::Done(text)
+                        }
                     }
                 };
                 let _ = reply.send(response);
@@ -1470,6 +1488,7 @@ fn protect(
     owner: Owner,
     hosts: &[HostConfig],
     protected: &BTreeSet<DomainId>,
+    admission: &Admission,
     domain: &str,
     changes: &PolicyChanges,
 ) -> Result<(DomainId, registry::Entry, String), String> {
@@ -1495,6 +1514,18 @@ fn protect(
         Err(e) => return Err(format!("{name} has an unreadable havirt policy ({e}); fix or remove it first")),
     };
     let policy = apply_changes(current, changes, hosts)?;
+    // Admission control sees the domain as it will be protected: its size
+    // from libvirt's definition, the policy just computed.
+    let mut candidate =
+        registry::entry(info.id, &hv.xml(info.id).map_err(|e| format!("reading the definition of {name}: {e}"))?).spec;
+    candidate.policy = policy.clone();
+    let assessment = admission.assess(Change::Add { domain: &candidate, on: owner.host });
+    if assessment.refused {
+        return Err(format!(
+            "admission control (strict) refuses to protect {name}: {}; or set [cluster] admission = \"warn\"",
+            assessment.breach.unwrap_or_default()
+        ));
+    }
     let key = LeaseKey::Domain(info.id);
     let lease = s.store.read_lease(key).map_err(|e| format!("reading the lease of {name}: {e}"))?;
     let generation = match lease.owner {
@@ -1523,7 +1554,10 @@ fn protect(
     let xml = hv.xml(info.id).map_err(|e| format!("reading the definition of {name}: {e}"))?;
     store_xml(s, info.id, &xml).map_err(|e| format!("storing the definition of {name}: {e}"))?;
     let entry = registry::entry(info.id, &xml);
-    let message = format!("{name} is protected ({}), lease generation {generation}", render_policy(&policy));
+    let mut message = format!("{name} is protected ({}), lease generation {generation}", render_policy(&policy));
+    if let Some(why) = assessment.breach {
+        message.push_str(&format!("\nwarning: admission control: {why}"));
+    }
     Ok((info.id, entry, message))
 }
 

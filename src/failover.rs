@@ -495,6 +495,8 @@ mod tests {
             ],
             domains: vec![domain(WEB, "web", web.0, web.1, web.2), domain(APP, "app", app.0, app.1, app.2)],
             tolerance: None,
+            admission: Default::default(),
+            admission_breach: None,
             migration_failures: Vec::new(),
             given_up: Vec::new(),
         }

@@ -606,6 +606,8 @@ mod tests {
             ],
             domains: vec![domain(1, 1, Some("running")), domain(2, 1, Some("adopting")), domain(3, 2, None)],
             tolerance: None,
+            admission: Default::default(),
+            admission_breach: None,
             migration_failures: Vec::new(),
             given_up: Vec::new(),
         }

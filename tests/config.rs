@@ -2,7 +2,7 @@
 //! file is refused with a message that names the file, the line and the key.
 
 use havirt::config::{Config, ConfigError, ConfigWarning, Datastore, FenceMethod, Watchdog, check_key_file};
-use havirt::engine::config::{HostId, Profile};
+use havirt::engine::config::{AdmissionMode, AdmissionPolicy, HostId, Profile};
 use havirt::hypervisor::netmap::NetKind;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -336,6 +336,34 @@ fn negative_timing() {
 fn memory_overcommit_out_of_range() {
     let text = edit("profile = \"default\"\n", "profile = \"default\"\nmemory_overcommit = 8.0\n");
     refused("mem_overcommit", &text, 5, "memory_overcommit", &["0.5 to 4.0"]);
+}
+
+#[test]
+fn admission_defaults_to_warn_with_one_host_failure_and_is_read() {
+    let (config, _) = loads("admission_default", BASE);
+    let a = config.cluster.admission;
+    assert_eq!((a.mode, a.host_failures, a.fault_domain_failures), (AdmissionMode::Warn, 1, 0));
+    let text = edit(
+        "profile = \"default\"\n",
+        "profile = \"default\"\nadmission = \"strict\"\ntolerate_host_failures = 2\ntolerate_fault_domain_failures = 1\n",
+    );
+    let (config, _) = loads("admission_strict", &text);
+    assert_eq!(
+        config.cluster_spec().admission,
+        AdmissionPolicy { mode: AdmissionMode::Strict, host_failures: 2, fault_domain_failures: 1 }
+    );
+}
+
+#[test]
+fn admission_mode_must_be_one_of_three() {
+    let text = edit("profile = \"default\"\n", "profile = \"default\"\nadmission = \"enforce\"\n");
+    refused("admission_mode", &text, 5, "admission", &["\"off\", \"warn\", \"strict\"", "enforce"]);
+}
+
+#[test]
+fn tolerate_host_failures_out_of_range() {
+    let text = edit("profile = \"default\"\n", "profile = \"default\"\ntolerate_host_failures = -1\n");
+    refused("tolerate_hosts", &text, 5, "tolerate_host_failures", &["-1 is out of range"]);
 }
 
 #[test]

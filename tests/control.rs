@@ -54,6 +54,8 @@ fn report() -> StatusReport {
         hosts: vec![],
         domains: vec![],
         tolerance: None,
+        admission: Default::default(),
+        admission_breach: None,
         migration_failures: vec![],
         given_up: Vec::new(),
     };

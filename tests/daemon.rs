@@ -400,6 +400,50 @@ fn host_without_watchdog_or_fence_agent_waits_for_the_operator() {
     println!("fence confirm -> vm1 running on b: {:.2} s", took.as_secs_f64());
 }
 
+/// `[cluster] admission = "strict"`, `tolerate_host_failures = 1`: a second
+/// domain on a that b could not take if a failed is refused, saying why, and
+/// stays unprotected; the first, which b can take, was protected.
+#[test]
+fn strict_admission_refuses_a_protect_that_breaks_tolerate_host_failures() {
+    // As large as this machine (each daemon reports the machine's memory as
+    // its host's size): b cannot take vm1 and vm2 together.
+    let meminfo = std::fs::read_to_string("/proc/meminfo").expect("/proc/meminfo");
+    let total_kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("MemTotal in /proc/meminfo");
+    let dir = scratch("admission_strict");
+    let mut pair = Pair::prepare(&dir, &dir.join("ds"), TakeOver::FenceAgent, None);
+    let config = std::fs::read_to_string(dir.join("havirt.toml")).expect("config");
+    let strict = config.replacen("net_port =", "admission = \"strict\"\ntolerate_host_failures = 1\nnet_port =", 1);
+    assert_ne!(strict, config, "the config has a net_port line to put the admission keys before");
+    std::fs::write(dir.join("havirt.toml"), strict).expect("config");
+    let vm2 = format!(
+        "<domain type='test'><name>vm2</name><uuid>1ea5a7e0-0000-4000-8000-000000000002</uuid>\
+         <memory unit='KiB'>{total_kib}</memory><vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os></domain></node>"
+    );
+    let node_a = node_xml(true).replace("</node>", &vm2);
+    std::fs::write(dir.join("a.xml"), node_a).expect("node a");
+    pair = protect_vm1(pair.spawn_both());
+    let (ok, out) = havirt(&["protect", "vm2", "--socket", pair.socket("a").as_str()]);
+    assert!(!ok, "protect vm2 must be refused: {out}");
+    for part in [
+        "admission control (strict) refuses to protect vm2",
+        "fewer than tolerate_host_failures = 1",
+        "after a failure of a, ",
+        "admission = \"warn\"",
+    ] {
+        assert!(out.contains(part), "the refusal lacks {part:?}: {out}");
+    }
+    let r = pair.status("a").expect("a answers");
+    assert!(r.view.domains.iter().all(|d| d.name != "vm2"), "vm2 must stay unprotected: {:?}", r.view.domains);
+    // The master (either host) shows the requirement next to the figure.
+    let tables: Vec<String> =
+        ["a", "b"].iter().map(|h| havirt(&["status", "--socket", pair.socket(h).as_str()]).1).collect();
+    assert!(tables.iter().any(|t| t.contains("admission control strict: needs 1 host")), "{tables:?}");
+}
+
 #[test]
 fn control_commands_explain_what_is_wrong() {
     let dir = scratch("no_daemon");

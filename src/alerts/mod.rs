@@ -69,10 +69,15 @@ pub enum AlertKind {
     StorageRestored,
     MaintenanceEntered,
     MaintenanceExited,
+    /// The master's admission-control figure fell below `[cluster]
+    /// tolerate_*` (admission warn or strict).
+    AdmissionBreach,
+    /// It meets the requirement again.
+    AdmissionRestored,
 }
 
 impl AlertKind {
-    pub const ALL: [AlertKind; 9] = [
+    pub const ALL: [AlertKind; 11] = [
         AlertKind::HostFenced,
         AlertKind::FailoverOpened,
         AlertKind::FailoverClosed,
@@ -82,6 +87,8 @@ impl AlertKind {
         AlertKind::StorageRestored,
         AlertKind::MaintenanceEntered,
         AlertKind::MaintenanceExited,
+        AlertKind::AdmissionBreach,
+        AlertKind::AdmissionRestored,
     ];
 
     pub fn name(self) -> &'static str {
@@ -95,6 +102,8 @@ impl AlertKind {
             AlertKind::StorageRestored => "storage_restored",
             AlertKind::MaintenanceEntered => "maintenance_entered",
             AlertKind::MaintenanceExited => "maintenance_exited",
+            AlertKind::AdmissionBreach => "admission_breach",
+            AlertKind::AdmissionRestored => "admission_restored",
         }
     }
 }
@@ -155,6 +164,8 @@ struct Seen {
     self_fencing: bool,
     storage_lost: bool,
     maintenance: bool,
+    /// Master only: why the admission figure is below the requirement.
+    admission_breach: Option<String>,
 }
 
 /// Derives alerts from successive views; see the module doc.
@@ -216,11 +227,12 @@ impl Observer {
             self_fencing: view.self_fence != "healthy",
             storage_lost: write_age >= self.storage_silent_after,
             maintenance: me.is_some_and(|h| h.maintenance),
+            admission_breach: view.admission_breach.clone(),
         }
     }
 
     /// Host fenced and domain given up: sent by the master only.
-    fn master_alerts(&self, ctx: &Ctx<'_>, before: &Seen, now: &Seen, out: &mut Vec<Alert>) {
+    fn master_alerts(&mut self, ctx: &Ctx<'_>, before: &Seen, now: &Seen, out: &mut Vec<Alert>) {
         if !ctx.view.is_master {
             return;
         }
@@ -237,6 +249,21 @@ impl Observer {
                 .map_or(String::new(), |s| format!(" ({})", s.text));
             let text = format!("{name} (boot {boot_text}) is fenced: confirmed powered off{how}");
             out.push(self.alert(ctx, AlertKind::HostFenced, id, &name, None, text, record));
+        }
+        if now.admission_breach.is_some() != before.admission_breach.is_some() {
+            let me = ctx.host_name(self.me);
+            let (kind, text) = match &now.admission_breach {
+                Some(why) => (AlertKind::AdmissionBreach, format!("admission control: {why}")),
+                None => (
+                    AlertKind::AdmissionRestored,
+                    "admission control: the cluster meets its tolerate_* requirement again".to_string(),
+                ),
+            };
+            let n = self.counts.entry(kind).or_default();
+            *n += 1;
+            let parts = [me.as_str(), &format!("{:x}", self.incarnation), &n.to_string()];
+            let id = alert_id(&self.cluster, kind, &parts);
+            out.push(self.alert(ctx, kind, id, &me, None, text, None));
         }
         for d in now.given_up.difference(&before.given_up) {
             let view = ctx.view.domains.iter().find(|v| v.id == *d);

@@ -31,6 +31,8 @@ fn view(me: u16, master: bool, h2: HostView) -> NodeView {
             local: None,
         }],
         tolerance: None,
+        admission: Default::default(),
+        admission_breach: None,
         migration_failures: Vec::new(),
         given_up: Vec::new(),
     }
@@ -177,6 +179,32 @@ fn a_domain_given_up_is_the_masters_alert() {
     assert_eq!((a[0].domain.as_deref(), a[0].host.as_str()), (Some("web"), "h2"));
     assert_eq!(a[0].id, alert_id("prod", AlertKind::DomainGivenUp, &[&format!("{:032x}", WEB.0), "7"]));
     assert!(o.observe(Instant(20), 0, &v, &[]).is_empty());
+}
+
+#[test]
+fn an_admission_breach_and_its_end_are_the_masters_alerts_once_each() {
+    let why = "the cluster could absorb 0 host failure(s), fewer than tolerate_host_failures = 1".to_string();
+    for master in [true, false] {
+        let mut v = view(1, master, h2("alive", false, 0xb02));
+        let mut o = Observer::new("prod", HostId(1), 0x1c, SILENT);
+        o.observe(Instant(0), 0, &v, &[]);
+        v.admission_breach = Some(why.clone());
+        let a = o.observe(Instant(10), 0, &v, &[]);
+        if !master {
+            assert!(a.is_empty(), "a member sends no admission alert: {a:?}");
+            continue;
+        }
+        assert_eq!(kinds(&a), [AlertKind::AdmissionBreach]);
+        assert!(a[0].text.contains(&why), "{}", a[0].text);
+        assert!(o.observe(Instant(20), 0, &v, &[]).is_empty(), "once while it lasts");
+        v.admission_breach = None;
+        let b = o.observe(Instant(30), 0, &v, &[]);
+        assert_eq!(kinds(&b), [AlertKind::AdmissionRestored]);
+        v.admission_breach = Some(why.clone());
+        let c = o.observe(Instant(40), 0, &v, &[]);
+        assert_eq!(kinds(&c), [AlertKind::AdmissionBreach]);
+        assert_ne!(c[0].id, a[0].id, "a second breach is news of its own");
+    }
 }
 
 #[test]

@@ -349,6 +349,38 @@ pub struct ClusterSpec {
     /// Placement may commit this much memory relative to a host's size.
     pub memory_overcommit: f64,
     pub vcpu_overcommit: f64,
+    #[serde(default)]
+    pub admission: AdmissionPolicy,
+}
+
+/// Admission control (DESIGN.md §6): what the cluster must stay able to
+/// absorb with every protected domain restarted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdmissionMode {
+    /// The figure is computed and shown; nothing is said about it.
+    Off,
+    /// A figure below the requirement is logged and alerted.
+    #[default]
+    Warn,
+    /// As warn, and `havirt protect`, `havirt start` and failback refuse a
+    /// change that leaves the figure below the requirement.
+    Strict,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdmissionPolicy {
+    pub mode: AdmissionMode,
+    /// `tolerate_host_failures`.
+    pub host_failures: u32,
+    /// `tolerate_fault_domain_failures`.
+    pub fault_domain_failures: u32,
+}
+
+impl Default for AdmissionPolicy {
+    fn default() -> Self {
+        AdmissionPolicy { mode: AdmissionMode::Warn, host_failures: 1, fault_domain_failures: 0 }
+    }
 }
 
 impl ClusterSpec {

@@ -27,6 +27,7 @@
 //! of its affinity) once that host takes restarts again: failback after a
 //! maintenance or a repair.
 
+use super::admission::Change;
 use super::config::{DomainId, HostId};
 use super::io::{Action, CasOutcome, Lease, LeaseKey, LeaseReason, NetMessage, Owner, StorageError};
 use super::node::{Local, LocalState, Node, OpKind, SelfFence};
@@ -190,6 +191,13 @@ impl Node {
                 continue;
             }
             let Some(boot) = self.peers.get(&to).and_then(|p| p.current_boot()) else { continue };
+            let a = self.admission_from(now, &reports).assess(Change::Move { domain: d, to });
+            if a.refused {
+                let why = a.breach.unwrap_or_default();
+                self.emit(now, "node", format!("failback of {} to {to} refused by admission control: {why}", ds.name));
+                self.failback_blocked.insert(d, now + FAILBACK_RETRY);
+                continue;
+            }
             self.emit(now, "node", format!("failback: migrating {} to its preferred host {to}", ds.name));
             self.set_state(d, LocalState::Migrating { to, boot });
             self.actions.push_back(Action::MigrateDomain { domain: d, to });

@@ -3,7 +3,7 @@
 //! chosen by the planner. Every move is a compare-and-swap whose reason is
 //! one of S3 (a), (b) or (c); the assignee verifies the lease before it starts.
 
-use super::config::{ClusterSpec, DomainId, HostId, HostSpec, Priority, Readiness};
+use super::config::{AdmissionMode, ClusterSpec, DomainId, HostId, HostSpec, Priority, Readiness};
 use super::io::*;
 use super::node::{Node, OpKind, PendingOp, ReadPurpose, SelfFence};
 use super::peers::{Verdict, verdict_name};
@@ -59,6 +59,8 @@ pub struct Master {
     tolerance_hosts: BTreeSet<HostId>,
     /// The figure last logged; the log keeps the TOLERANCE_INTERVAL cadence.
     tolerance_logged: Option<planner::Tolerance>,
+    /// The figure is below `[cluster] tolerate_*` (admission warn or strict): why.
+    admission_breach: Option<String>,
 }
 
 impl Master {
@@ -127,6 +129,17 @@ impl Master {
     /// Admission control: (host, fault-domain) failures absorbable, once computed.
     pub(super) fn tolerance(&self) -> Option<(u32, u32)> {
         self.tolerance.map(|t| (t.host_failures, t.fault_domain_failures))
+    }
+
+    /// Admission control (warn and strict): why the figure is below the
+    /// requirement, while it is.
+    pub(super) fn admission_breach(&self) -> Option<&str> {
+        self.admission_breach.as_deref()
+    }
+
+    /// Domains assigned and not yet reported running, with their host.
+    pub(super) fn starting_hosts(&self) -> impl Iterator<Item = (DomainId, HostId)> + '_ {
+        self.starting.iter().map(|(d, s)| (*d, s.host))
     }
 
     /// Domains given up on after max_restarts failed starts (alerts).
@@ -267,6 +280,7 @@ impl Node {
             tolerance: None,
             tolerance_hosts: BTreeSet::new(),
             tolerance_logged: None,
+            admission_breach: None,
         });
         self.master_load(now);
     }
@@ -706,33 +720,40 @@ impl Node {
     /// every TOLERANCE_INTERVAL while nothing is orphaned, and logged then
     /// when it changed; recomputed at once (not logged) when the set of
     /// live hosts changed: a dead host must not count in `havirt status`.
+    /// Below `[cluster] tolerate_*` (admission warn or strict), the log line
+    /// says so and why.
     fn admission_figure(&mut self, now: Instant, reports: &BTreeMap<DomainId, (HostId, DomainReport)>) {
         let Some(m) = self.master.as_ref() else { return };
         let due = now >= m.next_tolerance;
-        let rooms: BTreeSet<HostId> = self.host_rooms(now, reports).iter().map(|r| r.id).collect();
-        if !due && self.master.as_ref().is_some_and(|m| m.tolerance_hosts == rooms) {
-            return;
+        if !due {
+            let rooms: BTreeSet<HostId> = self.host_rooms(now, reports).iter().map(|r| r.id).collect();
+            if m.tolerance_hosts == rooms {
+                return;
+            }
         }
-        let mut live = (*self.cfg.spec).clone();
-        live.hosts = live.hosts.iter().filter(|h| rooms.contains(&h.id)).map(|h| self.sized(h)).collect();
+        let admission = self.admission_from(now, reports);
+        let rooms = admission.hosts();
+        let t = admission.tolerance();
+        let breach = (admission.policy().mode != AdmissionMode::Off).then(|| admission.below(t)).flatten();
         let Some(m) = self.master.as_mut() else { return };
-        let mut placement: BTreeMap<DomainId, HostId> = reports.iter().map(|(d, (h, _))| (*d, *h)).collect();
-        placement.extend(m.starting.iter().map(|(d, s)| (*d, s.host)));
-        let t = planner::tolerance(&live, &placement);
         m.tolerance = Some(t);
         m.tolerance_hosts = rooms;
+        m.admission_breach = breach.clone();
         if !due {
             return;
         }
         m.next_tolerance = now + TOLERANCE_INTERVAL;
         if m.tolerance_logged != Some(t) {
             m.tolerance_logged = Some(t);
-            let text = format!(
+            let mut text = format!(
                 "cluster tolerates {} host failure(s), {} fault-domain failure(s) ({} live hosts)",
                 t.host_failures,
                 t.fault_domain_failures,
-                live.hosts.len()
+                m.tolerance_hosts.len()
             );
+            if let Some(why) = breach {
+                text.push_str(&format!("; admission control: {why}"));
+            }
             self.emit(now, "master", text);
         }
     }

@@ -2,6 +2,7 @@
 //! clock reads, no tokio, no libvirt, no unseeded randomness. The simulator
 //! and the daemon drive the same `Node`.
 
+pub mod admission;
 pub mod config;
 pub mod io;
 pub mod maintenance;

@@ -285,17 +285,76 @@ pub const MAX_DOMAINS_PER_HOST: u32 = 128;
 /// uses room on its host. Domains placed on hosts not in `spec` are ignored.
 pub fn tolerance(spec: &ClusterSpec, placement: &BTreeMap<DomainId, HostId>) -> Tolerance {
     let base = Survey::new(spec, placement);
-    let hosts: Vec<Vec<usize>> = (0..spec.hosts.len()).map(|i| vec![i]).collect();
+    Tolerance {
+        host_failures: base.absorbable(&failure_units(spec, Unit::Host)),
+        fault_domain_failures: base.absorbable(&failure_units(spec, Unit::FaultDomain)),
+    }
+}
+
+/// What fails together: one host, or one fault domain (a host without one
+/// is a fault domain of its own).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unit {
+    Host,
+    FaultDomain,
+}
+
+/// Sets of host indices of `spec.hosts` that fail together.
+fn failure_units(spec: &ClusterSpec, unit: Unit) -> Vec<Vec<usize>> {
+    if unit == Unit::Host {
+        return (0..spec.hosts.len()).map(|i| vec![i]).collect();
+    }
     let mut by_fd: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-    let mut fault_domains: Vec<Vec<usize>> = Vec::new();
+    let mut units: Vec<Vec<usize>> = Vec::new();
     for (i, h) in spec.hosts.iter().enumerate() {
         match h.fault_domain.as_deref() {
             Some(name) => by_fd.entry(name).or_default().push(i),
-            None => fault_domains.push(vec![i]),
+            None => units.push(vec![i]),
         }
     }
-    fault_domains.extend(by_fd.into_values());
-    Tolerance { host_failures: base.absorbable(&hosts), fault_domain_failures: base.absorbable(&fault_domains) }
+    units.extend(by_fd.into_values());
+    units
+}
+
+/// What would not restart after the worst failure of `k` units.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Shortfall {
+    /// The failed hosts of that worst case.
+    pub failed: Vec<HostId>,
+    /// Protected domains of the failed hosts that find no room.
+    pub domains: u32,
+    pub memory_mib: u64,
+    pub vcpus: u32,
+}
+
+/// Admission control's "by how much": over the failure combinations of `k`
+/// units that `tolerance` checks, the one that leaves the most protected
+/// memory unplaced, and what waits then. None: every such failure is
+/// absorbed (or `k` leaves no survivor, which no cluster absorbs).
+pub fn shortfall(spec: &ClusterSpec, placement: &BTreeMap<DomainId, HostId>, unit: Unit, k: u32) -> Option<Shortfall> {
+    let base = Survey::new(spec, placement);
+    let units = failure_units(spec, unit);
+    let k = usize::try_from(k).ok().filter(|k| (1..units.len()).contains(k))?;
+    let mut combos = Vec::new();
+    if combinations_at_most(units.len(), k, TOLERANCE_COMBINATIONS_MAX) {
+        let mut pick: Vec<usize> = (0..k).collect();
+        loop {
+            combos.push(pick.clone());
+            if !next_combination(&mut pick, units.len()) {
+                break;
+            }
+        }
+    } else {
+        combos.push(base.heaviest(&units, k));
+    }
+    let mut worst: Option<Shortfall> = None;
+    for pick in combos {
+        let s = base.waiting(&units, &pick, spec);
+        if s.domains > 0 && worst.as_ref().is_none_or(|w| s.memory_mib > w.memory_mib) {
+            worst = Some(s);
+        }
+    }
+    worst
 }
 
 /// The cluster as it runs now, per host index of `spec.hosts`.
@@ -394,12 +453,12 @@ impl<'a> Survey<'a> {
 
     /// Whether the protected domains of the failed units all fit on the rest.
     fn survives(&self, units: &[Vec<usize>], failed_units: &[usize]) -> bool {
-        let mut failed = vec![false; self.rooms.len()];
-        for &u in failed_units {
-            for &h in &units[u] {
-                failed[h] = true;
-            }
-        }
+        self.plan_after(units, failed_units).waiting.is_empty()
+    }
+
+    /// The restart plan for the protected domains of the failed units on the rest.
+    fn plan_after(&self, units: &[Vec<usize>], failed_units: &[usize]) -> Plan {
+        let failed = self.failed_hosts(units, failed_units);
         let survivors: Vec<HostRoom> =
             self.rooms.iter().zip(&failed).filter(|(_, f)| !**f).map(|(r, _)| r.clone()).collect();
         let requests: Vec<PlanRequest<'_>> = self
@@ -410,7 +469,38 @@ impl<'a> Survey<'a> {
             .flat_map(|(ds, _)| ds.iter())
             .map(|d| PlanRequest { domain: d, avoid: Vec::new() })
             .collect();
-        plan(&survivors, &requests).waiting.is_empty()
+        plan(&survivors, &requests)
+    }
+
+    fn failed_hosts(&self, units: &[Vec<usize>], failed_units: &[usize]) -> Vec<bool> {
+        let mut failed = vec![false; self.rooms.len()];
+        for &u in failed_units {
+            for &h in &units[u] {
+                failed[h] = true;
+            }
+        }
+        failed
+    }
+
+    /// What waits (other than Disabled) when the failed units fail.
+    fn waiting(&self, units: &[Vec<usize>], failed_units: &[usize], spec: &ClusterSpec) -> Shortfall {
+        let failed = self.failed_hosts(units, failed_units);
+        let mut s = Shortfall {
+            failed: spec.hosts.iter().zip(&failed).filter(|(_, f)| **f).map(|(h, _)| h.id).collect(),
+            domains: 0,
+            memory_mib: 0,
+            vcpus: 0,
+        };
+        for (d, why) in self.plan_after(units, failed_units).waiting {
+            let Some(ds) = spec.domains.get(&d) else { continue };
+            if why == WaitReason::Disabled {
+                continue;
+            }
+            s.domains = s.domains.saturating_add(1);
+            s.memory_mib = s.memory_mib.saturating_add(ds.memory_mib);
+            s.vcpus = s.vcpus.saturating_add(ds.vcpus);
+        }
+        s
     }
 }
 
@@ -743,6 +833,7 @@ mod tests {
             domains,
             memory_overcommit: 1.0,
             vcpu_overcommit: 1.0,
+            admission: crate::engine::config::AdmissionPolicy::default(),
         };
         (spec, placement)
     }

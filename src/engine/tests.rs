@@ -75,6 +75,7 @@ fn spec() -> ClusterSpec {
         domains,
         memory_overcommit: 1.0,
         vcpu_overcommit: 4.0,
+        admission: crate::engine::config::AdmissionPolicy::default(),
     }
 }
 

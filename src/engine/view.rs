@@ -2,7 +2,7 @@
 //! control socket show it. Built by `Node::view(now)`; reading it changes
 //! nothing.
 
-use super::config::{DomainId, DomainSpec, HostId, HostSpec, Priority};
+use super::config::{AdmissionPolicy, DomainId, DomainSpec, HostId, HostSpec, Priority};
 use super::io::{BootId, DomainReport, DomainState};
 use super::node::{Node, SelfFence, local_word, reported_state};
 use super::peers::verdict_name;
@@ -31,6 +31,13 @@ pub struct NodeView {
     /// Admission control (master only): host and fault-domain failures the
     /// cluster can absorb now.
     pub tolerance: Option<(u32, u32)>,
+    /// `[cluster] admission` and `tolerate_*`, as configured.
+    #[serde(default)]
+    pub admission: AdmissionPolicy,
+    /// Master only, admission warn or strict: why the figure is below the
+    /// requirement, while it is.
+    #[serde(default)]
+    pub admission_breach: Option<String>,
     /// Maintenance mode: domains that did not move off this host, and why.
     #[serde(default)]
     pub migration_failures: Vec<(DomainId, String)>,
@@ -133,6 +140,8 @@ impl Node {
             hosts,
             domains: self.cfg.spec.domains.values().map(|d| self.domain_view(d)).collect(),
             tolerance: self.master.as_ref().and_then(|m| m.tolerance()),
+            admission: self.cfg.spec.admission,
+            admission_breach: self.master.as_ref().and_then(|m| m.admission_breach()).map(str::to_string),
             migration_failures: self.migration_failed.iter().map(|(d, why)| (*d, why.clone())).collect(),
             given_up: self.master.as_ref().map(|m| m.given_up()).unwrap_or_default(),
         }

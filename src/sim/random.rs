@@ -139,6 +139,7 @@ pub fn random_setup(seed: u64, o: &RandomOptions) -> SimSetup {
         domains,
         memory_overcommit: 1.0,
         vcpu_overcommit: 4.0,
+        admission: AdmissionPolicy::default(),
     };
     let mut spec = spec;
     random_guest_policies(seed, &mut spec);

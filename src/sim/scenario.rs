@@ -56,8 +56,8 @@
 use super::SimSetup;
 use super::faults::{AgentMode, Command, StorageFault};
 use crate::engine::config::{
-    ClusterSpec, DomainId, DomainPolicy, DomainSpec, GuestMonitor, HostId, HostSpec, IsolationResponse, OnShutdown,
-    Priority, Profile, Readiness,
+    AdmissionMode, AdmissionPolicy, ClusterSpec, DomainId, DomainPolicy, DomainSpec, GuestMonitor, HostId, HostSpec,
+    IsolationResponse, OnShutdown, Priority, Profile, Readiness,
 };
 use crate::engine::time::Duration;
 use serde::Deserialize;
@@ -171,6 +171,13 @@ struct ClusterFile {
     hosts: Vec<HostEntry>,
     #[serde(rename = "domain", default)]
     domains: Vec<DomainEntry>,
+    /// As `[cluster]` in havirt.toml: "off", "warn" (default), "strict".
+    #[serde(default)]
+    admission: AdmissionMode,
+    #[serde(default = "default_tolerate_host_failures")]
+    tolerate_host_failures: u32,
+    #[serde(default)]
+    tolerate_fault_domain_failures: u32,
 }
 
 #[derive(Deserialize)]
@@ -226,6 +233,9 @@ fn default_memory_overcommit() -> f64 {
 fn default_vcpu_overcommit() -> f64 {
     4.0
 }
+fn default_tolerate_host_failures() -> u32 {
+    AdmissionPolicy::default().host_failures
+}
 fn default_true() -> bool {
     true
 }
@@ -268,6 +278,11 @@ fn parse_cluster(name: &str, text: &str, file: &str) -> Result<SimSetup, Scenari
         domains,
         memory_overcommit: raw.memory_overcommit,
         vcpu_overcommit: raw.vcpu_overcommit,
+        admission: AdmissionPolicy {
+            mode: raw.admission,
+            host_failures: raw.tolerate_host_failures,
+            fault_domain_failures: raw.tolerate_fault_domain_failures,
+        },
     };
     check_capacity(&spec, &initial, file)?;
     Ok(SimSetup { spec, initial, unprotected, seed: raw.seed })
