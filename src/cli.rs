@@ -166,10 +166,19 @@ pub fn watch_status(socket: &Path, json: bool, interval: Duration) -> Outcome {
     }
 }
 
-/// `havirt events --failovers`: one timeline block per failover.
-pub fn failovers(socket: &Path) -> Outcome {
+/// `havirt events --failovers`: one timeline block per failover (`--json`: as data).
+pub fn failovers(socket: &Path, json: bool) -> Outcome {
     match ask(socket, &Request::Failovers)? {
+        Response::Failovers(list) if json => Ok(crate::failover::failovers_json(&list)),
         Response::Failovers(list) => Ok(crate::failover::render_failovers(&list).trim_end().to_string()),
+        other => Err(unexpected(&other)),
+    }
+}
+
+/// `havirt events --json`: every event the daemon keeps, as one JSON array.
+pub fn events_json(socket: &Path) -> Outcome {
+    match ask(socket, &Request::Events { after: 0 })? {
+        Response::Events(list) => Ok(control::events_json(&list)),
         other => Err(unexpected(&other)),
     }
 }

@@ -781,13 +781,15 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 ///   only: why the figure is below them, else null)
 /// - `hosts[]`: `id`, `name`, `verdict` ("fenced" for a silent host whose
 ///   boot was confirmed off, else the engine's), `fenced`, `net_age_ms`, `slot_age_ms`, `boot`
-///   (16 hex digits or null), `isolated`, `self_fenced`, `memory_mib` (0:
+///   (16 hex digits or null), `isolated`, `self_fenced`, `maintenance`, `memory_mib` (0:
 ///   unknown), `used_memory_mib`, `vcpus` (0: unknown), `used_vcpus`
 /// - `domains[]` (by uuid): `uuid` (8-4-4-4-12), `name`, `priority`, `host`
 ///   (name or null), `host_id`, `state` ("starting" | "running" | "ready" |
 ///   "released" | "released(start-failed)" | null), `generation`, `local`
 /// - `counters`: `packets_accepted`, `packets_rejected`, `records_rejected`,
 ///   `storage_errors`, `storage_timeouts`
+///
+/// The HTTP API's `GET /api/v1/status` serves this same text.
 pub fn status_json(r: &StatusReport) -> String {
     let v = &r.view;
     let json = StatusJson {
@@ -814,6 +816,34 @@ pub fn status_json(r: &StatusReport) -> String {
         counters: r.counters,
     };
     serde_json::to_string_pretty(&json).expect("a status report always encodes")
+}
+
+/// `havirt events --json` and `GET /api/v1/events`: a JSON array, oldest
+/// first, of `seq` (page on with `after=seq`), `unix_ms`, `time` (RFC 3339
+/// UTC), `host_id` (the host that logged it), `role`, `text`.
+pub fn events_json(events: &[EventRecord]) -> String {
+    let list: Vec<EventJson<'_>> = events
+        .iter()
+        .map(|e| EventJson {
+            seq: e.seq,
+            unix_ms: e.unix_ms,
+            time: rfc3339_ms(e.unix_ms),
+            host_id: e.event.host.0,
+            role: &e.event.role,
+            text: &e.event.text,
+        })
+        .collect();
+    serde_json::to_string_pretty(&list).expect("events always encode")
+}
+
+#[derive(Serialize)]
+struct EventJson<'a> {
+    seq: u64,
+    unix_ms: u64,
+    time: String,
+    host_id: u16,
+    role: &'a str,
+    text: &'a str,
 }
 
 #[derive(Serialize)]
@@ -864,6 +894,7 @@ struct HostJson<'a> {
     boot: Option<String>,
     isolated: bool,
     self_fenced: bool,
+    maintenance: bool,
     memory_mib: u64,
     used_memory_mib: u64,
     vcpus: u32,
@@ -893,6 +924,7 @@ fn host_json(h: &HostView) -> HostJson<'_> {
         boot: h.boot.map(|b| format!("{b:016x}")),
         isolated: h.isolated,
         self_fenced: h.self_fenced,
+        maintenance: h.maintenance,
         memory_mib: h.memory_mib,
         used_memory_mib: h.used_memory_mib,
         vcpus: h.vcpus,
@@ -915,7 +947,7 @@ fn domain_json<'a>(v: &NodeView, d: &'a DomainView) -> DomainJson<'a> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::engine::config::DomainId;
 
@@ -925,7 +957,7 @@ mod tests {
 
     /// Two hosts (this one, node-a, is master), one partitioned and isolated
     /// peer, two domains.
-    fn report() -> StatusReport {
+    pub(crate) fn report() -> StatusReport {
         let mut a = host(1, "node-a", "self");
         (a.slot_age, a.boot, a.memory_mib, a.vcpus, a.used_memory_mib, a.used_vcpus) =
             (Some(Duration(412)), Some(0xab), 65_536, 32, 6_144, 6);

@@ -14,7 +14,7 @@
 //! The daemon decides nothing; where it must choose (how to run a start,
 //! what a libvirt error means) the choice is written next to the code.
 
-mod metrics_http;
+mod http;
 pub(crate) mod registry;
 
 use crate::config::{Config, ConfigError, Datastore, HostConfig, Watchdog as WatchdogConfig};
@@ -330,8 +330,8 @@ struct Daemon {
     counters: Counters,
     /// Failover timelines (`havirt events --failovers`), fed from the engine's view.
     failovers: Failovers,
-    /// Scrapes from `metrics_http`, answered by the loop.
-    metrics_rx: mpsc::Receiver<metrics_http::Scrape>,
+    /// Reads from `http` (metrics, the read-only API), answered by the loop.
+    http_rx: mpsc::Receiver<http::Query>,
     next_status_notify: Instant,
     /// A protect or unprotect is running (one at a time).
     registry_busy: bool,
@@ -451,7 +451,7 @@ impl Daemon {
         let listener = control::bind(&opts.socket)?;
         let (control_tx, control_rx) = mpsc::channel(64);
         tokio::spawn(control::serve(listener, control_tx));
-        let metrics_rx = serve_metrics(config.cluster.metrics_address).await;
+        let http_rx = serve_http(config.cluster.metrics_address).await;
         tokio::spawn(keep_inventory(Arc::clone(&shared), config.cluster.name.clone(), me.name.clone()));
 
         let node_cfg = NodeConfig {
@@ -501,7 +501,7 @@ impl Daemon {
             event_seq: 0,
             counters: Counters::default(),
             failovers: Failovers::new(me.id),
-            metrics_rx,
+            http_rx,
             next_status_notify: now,
             registry_busy: false,
             alerts: crate::alerts::Observer::new(
@@ -529,9 +529,14 @@ impl Daemon {
                     self.node.handle_input(now, Input::Net(msg));
                 }
                 Some((req, reply)) = self.control_rx.recv() => self.control(req, reply),
-                Some(reply) = self.metrics_rx.recv() => {
-                    let _ = reply.send(self.render_metrics());
-                }
+                Some(query) = self.http_rx.recv() => match query {
+                    http::Query::Metrics(reply) => {
+                        let _ = reply.send(self.render_metrics());
+                    }
+                    // The control socket's own handler: one source for
+                    // `havirt status --json` and /api/v1/status.
+                    http::Query::Api(read, reply) => self.control(read.into(), reply),
+                },
                 _ = tokio::time::sleep_until(deadline) => {}
                 _ = term.recv() => return self.stop("SIGTERM"),
                 _ = int.recv() => return self.stop("SIGINT"),
@@ -1273,20 +1278,23 @@ fn start_alert_sinks(
     Ok(Dispatcher::start(sinks, report))
 }
 
-/// Starts `metrics_http` on `address` (None: metrics off). A port that
-/// cannot be bound costs the metrics, not the daemon: HA goes on.
-async fn serve_metrics(address: Option<SocketAddr>) -> mpsc::Receiver<metrics_http::Scrape> {
-    let (tx, rx) = mpsc::channel(metrics_http::SCRAPES_QUEUED);
+/// Starts `http` (metrics, API, status page) on `address` (None: off). A
+/// port that cannot be bound costs the metrics and the page, not the
+/// daemon: HA goes on.
+async fn serve_http(address: Option<SocketAddr>) -> mpsc::Receiver<http::Query> {
+    let (tx, rx) = mpsc::channel(http::QUERIES_QUEUED);
     let Some(address) = address else {
-        info!("metrics off (metrics_address = \"off\")");
+        info!("metrics, API and status page off (metrics_address = \"off\")");
         return rx;
     };
     match tokio::net::TcpListener::bind(address).await {
         Ok(listener) => {
-            info!("metrics on http://{address}/metrics");
-            tokio::spawn(metrics_http::serve(listener, tx));
+            info!("metrics on http://{address}/metrics, status page on http://{address}/ (read-only)");
+            tokio::spawn(http::serve(listener, tx));
         }
-        Err(e) => warn!("metrics off: cannot listen on {address} ({e}); set metrics_address to a free port or \"off\""),
+        Err(e) => warn!(
+            "metrics, API and status page off: cannot listen on {address} ({e}); set metrics_address to a free port or \"off\""
+        ),
     }
     rx
 }

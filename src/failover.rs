@@ -441,6 +441,25 @@ pub fn render_failovers(records: &[FailoverRecord]) -> String {
     out
 }
 
+/// `havirt events --failovers --json` and `GET /api/v1/failovers`: the
+/// records as data, oldest first, as the alerts carry them (`failover`):
+/// `host`, `host_id`, `boot` (16 hex digits or null: a JSON number would
+/// lose bits in a browser), `detected_unix_ms`, `verdict`,
+/// `silent_before_ms`, `steps[]` (`after_ms`, `text`) and `domains[]`
+/// (`name`, `to`, `generation`, `reason`, `lease_ms`, `starting_ms`,
+/// `running_ms`, `ready_ms`), times in ms after the detection.
+pub fn failovers_json(records: &[FailoverRecord]) -> String {
+    let list: Vec<serde_json::Value> = records
+        .iter()
+        .map(|r| {
+            let mut v = serde_json::to_value(r).expect("a failover record always encodes");
+            v["boot"] = r.boot.map(|b| format!("{b:016x}")).into();
+            v
+        })
+        .collect();
+    serde_json::to_string_pretty(&list).expect("failover records always encode")
+}
+
 /// Names come from the config and libvirt: never let one drive the terminal.
 fn clean(s: &str) -> String {
     s.chars().map(|c| if c.is_control() { '?' } else { c }).collect()

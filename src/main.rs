@@ -108,6 +108,10 @@ enum Cmd {
         /// moved the leases).
         #[arg(long, conflicts_with = "follow")]
         failovers: bool,
+        /// JSON instead of text (as the HTTP API's /api/v1/events and
+        /// /api/v1/failovers serve it).
+        #[arg(long, conflicts_with = "follow")]
+        json: bool,
         #[command(flatten)]
         socket: SocketArg,
     },
@@ -429,7 +433,8 @@ fn main() -> ExitCode {
         Cmd::Status { json, watch: true, interval, socket } => {
             print(havirt::cli::watch_status(&socket.socket, json, std::time::Duration::from_secs_f64(interval)))
         }
-        Cmd::Events { failovers: true, socket, .. } => print(havirt::cli::failovers(&socket.socket)),
+        Cmd::Events { failovers: true, json, socket, .. } => print(havirt::cli::failovers(&socket.socket, json)),
+        Cmd::Events { json: true, socket, .. } => print(havirt::cli::events_json(&socket.socket)),
         Cmd::Events { follow, socket, .. } => print(havirt::cli::events(&socket.socket, follow)),
         Cmd::Protect(a) => protect(a),
         Cmd::Unprotect { domain, socket } => print(havirt::cli::unprotect(&socket.socket, &domain)),

@@ -10,7 +10,7 @@
 //! daemon's own bookkeeping, so nothing is counted twice. [`parse`] reads
 //! the format back (tests, and the lab test that scrapes a live daemon).
 //!
-//! No I/O here: the HTTP side is `daemon::metrics_http`.
+//! No I/O here: the HTTP side is `daemon::http`.
 
 use crate::control::Counters;
 use crate::engine::config::HostId;

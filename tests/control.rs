@@ -4,12 +4,16 @@
 //! silent clients get, and what bind and the client say about stale, live,
 //! missing and foreign files.
 
+use havirt::control::EventRecord;
 use havirt::control::{
     Call, ControlError, Counters, MAX_REQUEST_BYTES, PolicyChanges, ROOT_ONLY, Request, Response, ServeLimits,
     StatusReport, bind, request, serve, serve_with_limits,
 };
 use havirt::engine::config::HostId;
+use havirt::engine::io::Event;
+use havirt::engine::time::Instant;
 use havirt::engine::view::NodeView;
+use havirt::failover::FailoverRecord;
 use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -68,13 +72,38 @@ fn report() -> StatusReport {
     }
 }
 
-/// The stub daemon: Status gets `report()`, anything else `Done(debug)`.
-/// Counts what reached it.
+fn events() -> Vec<EventRecord> {
+    let event = |seq: u64, text: &str| EventRecord {
+        seq,
+        unix_ms: 1_700_000_000_000 + seq,
+        event: Event { at: Instant(seq), host: HostId(2), role: "master".into(), text: text.into() },
+    };
+    vec![event(1, "daemon started"), event(2, "became master")]
+}
+
+fn failovers() -> Vec<FailoverRecord> {
+    vec![FailoverRecord {
+        host: "node-b".into(),
+        host_id: HostId(2),
+        boot: Some(0xab),
+        detected_unix_ms: 1_700_000_000_000,
+        verdict: "suspect".into(),
+        silent_before_ms: None,
+        steps: vec![],
+        domains: vec![],
+    }]
+}
+
+/// The stub daemon: Status gets `report()`, Events `events()` (after the
+/// sequence number asked), Failovers `failovers()`, anything else
+/// `Done(debug)`. Counts what reached it.
 async fn answer(mut rx: mpsc::Receiver<Call>, seen: Arc<AtomicUsize>) {
     while let Some((req, reply)) = rx.recv().await {
         seen.fetch_add(1, Ordering::SeqCst);
         let response = match req {
             Request::Status => Response::Status(Box::new(report())),
+            Request::Events { after } => Response::Events(events().into_iter().filter(|e| e.seq > after).collect()),
+            Request::Failovers => Response::Failovers(failovers()),
             other => Response::Done(format!("{other:?}")),
         };
         let _ = reply.send(response);
@@ -132,6 +161,38 @@ async fn requests_round_trip() {
     assert_eq!(seen.load(Ordering::SeqCst), 2);
     // A client that closes its side instead of sending a newline is served.
     assert_eq!(raw(&path, b"\"Status\"").await, Response::Status(Box::new(report())));
+}
+
+/// `havirt ARGS --socket PATH` (the real binary) on the blocking pool: (success, stdout).
+async fn havirt(path: &Path, args: &'static [&'static str]) -> (bool, String) {
+    let path = path.to_path_buf();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_havirt")).args(args).arg("--socket").arg(&path).output()
+    });
+    let out = out.await.expect("client thread").expect("run havirt");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The CLI's --json prints what the HTTP API serves: the same functions
+/// shape both (src/daemon/http.rs).
+#[tokio::test]
+async fn json_of_events_and_failovers_is_the_apis() {
+    let dir = TempDir::new("json");
+    let path = dir.0.join("control.sock");
+    start(&path, ServeLimits::default());
+    let (ok, out) = havirt(&path, &["events", "--json"]).await;
+    assert!(ok, "{out}");
+    assert_eq!(out, havirt::control::events_json(&events()) + "\n");
+    let parsed: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(parsed[1]["text"], "became master");
+    assert_eq!(parsed[1]["host_id"], 2);
+    let (ok, out) = havirt(&path, &["events", "--failovers", "--json"]).await;
+    assert!(ok, "{out}");
+    assert_eq!(out, havirt::failover::failovers_json(&failovers()) + "\n");
+    let parsed: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!((parsed[0]["host"].as_str(), parsed[0]["boot"].as_str()), (Some("node-b"), Some("00000000000000ab")));
+    let (ok, _) = havirt(&path, &["events", "--json", "--follow"]).await;
+    assert!(!ok, "--json with --follow is refused");
 }
 
 #[tokio::test]

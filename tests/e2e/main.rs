@@ -27,6 +27,7 @@ mod harness;
 mod maintenance;
 mod metrics;
 mod netmap;
+mod status_page;
 mod steady;
 
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
@@ -42,6 +43,7 @@ fn main() {
         maintenance::tests(),
         metrics::tests(),
         netmap::tests(),
+        status_page::tests(),
     ];
     let trials =
         tests.into_iter().flatten().map(|(name, run, ignored)| trial(name, run).with_ignored_flag(ignored)).collect();
