@@ -82,6 +82,15 @@ impl DatastoreKind {
     }
 }
 
+fn record_name(a: &Action) -> &'static str {
+    match a {
+        Action::WriteSlot { .. } => "heartbeat slot",
+        Action::WriteFenced { .. } => "fenced record",
+        Action::WriteAssignments { .. } => "assignments",
+        _ => "record",
+    }
+}
+
 /// How long a sector's older values are kept for reads to sample.
 const HISTORY_MS: u64 = 1_000;
 /// A write held in the SAN when its host lost power lands up to this long
@@ -341,13 +350,25 @@ impl World {
     pub(super) fn block_event(&mut self, e: BlockEv) {
         match e {
             BlockEv::Land { host, boot, since, key, sector, bytes } => {
-                if self.may_land(host, boot, since) {
-                    self.block_land(host, key, sector, bytes);
+                if !self.may_land(host, boot, since) {
+                    return;
                 }
+                let x = &self.hosts[&host];
+                if !x.powered || x.boot != boot {
+                    let what = match key {
+                        LeaseKey::Master => "master.lease".to_string(),
+                        LeaseKey::Domain(d) => format!("the lease of {}", self.domain_name(d)),
+                    };
+                    self.log_sim(&format!("a write of {host} to {what} from before its power loss lands"));
+                }
+                self.block_land(host, key, sector, bytes);
             }
             BlockEv::LateRecord { host, boot, since, issued, action } => {
                 if self.may_land(host, boot, since) {
-                    self.log_sim(&format!("a write of {host} from before its power loss lands late"));
+                    self.log_sim(&format!(
+                        "a write of {host} to its {} from before its power loss lands",
+                        record_name(&action)
+                    ));
                     let _ = self.apply_storage(host, issued, action);
                 }
             }
@@ -381,6 +402,14 @@ impl World {
     fn block_land(&mut self, h: HostId, key: LeaseKey, sector: u16, bytes: Sector) {
         let now = self.now;
         if let Some((old, new)) = self.dev().land(now, key, sector, bytes) {
+            let what = match key {
+                LeaseKey::Master => "master.lease".to_string(),
+                LeaseKey::Domain(d) => format!("lease of {}", self.domain_name(d)),
+            };
+            let owner = new.owner.map_or_else(|| "free".to_string(), |o| format!("owner {}", o.host));
+            let text =
+                format!("{what}: generation {} committed ({owner}, {:?}) by {h}'s sector", new.generation, new.reason);
+            self.log_at("io", "lun", &text);
             self.lease_changed(h, key, old, new);
             self.storage.leases.insert(key, new);
         }
