@@ -2,7 +2,8 @@
 
 use clap::{CommandFactory, Parser, Subcommand};
 use havirt::engine::config::Profile;
-use havirt::sim::random::{RandomOptions, Shape, run_seed};
+use havirt::sim::block::DatastoreKind;
+use havirt::sim::random::{Datastores, RandomOptions, Shape, run_seed};
 use havirt::sim::report::{Verdict, run_seeds};
 use havirt::sim::{run_scenario, scenario};
 use std::path::PathBuf;
@@ -395,6 +396,11 @@ struct SimulateArgs {
     duration: String,
     #[arg(long, default_value = "default")]
     profile: String,
+    /// The datastore backend: dir (NFS, a CAS under a file lock), block (a
+    /// raw LUN, Disk Paxos per sector) or mixed (by seed: five on dir, the
+    /// next five on block). Default: mixed with --matrix, else dir.
+    #[arg(long)]
+    datastore: Option<String>,
     /// Print one JSON summary.
     #[arg(long)]
     json: bool,
@@ -615,10 +621,18 @@ fn simulate(a: SimulateArgs) -> Result<ExitCode, String> {
         .ok_or_else(|| format!("--profile {:?}: use fast, default or conservative", a.profile))?;
     profile.timings().validate().map_err(|e| e.to_string())?;
     let shape = if a.matrix { Shape::Matrix } else { Shape::Fixed { hosts: a.hosts.max(2), domains: a.domains } };
-    let o = RandomOptions { shape, duration_ms: parse_duration(&a.duration)?, profile };
+    let datastore = match a.datastore.as_deref() {
+        None if a.matrix => Datastores::Mixed,
+        None => Datastores::Only(DatastoreKind::Dir),
+        Some("mixed") => Datastores::Mixed,
+        Some(k) => Datastores::Only(
+            DatastoreKind::parse(k).ok_or_else(|| format!("--datastore {k:?}: use dir, block or mixed"))?,
+        ),
+    };
+    let o = RandomOptions { shape, duration_ms: parse_duration(&a.duration)?, profile, datastore };
     if let Some(seed) = a.seed {
         let out = run_seed(seed, &o, None);
-        println!("SEED={seed}");
+        println!("SEED={seed} datastore={}", havirt::sim::random::datastore_of(seed, datastore).name());
         if a.verbose {
             for l in &out.log {
                 println!("{l}");
@@ -646,8 +660,9 @@ fn simulate(a: SimulateArgs) -> Result<ExitCode, String> {
         }
         let shape =
             if a.matrix { "--matrix".to_string() } else { format!("--hosts {} --domains {}", a.hosts, a.domains) };
+        let kind = havirt::sim::random::datastore_of(r.seed, datastore).name();
         eprintln!(
-            "  replay: havirt simulate --seed {} {shape} --duration {} --profile {} --verbose",
+            "  replay: havirt simulate --seed {} {shape} --datastore {kind} --duration {} --profile {} --verbose",
             r.seed, a.duration, a.profile
         );
     };
@@ -681,6 +696,7 @@ fn demo() -> Result<ExitCode, String> {
         shape: Shape::Fixed { hosts: 5, domains: 40 },
         duration_ms: 20 * 60_000,
         profile: Profile::Default,
+        datastore: Datastores::Only(DatastoreKind::Dir),
     };
     let setup = havirt::sim::random::random_setup(1, &o);
     println!("== One host loses power: 5 hosts, 40 protected domains, default timings");
@@ -702,6 +718,7 @@ fn demo() -> Result<ExitCode, String> {
         matrix: false,
         duration: "20m".into(),
         profile: "default".into(),
+        datastore: None,
         json: false,
         verbose: false,
         jobs: None,

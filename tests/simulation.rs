@@ -7,7 +7,8 @@
 
 use havirt::engine::config::Profile;
 use havirt::sim::RunOutcome;
-use havirt::sim::random::{RandomOptions, Shape};
+use havirt::sim::block::DatastoreKind;
+use havirt::sim::random::{Datastores, RandomOptions, Shape};
 use havirt::sim::report::run_seeds;
 
 /// Seeds the suite runs by default: 400 of each host count, so the two-
@@ -25,7 +26,12 @@ fn seed_range() -> (u64, u64) {
 #[test]
 fn random_seeds_keep_every_invariant() {
     let (from, to) = seed_range();
-    let o = RandomOptions { shape: Shape::Matrix, duration_ms: 20 * 60_000, profile: Profile::Default };
+    let o = RandomOptions {
+        shape: Shape::Matrix,
+        duration_ms: 20 * 60_000,
+        profile: Profile::Default,
+        datastore: Datastores::Mixed,
+    };
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let report = |r: &RunOutcome| {
         eprintln!("SEED={} failed; replay: havirt simulate --seed {} --matrix --verbose", r.seed, r.seed);
@@ -74,6 +80,7 @@ fn recovery_meets_the_default_profile_targets() {
         shape: Shape::Fixed { hosts: 5, domains: 40 },
         duration_ms: 20 * 60_000,
         profile: Profile::Default,
+        datastore: Datastores::Only(DatastoreKind::Dir),
     };
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (summary, _) = run_seeds(1, 300, &o, workers, &|_| {});

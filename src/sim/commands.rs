@@ -187,7 +187,10 @@ impl World {
         let current = self.storage.leases.get(&key).copied().unwrap_or(free);
         let owner = target.map(|h| Owner { host: h, boot: self.hosts[&h].boot });
         let lease = Lease { owner, generation: current.generation + 1, reason: LeaseReason::Acquired };
-        self.storage.leases.insert(key, lease);
+        // `havirt protect` on the host that runs it (or, for one running
+        // nowhere, on the first host).
+        let writer = target.or_else(|| self.hosts.keys().next().copied()).expect("a cluster has hosts");
+        self.force_lease(key, lease, writer);
         let whom = target.map_or_else(|| "free: the master starts it".to_string(), |h| format!("to {h}"));
         self.log_sim(&format!("{name} protected: lease generation {} {whom}", lease.generation));
         let mut spec: ClusterSpec = (*self.spec).clone();

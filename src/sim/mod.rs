@@ -4,6 +4,7 @@
 //! storage, hypervisors, watchdogs, fence agents) plus a list of timed
 //! commands: from a golden scenario file, or drawn from the seed.
 
+pub mod block;
 pub mod checker;
 pub mod commands;
 pub mod faults;
@@ -30,6 +31,8 @@ pub struct SimSetup {
     /// `protect` command protects them later.
     pub unprotected: BTreeSet<DomainId>,
     pub seed: u64,
+    /// The datastore's backend (`kind` in cluster.toml).
+    pub datastore: block::DatastoreKind,
 }
 
 /// What a golden scenario produced.
@@ -100,7 +103,7 @@ pub fn run_scenario(s: &scenario::Scenario) -> ScenarioOutcome {
 
 #[cfg(test)]
 mod tests {
-    use super::random::{RandomOptions, Shape, run_seed};
+    use super::random::{Datastores, RandomOptions, Shape, run_seed};
     use super::world::WorldParams;
     use super::*;
     use crate::engine::config::Profile;
@@ -186,6 +189,7 @@ mod tests {
             shape: Shape::Fixed { hosts: 5, domains: 40 },
             duration_ms: 20 * 60_000,
             profile: Profile::Default,
+            datastore: Datastores::Only(block::DatastoreKind::Dir),
         };
         let mut counts = [0usize; 4];
         let marks = ["resetting the guest", "reached the limit", "lease freed", "(operator; lease"];
@@ -208,6 +212,7 @@ mod tests {
             shape: Shape::Fixed { hosts: 5, domains: 40 },
             duration_ms: 300_000,
             profile: Profile::Default,
+            datastore: Datastores::Only(block::DatastoreKind::Dir),
         };
         for seed in [3, 77] {
             let a = run_seed(seed, &o, None);

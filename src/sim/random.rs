@@ -3,6 +3,7 @@
 //! to survive are injected; the last minutes heal everything and the run must
 //! converge (L1) with S1-S5 and L2 holding throughout.
 
+use super::block::DatastoreKind;
 use super::faults::{AgentMode, Command, StorageFault};
 use super::world::WorldParams;
 use super::{RunOutcome, SimSetup, run_commands};
@@ -16,6 +17,27 @@ pub struct RandomOptions {
     pub shape: Shape,
     pub duration_ms: u64,
     pub profile: Profile,
+    pub datastore: Datastores,
+}
+
+/// Which datastore backend random runs use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Datastores {
+    /// Every seed this one.
+    Only(DatastoreKind),
+    /// Both, by seed (`datastore_of`).
+    Mixed,
+}
+
+/// The datastore a seed runs on: with `Mixed`, five consecutive seeds (one
+/// of each `MATRIX_HOSTS` count) on dir, the next five on block, so each
+/// host count runs on both and a dir seed is the very run it always was.
+pub fn datastore_of(seed: u64, d: Datastores) -> DatastoreKind {
+    match d {
+        Datastores::Only(k) => k,
+        Datastores::Mixed if (seed / MATRIX_HOSTS.len() as u64) % 2 == 1 => DatastoreKind::Block,
+        Datastores::Mixed => DatastoreKind::Dir,
+    }
 }
 
 /// How many hosts and protected domains a random run's cluster has.
@@ -144,7 +166,8 @@ pub fn random_setup(seed: u64, o: &RandomOptions) -> SimSetup {
     let mut spec = spec;
     random_guest_policies(seed, &mut spec);
     let initial = initial_placement(&spec);
-    SimSetup { spec, initial, unprotected: Default::default(), seed }
+    let datastore = datastore_of(seed, o.datastore);
+    SimSetup { spec, initial, unprotected: Default::default(), seed, datastore }
 }
 
 /// Domains with guest-agent monitoring (percent).

@@ -161,6 +161,9 @@ fn read(path: &Path) -> Result<String, ScenarioError> {
 #[serde(deny_unknown_fields)]
 struct ClusterFile {
     profile: Profile,
+    /// The datastore's backend: `dir` (default) or `block`.
+    #[serde(default)]
+    kind: super::block::DatastoreKind,
     #[serde(default = "default_seed")]
     seed: u64,
     #[serde(default = "default_memory_overcommit")]
@@ -285,7 +288,7 @@ fn parse_cluster(name: &str, text: &str, file: &str) -> Result<SimSetup, Scenari
         },
     };
     check_capacity(&spec, &initial, file)?;
-    Ok(SimSetup { spec, initial, unprotected, seed: raw.seed })
+    Ok(SimSetup { spec, initial, unprotected, seed: raw.seed, datastore: raw.kind })
 }
 
 /// Names are words of `cmdlist`: no separators, and `all` is a keyword.

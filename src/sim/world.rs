@@ -38,6 +38,9 @@ pub struct WorldParams {
     /// Each daemon reads a changed registry up to this long after the
     /// change (its poll period); the one that protects a domain at once.
     pub registry_lag_ms: u64,
+    /// Test-only: a deliberately broken Disk Paxos on a block datastore.
+    #[cfg(test)]
+    pub(crate) broken_paxos: Option<crate::store::paxos::Flaw>,
     /// Test-only engine defect used to prove that the checker bites.
     #[cfg(test)]
     pub broken_engine_skip_s3: bool,
@@ -62,6 +65,8 @@ impl Default for WorldParams {
             disk_locks: true,
             repair_after_ms: None,
             registry_lag_ms: 0,
+            #[cfg(test)]
+            broken_paxos: None,
             #[cfg(test)]
             broken_engine_skip_s3: false,
             #[cfg(test)]
@@ -249,6 +254,8 @@ pub enum Ev {
     },
     /// Guest agents and operator starts (guest.rs).
     Guest(super::guest::GuestEv),
+    /// The LUN of a block datastore and its drivers (block.rs).
+    Block(super::block::BlockEv),
     Command(Command),
     Check,
 }
@@ -277,6 +284,9 @@ pub struct World {
     free: Vec<usize>,
     pub hosts: BTreeMap<HostId, SimHost>,
     pub storage: Storage,
+    /// The LUN, for a block datastore (`Storage::leases` is then its
+    /// committed view); `None` for a dir datastore.
+    pub block: Option<super::block::BlockDevice>,
     pub partitions: Vec<Vec<HostId>>,
     pub one_way: BTreeSet<(HostId, HostId)>,
     pub loss_percent: u8,
@@ -362,6 +372,7 @@ impl World {
             free: Vec::new(),
             hosts,
             storage: Storage::default(),
+            block: None,
             partitions: Vec::new(),
             one_way: BTreeSet::new(),
             loss_percent: 0,
@@ -373,7 +384,18 @@ impl World {
             events_processed: 0,
             guests: Default::default(),
         };
+        if setup.datastore == super::block::DatastoreKind::Block {
+            let max_host = w.hosts.keys().copied().max().unwrap_or(HostId(0));
+            #[allow(unused_mut)]
+            let mut dev = super::block::BlockDevice::new(&w.spec.name, max_host, setup.seed);
+            #[cfg(test)]
+            {
+                dev.flaw = w.params.broken_paxos;
+            }
+            w.block = Some(dev);
+        }
         w.place_initial(setup);
+        w.block_place_initial();
         let ids: Vec<HostId> = w.hosts.keys().copied().collect();
         for h in ids {
             w.start_daemon(h);
@@ -527,6 +549,7 @@ impl World {
                 }
             }
             Ev::Guest(g) => self.guest_event(g),
+            Ev::Block(e) => self.block_event(e),
             Ev::Command(c) => self.apply_command(c),
             Ev::Check => {
                 self.check_invariants();
@@ -616,6 +639,7 @@ impl World {
     fn execute(&mut self, h: HostId, a: Action) {
         match a {
             Action::Send { to, msg } => self.send(h, to, msg),
+            Action::ReadLease { .. } | Action::CasLease { .. } if self.block.is_some() => self.block_submit(h, a),
             Action::WriteSlot { .. }
             | Action::ReadStorage { .. }
             | Action::ReadLease { .. }
@@ -794,6 +818,7 @@ impl World {
             let delay = self.storage_delay(h);
             self.schedule(delay, Ev::StorageDo { host: h, epoch, issued, action: a });
         }
+        self.block_release(h);
     }
 
     fn stall_end(&mut self) {
@@ -811,6 +836,12 @@ impl World {
     /// Apply one storage request at this instant and answer the daemon.
     fn storage_do(&mut self, h: HostId, epoch: u64, issued: u64, action: Action) {
         if !self.hosts[&h].powered {
+            // On a LUN a write already sent lands although its host died
+            // (block.rs); an NFS client's unsent page is lost with it.
+            let own_boot = self.hosts[&h].daemon_epoch == epoch + 1;
+            if self.block.is_some() && own_boot && !is_storage_read(&action) {
+                let _ = self.apply_storage(h, issued, action);
+            }
             return;
         }
         let input = self.apply_storage(h, issued, action);
@@ -821,7 +852,7 @@ impl World {
         }
     }
 
-    fn apply_storage(&mut self, h: HostId, issued: u64, action: Action) -> Option<Input> {
+    pub(super) fn apply_storage(&mut self, h: HostId, issued: u64, action: Action) -> Option<Input> {
         match action {
             Action::WriteSlot { op, slot } => {
                 self.storage.slots.insert(h, slot);
@@ -1100,10 +1131,11 @@ impl World {
         host.daemon_epoch += 1;
         host.wake_at = None;
         host.watchdog_deadline = None;
-        host.held_ops.clear();
+        let held = std::mem::take(&mut host.held_ops);
         host.held_events.clear();
         host.pending_starts.clear();
         let doms: Vec<DomainId> = host.qemu.keys().copied().collect();
+        self.block_power_off(h, held);
         for d in doms {
             self.qemu_gone(h, d);
         }
@@ -1263,6 +1295,7 @@ fn ev_host(ev: &Ev) -> Option<HostId> {
         | Ev::DaemonStart { host } => Some(*host),
         Ev::Deliver { to, .. } => Some(*to),
         Ev::Guest(super::guest::GuestEv::Ping { host, .. }) => Some(*host),
+        Ev::Block(e) => e.host(),
         _ => None,
     }
 }

@@ -275,6 +275,16 @@ impl Area {
     pub fn encode(&self, d: &Dblock) -> Result<Vec<u8>, PaxosError> {
         sector::encode(self, d).map_err(PaxosError::Encode)
     }
+
+    /// The dblock in one sector of host `host` (an all-zero sector: never
+    /// written, [`Dblock::empty`]); the simulator's device uses it to see
+    /// what a landed write committed.
+    pub fn decode_sector(&self, host: HostId, bytes: &[u8]) -> Result<Dblock, PaxosError> {
+        match sector::decode(self, host, bytes) {
+            Ok(d) => Ok(d.unwrap_or_else(|| Dblock::empty(self.key, host))),
+            Err(source) => Err(PaxosError::Rejected { sector: host.0, source }),
+        }
+    }
 }
 
 /// The committed lease: the `leader` of highest generation. Two different
@@ -294,7 +304,7 @@ fn committed(blocks: &[Dblock]) -> Result<Lease, PaxosError> {
 }
 
 /// The smallest ballot above `above` that belongs to slot `host` of `n`.
-fn ballot_above(above: u64, n: u16, host: HostId) -> Result<u64, PaxosError> {
+pub(crate) fn ballot_above(above: u64, n: u16, host: HostId) -> Result<u64, PaxosError> {
     let (n, h) = (u64::from(n), u64::from(host.0));
     let b = (above / n * n).checked_add(h + 1).ok_or(PaxosError::BallotOverflow)?;
     if b > above { Ok(b) } else { b.checked_add(n).ok_or(PaxosError::BallotOverflow) }
