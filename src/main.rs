@@ -250,6 +250,11 @@ struct LabUpArgs {
     /// guest agent instead of staying empty.
     #[arg(long, default_value_t = 0)]
     guest_os: u16,
+    /// The hosts' shared datastore: dir (a directory, as on NFS) or block
+    /// (a LUN: a loop device per host over one file, raw disks on loop
+    /// devices of their own, as on iSCSI).
+    #[arg(long, default_value = "dir", value_parser = havirt::lab::cluster::Datastore::parse)]
+    datastore: havirt::lab::cluster::Datastore,
 }
 
 impl LabUpArgs {
@@ -259,6 +264,7 @@ impl LabUpArgs {
         spec.fencing = self.fencing;
         spec.profile = self.profile.clone();
         spec.guest_os = self.guest_os;
+        spec.datastore = self.datastore;
         Ok(spec)
     }
 
@@ -274,6 +280,7 @@ impl LabUpArgs {
             ("--fencing", fencing.into()),
             ("--profile", self.profile.clone()),
             ("--guest-os", self.guest_os.to_string()),
+            ("--datastore", self.datastore.name().into()),
         ]
         .into_iter()
         .flat_map(|(k, v)| [k.to_string(), v])

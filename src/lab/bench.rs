@@ -9,7 +9,7 @@
 //! Every protected domain the fault stopped is one recovery sample. The
 //! no-failure classes (`storage-delay`, `kill-daemon`) count false moves.
 
-use super::cluster::{Fault, Fencing, Lab, LabSpec, SETTLE_WAIT};
+use super::cluster::{Datastore, Fault, Fencing, Lab, LabSpec, SETTLE_WAIT};
 use super::observer::{self, DEFAULT_INTERVAL, Observation, Observer};
 use super::sys::LabError;
 use std::collections::BTreeMap;
@@ -55,11 +55,16 @@ pub struct BenchArgs {
     /// Timing profile of the labs.
     #[arg(long, default_value = "default")]
     pub profile: String,
+    /// The labs' datastore: dir or block (`lab up --datastore`).
+    #[arg(long, default_value = "dir", value_parser = Datastore::parse)]
+    pub datastore: Datastore,
 }
 
 /// One class's figures.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct ClassResult {
+    /// The datastore the class ran on ("dir" or "block").
+    pub datastore: &'static str,
     pub trials: u32,
     /// Recovery samples (seconds), one per stopped domain per trial (the
     /// storm: one per trial, until the last domain runs).
@@ -110,13 +115,13 @@ pub fn run(havirt: &Path, args: &BenchArgs) -> Result<(), String> {
     }
     let mut results: BTreeMap<String, ClassResult> = BTreeMap::new();
     for class in wanted.into_iter().filter(|c| args.only.is_empty() || args.only.iter().any(|o| o == c)) {
-        eprintln!("== lab bench: {class}, {} trials", args.trials);
+        eprintln!("== lab bench: {class}, {} trials, datastore {}", args.trials, args.datastore);
         let mut result = match bench_class(havirt, args, class) {
             Ok(r) => r,
             Err(e) => {
                 // The other classes still run; this one reports its error.
                 eprintln!("{class}: failed: {e}");
-                ClassResult { error: Some(e.to_string()), ..ClassResult::default() }
+                ClassResult { error: Some(e.to_string()), datastore: args.datastore.name(), ..ClassResult::default() }
             }
         };
         result.finish();
@@ -126,6 +131,7 @@ pub fn run(havirt: &Path, args: &BenchArgs) -> Result<(), String> {
     if args.json {
         println!("{}", serde_json::to_string(&results).map_err(|e| e.to_string())?);
     } else {
+        println!("datastore {}", args.datastore);
         println!(
             "{:<18} {:>6} {:>8} {:>8} {:>8} {:>4} {:>11} {:>13}",
             "class", "trials", "p50", "p99", "max", "S1", "false moves", "not recovered"
@@ -155,6 +161,7 @@ fn row(r: &ClassResult) -> String {
 fn spec_for(havirt: &Path, args: &BenchArgs, class: &str) -> LabSpec {
     let mut spec = LabSpec::new(3, 6, PathBuf::from(havirt));
     spec.profile = args.profile.clone();
+    spec.datastore = args.datastore;
     match class {
         "fenced-ipmitool" => spec.fencing = Fencing::Ipmitool,
         "watchdog-only" => spec.fencing = Fencing::Disabled,
@@ -171,7 +178,7 @@ fn bench_class(havirt: &Path, args: &BenchArgs, class: &str) -> Result<ClassResu
     let mut lab = Lab::up(spec_for(havirt, args, class))?;
     let observer = Observer::start(lab.observer_hosts(), DEFAULT_INTERVAL)
         .map_err(|e| LabError::State { what: format!("observer: {e}") })?;
-    let mut result = ClassResult { trials: args.trials, ..ClassResult::default() };
+    let mut result = ClassResult { trials: args.trials, datastore: args.datastore.name(), ..ClassResult::default() };
     for trial in 1..=args.trials {
         let placement = lab.placement();
         let victim = if class == "master-power-off" { lab.master().unwrap_or(1) } else { lab.busiest_host(&placement) };

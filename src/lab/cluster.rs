@@ -25,7 +25,7 @@ use super::host::{Host, HostOptions, share_datastore_mount};
 use super::net::{GATEWAY_ADDR, Network, bmc_addr, heartbeat_addr, host_ns};
 use super::supervisor::Supervisor;
 use super::sys::{self, LabError, io_error, run, run_args};
-use super::{FAULTFS_SOCKET, LAB_DIR, faultfs};
+use super::{FAULTFS_SOCKET, LAB_DIR, faultfs, lun};
 use crate::control::{self, Request, Response, StatusReport};
 use crate::engine::config::DomainId;
 use crate::engine::io::DomainState;
@@ -50,6 +50,8 @@ pub const GUEST_INITRD: &str = "ds/images/guest-initrd.gz";
 pub const DOMAIN_MEMORY_MIB: u32 = 64;
 /// Their disks' virtual size.
 pub const DOMAIN_DISK: &str = "64M";
+/// The same, for a raw disk on the block datastore.
+pub const DOMAIN_DISK_BYTES: u64 = 64 << 20;
 /// Priorities of the lab domains: the first round over the hosts high, the
 /// second medium, the third low, then again.
 pub const PRIORITIES: [&str; 3] = ["high", "medium", "low"];
@@ -101,6 +103,40 @@ impl Fencing {
     }
 }
 
+/// What the hosts share as their datastore.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Datastore {
+    /// A directory on faultfs (the NFS export); qcow2 disks beside it.
+    #[default]
+    Dir,
+    /// A LUN: a loop device per host over one file on faultfs, formatted
+    /// by `havirt init`; raw disks on loop devices of their own (lun.rs).
+    Block,
+}
+
+impl Datastore {
+    pub fn parse(s: &str) -> Result<Datastore, String> {
+        match s {
+            "dir" => Ok(Datastore::Dir),
+            "block" => Ok(Datastore::Block),
+            _ => Err(format!("{s:?}: use dir or block")),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Datastore::Dir => "dir",
+            Datastore::Block => "block",
+        }
+    }
+}
+
+impl fmt::Display for Datastore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// What to build.
 #[derive(Clone, Debug)]
 pub struct LabSpec {
@@ -124,6 +160,8 @@ pub struct LabSpec {
     /// TOML appended to the cluster's config as is, after the hosts (e.g.
     /// `[[alert]]` tables for a test's receivers); empty by default.
     pub extra_config: String,
+    /// The hosts' datastore (dir by default).
+    pub datastore: Datastore,
 }
 
 /// The lab's network mapping setup: host N gets a bridge [`lan_bridge`]`(N)`
@@ -154,6 +192,7 @@ impl LabSpec {
             guest_os: 0,
             lan: None,
             extra_config: String::new(),
+            datastore: Datastore::Dir,
         }
     }
 }
@@ -355,9 +394,17 @@ pub fn config_text(spec: &LabSpec) -> String {
          vcpu_overcommit = 16.0\n\
          # faultfs (FUSE) is shared, but libvirt cannot tell\n\
          allow_unsafe_migration = true\n\n\
-         [cluster.datastore]\nkind = \"dir\"\npath = \"{lab}/ds/cluster\"\n",
+         [cluster.datastore]\n",
         spec.profile
     );
+    match spec.datastore {
+        Datastore::Dir => text.push_str(&format!("kind = \"dir\"\npath = \"{lab}/ds/cluster\"\n")),
+        Datastore::Block => text.push_str(&format!(
+            "# Every host's own loop device of one LUN, at the same path on each (lun.rs)\n\
+             kind = \"block\"\ndevice = \"{}\"\n",
+            lun::shared_path(lun::LUN_NAME).display()
+        )),
+    }
     for n in 1..=spec.hosts {
         text.push_str(&format!(
             "\n[[host]]\nname = \"h{n}\"\nid = {n}\naddresses = [\"{}\"]\n\
@@ -404,7 +451,7 @@ pub fn with_lan_nic(xml: &str, bridge: &str) -> String {
 /// A tiny domain with its qcow2 disk on the datastore (LAB-NOTES).
 pub fn domain_xml(name: &str, uuid: &str) -> String {
     let kind = if kvm_usable() { "kvm" } else { "qemu" };
-    let disk = lab_path(&format!("ds/images/{name}.qcow2"));
+    let disk = disk_path(Datastore::Dir, name);
     format!(
         "<domain type='{kind}'>
   <name>{name}</name>
@@ -425,6 +472,29 @@ pub fn domain_xml(name: &str, uuid: &str) -> String {
 </domain>",
         disk.display()
     )
+}
+
+/// Where domain `name`'s disk is, as its XML names it: a qcow2 file on
+/// the dir datastore, or the host's own device of its raw disk (lun.rs).
+pub fn disk_path(datastore: Datastore, name: &str) -> PathBuf {
+    match datastore {
+        Datastore::Dir => lab_path(&format!("ds/images/{name}.qcow2")),
+        Datastore::Block => lun::shared_path(name),
+    }
+}
+
+/// `xml` with its (one, qcow2 file) disk made a raw block device at
+/// `dev`: a LUN as on an iSCSI cluster, with nothing but havirt's leases
+/// between two hosts' qemu (no image lock spans two device nodes).
+pub fn with_block_disk(xml: &str, dev: &Path) -> String {
+    let Some(start) = xml.find("<disk type='file'") else { return xml.to_string() };
+    let Some(len) = xml[start..].find("</disk>") else { return xml.to_string() };
+    let disk = format!(
+        "<disk type='block' device='disk'>\n      <driver name='qemu' type='raw' cache='none' io='native'/>\n      \
+         <source dev='{}'/>\n      <target dev='vda' bus='virtio'/>\n    </disk>",
+        dev.display()
+    );
+    format!("{}{disk}{}", &xml[..start], &xml[start + len + "</disk>".len()..])
 }
 
 /// KVM when /dev/kvm opens for reading and writing, TCG otherwise.
@@ -491,12 +561,16 @@ impl Lab {
         write_secret(&lab_path("bmc.pw"), &format!("{BMC_PASSWORD}\n"))?;
         say("datastore: faultfs over LAB_DIR/backing, mounted at LAB_DIR/ds");
         self.start_faultfs()?;
+        let datastore = match self.spec.datastore {
+            Datastore::Dir => lab_path("ds/cluster"),
+            Datastore::Block => self.make_lun()?,
+        };
         self.havirt_ok(&[
             "init",
             "--cluster",
             CLUSTER,
             "--datastore",
-            &lab_path("ds/cluster").to_string_lossy(),
+            &datastore.to_string_lossy(),
             "--key-file",
             &lab_path("cluster.key").to_string_lossy(),
         ])?;
@@ -529,6 +603,34 @@ impl Lab {
         }
         self.wait_settled(SETTLE_WAIT)?;
         say("settled: every daemon sees every host alive and every domain running once");
+        Ok(())
+    }
+
+    /// The LUN file and every host's loop device of it; returns host 1's
+    /// device (for `havirt init`).
+    fn make_lun(&self) -> Result<PathBuf, LabError> {
+        let file = format!("{}.img", lun::LUN_NAME);
+        lun::create_file(&file, lun::LUN_BYTES)?;
+        let mut first = None;
+        for n in 1..=self.spec.hosts {
+            let dev = lun::attach(n, &file, lun::LUN_NAME)?;
+            first.get_or_insert(dev);
+        }
+        say(&format!(
+            "block datastore: {} on faultfs, a loop device (direct I/O) per host, at {} in each",
+            lun::file_on_faultfs(&file).display(),
+            lun::shared_path(lun::LUN_NAME).display()
+        ));
+        first.ok_or_else(|| LabError::State { what: "a lab has hosts".into() })
+    }
+
+    /// Domain `name`'s raw disk and every host's loop device of it.
+    fn make_block_disk(&self, name: &str) -> Result<(), LabError> {
+        let file = format!("{name}.img");
+        lun::create_file(&file, DOMAIN_DISK_BYTES)?;
+        for n in 1..=self.spec.hosts {
+            lun::attach(n, &file, name)?;
+        }
         Ok(())
     }
 
@@ -588,7 +690,8 @@ impl Lab {
             "abort".into(),
             format!("netns={}", host_ns(n)),
         ];
-        let host = Host::new(n, HostOptions { daemon: Some(daemon), power_off_hook: Some(abort) })?;
+        let disks = self.spec.datastore == Datastore::Block;
+        let host = Host::new(n, HostOptions { daemon: Some(daemon), power_off_hook: Some(abort), disks })?;
         host.prepare()?;
         // The watchdog's reset: the host loses power, as a real one would.
         let on_expire = Box::new(move || {
@@ -612,11 +715,16 @@ impl Lab {
         let home = self.spec.home.unwrap_or((i - 1) % self.spec.hosts + 1);
         // Each host gets a mix: vm1..vmN high, the next N medium, ...
         let priority = PRIORITIES[usize::from((i - 1) / self.spec.hosts) % PRIORITIES.len()];
-        let disk = lab_path(&format!("ds/images/{name}.qcow2"));
-        run(Command::new("timeout")
-            .args([&TOOL_TIMEOUT_S.to_string(), "qemu-img", "create", "-q", "-f", "qcow2"])
-            .arg(&disk)
-            .arg(DOMAIN_DISK))?;
+        let disk = disk_path(self.spec.datastore, &name);
+        match self.spec.datastore {
+            Datastore::Dir => {
+                run(Command::new("timeout")
+                    .args([&TOOL_TIMEOUT_S.to_string(), "qemu-img", "create", "-q", "-f", "qcow2"])
+                    .arg(&disk)
+                    .arg(DOMAIN_DISK))?;
+            }
+            Datastore::Block => self.make_block_disk(&name)?,
+        }
         let xml_path = lab_path(&format!("domains/{name}.xml"));
         let mut xml = if i <= self.spec.guest_os {
             // TCG: this machine's (nested, paravirtual) KVM hangs a Linux
@@ -628,6 +736,9 @@ impl Lab {
         };
         if self.spec.lan.is_some() {
             xml = with_lan_nic(&xml, &lan_bridge(home));
+        }
+        if self.spec.datastore == Datastore::Block {
+            xml = with_block_disk(&xml, &disk);
         }
         fs::write(&xml_path, xml).map_err(io_error(&xml_path))?;
         let uri = self.host(home)?.libvirt_uri();
@@ -934,11 +1045,12 @@ impl Lab {
     pub fn status_text(&self) -> String {
         let mut out = String::new();
         out.push_str(&format!(
-            "lab: {} hosts, {} domains, fencing {:?}, profile {}\n",
+            "lab: {} hosts, {} domains, fencing {:?}, profile {}, datastore {}\n",
             self.spec.hosts,
             self.domains.len(),
             self.spec.fencing,
-            self.spec.profile
+            self.spec.profile,
+            self.spec.datastore
         ));
         out.push_str("host  power  bmc    daemon view (verdicts of h1..hN; master)\n");
         for h in &self.hosts {

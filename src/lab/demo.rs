@@ -27,8 +27,8 @@ fn secs(d: Duration) -> String {
 
 pub fn run(spec: LabSpec) -> Result<(), LabError> {
     println!(
-        "== lab up: {} hosts, {} domains, fencing {:?}, profile {}",
-        spec.hosts, spec.domains, spec.fencing, spec.profile
+        "== lab up: {} hosts, {} domains, fencing {:?}, profile {}, datastore {}",
+        spec.hosts, spec.domains, spec.fencing, spec.profile, spec.datastore
     );
     let mut lab = Lab::up(spec)?;
     println!("\n{}", lab.status_text());

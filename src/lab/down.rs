@@ -29,6 +29,8 @@ pub struct DownReport {
     pub faults_cleared: bool,
     /// "PID ARGV" of each process killed.
     pub killed: Vec<String>,
+    /// "DEVICE (BACKING FILE)" of each loop device detached (lun.rs).
+    pub loops: Vec<String>,
     pub unmounted: Vec<PathBuf>,
     pub netns: Vec<String>,
     pub removed_dir: bool,
@@ -49,6 +51,9 @@ impl fmt::Display for DownReport {
         for p in &self.killed {
             writeln!(f, "killed {p}")?;
         }
+        for l in &self.loops {
+            writeln!(f, "detached {l}")?;
+        }
         for m in &self.unmounted {
             writeln!(f, "unmounted {}", m.display())?;
         }
@@ -60,7 +65,8 @@ impl fmt::Display for DownReport {
 }
 
 /// Removes the lab: clears faultfs faults, kills every process in an hl-*
-/// netns or whose cwd or arguments are under LAB_DIR, unmounts everything
+/// netns or whose cwd or arguments are under LAB_DIR, detaches the lab's
+/// loop devices (a crashed run's too), unmounts everything
 /// under LAB_DIR (lazily, deepest first), deletes the hl-* netns and
 /// LAB_DIR. Safe to run twice, and when nothing exists.
 pub fn down() -> Result<DownReport, LabError> {
@@ -70,6 +76,8 @@ pub fn down() -> Result<DownReport, LabError> {
         report.faults_cleared = faultfs::control(&socket, "ok").is_ok();
     }
     report.killed = kill_lab_processes()?;
+    // Before the unmount: their backing files hold faultfs busy.
+    report.loops = super::lun::detach_all()?;
     report.unmounted = unmount_all()?;
     for ns in lab_netns() {
         run_args("ip", &["netns", "del", &ns])?;

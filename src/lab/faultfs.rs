@@ -448,7 +448,19 @@ impl FaultFs {
         reply: R,
         op: impl FnOnce(&Backing) -> Result<T, Errno> + Send + 'static,
     ) {
-        self.gate.submit(req.pid(), access, Box::new(move |store| reply.answer(store.and_then(op))));
+        self.gate.submit(req.pid(), None, access, Box::new(move |store| reply.answer(store.and_then(op))));
+    }
+
+    /// `submit` for a request on the open file `fh` (see `Gate::submit`).
+    fn submit_on<T: 'static, R: Answer<T>>(
+        &self,
+        req: &Request,
+        fh: FileHandle,
+        access: Access,
+        reply: R,
+        op: impl FnOnce(&Backing) -> Result<T, Errno> + Send + 'static,
+    ) {
+        self.gate.submit(req.pid(), Some(fh.0), access, Box::new(move |store| reply.answer(store.and_then(op))));
     }
 }
 
@@ -481,7 +493,10 @@ impl Filesystem for FaultFs {
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        self.submit(req, Access::Reads, reply, move |b| b.getattr(ino.0, fh.map(|f| f.0)));
+        match fh {
+            Some(fh) => self.submit_on(req, fh, Access::Reads, reply, move |b| b.getattr(ino.0, Some(fh.0))),
+            None => self.submit(req, Access::Reads, reply, move |b| b.getattr(ino.0, None)),
+        }
     }
 
     fn setattr(
@@ -566,7 +581,8 @@ impl Filesystem for FaultFs {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let flags = flags.0;
-        self.submit(req, open_access(flags), reply, move |b| b.open(ino.0, flags).map(Opened::File));
+        let opener = gate::caller_netns(req.pid());
+        self.submit(req, open_access(flags), reply, move |b| b.open(ino.0, flags, opener).map(Opened::File));
     }
 
     fn read(
@@ -580,7 +596,7 @@ impl Filesystem for FaultFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.submit(req, Access::Reads, reply, move |b| b.read(fh.0, offset, size));
+        self.submit_on(req, fh, Access::Reads, reply, move |b| b.read(fh.0, offset, size));
     }
 
     fn write(
@@ -596,7 +612,7 @@ impl Filesystem for FaultFs {
         reply: ReplyWrite,
     ) {
         let data = data.to_vec();
-        self.submit(req, Access::Modifies, reply, move |b| b.write(fh.0, offset, &data));
+        self.submit_on(req, fh, Access::Modifies, reply, move |b| b.write(fh.0, offset, &data));
     }
 
     /// close(2) of a descriptor, also of each copy a fork made. Nothing to
@@ -623,7 +639,7 @@ impl Filesystem for FaultFs {
     }
 
     fn fsync(&self, req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
-        self.submit(req, Access::Reads, reply, move |b| b.fsync(fh.0, datasync));
+        self.submit_on(req, fh, Access::Reads, reply, move |b| b.fsync(fh.0, datasync));
     }
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -658,7 +674,8 @@ impl Filesystem for FaultFs {
         reply: ReplyCreate,
     ) {
         let (name, c) = (name.to_owned(), caller(req));
-        self.submit(req, Access::Modifies, reply, move |b| b.create(parent.0, &name, mode, flags, c));
+        let opener = gate::caller_netns(req.pid());
+        self.submit(req, Access::Modifies, reply, move |b| b.create(parent.0, &name, mode, flags, c, opener));
     }
 
     fn fallocate(
@@ -671,7 +688,7 @@ impl Filesystem for FaultFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        self.submit(req, Access::Modifies, reply, move |b| b.fallocate(fh.0, offset, length, mode));
+        self.submit_on(req, fh, Access::Modifies, reply, move |b| b.fallocate(fh.0, offset, length, mode));
     }
 }
 

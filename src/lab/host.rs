@@ -55,6 +55,9 @@ pub struct HostOptions {
     /// host has lost power: the lab's faultfs `abort` of the host's waiting
     /// storage requests, which a process in D state needs to die.
     pub power_off_hook: Option<Vec<String>>,
+    /// The host's block devices (`LAB_DIR/hN/disks`, lun.rs) are bound
+    /// over `LAB_DIR/disks` inside it (`--datastore block`).
+    pub disks: bool,
 }
 
 /// Host N of the lab. Holds only the `start` process it spawned (to reap it).
@@ -165,6 +168,10 @@ impl Host {
         // (host, boot), and a rebooted host must not take its old leases for
         // its own (DESIGN.md §1, Incarnation).
         lines.push(format!("mount --bind {r}/run/boot_id /proc/sys/kernel/random/boot_id"));
+        if self.opts.disks {
+            let shared = Path::new(LAB_DIR).join(super::lun::DISKS_DIR);
+            lines.push(format!("mkdir -p {0} && mount --bind {r}/{1} {0}", shared.display(), super::lun::DISKS_DIR));
+        }
         lines.push("virtlogd -d -p /run/libvirt/virtlogd.pid".into());
         // libvirtd and the daemon are restarted RESPAWN_DELAY_S after they
         // die, as systemd does on a server (Restart=always, RestartSec=500ms).

@@ -32,6 +32,10 @@
 //! LAB_DIR/ds       faultfs mounted over backing (rshared), seen by every
 //!                  host at the same path; the cluster's datastore is
 //!                  LAB_DIR/ds/cluster
+//! LAB_DIR/ds/havirt-lab-block/  with `--datastore block`: the LUN
+//!                  (lun.img) and the domains' raw disks (vmI.img), each a
+//!                  loop device per host; LAB_DIR/hN/disks/ names host N's,
+//!                  seen inside it at LAB_DIR/disks/ (lun.rs)
 //! LAB_DIR/hN/watchdog.sock  host N's lab watchdog (the supervisor listens)
 //! LAB_DIR/faultfs.sock      faultfs's control socket (`down` clears its
 //!                           faults before anything else)
@@ -60,6 +64,7 @@ pub mod faultfs;
 pub mod guest;
 pub mod host;
 pub mod keeper;
+pub mod lun;
 pub mod net;
 pub mod observer;
 pub mod supervisor;

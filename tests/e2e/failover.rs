@@ -3,23 +3,15 @@
 //! host allowed to run it, and S1 must hold throughout.
 
 use crate::harness::{
-    CI_MARGIN, E2e, HOSTS, START, fenced_bound, poll_until, std_duration, timings, watchdog_rule_lower,
-    watchdog_rule_upper,
+    CI_MARGIN, E2e, HOSTS, START, fence_confirmed_on_storage, fenced_bound, poll_until, std_duration, timings,
+    watchdog_rule_lower, watchdog_rule_upper,
 };
-use havirt::lab::LAB_DIR;
 use havirt::lab::cluster::{Fault, Fencing, SETTLE_WAIT};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// The other domains: those not on `host` when the lab settled.
 fn others(t: &E2e, host: u16) -> Vec<String> {
     t.before.keys().filter(|d| !t.before[*d].contains(&host)).cloned().collect()
-}
-
-/// Whether storage holds a fence confirmation of `host` (S3(a) evidence),
-/// read from the datastore's backing directory (past faultfs).
-fn fence_confirmed_on_storage(host: u16) -> bool {
-    Path::new(LAB_DIR).join(format!("backing/cluster/fenced/{host}")).exists()
 }
 
 /// Power-off of `victim` (after `before`, e.g. its BMC dying): its domains

@@ -5,7 +5,7 @@
 
 use havirt::engine::config::{Profile, Timings};
 use havirt::lab::LAB_DIR;
-use havirt::lab::cluster::{Fault, Lab, LabSpec, SETTLE_WAIT};
+use havirt::lab::cluster::{Datastore, Fault, Lab, LabSpec, SETTLE_WAIT};
 use havirt::lab::observer::{self, DEFAULT_INTERVAL, Gap, Observation, Observer};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -26,7 +26,7 @@ pub const OVERRUN_WAIT: Duration = Duration::from_secs(30);
 /// `HAVIRT_E2E_KEEP=1`: a failing test leaves its lab up (run one test).
 pub const KEEP_ENV: &str = "HAVIRT_E2E_KEEP";
 /// The programs the lab runs (the brief's list, plus what the lab calls).
-pub const TOOLS: [&str; 13] = [
+pub const TOOLS: [&str; 14] = [
     "ip",
     "nft",
     "ipmi_sim",
@@ -40,6 +40,7 @@ pub const TOOLS: [&str; 13] = [
     "tini",
     "nsenter",
     "unshare",
+    "losetup",
 ];
 
 /// A test kept its lab up (HAVIRT_E2E_KEEP): the lab lock is still ours,
@@ -125,7 +126,7 @@ pub fn unavailable() -> Option<String> {
     if !missing.is_empty() {
         return Some(format!(
             "missing {} (Debian: iproute2 nftables openipmi ipmitool fence-agents qemu-system-x86 \
-             qemu-utils libvirt-daemon-system libvirt-clients tini util-linux)",
+             qemu-utils libvirt-daemon-system libvirt-clients tini util-linux mount)",
             missing.join(", ")
         ));
     }
@@ -142,6 +143,30 @@ thread_local! {
     /// Why `E2e::up` could not run this thread's test: the harness then
     /// reports it ignored, not passed.
     pub static SKIPPED: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+    /// The datastore of this thread's test (main.rs runs the block_ cases
+    /// with Block): `E2e::up` builds its lab on it.
+    pub static DATASTORE: std::cell::Cell<Datastore> = const { std::cell::Cell::new(Datastore::Dir) };
+}
+
+/// The datastore this thread's test runs on.
+pub fn datastore() -> Datastore {
+    DATASTORE.with(std::cell::Cell::get)
+}
+
+/// Whether storage holds a fence confirmation of `host` (S3(a) evidence),
+/// read past faultfs: the dir datastore's `fenced/N` file, or the LUN's
+/// fenced record (read from its backing file with the block store).
+pub fn fence_confirmed_on_storage(host: u16) -> bool {
+    match datastore() {
+        Datastore::Dir => Path::new(LAB_DIR).join(format!("backing/cluster/fenced/{host}")).exists(),
+        Datastore::Block => {
+            let lun = havirt::lab::lun::backing_file(&format!("{}.img", havirt::lab::lun::LUN_NAME));
+            let store = havirt::store::block::BlockStore::open(&lun, havirt::lab::cluster::CLUSTER)
+                .unwrap_or_else(|e| panic!("the lab's LUN {}: {e}", lun.display()));
+            let rec = store.read_fenced(havirt::engine::config::HostId(host));
+            rec.unwrap_or_else(|e| panic!("fenced record of h{host} on {}: {e}", lun.display())).is_some()
+        }
+    }
 }
 
 // ------------------------------------------------------------------ E2e
@@ -167,8 +192,17 @@ impl E2e {
             return None;
         }
         let mut spec = LabSpec::new(HOSTS, DOMAINS, PathBuf::from(env!("CARGO_BIN_EXE_havirt")));
+        spec.datastore = datastore();
         adjust(&mut spec);
-        println!("== {name}: lab up ({} hosts, {} domains, fencing {:?})", spec.hosts, spec.domains, spec.fencing);
+        // The block_ runs keep logs of their own.
+        let name: &'static str = match spec.datastore {
+            Datastore::Dir => name,
+            Datastore::Block => Box::leak(format!("block_{name}").into_boxed_str()),
+        };
+        println!(
+            "== {name}: lab up ({} hosts, {} domains, fencing {:?}, datastore {})",
+            spec.hosts, spec.domains, spec.fencing, spec.datastore
+        );
         let lab = Lab::up(spec).unwrap_or_else(|e| panic!("{name}: lab up: {e}"));
         let observer =
             Observer::start(lab.observer_hosts(), DEFAULT_INTERVAL).unwrap_or_else(|e| panic!("{name}: observer: {e}"));

@@ -43,6 +43,8 @@ struct Node {
 
 struct OpenFile {
     file: File,
+    /// The network namespace (inode) of the process that opened it.
+    opener: Option<u64>,
 }
 
 /// One entry of a directory listing, as taken at opendir.
@@ -386,12 +388,17 @@ impl Backing {
         Ok(())
     }
 
-    fn add_file(&self, file: File) -> u64 {
+    fn add_file(&self, file: File, opener: Option<u64>) -> u64 {
         let mut t = self.tables();
         let fh = t.next_fh;
         t.next_fh += 1;
-        t.files.insert(fh, Arc::new(OpenFile { file }));
+        t.files.insert(fh, Arc::new(OpenFile { file, opener }));
         fh
+    }
+
+    /// The network namespace (inode) of whoever opened `fh`, if known.
+    pub fn opener(&self, fh: u64) -> Option<u64> {
+        self.tables().files.get(&fh).and_then(|f| f.opener)
     }
 
     fn options(flags: i32) -> OpenOptions {
@@ -405,13 +412,15 @@ impl Backing {
         o
     }
 
-    pub fn open(&self, ino: u64, flags: i32) -> Result<u64, Errno> {
+    /// `opener`: the caller's network namespace (inode), which later
+    /// requests on the handle meet the faults of (`Gate::submit`).
+    pub fn open(&self, ino: u64, flags: i32, opener: Option<u64>) -> Result<u64, Errno> {
         let file = Backing::options(flags).open(self.abs(ino)?).map_err(errno)?;
-        Ok(self.add_file(file))
+        Ok(self.add_file(file, opener))
     }
 
     /// Opens `name`, creating it (mode `mode`, owned by the caller) unless it
-    /// exists and `flags` lacks O_EXCL.
+    /// exists and `flags` lacks O_EXCL; `opener` as for `open`.
     pub fn create(
         &self,
         parent: u64,
@@ -419,6 +428,7 @@ impl Backing {
         mode: u32,
         flags: i32,
         c: Caller,
+        opener: Option<u64>,
     ) -> Result<(FileAttr, u64), Errno> {
         let rel = self.child(parent, name)?;
         let path = self.root.join(&rel);
@@ -436,7 +446,7 @@ impl Backing {
         };
         let m = file.metadata().map_err(errno)?;
         let ino = self.remember(rel, &m);
-        Ok((attr(ino, &m), self.add_file(file)))
+        Ok((attr(ino, &m), self.add_file(file, opener)))
     }
 
     /// At most `size` bytes at `offset`, in one read (a second, unaligned

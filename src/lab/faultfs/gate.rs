@@ -103,11 +103,17 @@ impl Gate {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// A request from the thread `pid` (the FUSE header's caller).
-    pub fn submit(&self, pid: u32, access: Access, job: Job) {
+    /// A request from the thread `pid` (the FUSE header's caller), on the
+    /// open file `fh` if it names one. A request on an open file meets the
+    /// faults of the namespace that opened it: the kernel makes requests on
+    /// its own for a process (a loop device's reads and writes come from
+    /// its worker threads, in the root namespace), and a lab host's loop
+    /// device, set up from inside the host, is that host's LUN.
+    pub fn submit(&self, pid: u32, fh: Option<u64>, access: Access, job: Job) {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let by_caller = self.lock().table.by_caller();
-        let netns = if by_caller { caller_netns(pid) } else { None };
+        let netns =
+            if by_caller { fh.and_then(|fh| self.backing.opener(fh)).or_else(|| caller_netns(pid)) } else { None };
         self.dispatch(Pending { job, access, netns, faulted: false, delayed: false });
     }
 
@@ -260,7 +266,7 @@ impl Gate {
 
 /// The inode of a caller's network namespace; `None` if the caller is gone
 /// or unknown (pid 0: a request the kernel makes on its own).
-fn caller_netns(pid: u32) -> Option<u64> {
+pub fn caller_netns(pid: u32) -> Option<u64> {
     if pid == 0 {
         return None;
     }
@@ -295,6 +301,7 @@ mod tests {
         let (tx, rx) = mpsc::channel();
         g.submit(
             0,
+            None,
             access,
             Box::new(move |r| {
                 let _ = tx.send(r.map(|_| ()));
