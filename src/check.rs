@@ -28,6 +28,7 @@
 mod networks;
 
 use crate::config::{self, Config, ConfigWarning, Datastore, FenceMethod, HostConfig, Watchdog};
+use crate::daemon::instance::Instance;
 use crate::engine::config::{HostId, Profile, Timings};
 use crate::engine::time::Duration as EngineDuration;
 use crate::fence::watchdog::{SystemdWatchdog, WatchdogError};
@@ -139,6 +140,7 @@ pub fn run(opts: &CheckOptions) -> Vec<Finding> {
         out.extend(check_datastore(config, local));
         if let Some(host) = local {
             out.push(check_watchdog(host, &config.cluster.timings));
+            out.push(check_daemon_instance(config, host));
         }
         check_fencing(config, local, &mut out);
         check_alerts(config, &mut out);
@@ -222,6 +224,44 @@ fn check_local_host<'c>(config: &'c Config, host: Option<&str>, out: &mut Vec<Fi
             out.push(error("host", e.to_string()));
             None
         }
+    }
+}
+
+/// Samples of the running daemon's state before it counts as stuck: a
+/// healthy daemon is in D state for a moment at every synchronous write.
+const STUCK_SAMPLES: usize = 5;
+const STUCK_SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Whether this host's daemon runs (it holds the single-instance lock), and
+/// whether it is stuck in uninterruptible I/O, which keeps a new daemon
+/// from starting until the storage answers.
+fn check_daemon_instance(config: &Config, host: &HostConfig) -> Finding {
+    let instance = Instance::of(config, host);
+    let Some(holder) = instance.holder() else {
+        return ok("daemon", format!("no havirt daemon runs for host \"{}\" here", host.name));
+    };
+    let stuck = (0..STUCK_SAMPLES).all(|i| {
+        if i > 0 {
+            std::thread::sleep(STUCK_SAMPLE_INTERVAL);
+        }
+        instance.holder().is_some_and(|h| h.in_disk_sleep())
+    });
+    if stuck {
+        warning(
+            "daemon",
+            format!(
+                "the havirt daemon of host \"{}\" ({holder}) has been in uninterruptible I/O (state D) for {} ms: \
+                 its datastore does not answer; it cannot exit and no new daemon starts until it does. \
+                 Repair the storage path, or reboot this host",
+                host.name,
+                STUCK_SAMPLE_INTERVAL.as_millis() * (STUCK_SAMPLES as u128 - 1)
+            ),
+        )
+    } else {
+        ok(
+            "daemon",
+            format!("the havirt daemon of host \"{}\" runs ({holder}); a second one would refuse to start", host.name),
+        )
     }
 }
 

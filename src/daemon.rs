@@ -15,6 +15,7 @@
 //! what a libvirt error means) the choice is written next to the code.
 
 mod http;
+pub(crate) mod instance;
 pub(crate) mod registry;
 
 use crate::config::{Config, ConfigError, Datastore, HostConfig, Watchdog as WatchdogConfig};
@@ -110,6 +111,8 @@ pub enum DaemonError {
         #[source]
         source: ConfigError,
     },
+    #[error(transparent)]
+    Instance(#[from] instance::InstanceError),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -130,6 +133,8 @@ pub fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
     };
     let me = config.local_host(&host_name)?.clone();
     let key = crate::config::check_key_file(&config.cluster.key_file)?;
+    // Before the first datastore I/O: see daemon::instance.
+    instance::Instance::of(&config, &me).lock()?;
     let store = Arc::new(open_datastore(&config, me.id)?);
     check_watchdog_present(&me.watchdog)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -163,7 +168,7 @@ fn open_datastore(config: &Config, me: HostId) -> Result<Store, DaemonError> {
     }
 }
 
-fn datastore_name(config: &Config) -> String {
+pub(crate) fn datastore_name(config: &Config) -> String {
     match &config.cluster.datastore {
         Datastore::Dir { path } => path.display().to_string(),
         Datastore::Block { device } => device.display().to_string(),

@@ -444,6 +444,37 @@ fn strict_admission_refuses_a_protect_that_breaks_tolerate_host_failures() {
     assert!(tables.iter().any(|t| t.contains("admission control strict: needs 1 host")), "{tables:?}");
 }
 
+/// A second daemon for a host whose daemon still exists refuses to start
+/// before it touches the datastore, and names the one that runs; the first
+/// goes on and nothing moves.
+#[test]
+fn second_daemon_for_a_host_refuses_to_start_and_names_the_first() {
+    let pair = protect_vm1(Pair::start_block("second_daemon", TakeOver::FenceAgent));
+    let first = pair.children.iter().find(|(h, _)| h == "a").map(|(_, c)| c.id()).expect("a runs");
+    let child = Command::new(HAVIRT)
+        .args(["daemon", "--config", pair.path("havirt.toml").as_str(), "--host", "a"])
+        .args(["--libvirt-uri", &format!("test://{}", pair.path("a.xml")), "--socket", pair.path("a2.sock").as_str()])
+        .env("HAVIRT_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run the second daemon");
+    let mut second = Some(child);
+    pair.wait_for("the second daemon exits", Duration::from_secs(20), || {
+        second.as_mut().is_some_and(|c| c.try_wait().expect("try_wait").is_some())
+    });
+    let out = second.take().expect("exited").wait_with_output().expect("its output");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "the second daemon must refuse: {text}");
+    assert!(text.contains("another havirt daemon for host a of cluster pair"), "{text}");
+    assert!(text.contains(&format!("pid {first}")), "must name pid {first}: {text}");
+    assert!(!Path::new(&pair.path("a2.sock")).exists(), "it bound a control socket: {text}");
+    let r = pair.status("a").expect("the first daemon still answers");
+    assert_eq!(vm1(&r).0, Some(HostId(1)), "vm1 moved: {:?}", r.view.domains);
+    assert_eq!(verdict(&pair.status("b").expect("b answers"), 1), "alive");
+}
+
 #[test]
 fn control_commands_explain_what_is_wrong() {
     let dir = scratch("no_daemon");

@@ -43,9 +43,9 @@ mod gate;
 
 use backing::{AlignedBuf, Backing, Caller, DirEntry, SetAttr, Statfs};
 use fuser::{
-    BsdFileFlags, Errno, FileAttr, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
-    MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
-    ReplyOpen, ReplyStatfs, ReplyWrite, Request, SessionACL, TimeOrNow, WriteFlags,
+    BsdFileFlags, Errno, FileAttr, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
+    LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, SessionACL, TimeOrNow, WriteFlags,
 };
 use gate::{Access, Gate};
 use std::ffi::OsStr;
@@ -69,6 +69,15 @@ pub const END_POLL_INTERVAL: Duration = Duration::from_millis(100);
 pub const SESSION_END_WAIT: Duration = Duration::from_secs(5);
 /// Attributes and entries are never cached by the kernel (see module doc).
 const TTL: Duration = Duration::ZERO;
+/// Outstanding background requests the kernel may queue on the mount: 3
+/// hosts × (a LUN and 6 disks) × a loop queue depth of 128, rounded up.
+const MAX_BACKGROUND: u16 = 4096;
+/// Files are uncached (see module doc), and writes to one file from
+/// several hosts do not queue behind each other: without parallel direct
+/// writes the kernel holds the file's inode lock for a whole write, so one
+/// host's hung write to the shared LUN file would hang every other host's
+/// writes to it, which real hosts with their own initiators never see.
+const FILE_OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_DIRECT_IO.union(FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES);
 
 pub struct FaultFsOptions {
     /// The directory mirrored (the "NFS export").
@@ -390,7 +399,7 @@ enum Opened {
 impl Answer<Opened> for ReplyOpen {
     fn answer(self, r: Result<Opened, Errno>) {
         match r {
-            Ok(Opened::File(fh)) => self.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
+            Ok(Opened::File(fh)) => self.opened(FileHandle(fh), FILE_OPEN_FLAGS),
             Ok(Opened::Dir(fh)) => self.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => self.error(e),
         }
@@ -409,7 +418,7 @@ impl Answer<u32> for ReplyWrite {
 impl Answer<(FileAttr, u64)> for ReplyCreate {
     fn answer(self, r: Result<(FileAttr, u64), Errno>) {
         match r {
-            Ok((a, fh)) => self.created(&TTL, &a, Generation(0), FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
+            Ok((a, fh)) => self.created(&TTL, &a, Generation(0), FileHandle(fh), FILE_OPEN_FLAGS),
             Err(e) => self.error(e),
         }
     }
@@ -478,8 +487,18 @@ fn open_access(flags: i32) -> Access {
 }
 
 impl Filesystem for FaultFs {
-    fn init(&mut self, _req: &Request, _config: &mut KernelConfig) -> io::Result<()> {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         // No FUSE_POSIX_LOCKS / FUSE_FLOCK_LOCKS: the kernel keeps locks.
+        // Loop devices' direct I/O reaches FUSE as background requests, of
+        // which the kernel lets at most max_background (default 12) be
+        // outstanding per mount: one host's hung LUN would fill them and
+        // hang every other host's LUN behind it. Room for every loop
+        // device's whole queue instead.
+        let _ = config.set_max_background(MAX_BACKGROUND);
+        // And asynchronous direct I/O (the loop driver's) stays
+        // asynchronous: without it the kernel waits for each request while
+        // holding the file's inode lock (see FILE_OPEN_FLAGS).
+        let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
         Ok(())
     }
 
