@@ -22,7 +22,7 @@ use crate::config::{Config, HostConfig};
 use sha2::{Digest, Sha256};
 use std::io;
 use std::os::linux::net::SocketAddrExt;
-use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::os::unix::net::{SocketAddr, UnixListener};
 
 /// Who holds a lock: the pid as this process sees it (none when it runs in
 /// a PID namespace this one cannot see into) and its scheduler state.
@@ -112,8 +112,7 @@ impl Instance {
         let addr = self.addr().map_err(io_err)?;
         match UnixListener::bind_addr(&addr) {
             Ok(listener) => {
-                // Never closed: see the module comment. Nobody accepts; a
-                // `holder` query completes in the backlog.
+                // Never closed: see the module comment.
                 std::mem::forget(listener);
                 Ok(())
             }
@@ -132,14 +131,39 @@ impl Instance {
         }
     }
 
-    /// The process that holds the lock, if one does.
+    /// The process that holds the lock, if one does. Found without
+    /// connecting: nobody accepts on the socket, so every connection would
+    /// stay in its backlog, and a full backlog makes connect block.
     pub fn holder(&self) -> Option<Holder> {
-        let stream = UnixStream::connect_addr(&self.addr().ok()?).ok()?;
-        let creds = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials).ok();
-        let pid = creds.map(|c| c.pid()).filter(|&p| p > 0);
-        let state = pid.and_then(proc_state);
-        Some(Holder { pid, state })
+        let inode = bound_inode(&format!("@{}", self.name()))?;
+        let pid = socket_owner(inode);
+        Some(Holder { pid, state: pid.and_then(proc_state) })
     }
+}
+
+/// The inode of the listening socket bound to `path` in this network
+/// namespace (`/proc/net/unix`: "... Inode Path", abstract names with '@').
+fn bound_inode(path: &str) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/unix").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields.as_slice() {
+            [.., inode, p] if *p == path => inode.parse().ok(),
+            _ => None,
+        }
+    })
+}
+
+/// The process with an fd on socket `inode`, if this PID namespace sees it.
+fn socket_owner(inode: u64) -> Option<i32> {
+    let wanted = format!("socket:[{inode}]");
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let fds = std::fs::read_dir(e.path().join("fd")).ok()?;
+        fds.flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == wanted.as_str()))
+            .then_some(pid)
+    })
 }
 
 fn proc_state(pid: i32) -> Option<String> {
