@@ -24,7 +24,7 @@ use crate::engine::admission::{Admission, Change};
 use crate::engine::config::{ClusterSpec, DomainId, DomainPolicy, HostId, Readiness};
 use crate::engine::io::{
     Action, AgentPing, BootId, CasOutcome, DomainEvent, Event, FenceOutcome, Input, Lease, LeaseKey, LeaseReason,
-    OperatorCommand, Owner, StartFailure, StorageError,
+    OperatorCommand, Owner, StartFailure, StopNotice, StorageError,
 };
 use crate::engine::node::{LocalState, Node, NodeConfig};
 use crate::engine::time::{Duration, Instant};
@@ -113,6 +113,13 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Instance(#[from] instance::InstanceError),
+    #[error(
+        "{why}: the stop notice could not be written to the datastore within io_timeout, and with watchdog = \"systemd\" \
+         nothing resets this host once the daemon is gone while {running} protected domain(s) run here: exiting as a \
+         failure, so that the unit's FailureAction=reboot-immediate resets the host before peers may take their leases \
+         (DESIGN.md §3). Check the datastore path (havirt check)"
+    )]
+    StopUnguarded { why: &'static str, running: usize },
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -330,6 +337,8 @@ struct Daemon {
     watchdog_error_logged: bool,
     /// systemd's service watchdog is on (WatchdogSec): ping it with every pet.
     systemd_watchdog: bool,
+    /// The engine's answer to `Input::Stop`: whether the notice was written.
+    stopped: Option<bool>,
     events: VecDeque<EventRecord>,
     event_seq: u64,
     counters: Counters,
@@ -502,6 +511,7 @@ impl Daemon {
             watchdog: None,
             watchdog_error_logged: false,
             systemd_watchdog,
+            stopped: None,
             events: VecDeque::new(),
             event_seq: 0,
             counters: Counters::default(),
@@ -543,8 +553,8 @@ impl Daemon {
                     http::Query::Api(read, reply) => self.control(read.into(), reply),
                 },
                 _ = tokio::time::sleep_until(deadline) => {}
-                _ = term.recv() => return self.stop("SIGTERM"),
-                _ = int.recv() => return self.stop("SIGINT"),
+                _ = term.recv() => return self.stop("SIGTERM").await,
+                _ = int.recv() => return self.stop("SIGINT").await,
             }
             let now = self.clock.now();
             if now >= self.node.poll_timeout() {
@@ -567,8 +577,13 @@ impl Daemon {
     /// armed: a restart (upgrade) pets it again in time; a stop with
     /// domains running ends in a reset, as S4 demands of a host that no
     /// longer renews its heartbeat (the others would restart its domains).
-    fn stop(&mut self, why: &str) -> Result<(), DaemonError> {
+    async fn stop(&mut self, why: &'static str) -> Result<(), DaemonError> {
+        let written = self.write_stop_notice().await;
         let running = self.node.local_domains().len();
+        let host_reset = self.watchdog.as_ref().is_some_and(|w| w.outlives_daemon());
+        if !written && !host_reset && running > 0 && matches!(self.watchdog_config, WatchdogConfig::Systemd) {
+            return Err(DaemonError::StopUnguarded { why, running });
+        }
         if running == 0 {
             if let Some(w) = self.watchdog.as_mut()
                 && let Err(e) = w.disarm()
@@ -587,6 +602,37 @@ impl Daemon {
             warn!("{why}: stopping with {running} protected domain(s) running here and no watchdog armed");
         }
         Ok(())
+    }
+
+    /// The last slot write of this incarnation (engine stop.rs): a grace
+    /// of watchdog_timeout, so that a restart or an upgrade is not fenced,
+    /// and whether this host's watchdog outlives the daemon. Bounded by the
+    /// engine's io_timeout (plus a second, should the engine never answer).
+    async fn write_stop_notice(&mut self) -> bool {
+        let t = self.config.cluster.timings;
+        let host_reset = self.watchdog.as_ref().is_some_and(|w| w.outlives_daemon());
+        let notice = StopNotice { grace_ms: t.watchdog_timeout.as_millis(), host_reset };
+        self.node.handle_input(self.clock.now(), Input::Stop(notice));
+        self.execute_actions().await;
+        let give_up =
+            tokio::time::Instant::now() + std_duration(t.io_timeout + t.io_timeout) + std::time::Duration::from_secs(1);
+        while self.stopped.is_none() {
+            let deadline = self.clock.deadline(self.node.poll_timeout()).min(give_up);
+            tokio::select! {
+                Some(msg) = self.rx.recv() => self.internal(msg),
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+            if tokio::time::Instant::now() >= give_up {
+                warn!("stop notice: no answer from the engine; exiting without it");
+                return false;
+            }
+            let now = self.clock.now();
+            if now >= self.node.poll_timeout() {
+                self.node.handle_timeout(now);
+            }
+            self.execute_actions().await;
+        }
+        self.stopped == Some(true)
     }
 
     fn status_line(&self) -> String {
@@ -1154,6 +1200,7 @@ impl Daemon {
                 });
             }
             Action::PetWatchdog => self.pet(),
+            Action::Stopped { written } => self.stopped = Some(written),
             Action::Emit(event) => {
                 // Verdicts change and domains start as the engine says so:
                 // the failover timelines look then.

@@ -161,6 +161,7 @@ fn slot(host: u16, seq: u64) -> Slot {
         used_memory_mib: 0,
         used_vcpus: 0,
         domains: Default::default(),
+        stopped: None,
     }
 }
 

@@ -59,6 +59,7 @@ fn slot(host: u16, seq: u64, domains: u128) -> Slot {
         domains: (0..domains).map(|n| (dom(n), report(u64::try_from(n).expect("small") + 1))).collect(),
         memory_mib: 262_144,
         vcpus: 64,
+        stopped: None,
     }
 }
 

@@ -122,6 +122,28 @@ pub struct Slot {
     /// not known (the master then uses the size in its own spec).
     pub memory_mib: u64,
     pub vcpus: u32,
+    /// The daemon that wrote this slot has stopped (the last write of an
+    /// incarnation; `stop.rs`). Last in the record on purpose: a slot
+    /// written before this field existed decodes with `None` (record.rs
+    /// reads past the payload into its zero padding), and an older reader
+    /// ignores it.
+    #[serde(default)]
+    pub stopped: Option<StopNotice>,
+}
+
+/// What a daemon that stops on purpose tells its peers in its last slot
+/// write (DESIGN.md §3, "A daemon that stops").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StopNotice {
+    /// Peers hold off fencing this host for so long after they read this
+    /// slot: the daemon means to be back (`systemctl restart`, an upgrade).
+    /// At most watchdog_timeout; 0 for none.
+    pub grace_ms: u64,
+    /// Something still resets the host when no daemon pets it (a watchdog
+    /// device, the lab's watchdog: they outlive the process). False for
+    /// systemd's service watchdog, which ends with a clean stop: then
+    /// S3(b) must never apply to this slot, since nothing enforces S4.
+    pub host_reset: bool,
 }
 
 /// `fenced/<host>`: which boot of a host was confirmed off, so that any host
@@ -377,6 +399,10 @@ pub enum Input {
         reachable: bool,
     },
     Operator(OperatorCommand),
+    /// The daemon stops on purpose (SIGTERM): write one last slot carrying
+    /// this notice, then answer `Action::Stopped`. Nothing else is done
+    /// after it; give no other input but the write's `SlotWritten`.
+    Stop(StopNotice),
     /// The answer to `Action::PingGuestAgent`.
     GuestAgent {
         domain: DomainId,
@@ -471,6 +497,15 @@ pub enum Action {
         domain: DomainId,
     },
     Emit(Event),
+    /// The answer to `Input::Stop`: the daemon may exit now. `written`:
+    /// the notice is on storage. When it is not and the notice says no
+    /// watchdog outlives the daemon, exiting cleanly would leave domains
+    /// that nothing guards while peers may take their leases by S3(b): the
+    /// daemon must then exit as a failure (systemd's FailureAction resets
+    /// the host; DESIGN.md §3).
+    Stopped {
+        written: bool,
+    },
 }
 
 /// Events for the log: what happened and why. Golden scenarios compare them.

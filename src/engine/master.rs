@@ -485,6 +485,13 @@ impl Node {
         // S3(b): its storage heartbeat stopped for host_dead_timeout.
         let watchdog = self.cfg.spec.host(owner.host).is_some_and(|h| h.watchdog);
         let issued = self.last_read_issued()?;
+        #[cfg(test)]
+        if self.broken_ignore_stop_notice
+            && watchdog
+            && peer.silent_for_host_dead_timeout(issued, self.all_lost_claimed, &self.t)
+        {
+            return Some(LeaseReason::HostDeadTimeout);
+        }
         if watchdog && peer.dead_by_timeout(issued, self.all_lost_claimed, &self.t) {
             cov_mark::hit!(s3b_dead_by_timeout);
             return Some(LeaseReason::HostDeadTimeout);
@@ -550,7 +557,11 @@ impl Node {
             let agents = self.cfg.spec.host(h).map(|s| s.fence_agents.len()).unwrap_or(0);
             if agents == 0 {
                 if self.fence_jobs.insert(h, FenceJob::new(boot, Instant(u64::MAX))).is_none() {
-                    let how = if self.cfg.spec.host(h).is_some_and(|s| s.watchdog) {
+                    let unguarded = self.peers.get(&h).is_some_and(|p| p.unguarded());
+                    let how = if unguarded {
+                        "its daemon stopped and nothing resets it (systemd watchdog): \
+                         waiting for its daemon or the operator (havirt fence confirm)"
+                    } else if self.cfg.spec.host(h).is_some_and(|s| s.watchdog) {
                         "waiting for host_dead_timeout"
                     } else {
                         "no watchdog either: waiting for the operator (havirt fence confirm)"

@@ -12,6 +12,7 @@ pub mod node;
 pub mod peers;
 pub mod planner;
 mod protect;
+mod stop;
 mod stopped;
 #[cfg(test)]
 mod tests;

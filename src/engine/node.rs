@@ -189,7 +189,7 @@ pub struct Node {
     next_op: u64,
     pub(super) ops: BTreeMap<OpId, PendingOp>,
     pub(super) started: Instant,
-    next_tick: Instant,
+    pub(super) next_tick: Instant,
     last_timeout_call: Instant,
     /// Last time one of our storage requests was slow or failed.
     storage_trouble_at: Option<Instant>,
@@ -203,12 +203,12 @@ pub struct Node {
     pub(super) observing_since: Instant,
     // Own heartbeats.
     hb_seq: u64,
-    next_hb: Instant,
+    pub(super) next_hb: Instant,
     slot_seq: u64,
     pub(super) next_slot_write: Instant,
     /// Start of the last slot write that completed: the S4 anchor.
     pub(super) last_good_write: Option<Instant>,
-    next_read: Instant,
+    pub(super) next_read: Instant,
     /// Issue and completion of our latest successful storage read.
     pub(super) last_read: Option<(Instant, Instant)>,
     /// When we last sent a heartbeat claiming `hears_all_lost`: a peer may
@@ -263,10 +263,16 @@ pub struct Node {
     /// NodeConfig, whose literal the daemon writes.
     #[cfg(test)]
     pub(super) broken_ignore_unprotect: bool,
+    /// Test-only defect: take leases by S3(b) from a host whose daemon
+    /// stopped with nothing to reset it (proves the checker catches it).
+    #[cfg(test)]
+    pub(super) broken_ignore_stop_notice: bool,
     /// Domains stopped on purpose (stopped.rs).
     pub(super) intent: super::stopped::Intents,
     /// Guest-agent monitoring (monitor.rs).
     pub(super) watch: super::monitor::Watches,
+    /// A stop on purpose is under way (stop.rs).
+    pub(super) stopping: Option<super::stop::Stopping>,
 }
 
 impl Node {
@@ -324,8 +330,11 @@ impl Node {
             failback_blocked: BTreeMap::new(),
             #[cfg(test)]
             broken_ignore_unprotect: false,
+            #[cfg(test)]
+            broken_ignore_stop_notice: false,
             intent: Default::default(),
             watch: Default::default(),
+            stopping: None,
             cfg,
         };
         node.emit(
@@ -348,6 +357,12 @@ impl Node {
     #[cfg(test)]
     pub(crate) fn break_ignore_unprotect(&mut self) {
         self.broken_ignore_unprotect = true;
+    }
+
+    /// Test-only defect, see `broken_ignore_stop_notice`.
+    #[cfg(test)]
+    pub(crate) fn break_ignore_stop_notice(&mut self) {
+        self.broken_ignore_stop_notice = true;
     }
 
     pub fn is_master(&self) -> bool {
@@ -468,7 +483,14 @@ impl Node {
         if storage_failed {
             self.storage_trouble_at = Some(now);
         }
+        if self.stopping.is_some() {
+            if let Input::SlotWritten { op, result } = input {
+                self.stop_slot_written(now, op, result);
+            }
+            return;
+        }
         match input {
+            Input::Stop(notice) => self.handle_stop(now, notice),
             Input::DomainsAtStart(list) => self.handle_domains_at_start(now, list),
             Input::ProtectedDomains { domains, read_issued } => {
                 self.handle_protected_domains(now, domains, read_issued)
@@ -1040,6 +1062,10 @@ impl Node {
         }
         self.last_timeout_call = now;
         self.expire_ops(now);
+        if self.stopping.is_some() {
+            self.stop_tick(now);
+            return;
+        }
         if now >= self.next_hb {
             self.next_hb = now + self.t.net_heartbeat_interval;
             self.send_heartbeat(now);
@@ -1160,10 +1186,15 @@ impl Node {
         if self.live_inflight(OpKind::SlotWrite) > 0 || self.inflight(OpKind::SlotWrite) >= MAX_INFLIGHT_PER_KIND {
             return;
         }
+        self.issue_slot_write(now);
+    }
+
+    pub(super) fn issue_slot_write(&mut self, now: Instant) -> OpId {
         self.slot_seq += 1;
         let slot = self.build_slot(now);
         let op = self.new_op(now, OpKind::SlotWrite);
         self.actions.push_back(Action::WriteSlot { op, slot });
+        op
     }
 
     /// Memory and vCPUs our protected domains use (what the slot reports).
@@ -1225,6 +1256,7 @@ impl Node {
             domains,
             memory_mib: size.map_or(0, |h| h.memory_mib),
             vcpus: size.map_or(0, |h| h.vcpus),
+            stopped: self.stopping.map(|s| s.notice),
         }
     }
 
@@ -1272,14 +1304,18 @@ impl Node {
         if let Some(l) = self.master_lease
             && l.owner == Some(self.me())
         {
-            // We stopped acting as master: that generation is given up.
-            self.released_master = Some(l.generation);
+            self.give_up_master(l.generation);
         }
         let doms: Vec<DomainId> = self.local.keys().copied().collect();
         for d in doms {
             self.force_stop(now, d);
         }
         self.check_fence_done(now);
+    }
+
+    /// We stopped acting as master: that generation is given up (S3(c)).
+    pub(super) fn give_up_master(&mut self, generation: u64) {
+        self.released_master = Some(generation);
     }
 
     /// Self-fence one domain. Its lease is published as released only once

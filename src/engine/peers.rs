@@ -18,6 +18,10 @@ pub enum Verdict {
     StorageLost,
     /// Silent everywhere: fence it.
     Suspect,
+    /// Silent everywhere, but its last slot says its daemon stopped on
+    /// purpose and will be back within the grace it gave (a restart, an
+    /// upgrade): not fenced until that grace has passed since we read it.
+    Restarting,
     /// Our own storage reads are stale: we cannot judge its storage.
     Unknown,
 }
@@ -99,7 +103,21 @@ impl Peer {
     /// read that still showed it, and not since `all_lost_claimed` (when we
     /// last told the cluster we hear all lost: the peer may have held its
     /// domains on that claim, DESIGN.md §3).
+    ///
+    /// Never for a slot whose daemon stopped with nothing left to reset its
+    /// host (`StopNotice::host_reset` false: systemd's service watchdog
+    /// ends with the unit): its silence proves nothing about its domains.
     pub fn dead_by_timeout(&self, last_read_issued: Instant, all_lost_claimed: Option<Instant>, t: &Timings) -> bool {
+        !self.unguarded() && self.silent_for_host_dead_timeout(last_read_issued, all_lost_claimed, t)
+    }
+
+    /// The timing half of `dead_by_timeout`.
+    pub(super) fn silent_for_host_dead_timeout(
+        &self,
+        last_read_issued: Instant,
+        all_lost_claimed: Option<Instant>,
+        t: &Timings,
+    ) -> bool {
         let Some(seen) = self.slot_seen_at else {
             return false;
         };
@@ -118,8 +136,22 @@ impl Peer {
             (false, true) if self.slot.as_ref().is_some_and(|s| s.isolated) => Verdict::Isolated,
             (false, true) => Verdict::Partitioned,
             (true, false) => Verdict::StorageLost,
+            (false, false) if self.in_restart_grace(now) => Verdict::Restarting,
             (false, false) => Verdict::Suspect,
         }
+    }
+
+    /// Its last slot announced a restart whose grace has not passed, on our
+    /// clock, since the first read that showed that slot (the write was
+    /// earlier, so this errs towards waiting longer, never shorter).
+    fn in_restart_grace(&self, now: Instant) -> bool {
+        let grace = self.slot.as_ref().and_then(|s| s.stopped).map_or(0, |n| n.grace_ms);
+        self.slot_seen_at.is_some_and(|seen| now.since(seen) < super::time::Duration(grace))
+    }
+
+    /// Its daemon stopped and said nothing resets its host now.
+    pub fn unguarded(&self) -> bool {
+        self.slot.as_ref().and_then(|s| s.stopped).is_some_and(|n| !n.host_reset)
     }
 
     /// The boot this peer runs now, as far as we know.
@@ -159,6 +191,7 @@ pub fn verdict_name(v: Verdict) -> &'static str {
         Verdict::Isolated => "isolated",
         Verdict::StorageLost => "storage-lost",
         Verdict::Suspect => "suspect",
+        Verdict::Restarting => "restarting",
         Verdict::Unknown => "unknown",
     }
 }
@@ -184,6 +217,7 @@ mod tests {
             domains: Default::default(),
             memory_mib: 0,
             vcpus: 0,
+            stopped: None,
         }
     }
 

@@ -353,6 +353,7 @@ fn fake_peer(h: HostId) -> FakePeer {
         domains: BTreeMap::new(),
         memory_mib: 16_384,
         vcpus: 8,
+        stopped: None,
     };
     FakePeer { net: true, storage: true, storage_lost: false, hears_all: true, hb_seq: 0, slot }
 }

@@ -97,6 +97,12 @@ pub trait Watchdog: Send + fmt::Debug {
     /// Whether a missed pet really resets the host (false for
     /// [`NoWatchdog`]).
     fn resets_host(&self) -> bool;
+
+    /// Whether it still resets the host once this process has exited
+    /// without disarming it: a device or the lab's supervisor does;
+    /// systemd's service watchdog does not outlive a clean stop of the
+    /// unit (only a failed one, through FailureAction).
+    fn outlives_daemon(&self) -> bool;
 }
 
 /// Open the configured watchdog. `timeout` is the cluster's
@@ -281,6 +287,10 @@ impl Watchdog for DeviceWatchdog {
     fn resets_host(&self) -> bool {
         true
     }
+
+    fn outlives_daemon(&self) -> bool {
+        true
+    }
 }
 
 // ---------------------------------------------------------------- systemd
@@ -341,6 +351,10 @@ impl Watchdog for SystemdWatchdog {
     fn resets_host(&self) -> bool {
         self.interval.is_some()
     }
+
+    fn outlives_daemon(&self) -> bool {
+        false
+    }
 }
 
 // ---------------------------------------------------------------- lab
@@ -398,6 +412,10 @@ impl Watchdog for LabWatchdog {
     fn resets_host(&self) -> bool {
         true
     }
+
+    fn outlives_daemon(&self) -> bool {
+        true
+    }
 }
 
 // ---------------------------------------------------------------- none
@@ -421,6 +439,10 @@ impl Watchdog for NoWatchdog {
     }
 
     fn resets_host(&self) -> bool {
+        false
+    }
+
+    fn outlives_daemon(&self) -> bool {
         false
     }
 }

@@ -277,7 +277,19 @@ impl World {
             // A domain protected while storage was already gone counts from then.
             let protected_at = |d: &DomainId| self.protected_at.get(d).copied().unwrap_or(0);
             let anchor = protected.iter().map(|d| host_anchor.max(protected_at(d))).min().unwrap_or(host_anchor);
-            if (has_watchdog || x.node.is_some()) && self.now.saturating_sub(anchor) > bound {
+            // A daemon that stopped on purpose and said, on storage, that
+            // nothing resets this host: S4 exists so that S3(b) is safe,
+            // and that notice withdraws S3(b) from its slot (stop.rs).
+            // A daemon started after it has renew_timeout for its first
+            // write, as after any start (`Node::check_self_fence`).
+            let notice_on_storage = self
+                .storage
+                .slots
+                .get(&x.id)
+                .is_some_and(|s| s.boot == x.boot && s.stopped.is_some_and(|n| !n.host_reset));
+            let unguarded = notice_on_storage && x.node.is_none();
+            let anchor = if notice_on_storage { anchor.max(x.daemon_started_at) } else { anchor };
+            if (has_watchdog || x.node.is_some()) && !unguarded && self.now.saturating_sub(anchor) > bound {
                 found.push((
                     "S4",
                     format!(

@@ -98,6 +98,7 @@ impl World {
                 }
             }
             Command::DaemonCrash(h) => self.crash_daemon(h),
+            Command::DaemonStop { host, host_reset } => self.stop_daemon(host, host_reset),
             Command::DaemonStart(h) => {
                 self.start_daemon(h);
                 self.clear_fault_later(h);
@@ -317,6 +318,10 @@ fn describe(c: &Command, w: &World) -> String {
             (true, true) => format!("libvirtd hangs on {host} and its qemu cannot be killed"),
         },
         Command::DaemonCrash(h) => format!("daemon crash on {h}"),
+        Command::DaemonStop { host, host_reset: true } => format!("daemon stop on {host}"),
+        Command::DaemonStop { host, host_reset: false } => {
+            format!("daemon stop on {host} (systemd watchdog: nothing resets it)")
+        }
         Command::DaemonStart(h) => format!("daemon start on {h}"),
         Command::FenceAgent { target, agent, mode } => format!("fence agent {agent} for {target}: {mode:?}"),
         Command::DomainCrash(d) => format!("domain {} crashes", w.domain_name(*d)),

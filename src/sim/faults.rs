@@ -68,6 +68,15 @@ pub enum Command {
     },
     /// The havirt daemon dies; qemu keeps running; the watchdog keeps counting.
     DaemonCrash(HostId),
+    /// The daemon stops on purpose (SIGTERM: `systemctl stop` or the stop
+    /// half of a restart) with a grace of watchdog_timeout; qemu keeps
+    /// running. `host_reset`: its watchdog outlives it (a device); false
+    /// for systemd's service watchdog, which a clean stop ends, so nothing
+    /// resets the host until a daemon runs again.
+    DaemonStop {
+        host: HostId,
+        host_reset: bool,
+    },
     DaemonStart(HostId),
     /// The fence agent `agent` against `target` works, fails, or hangs.
     FenceAgent {

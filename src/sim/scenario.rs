@@ -32,6 +32,8 @@
 //! libvirt stuck H              libvirtd hangs and qemu cannot be killed
 //! libvirt ok H
 //! daemon crash H
+//! daemon stop H                SIGTERM: a stop on purpose; its watchdog device stays armed
+//! daemon stop-systemd H        the same with systemd's service watchdog, which the stop ends
 //! daemon start H
 //! fence fail H AGENT            the agent (named in H's `fence`) fails
 //! fence hang H AGENT            the agent never answers (fence_timeout)
@@ -719,9 +721,11 @@ impl Line<'_> {
     }
 
     fn daemon(&self, args: &[&str]) -> Result<Command, ScenarioError> {
-        const EXPECTED: &str = "'crash HOST' or 'start HOST'";
+        const EXPECTED: &str = "'crash HOST', 'stop HOST', 'stop-systemd HOST' or 'start HOST'";
         match self.args::<2>("daemon", EXPECTED, args)? {
             ["crash", h] => Ok(Command::DaemonCrash(self.host(h)?)),
+            ["stop", h] => Ok(Command::DaemonStop { host: self.host(h)?, host_reset: true }),
+            ["stop-systemd", h] => Ok(Command::DaemonStop { host: self.host(h)?, host_reset: false }),
             ["start", h] => Ok(Command::DaemonStart(self.host(h)?)),
             _ => Err(self.bad_args("daemon", EXPECTED, args)),
         }

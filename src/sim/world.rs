@@ -48,6 +48,8 @@ pub struct WorldParams {
     pub broken_engine_ignore_unprotect: bool,
     #[cfg(test)]
     pub broken_engine_restart_stopped: bool,
+    #[cfg(test)]
+    pub broken_engine_ignore_stop_notice: bool,
 }
 
 impl Default for WorldParams {
@@ -73,6 +75,8 @@ impl Default for WorldParams {
             broken_engine_ignore_unprotect: false,
             #[cfg(test)]
             broken_engine_restart_stopped: false,
+            #[cfg(test)]
+            broken_engine_ignore_stop_notice: false,
         }
     }
 }
@@ -126,8 +130,18 @@ pub struct SimHost {
     pub last_good_write_issue: Option<u64>,
     pub last_resume: Option<u64>,
     pub daemon_started_at: u64,
+    /// A stop on purpose under way: whether the watchdog outlives the
+    /// daemon, and whether a start waits for the stop (systemd runs a
+    /// restart's start only after its stop has finished).
+    pub stopping: Option<DaemonStopping>,
     /// The fault (time, class) that recoveries of this host's domains are measured from.
     pub active_fault: Option<(u64, &'static str)>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct DaemonStopping {
+    pub host_reset: bool,
+    pub then_start: bool,
 }
 
 impl SimHost {
@@ -351,6 +365,7 @@ impl World {
                     last_good_write_issue: None,
                     last_resume: None,
                     daemon_started_at: 0,
+                    stopping: None,
                     active_fault: None,
                 },
             );
@@ -686,6 +701,7 @@ impl World {
                     self.schedule(delay, Ev::QemuStopped { host: h, domain, serial });
                 }
             }
+            Action::Stopped { written } => self.daemon_stopped(h, written),
             Action::MigrateDomain { domain, to } => self.migrate(h, domain, to),
             Action::Fence { op, target, agent } => self.fence(h, op, target, agent),
             Action::ProbeIsolation => {
@@ -1128,6 +1144,7 @@ impl World {
         host.powered = false;
         host.paused_since = None;
         host.node = None;
+        host.stopping = None;
         host.daemon_epoch += 1;
         host.wake_at = None;
         host.watchdog_deadline = None;
@@ -1169,6 +1186,10 @@ impl World {
             let Some(host) = self.hosts.get_mut(&h) else {
                 return;
             };
+            if let Some(s) = host.stopping.as_mut() {
+                s.then_start = true;
+                return;
+            }
             if !host.powered || host.node.is_some() {
                 return;
             }
@@ -1194,6 +1215,10 @@ impl World {
         #[cfg(test)]
         if self.params.broken_engine_ignore_unprotect {
             node.break_ignore_unprotect();
+        }
+        #[cfg(test)]
+        if self.params.broken_engine_ignore_stop_notice {
+            node.break_ignore_stop_notice();
         }
         #[cfg(test)]
         if self.params.broken_engine_restart_stopped {
@@ -1263,11 +1288,53 @@ impl World {
         }
     }
 
+    /// SIGTERM: the engine writes its stop notice, then `daemon_stopped`.
+    pub fn stop_daemon(&mut self, h: HostId, host_reset: bool) {
+        let Some(x) = self.hosts.get_mut(&h) else {
+            return;
+        };
+        if x.node.is_none() || x.stopping.is_some() {
+            return;
+        }
+        x.stopping = Some(DaemonStopping { host_reset, then_start: false });
+        if x.active_fault.is_none() {
+            x.active_fault = Some((self.now, "daemon_stop"));
+        }
+        let grace_ms = self.spec.timings.watchdog_timeout.as_millis();
+        self.input(h, Input::Stop(StopNotice { grace_ms, host_reset }));
+    }
+
+    /// The engine answered its stop: the daemon exits. With systemd's
+    /// watchdog the stop ends the watch; a stop whose notice did not reach
+    /// storage is then a failed unit, and FailureAction resets the host.
+    fn daemon_stopped(&mut self, h: HostId, written: bool) {
+        let Some(x) = self.hosts.get_mut(&h) else {
+            return;
+        };
+        let stop = x.stopping.take().unwrap_or(DaemonStopping { host_reset: true, then_start: false });
+        x.node = None;
+        x.daemon_epoch += 1;
+        x.wake_at = None;
+        if !stop.host_reset {
+            x.watchdog_deadline = None;
+            if !written {
+                self.log_sim(&format!("{h}'s unit failed: FailureAction resets it"));
+                self.power_off(h, "daemon_stop");
+                self.schedule(WATCHDOG_REBOOT_MS, Ev::PowerOn { host: h });
+                return;
+            }
+        }
+        if stop.then_start {
+            self.start_daemon(h);
+        }
+    }
+
     pub fn crash_daemon(&mut self, h: HostId) {
         if let Some(x) = self.hosts.get_mut(&h)
             && x.node.is_some()
         {
             x.node = None;
+            x.stopping = None;
             x.daemon_epoch += 1;
             x.wake_at = None;
             if x.active_fault.is_none() {

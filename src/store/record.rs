@@ -29,6 +29,11 @@
 //! worst case (JSON: about 40); the slot capacity test in tests/store.rs
 //! measures the figure.
 //!
+//! A field may be appended to a record type without a new format version:
+//! decoding reads the payload and its zero padding, so an older record
+//! decodes the new field as zero (`None`, `false`, 0), and an older reader
+//! stops before it (`Slot::stopped` came so).
+//!
 //! The magic, the version field and the checksum position are fixed for all
 //! format versions; a later version may change everything else. Decoding
 //! therefore checks, in order: length, all-zero (a block never written decodes
@@ -302,8 +307,12 @@ pub fn decode_sized<T: DeserializeOwned>(
     if bytes.iter().all(|b| *b == 0) {
         return Ok(None);
     }
-    let payload = check_header(kind, cluster, bytes)?;
-    postcard::from_bytes(payload).map(Some).map_err(|e| RecordError::Malformed(e.to_string()))
+    check_header(kind, cluster, bytes)?;
+    // The payload and its zero padding (both under the checksum): a field
+    // appended to a record type after records were written reads as zero
+    // (0, false, None) from an older record instead of failing it.
+    let padded = &bytes[HEADER_BYTES..record_bytes - CRC_BYTES];
+    postcard::from_bytes(padded).map(Some).map_err(|e| RecordError::Malformed(e.to_string()))
 }
 
 /// `decode`, then `check_subject`: the record must be the one for `want`.
@@ -388,6 +397,56 @@ mod tests {
 
     fn fenced() -> FencedRecord {
         FencedRecord { host: HostId(2), boot: 77, by: HostId(1) }
+    }
+
+    /// `Slot` as written before `stopped` was appended.
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    struct SlotBeforeStopNotice {
+        host: HostId,
+        boot: BootId,
+        incarnation: u64,
+        seq: u64,
+        isolated: bool,
+        self_fenced: bool,
+        maintenance: bool,
+        released_master: Option<u64>,
+        used_memory_mib: u64,
+        used_vcpus: u32,
+        domains: std::collections::BTreeMap<crate::engine::config::DomainId, crate::engine::io::DomainReport>,
+        memory_mib: u64,
+        vcpus: u32,
+    }
+
+    #[test]
+    fn a_field_appended_to_a_record_reads_as_zero_from_an_older_record() {
+        use crate::engine::io::{Slot, StopNotice};
+        let old = SlotBeforeStopNotice {
+            host: HostId(3),
+            boot: 9,
+            incarnation: 4,
+            seq: 77,
+            isolated: false,
+            self_fenced: false,
+            maintenance: true,
+            released_master: Some(5),
+            used_memory_mib: 1024,
+            used_vcpus: 2,
+            domains: Default::default(),
+            memory_mib: 4096,
+            vcpus: 8,
+        };
+        let b = encode(RecordKind::Slot, cluster(), &old).expect("fits");
+        let new: Slot = decode(RecordKind::Slot, cluster(), &b).expect("decodes").expect("a record");
+        assert_eq!((new.seq, new.maintenance, new.released_master, new.vcpus), (77, true, Some(5), 8));
+        assert_eq!(new.stopped, None);
+        // And an older reader reads a newer record, ignoring the field.
+        let notice = StopNotice { grace_ms: 10_000, host_reset: false };
+        let newer = Slot { stopped: Some(notice), ..new };
+        let b = encode(RecordKind::Slot, cluster(), &newer).expect("fits");
+        let back: Slot = decode(RecordKind::Slot, cluster(), &b).expect("decodes").expect("a record");
+        assert_eq!(back.stopped, Some(notice));
+        let as_old: SlotBeforeStopNotice = decode(RecordKind::Slot, cluster(), &b).expect("decodes").expect("a record");
+        assert_eq!(as_old, old);
     }
 
     #[test]
