@@ -130,6 +130,23 @@ mod tests {
         assert!(!s1.timeline.is_empty(), "a violation carries its timeline");
     }
 
+    /// A stop notice without a reset (systemd's watchdog) must keep S3(b)
+    /// away: an engine that ignores it starts web2 and app2 a second time,
+    /// and the checker says so; the real engine runs the scenario clean.
+    #[test]
+    fn checker_reports_s1_when_the_engine_ignores_an_unguarded_stop() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios/daemon-stop-systemd-watchdog");
+        let s = scenario::load(&dir).expect("daemon-stop-systemd-watchdog loads");
+        let broken =
+            WorldParams { disk_locks: false, broken_engine_ignore_stop_notice: true, ..WorldParams::default() };
+        let out = run_commands(&s.setup, broken, &s.commands, s.end_ms, None);
+        let kinds: Vec<&str> = out.violations.iter().map(|v| v.invariant).collect();
+        assert!(kinds.contains(&"S1"), "expected an S1 violation, got {kinds:?}");
+        let real = WorldParams { disk_locks: false, ..WorldParams::default() };
+        let out = run_commands(&s.setup, real, &s.commands, s.end_ms, None);
+        assert!(out.violations.is_empty(), "{:?}", out.violations);
+    }
+
     /// The same run with the real engine is clean: the test above fails
     /// because of the defect, not because of the scenario.
     #[test]
