@@ -114,8 +114,8 @@ pub enum DaemonError {
     #[error(transparent)]
     Instance(#[from] instance::InstanceError),
     #[error(
-        "{why}: the stop notice could not be written to the datastore within io_timeout, and with watchdog = \"systemd\" \
-         nothing resets this host once the daemon is gone while {running} protected domain(s) run here: exiting as a \
+        "{why}: the stop notice could not be written to the datastore within io_timeout, and no watchdog resets this \
+         host once the daemon is gone (watchdog = \"systemd\" ends with the unit, or the device never opened) while {running} protected domain(s) run here: exiting as a \
          failure, so that the unit's FailureAction=reboot-immediate resets the host before peers may take their leases \
          (DESIGN.md §3). Check the datastore path (havirt check)"
     )]
@@ -578,10 +578,13 @@ impl Daemon {
     /// domains running ends in a reset, as S4 demands of a host that no
     /// longer renews its heartbeat (the others would restart its domains).
     async fn stop(&mut self, why: &'static str) -> Result<(), DaemonError> {
-        let written = self.write_stop_notice().await;
-        let running = self.node.local_domains().len();
         let host_reset = self.watchdog.as_ref().is_some_and(|w| w.outlives_daemon());
-        if !written && !host_reset && running > 0 && matches!(self.watchdog_config, WatchdogConfig::Systemd) {
+        let written = self.write_stop_notice(host_reset).await;
+        let running = self.node.local_domains().len();
+        // Peers may take leases by S3(b) from a host whose config has a
+        // watchdog (the device may also have failed to open).
+        let peers_rely_on_reset = !matches!(self.watchdog_config, WatchdogConfig::None);
+        if !written && !host_reset && running > 0 && peers_rely_on_reset {
             return Err(DaemonError::StopUnguarded { why, running });
         }
         if running == 0 {
@@ -608,9 +611,8 @@ impl Daemon {
     /// of watchdog_timeout, so that a restart or an upgrade is not fenced,
     /// and whether this host's watchdog outlives the daemon. Bounded by the
     /// engine's io_timeout (plus a second, should the engine never answer).
-    async fn write_stop_notice(&mut self) -> bool {
+    async fn write_stop_notice(&mut self, host_reset: bool) -> bool {
         let t = self.config.cluster.timings;
-        let host_reset = self.watchdog.as_ref().is_some_and(|w| w.outlives_daemon());
         let notice = StopNotice { grace_ms: t.watchdog_timeout.as_millis(), host_reset };
         self.node.handle_input(self.clock.now(), Input::Stop(notice));
         self.execute_actions().await;

@@ -203,12 +203,12 @@ pub struct Node {
     pub(super) observing_since: Instant,
     // Own heartbeats.
     hb_seq: u64,
-    pub(super) next_hb: Instant,
+    next_hb: Instant,
     slot_seq: u64,
     pub(super) next_slot_write: Instant,
     /// Start of the last slot write that completed: the S4 anchor.
     pub(super) last_good_write: Option<Instant>,
-    pub(super) next_read: Instant,
+    next_read: Instant,
     /// Issue and completion of our latest successful storage read.
     pub(super) last_read: Option<(Instant, Instant)>,
     /// When we last sent a heartbeat claiming `hears_all_lost`: a peer may
@@ -383,6 +383,9 @@ impl Node {
 
     /// The next instant `handle_timeout` has work to do.
     pub fn poll_timeout(&self) -> Instant {
+        if self.stopping.is_some() {
+            return self.next_tick;
+        }
         self.next_tick.min(self.next_hb).min(self.next_slot_write).min(self.next_read)
     }
 

@@ -11,15 +11,15 @@
 //! with a clean stop), the notice says so and no peer takes a lease by
 //! S3(b) from that slot (`Peer::dead_by_timeout`).
 
-use super::io::OpId;
-use super::io::{Action, StopNotice, StorageError};
-use super::node::{MAX_INFLIGHT_PER_KIND, Node, OpKind, TICK};
+use super::io::{Action, OpId, StopNotice, StorageError};
+use super::node::{Node, OpKind, TICK};
 use super::time::Instant;
 
 /// Where a stop is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Stopping {
     pub notice: StopNotice,
+    since: Instant,
     /// The slot write that carries the notice, once issued.
     op: Option<OpId>,
     done: bool,
@@ -38,7 +38,7 @@ impl Node {
         {
             self.give_up_master(l.generation);
         }
-        self.stopping = Some(Stopping { notice, op: None, done: false });
+        self.stopping = Some(Stopping { notice, since: now, op: None, done: false });
         let guard = if notice.host_reset {
             "the watchdog stays armed"
         } else {
@@ -56,12 +56,10 @@ impl Node {
         self.write_stop_notice(now);
     }
 
-    /// While stopping, only the notice's write matters.
+    /// While stopping, only the notice's write matters (`poll_timeout`
+    /// then asks for this tick alone).
     pub(super) fn stop_tick(&mut self, now: Instant) {
         self.next_tick = now + TICK;
-        self.next_hb = self.next_tick;
-        self.next_slot_write = self.next_tick;
-        self.next_read = self.next_tick;
         let Some(s) = self.stopping else {
             return;
         };
@@ -72,6 +70,8 @@ impl Node {
             // Past io_timeout: the write counts as failed (it may still land).
             Some(op) if self.ops.get(&op).is_none_or(|p| p.expired) => self.stop_done(now, false),
             Some(_) => {}
+            // An earlier write has not answered within io_timeout.
+            None if now.since(s.since) >= self.t.io_timeout => self.stop_done(now, false),
             None => self.write_stop_notice(now),
         }
     }
@@ -93,23 +93,14 @@ impl Node {
         }
     }
 
-    /// One write at a time per slot: wait for a write in flight (it may
-    /// land after ours otherwise and hide the notice).
+    /// Only once no earlier slot write is outstanding, expired ones
+    /// included: one that landed after the notice would hide it, and peers
+    /// would then apply S3(b) to an unguarded host.
     fn write_stop_notice(&mut self, now: Instant) {
         let Some(s) = self.stopping else {
             return;
         };
-        if s.op.is_some() || s.done {
-            return;
-        }
-        let writes = self.ops.values().filter(|p| p.kind == OpKind::SlotWrite);
-        let (live, all) = writes.fold((0, 0), |(l, a), p| (l + usize::from(!p.expired), a + 1));
-        if live > 0 {
-            return;
-        }
-        if all >= MAX_INFLIGHT_PER_KIND {
-            // Storage hangs: no write of ours can be trusted to land.
-            self.stop_done(now, false);
+        if s.op.is_some() || s.done || self.ops.values().any(|p| p.kind == OpKind::SlotWrite) {
             return;
         }
         let op = self.issue_slot_write(now);

@@ -280,6 +280,15 @@ pub fn random_faults(seed: u64, o: &RandomOptions, setup: &SimSetup) -> Vec<(u64
                 out.push((t, Command::Pause(h)));
                 out.push((end, Command::Resume(h)));
             }
+            9 if rng.chance(40) => {
+                // A stop on purpose (restart, upgrade, `systemctl stop`):
+                // back inside its grace, past it, or never; with a watchdog
+                // device, or with systemd's, which the stop ends.
+                out.push((t, Command::DaemonStop { host: h, host_reset: rng.chance(50) }));
+                if rng.chance(80) {
+                    out.push((t + rng.range(200, 14_000), Command::DaemonStart(h)));
+                }
+            }
             9 => {
                 out.push((t, Command::DaemonCrash(h)));
                 if rng.chance(80) {
